@@ -1,0 +1,434 @@
+//! Commands. A client's [`Proposal`] carries no time, ids or key material; the leader stamps it
+//! into a [`Command`] before proposing, so that `apply` is a pure function of the log.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{kid_for, seal_private_key, Kek, NONCE_LEN};
+use crate::error::Error;
+use crate::types::{Lease, Principal, Role};
+
+/// Injected randomness (the leader's RNG in production, a seeded one in tests).
+pub trait Entropy {
+    fn fill(&mut self, buf: &mut [u8]);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueIntent {
+    /// Client-chosen idempotency key: a retried Issue with the same id returns the same lease.
+    pub request_id: Option<String>,
+    pub role: String,
+    /// Identity the credential is bound to; only an admin may name one other than itself.
+    pub subject: Option<String>,
+    pub ttl_s: Option<u64>,
+    /// Empty means every scope the role allows.
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub purpose: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RevokeTarget {
+    Lease(String),
+    Subject(String),
+    Role(String),
+    /// Key compromise: the key leaves the JWKS and every lease it signed is revoked.
+    Key(String),
+}
+
+impl RevokeTarget {
+    pub fn describe(&self) -> String {
+        match self {
+            RevokeTarget::Lease(id) => format!("lease:{id}"),
+            RevokeTarget::Subject(s) => format!("subject:{s}"),
+            RevokeTarget::Role(r) => format!("role:{r}"),
+            RevokeTarget::Key(k) => format!("key:{k}"),
+        }
+    }
+}
+
+/// What a caller asks for, before the leader stamps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    Bootstrap {
+        admin_credential_hash: Vec<u8>,
+        issuer: String,
+    },
+    PutRole(Role),
+    DeleteRole {
+        name: String,
+    },
+    Issue(IssueIntent),
+    Renew {
+        lease_id: String,
+        increment_s: Option<u64>,
+    },
+    Revoke(RevokeTarget),
+    /// Make a fresh signing key active; the leader generates it.
+    RotateKey,
+    /// Audit an access that changes no state (break-glass reads).
+    RecordAccess {
+        action: String,
+        target: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub actor: Principal,
+    pub intent: Intent,
+}
+
+/// A stamped operation, as it travels in the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Bootstrap {
+        admin_credential_hash: Vec<u8>,
+        issuer: String,
+    },
+    PutRole(Role),
+    DeleteRole {
+        name: String,
+    },
+    Issue {
+        intent: IssueIntent,
+        lease_id: String,
+        /// Where in the TTL `renew_after` falls, in thousandths (leader-chosen jitter).
+        renew_after_permille: u16,
+    },
+    Renew {
+        lease_id: String,
+        increment_s: Option<u64>,
+        renew_after_permille: u16,
+    },
+    Revoke(RevokeTarget),
+    AddSigningKey {
+        kid: String,
+        public_key: [u8; 32],
+        sealed_private_key: Vec<u8>,
+    },
+    /// Marks active leases whose deadline is at or before `up_to_ms` expired, at most `limit`.
+    Expire {
+        up_to_ms: u64,
+        limit: u32,
+    },
+    RecordAccess {
+        action: String,
+        target: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Leader-stamped time in Unix milliseconds. `apply` never goes backwards: it uses
+    /// `max(now_ms, last applied time)`.
+    pub now_ms: u64,
+    pub actor: Principal,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    Role(Role),
+    /// `replayed` is true when an idempotent retry returned an existing lease.
+    Lease {
+        lease: Lease,
+        replayed: bool,
+    },
+    Revoked {
+        count: u64,
+    },
+    Expired {
+        count: u64,
+    },
+    KeyAdded {
+        kid: String,
+    },
+}
+
+/// The state machine's answer to one command, identical on every node.
+pub type ApplyResult = Result<Outcome, Error>;
+
+/// Range of the renewal point inside a credential's lifetime, in thousandths of the TTL.
+pub const RENEW_AFTER_PERMILLE_MIN: u16 = 500;
+pub const RENEW_AFTER_PERMILLE_MAX: u16 = 700;
+
+fn random_permille(entropy: &mut dyn Entropy) -> u16 {
+    let mut b = [0u8; 2];
+    entropy.fill(&mut b);
+    let span = RENEW_AFTER_PERMILLE_MAX - RENEW_AFTER_PERMILLE_MIN + 1;
+    RENEW_AFTER_PERMILLE_MIN + u16::from_le_bytes(b) % span
+}
+
+/// A new lease id: 128 random bits.
+pub fn new_lease_id(entropy: &mut dyn Entropy) -> String {
+    let mut b = [0u8; 16];
+    entropy.fill(&mut b);
+    format!("l_{}", hex::encode(b))
+}
+
+/// Builds the operation that adds a freshly generated signing key, sealed under the KEK.
+pub fn new_signing_key_op(kek: &Kek, entropy: &mut dyn Entropy) -> Op {
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    entropy.fill(&mut seed[..]);
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let public_key = signing.verifying_key().to_bytes();
+    let kid = kid_for(&public_key);
+    let mut nonce = [0u8; NONCE_LEN];
+    entropy.fill(&mut nonce);
+    let sealed_private_key = seal_private_key(kek, &kid, &seed, nonce);
+    Op::AddSigningKey {
+        kid,
+        public_key,
+        sealed_private_key,
+    }
+}
+
+/// Stamps a proposal on the leader: time, ids, jitter and key material are chosen here.
+pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &Kek) -> Command {
+    let op = match proposal.intent {
+        Intent::Bootstrap {
+            admin_credential_hash,
+            issuer,
+        } => Op::Bootstrap {
+            admin_credential_hash,
+            issuer,
+        },
+        Intent::PutRole(role) => Op::PutRole(role),
+        Intent::DeleteRole { name } => Op::DeleteRole { name },
+        Intent::Issue(intent) => Op::Issue {
+            intent,
+            lease_id: new_lease_id(entropy),
+            renew_after_permille: random_permille(entropy),
+        },
+        Intent::Renew {
+            lease_id,
+            increment_s,
+        } => Op::Renew {
+            lease_id,
+            increment_s,
+            renew_after_permille: random_permille(entropy),
+        },
+        Intent::Revoke(target) => Op::Revoke(target),
+        Intent::RotateKey => new_signing_key_op(kek, entropy),
+        Intent::RecordAccess { action, target } => Op::RecordAccess { action, target },
+    };
+    Command {
+        now_ms,
+        actor: proposal.actor,
+        op,
+    }
+}
+
+// ---- stateless validation, shared by the receiving node (before proposing) and `apply` ----
+
+pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_SUBJECT_LEN: usize = 512;
+pub const MAX_AUDIENCE_LEN: usize = 256;
+pub const MAX_SCOPE_LEN: usize = 128;
+pub const MAX_SCOPES: usize = 64;
+pub const MAX_PURPOSE_LEN: usize = 512;
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Ten years: anything longer is certainly a mistake.
+pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+pub fn validate_name(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(invalid(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} characters"
+        )));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(format!(
+            "{what} {s:?} may contain only letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_text(what: &str, s: &str, max: usize, allow_space: bool) -> Result<(), Error> {
+    if s.is_empty() || s.len() > max {
+        return Err(invalid(format!("{what} must be 1 to {max} bytes")));
+    }
+    if s.chars()
+        .any(|c| c.is_control() || (!allow_space && c.is_whitespace()))
+    {
+        return Err(invalid(format!(
+            "{what} must not contain control characters{}",
+            if allow_space { "" } else { " or whitespace" }
+        )));
+    }
+    Ok(())
+}
+
+/// RFC 6749 scope-token: printable ASCII except space, '"' and '\'.
+pub fn validate_scope(s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > MAX_SCOPE_LEN {
+        return Err(invalid(format!(
+            "scope must be 1 to {MAX_SCOPE_LEN} characters"
+        )));
+    }
+    if !s
+        .bytes()
+        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+    {
+        return Err(invalid(format!(
+            "scope {s:?} must be printable ASCII without spaces, '\"' or '\\'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<(), Error> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(invalid(format!("at most {MAX_SCOPES} scopes")));
+    }
+    scopes.iter().try_for_each(|s| validate_scope(s))
+}
+
+fn validate_ttl(what: &str, ttl_s: u64) -> Result<(), Error> {
+    if ttl_s == 0 || ttl_s > MAX_TTL_S {
+        return Err(invalid(format!(
+            "{what} must be between 1s and {MAX_TTL_S}s"
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_lease_id(id: &str) -> Result<(), Error> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            "lease id must be 1 to 64 characters of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_role(role: &Role) -> Result<(), Error> {
+    validate_name("role name", &role.name)?;
+    validate_text("audience", &role.audience, MAX_AUDIENCE_LEN, false)?;
+    validate_scopes(&role.allowed_scopes)?;
+    if role.allowed_scopes.is_empty() {
+        return Err(invalid("a role must allow at least one scope".into()));
+    }
+    validate_ttl("default TTL", role.default_ttl_s)?;
+    validate_ttl("max TTL", role.max_ttl_s)?;
+    if role.default_ttl_s > role.max_ttl_s {
+        return Err(invalid(format!(
+            "default TTL {}s exceeds max TTL {}s",
+            role.default_ttl_s, role.max_ttl_s
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
+    match intent {
+        Intent::Bootstrap {
+            admin_credential_hash,
+            issuer,
+        } => {
+            if admin_credential_hash.len() != 32 {
+                return Err(invalid("admin credential hash must be 32 bytes".into()));
+            }
+            validate_text("issuer", issuer, MAX_AUDIENCE_LEN, false)
+        }
+        Intent::PutRole(role) => validate_role(role),
+        Intent::DeleteRole { name } => validate_name("role name", name),
+        Intent::Issue(i) => {
+            validate_name("role name", &i.role)?;
+            if let Some(r) = &i.request_id {
+                if r.is_empty()
+                    || r.len() > MAX_REQUEST_ID_LEN
+                    || !r
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+                {
+                    return Err(invalid(format!(
+                        "request id must be 1 to {MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]"
+                    )));
+                }
+            }
+            if let Some(s) = &i.subject {
+                validate_text("subject", s, MAX_SUBJECT_LEN, false)?;
+            }
+            if let Some(t) = i.ttl_s {
+                validate_ttl("TTL", t)?;
+            }
+            validate_scopes(&i.scopes)?;
+            if let Some(a) = &i.audience {
+                validate_text("audience", a, MAX_AUDIENCE_LEN, false)?;
+            }
+            if let Some(p) = &i.purpose {
+                validate_text("purpose", p, MAX_PURPOSE_LEN, true)?;
+            }
+            Ok(())
+        }
+        Intent::Renew {
+            lease_id,
+            increment_s,
+        } => {
+            validate_lease_id(lease_id)?;
+            if let Some(t) = increment_s {
+                validate_ttl("increment", *t)?;
+            }
+            Ok(())
+        }
+        Intent::Revoke(target) => match target {
+            RevokeTarget::Lease(id) => validate_lease_id(id),
+            RevokeTarget::Subject(s) => validate_text("subject", s, MAX_SUBJECT_LEN, false),
+            RevokeTarget::Role(r) => validate_name("role name", r),
+            RevokeTarget::Key(k) => validate_name("key id", k),
+        },
+        Intent::RotateKey => Ok(()),
+        Intent::RecordAccess { action, target } => {
+            validate_text("action", action, MAX_NAME_LEN, false)?;
+            if !target.is_empty() {
+                validate_text("target", target, MAX_SUBJECT_LEN, true)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The intent an op was stamped from, for re-validating inside `apply`.
+pub fn intent_of(op: &Op) -> Option<Intent> {
+    Some(match op {
+        Op::Bootstrap {
+            admin_credential_hash,
+            issuer,
+        } => Intent::Bootstrap {
+            admin_credential_hash: admin_credential_hash.clone(),
+            issuer: issuer.clone(),
+        },
+        Op::PutRole(r) => Intent::PutRole(r.clone()),
+        Op::DeleteRole { name } => Intent::DeleteRole { name: name.clone() },
+        Op::Issue { intent, .. } => Intent::Issue(intent.clone()),
+        Op::Renew {
+            lease_id,
+            increment_s,
+            ..
+        } => Intent::Renew {
+            lease_id: lease_id.clone(),
+            increment_s: *increment_s,
+        },
+        Op::Revoke(t) => Intent::Revoke(t.clone()),
+        Op::RecordAccess { action, target } => Intent::RecordAccess {
+            action: action.clone(),
+            target: target.clone(),
+        },
+        Op::AddSigningKey { .. } | Op::Expire { .. } => return None,
+    })
+}

@@ -1,0 +1,122 @@
+//! Errors of the domain logic. Every error says precisely what was wrong and never carries
+//! secret material; the node maps [`ErrorCode`] to gRPC status codes and HTTP statuses in one place.
+
+use serde::{Deserialize, Serialize};
+
+/// Coarse class of an error, used by the transport layers to choose a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("unknown role {0:?}")]
+    UnknownRole(String),
+    #[error("scope {scope:?} is not allowed by role {role:?} (allowed: {allowed})")]
+    ScopeNotAllowed {
+        scope: String,
+        role: String,
+        allowed: String,
+    },
+    #[error("audience {requested:?} is not allowed by role {role:?} (allowed: {allowed:?})")]
+    AudienceNotAllowed {
+        requested: String,
+        role: String,
+        allowed: String,
+    },
+    #[error("requested TTL {requested_s}s exceeds the maximum TTL {max_s}s of role {role:?}")]
+    TtlAboveCap {
+        requested_s: u64,
+        max_s: u64,
+        role: String,
+    },
+    #[error("lease {0:?} not found")]
+    LeaseNotFound(String),
+    #[error("lease {0:?} has been revoked and cannot be renewed")]
+    LeaseRevoked(String),
+    #[error("lease {0:?} has expired and cannot be renewed; issue a new credential")]
+    LeaseExpired(String),
+    #[error("lease {0:?} has reached its maximum lifetime and cannot be extended; issue a new credential")]
+    LeaseAtMaxLifetime(String),
+    #[error("request id {0:?} was already used for a different request")]
+    RequestIdConflict(String),
+    #[error("signing key {0:?} not found")]
+    KeyNotFound(String),
+    #[error("no active signing key; the leader creates one shortly, retry")]
+    NoActiveSigningKey,
+    #[error("the cluster is already initialised")]
+    AlreadyInitialized,
+    #[error("the cluster is not initialised; run `ephemera cluster init`")]
+    NotInitialized,
+    #[error("authentication required: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        use Error::*;
+        match self {
+            InvalidArgument(_)
+            | ScopeNotAllowed { .. }
+            | AudienceNotAllowed { .. }
+            | TtlAboveCap { .. } => ErrorCode::InvalidArgument,
+            UnknownRole(_) | LeaseNotFound(_) | KeyNotFound(_) => ErrorCode::NotFound,
+            AlreadyInitialized | RequestIdConflict(_) => ErrorCode::AlreadyExists,
+            LeaseRevoked(_)
+            | LeaseExpired(_)
+            | LeaseAtMaxLifetime(_)
+            | NoActiveSigningKey
+            | NotInitialized => ErrorCode::FailedPrecondition,
+            Unauthenticated(_) => ErrorCode::Unauthenticated,
+            PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Unavailable(_) => ErrorCode::Unavailable,
+            Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Short machine-readable name, used in audit records and metrics.
+    pub fn kind(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidArgument(_) => "invalid_argument",
+            UnknownRole(_) => "unknown_role",
+            ScopeNotAllowed { .. } => "scope_not_allowed",
+            AudienceNotAllowed { .. } => "audience_not_allowed",
+            TtlAboveCap { .. } => "ttl_above_cap",
+            LeaseNotFound(_) => "lease_not_found",
+            LeaseRevoked(_) => "lease_revoked",
+            LeaseExpired(_) => "lease_expired",
+            LeaseAtMaxLifetime(_) => "lease_at_max_lifetime",
+            RequestIdConflict(_) => "request_id_conflict",
+            KeyNotFound(_) => "key_not_found",
+            NoActiveSigningKey => "no_active_signing_key",
+            AlreadyInitialized => "already_initialized",
+            NotInitialized => "not_initialized",
+            Unauthenticated(_) => "unauthenticated",
+            PermissionDenied(_) => "permission_denied",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "internal",
+        }
+    }
+}
+
+/// Failure of the storage underneath [`crate::kv::KvRead`]. Fatal to the Raft core.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("storage error: {0}")]
+pub struct StorageError(pub String);

@@ -1,0 +1,834 @@
+//! The replicated state machine: deterministic `apply` of stamped commands over a key-value view,
+//! and the read queries the node serves from it.
+//!
+//! Key layout (all in one ordered keyspace so that one atomic batch commits a whole command):
+//! `meta/*` cluster metadata, `role/{name}`, `lease/{id}`, `key/{kid}`,
+//! `ix/dl/{deadline:016x}/{id}` deadline index of active leases (expiry reads only the due head),
+//! `ix/sub/{subject}\0{id}`, `ix/role/{role}\0{id}`, `ix/kid/{kid}\0{id}` secondary indexes,
+//! `req/{client}\0{request_id}` idempotency records, `audit/r/{seq:016x}` the audit chain.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditRecord, GENESIS_HASH};
+use crate::command::{
+    intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, RevokeTarget,
+};
+use crate::error::{Error, StorageError};
+use crate::kv::{prefix_end, KvRead, Overlay};
+use crate::types::{KeyState, Lease, LeaseState, Principal, Role, SigningKeyRecord};
+
+const META_TIME: &[u8] = b"meta/time";
+const META_ADMIN_HASH: &[u8] = b"meta/admin_hash";
+const META_ISSUER: &[u8] = b"meta/issuer";
+const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
+const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
+const PFX_ROLE: &str = "role/";
+const PFX_LEASE: &str = "lease/";
+const PFX_KEY: &str = "key/";
+const PFX_DEADLINE: &str = "ix/dl/";
+const PFX_SUBJECT: &str = "ix/sub/";
+const PFX_ROLE_IX: &str = "ix/role/";
+const PFX_KID_IX: &str = "ix/kid/";
+const PFX_REQ: &str = "req/";
+const PFX_AUDIT: &str = "audit/r/";
+
+/// Every key the domain state owns starts with one of these; the Raft layer keeps its own
+/// bookkeeping outside them.
+pub const STATE_PREFIXES: &[&str] = &["audit/", "ix/", "key/", "lease/", "meta/", "req/", "role/"];
+
+/// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
+pub const KEY_PUBLISH_GRACE_MS: u64 = 60_000;
+
+/// Leases touched by a bulk revocation are processed in pages of this size.
+const SCAN_PAGE: usize = 4096;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("state values serialise")
+}
+
+fn dec<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|e| {
+        StorageError(format!(
+            "corrupt value at {}: {e}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+fn get<T: DeserializeOwned>(
+    kv: &(impl KvRead + ?Sized),
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    match kv.get(key)? {
+        Some(b) => Ok(Some(dec(key, &b)?)),
+        None => Ok(None),
+    }
+}
+
+fn lease_key(id: &str) -> Vec<u8> {
+    format!("{PFX_LEASE}{id}").into_bytes()
+}
+fn role_key(name: &str) -> Vec<u8> {
+    format!("{PFX_ROLE}{name}").into_bytes()
+}
+fn key_key(kid: &str) -> Vec<u8> {
+    format!("{PFX_KEY}{kid}").into_bytes()
+}
+fn deadline_key(deadline_ms: u64, id: &str) -> Vec<u8> {
+    format!("{PFX_DEADLINE}{deadline_ms:016x}/{id}").into_bytes()
+}
+fn ix_prefix(pfx: &str, value: &str) -> Vec<u8> {
+    let mut k = format!("{pfx}{value}").into_bytes();
+    k.push(0);
+    k
+}
+fn ix_key(pfx: &str, value: &str, id: &str) -> Vec<u8> {
+    let mut k = ix_prefix(pfx, value);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+fn req_key(client: &str, request_id: &str) -> Vec<u8> {
+    ix_key(PFX_REQ, client, request_id)
+}
+fn audit_key(seq: u64) -> Vec<u8> {
+    format!("{PFX_AUDIT}{seq:016x}").into_bytes()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct AuditHead {
+    seq: u64,
+    hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestRecord {
+    lease_id: String,
+    fingerprint: [u8; 32],
+}
+
+fn fingerprint(i: &IssueIntent, subject: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(enc(&(
+        &i.role,
+        subject,
+        i.ttl_s,
+        &i.scopes,
+        &i.audience,
+        &i.purpose,
+    )));
+    h.finalize().into()
+}
+
+// ------------------------------------------------------------------------------------------
+// apply
+// ------------------------------------------------------------------------------------------
+
+/// Applies one stamped command. Domain errors are outcomes (committed, audited, identical on every
+/// node) and leave lease and role state untouched; only a storage failure is an `Err`.
+pub fn apply<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    cmd: &Command,
+) -> Result<ApplyResult, StorageError> {
+    let last: u64 = get(kv, META_TIME)?.unwrap_or(0);
+    let now = cmd.now_ms.max(last);
+    kv.put(META_TIME.to_vec(), enc(&now));
+
+    let mut audit = AuditRecord {
+        time_ms: now,
+        actor: cmd.actor.id.clone(),
+        auth_method: cmd.actor.auth_method.as_str().to_string(),
+        action: action_name(&cmd.op).to_string(),
+        ..Default::default()
+    };
+
+    // Run the op against a nested overlay, so a denial discards its partial writes.
+    let (result, writes) = {
+        let mut inner = Overlay::new(&*kv);
+        let result = apply_op(&mut inner, cmd, now, &mut audit)?;
+        (result, inner.into_writes())
+    };
+    match &result {
+        Ok(outcome) => {
+            for (k, v) in writes {
+                match v {
+                    Some(v) => kv.put(k, v),
+                    None => kv.delete(k),
+                }
+            }
+            audit.outcome = "ok".into();
+            if let Outcome::Revoked { count } | Outcome::Expired { count } = outcome {
+                audit.count = Some(*count);
+            }
+        }
+        Err(e) => {
+            audit.outcome = "denied".into();
+            audit.reason = Some(format!("{}: {e}", e.kind()));
+        }
+    }
+    append_audit(kv, audit)?;
+    Ok(result)
+}
+
+fn action_name(op: &Op) -> &'static str {
+    match op {
+        Op::Bootstrap { .. } => "cluster.init",
+        Op::PutRole(_) => "role.put",
+        Op::DeleteRole { .. } => "role.delete",
+        Op::Issue { .. } => "lease.issue",
+        Op::Renew { .. } => "lease.renew",
+        Op::Revoke(_) => "lease.revoke",
+        Op::AddSigningKey { .. } => "key.add",
+        Op::Expire { .. } => "lease.expire",
+        Op::RecordAccess { .. } => "access",
+    }
+}
+
+fn append_audit<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    mut rec: AuditRecord,
+) -> Result<(), StorageError> {
+    let head: AuditHead = get(kv, META_AUDIT_HEAD)?.unwrap_or(AuditHead {
+        seq: 0,
+        hash: GENESIS_HASH.into(),
+    });
+    rec.seq = head.seq + 1;
+    rec.prev_hash = head.hash;
+    rec.hash = rec.compute_hash();
+    kv.put(
+        audit_key(rec.seq),
+        serde_json::to_vec(&rec).expect("audit record serialises"),
+    );
+    kv.put(
+        META_AUDIT_HEAD.to_vec(),
+        enc(&AuditHead {
+            seq: rec.seq,
+            hash: rec.hash,
+        }),
+    );
+    Ok(())
+}
+
+fn require_admin(actor: &Principal) -> Result<(), Error> {
+    if actor.is_admin() {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "{} is not an administrator",
+            actor.id
+        )))
+    }
+}
+
+fn apply_op<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    cmd: &Command,
+    now: u64,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    if let Some(intent) = intent_of(&cmd.op) {
+        if let Err(e) = validate_intent(&intent) {
+            return Ok(Err(e));
+        }
+    }
+    let actor = &cmd.actor;
+    match &cmd.op {
+        Op::Bootstrap {
+            admin_credential_hash,
+            issuer,
+        } => {
+            if kv.get(META_ADMIN_HASH)?.is_some() {
+                return Ok(Err(Error::AlreadyInitialized));
+            }
+            kv.put(META_ADMIN_HASH.to_vec(), admin_credential_hash.clone());
+            kv.put(META_ISSUER.to_vec(), enc(issuer));
+            audit.target = Some(format!("issuer:{issuer}"));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::PutRole(role) => {
+            audit.role = Some(role.name.clone());
+            audit.ttl_s = Some(role.max_ttl_s);
+            audit.scopes = role.allowed_scopes.clone();
+            audit.audience = Some(role.audience.clone());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            let mut role = role.clone();
+            role.allowed_scopes.sort();
+            role.allowed_scopes.dedup();
+            kv.put(role_key(&role.name), enc(&role));
+            Ok(Ok(Outcome::Role(role)))
+        }
+        Op::DeleteRole { name } => {
+            audit.role = Some(name.clone());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&role_key(name))?.is_none() {
+                return Ok(Err(Error::UnknownRole(name.clone())));
+            }
+            // Leases of a deleted role live on until they expire or are revoked.
+            kv.delete(role_key(name));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::Issue {
+            intent,
+            lease_id,
+            renew_after_permille,
+        } => issue(
+            kv,
+            actor,
+            now,
+            intent,
+            lease_id,
+            *renew_after_permille,
+            audit,
+        ),
+        Op::Renew {
+            lease_id,
+            increment_s,
+            renew_after_permille,
+        } => renew(
+            kv,
+            actor,
+            now,
+            lease_id,
+            *increment_s,
+            *renew_after_permille,
+            audit,
+        ),
+        Op::Revoke(target) => {
+            audit.target = Some(target.describe());
+            if let RevokeTarget::Lease(id) = target {
+                audit.lease_id = Some(id.clone());
+            }
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            revoke(kv, actor, now, target)
+        }
+        Op::AddSigningKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            audit.target = Some(format!("key:{kid}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&key_key(kid))?.is_some() {
+                return Ok(Err(Error::Internal(format!(
+                    "signing key {kid} already exists"
+                ))));
+            }
+            if let Some(prev) = active_kid(kv)? {
+                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(&prev))? {
+                    rec.state = KeyState::Retiring { since_ms: now };
+                    kv.put(key_key(&prev), enc(&rec));
+                }
+            }
+            let rec = SigningKeyRecord {
+                kid: kid.clone(),
+                public_key: *public_key,
+                sealed_private_key: sealed_private_key.clone(),
+                created_at_ms: now,
+                state: KeyState::Active,
+                max_token_expiry_ms: 0,
+            };
+            kv.put(key_key(kid), enc(&rec));
+            kv.put(META_ACTIVE_KID.to_vec(), enc(kid));
+            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+        }
+        Op::Expire { up_to_ms, limit } => {
+            let up_to = (*up_to_ms).min(now);
+            let due = kv.range(
+                PFX_DEADLINE.as_bytes(),
+                deadline_key(up_to.saturating_add(1), "").as_slice(),
+                *limit as usize,
+            )?;
+            let mut count = 0;
+            for (k, _) in due {
+                kv.delete(k.clone());
+                let id = std::str::from_utf8(&k[PFX_DEADLINE.len() + 17..])
+                    .map_err(|_| StorageError("corrupt deadline index key".into()))?
+                    .to_string();
+                if let Some(mut lease) = get::<Lease>(kv, &lease_key(&id))? {
+                    if lease.state == LeaseState::Active {
+                        lease.state = LeaseState::Expired {
+                            at_ms: lease.expires_at_ms,
+                        };
+                        kv.put(lease_key(&id), enc(&lease));
+                        count += 1;
+                    }
+                }
+            }
+            audit.target = Some(format!("deadline<={up_to}"));
+            Ok(Ok(Outcome::Expired { count }))
+        }
+        Op::RecordAccess { action, target } => {
+            audit.target = Some(format!("{action} {target}").trim().to_string());
+            Ok(Ok(Outcome::Done))
+        }
+    }
+}
+
+fn issue<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    intent: &IssueIntent,
+    lease_id: &str,
+    renew_after_permille: u16,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.role = Some(intent.role.clone());
+    audit.ttl_s = intent.ttl_s;
+    audit.scopes = intent.scopes.clone();
+    audit.audience = intent.audience.clone();
+    let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
+    audit.subject = Some(subject.clone());
+    if subject != actor.id && !actor.is_admin() {
+        return Ok(Err(Error::PermissionDenied(
+            "only an administrator may issue on behalf of another subject".into(),
+        )));
+    }
+    let fp = fingerprint(intent, &subject);
+    if let Some(request_id) = &intent.request_id {
+        if let Some(prior) = get::<RequestRecord>(kv, &req_key(&actor.id, request_id))? {
+            if prior.fingerprint != fp {
+                return Ok(Err(Error::RequestIdConflict(request_id.clone())));
+            }
+            let lease: Lease = get(kv, &lease_key(&prior.lease_id))?.ok_or_else(|| {
+                StorageError(format!(
+                    "request record points at missing lease {}",
+                    prior.lease_id
+                ))
+            })?;
+            audit.lease_id = Some(lease.id.clone());
+            audit.reason = Some("idempotent replay".into());
+            return Ok(Ok(Outcome::Lease {
+                lease,
+                replayed: true,
+            }));
+        }
+    }
+    let Some(role) = get::<Role>(kv, &role_key(&intent.role))? else {
+        return Ok(Err(Error::UnknownRole(intent.role.clone())));
+    };
+    if let Some(aud) = &intent.audience {
+        if *aud != role.audience {
+            return Ok(Err(Error::AudienceNotAllowed {
+                requested: aud.clone(),
+                role: role.name.clone(),
+                allowed: role.audience.clone(),
+            }));
+        }
+    }
+    let mut scopes = if intent.scopes.is_empty() {
+        role.allowed_scopes.clone()
+    } else {
+        intent.scopes.clone()
+    };
+    scopes.sort();
+    scopes.dedup();
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| role.allowed_scopes.binary_search(s).is_err())
+    {
+        return Ok(Err(Error::ScopeNotAllowed {
+            scope: bad.clone(),
+            role: role.name.clone(),
+            allowed: role.allowed_scopes.join(" "),
+        }));
+    }
+    let ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
+    if ttl_s > role.max_ttl_s {
+        return Ok(Err(Error::TtlAboveCap {
+            requested_s: ttl_s,
+            max_s: role.max_ttl_s,
+            role: role.name.clone(),
+        }));
+    }
+    let Some(kid) = active_kid(kv)? else {
+        return Ok(Err(Error::NoActiveSigningKey));
+    };
+    if kv.get(&lease_key(lease_id))?.is_some() {
+        return Ok(Err(Error::Internal(format!(
+            "lease id {lease_id} collides"
+        ))));
+    }
+    let expires_at_ms = now + ttl_s * 1000;
+    let lease = Lease {
+        id: lease_id.to_string(),
+        role: role.name.clone(),
+        kind: role.kind,
+        subject: subject.clone(),
+        client_id: actor.id.clone(),
+        audience: role.audience.clone(),
+        scopes,
+        purpose: intent.purpose.clone(),
+        ttl_s,
+        issued_at_ms: now,
+        minted_at_ms: now,
+        expires_at_ms,
+        max_expires_at_ms: now + role.max_ttl_s * 1000,
+        renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
+        kid: kid.clone(),
+        renewals: 0,
+        state: LeaseState::Active,
+    };
+    kv.put(lease_key(lease_id), enc(&lease));
+    kv.put(deadline_key(expires_at_ms, lease_id), Vec::new());
+    kv.put(ix_key(PFX_SUBJECT, &subject, lease_id), Vec::new());
+    kv.put(ix_key(PFX_ROLE_IX, &role.name, lease_id), Vec::new());
+    kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
+    note_key_use(kv, &kid, expires_at_ms)?;
+    if let Some(request_id) = &intent.request_id {
+        kv.put(
+            req_key(&actor.id, request_id),
+            enc(&RequestRecord {
+                lease_id: lease_id.to_string(),
+                fingerprint: fp,
+            }),
+        );
+    }
+    audit.lease_id = Some(lease.id.clone());
+    audit.ttl_s = Some(ttl_s);
+    audit.scopes = lease.scopes.clone();
+    audit.audience = Some(lease.audience.clone());
+    Ok(Ok(Outcome::Lease {
+        lease,
+        replayed: false,
+    }))
+}
+
+fn note_key_use<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    kid: &str,
+    exp_ms: u64,
+) -> Result<(), StorageError> {
+    if let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(kid))? {
+        if exp_ms > rec.max_token_expiry_ms {
+            rec.max_token_expiry_ms = exp_ms;
+            kv.put(key_key(kid), enc(&rec));
+        }
+    }
+    Ok(())
+}
+
+fn renew<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    lease_id: &str,
+    increment_s: Option<u64>,
+    renew_after_permille: u16,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.lease_id = Some(lease_id.to_string());
+    let Some(mut lease) = get::<Lease>(kv, &lease_key(lease_id))? else {
+        return Ok(Err(Error::LeaseNotFound(lease_id.to_string())));
+    };
+    audit.role = Some(lease.role.clone());
+    audit.subject = Some(lease.subject.clone());
+    audit.scopes = lease.scopes.clone();
+    audit.audience = Some(lease.audience.clone());
+    if lease.subject != actor.id && lease.client_id != actor.id && !actor.is_admin() {
+        return Ok(Err(Error::PermissionDenied(format!(
+            "lease {lease_id} belongs to another subject"
+        ))));
+    }
+    match lease.state {
+        LeaseState::Revoked { .. } => return Ok(Err(Error::LeaseRevoked(lease_id.to_string()))),
+        LeaseState::Expired { .. } => return Ok(Err(Error::LeaseExpired(lease_id.to_string()))),
+        LeaseState::Active if now >= lease.expires_at_ms => {
+            return Ok(Err(Error::LeaseExpired(lease_id.to_string())))
+        }
+        LeaseState::Active => {}
+    }
+    if lease.expires_at_ms >= lease.max_expires_at_ms {
+        return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
+    }
+    let Some(kid) = active_kid(kv)? else {
+        return Ok(Err(Error::NoActiveSigningKey));
+    };
+    let increment = increment_s.unwrap_or(lease.ttl_s);
+    // Never past the cap, never shorter than what the holder already has.
+    let new_exp = (now + increment * 1000)
+        .min(lease.max_expires_at_ms)
+        .max(lease.expires_at_ms);
+    kv.delete(deadline_key(lease.expires_at_ms, lease_id));
+    kv.put(deadline_key(new_exp, lease_id), Vec::new());
+    if kid != lease.kid {
+        kv.delete(ix_key(PFX_KID_IX, &lease.kid, lease_id));
+        kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
+        lease.kid = kid.clone();
+    }
+    note_key_use(kv, &kid, new_exp)?;
+    lease.minted_at_ms = now;
+    lease.expires_at_ms = new_exp;
+    lease.renew_after_ms = now + (new_exp - now) * u64::from(renew_after_permille) / 1000;
+    lease.renewals += 1;
+    kv.put(lease_key(lease_id), enc(&lease));
+    audit.ttl_s = Some((new_exp - now) / 1000);
+    Ok(Ok(Outcome::Lease {
+        lease,
+        replayed: false,
+    }))
+}
+
+fn revoke<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    target: &RevokeTarget,
+) -> Result<ApplyResult, StorageError> {
+    let state = LeaseState::Revoked {
+        at_ms: now,
+        by: actor.id.clone(),
+    };
+    let revoke_one = |kv: &mut Overlay<'_, R>, id: &str| -> Result<u64, StorageError> {
+        let Some(mut lease) = get::<Lease>(kv, &lease_key(id))? else {
+            return Ok(0);
+        };
+        if lease.state != LeaseState::Active {
+            return Ok(0);
+        }
+        kv.delete(deadline_key(lease.expires_at_ms, id));
+        lease.state = state.clone();
+        kv.put(lease_key(id), enc(&lease));
+        Ok(1)
+    };
+    let (pfx, value) = match target {
+        RevokeTarget::Lease(id) => {
+            if kv.get(&lease_key(id))?.is_none() {
+                return Ok(Err(Error::LeaseNotFound(id.clone())));
+            }
+            // Revoking an inactive lease is a no-op that succeeds: revocation is idempotent.
+            let count = revoke_one(kv, id)?;
+            return Ok(Ok(Outcome::Revoked { count }));
+        }
+        RevokeTarget::Subject(s) => (PFX_SUBJECT, s),
+        RevokeTarget::Role(r) => (PFX_ROLE_IX, r),
+        RevokeTarget::Key(kid) => {
+            let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(kid))? else {
+                return Ok(Err(Error::KeyNotFound(kid.clone())));
+            };
+            rec.state = KeyState::Revoked { at_ms: now };
+            kv.put(key_key(kid), enc(&rec));
+            if active_kid(kv)?.as_deref() == Some(kid.as_str()) {
+                kv.delete(META_ACTIVE_KID.to_vec());
+            }
+            (PFX_KID_IX, kid)
+        }
+    };
+    let prefix = ix_prefix(pfx, value);
+    let end = prefix_end(&prefix);
+    let mut start = prefix.clone();
+    let mut count = 0;
+    loop {
+        let page = kv.range(&start, &end, SCAN_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last.clone();
+        start.push(0);
+        for (k, _) in &page {
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            count += revoke_one(kv, &id)?;
+        }
+        if page.len() < SCAN_PAGE {
+            break;
+        }
+    }
+    Ok(Ok(Outcome::Revoked { count }))
+}
+
+// ------------------------------------------------------------------------------------------
+// queries
+// ------------------------------------------------------------------------------------------
+
+pub fn last_time(kv: &(impl KvRead + ?Sized)) -> Result<u64, StorageError> {
+    Ok(get(kv, META_TIME)?.unwrap_or(0))
+}
+
+pub fn admin_credential_hash(kv: &(impl KvRead + ?Sized)) -> Result<Option<Vec<u8>>, StorageError> {
+    kv.get(META_ADMIN_HASH)
+}
+
+pub fn issuer(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
+    get(kv, META_ISSUER)
+}
+
+pub fn active_kid(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
+    get(kv, META_ACTIVE_KID)
+}
+
+pub fn get_role(kv: &(impl KvRead + ?Sized), name: &str) -> Result<Option<Role>, StorageError> {
+    get(kv, &role_key(name))
+}
+
+pub fn list_roles(kv: &(impl KvRead + ?Sized)) -> Result<Vec<Role>, StorageError> {
+    scan_values(kv, PFX_ROLE.as_bytes(), usize::MAX)
+}
+
+pub fn get_lease(kv: &(impl KvRead + ?Sized), id: &str) -> Result<Option<Lease>, StorageError> {
+    get(kv, &lease_key(id))
+}
+
+pub fn get_key(
+    kv: &(impl KvRead + ?Sized),
+    kid: &str,
+) -> Result<Option<SigningKeyRecord>, StorageError> {
+    get(kv, &key_key(kid))
+}
+
+pub fn list_keys(kv: &(impl KvRead + ?Sized)) -> Result<Vec<SigningKeyRecord>, StorageError> {
+    scan_values(kv, PFX_KEY.as_bytes(), usize::MAX)
+}
+
+fn scan_values<T: DeserializeOwned>(
+    kv: &(impl KvRead + ?Sized),
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<T>, StorageError> {
+    kv.range(prefix, &prefix_end(prefix), limit)?
+        .into_iter()
+        .map(|(k, v)| dec(&k, &v))
+        .collect()
+}
+
+/// The earliest deadline among active leases, for the leader's expiry worker.
+pub fn next_deadline(kv: &(impl KvRead + ?Sized)) -> Result<Option<u64>, StorageError> {
+    let first = kv.range(
+        PFX_DEADLINE.as_bytes(),
+        &prefix_end(PFX_DEADLINE.as_bytes()),
+        1,
+    )?;
+    Ok(first.first().and_then(|(k, _)| {
+        let hex = std::str::from_utf8(&k[PFX_DEADLINE.len()..PFX_DEADLINE.len() + 16]).ok()?;
+        u64::from_str_radix(hex, 16).ok()
+    }))
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    pub subject: Option<String>,
+    pub role: Option<String>,
+    /// `active`, `revoked` or `expired`.
+    pub state: Option<String>,
+}
+
+/// One page of leases in lease-id order. `after` is the previous page's last id. Returns the
+/// page and the token of the next page, if there may be more.
+pub fn list_leases(
+    kv: &(impl KvRead + ?Sized),
+    filter: &LeaseFilter,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<Lease>, Option<String>), StorageError> {
+    let limit = limit.clamp(1, 1000);
+    let prefix = match (&filter.subject, &filter.role) {
+        (Some(s), _) => ix_prefix(PFX_SUBJECT, s),
+        (None, Some(r)) => ix_prefix(PFX_ROLE_IX, r),
+        (None, None) => PFX_LEASE.as_bytes().to_vec(),
+    };
+    let end = prefix_end(&prefix);
+    let mut start = prefix.clone();
+    if let Some(a) = after {
+        start.extend_from_slice(a.as_bytes());
+        start.push(0);
+    }
+    let mut out = Vec::new();
+    // Bounded work per call: a selective filter returns a short page and a token to continue.
+    let mut budget = 50 * limit;
+    loop {
+        let page = kv.range(&start, &end, limit.min(budget))?;
+        let Some((last, _)) = page.last() else {
+            return Ok((out, None));
+        };
+        start = last.clone();
+        start.push(0);
+        let page_len = page.len();
+        budget = budget.saturating_sub(page_len);
+        for (k, _) in page {
+            let id = std::str::from_utf8(&k[prefix.len()..]).unwrap_or_default();
+            let Some(lease) = get_lease(kv, id)? else {
+                continue;
+            };
+            if filter.role.as_ref().is_some_and(|r| *r != lease.role)
+                || filter
+                    .state
+                    .as_ref()
+                    .is_some_and(|s| s != lease.state.name())
+            {
+                continue;
+            }
+            out.push(lease);
+            if out.len() == limit {
+                return Ok((out, Some(id.to_string())));
+            }
+        }
+        if page_len < limit {
+            return Ok((out, None));
+        }
+        if budget == 0 {
+            let token = String::from_utf8_lossy(&start[prefix.len()..start.len() - 1]).into_owned();
+            return Ok((out, Some(token)));
+        }
+    }
+}
+
+/// `(sequence number, hash)` of the newest audit record.
+pub fn audit_head(kv: &(impl KvRead + ?Sized)) -> Result<(u64, String), StorageError> {
+    let head: Option<AuditHead> = get(kv, META_AUDIT_HEAD)?;
+    Ok(head.map_or((0, GENESIS_HASH.to_string()), |h| (h.seq, h.hash)))
+}
+
+/// Audit records with `seq >= from_seq`, oldest first.
+pub fn audit_records(
+    kv: &(impl KvRead + ?Sized),
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StorageError> {
+    kv.range(
+        &audit_key(from_seq.max(1)),
+        &prefix_end(PFX_AUDIT.as_bytes()),
+        limit,
+    )?
+    .into_iter()
+    .map(|(k, v)| {
+        serde_json::from_slice(&v).map_err(|e| {
+            StorageError(format!(
+                "corrupt audit record {}: {e}",
+                String::from_utf8_lossy(&k)
+            ))
+        })
+    })
+    .collect()
+}
+
+/// SHA-256 over every domain key and value, in key order. Equal on nodes that applied the same log.
+pub fn state_digest(kv: &(impl KvRead + ?Sized)) -> Result<String, StorageError> {
+    let mut h = Sha256::new();
+    for pfx in STATE_PREFIXES {
+        let end = prefix_end(pfx.as_bytes());
+        let mut start = pfx.as_bytes().to_vec();
+        loop {
+            let page = kv.range(&start, &end, 10_000)?;
+            for (k, v) in &page {
+                h.update((k.len() as u64).to_le_bytes());
+                h.update(k);
+                h.update((v.len() as u64).to_le_bytes());
+                h.update(v);
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 10_000 => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}

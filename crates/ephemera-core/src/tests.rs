@@ -1,0 +1,550 @@
+//! Table-style tests of the state machine over the in-memory store.
+
+use crate::audit::{ChainError, ChainVerifier};
+use crate::command::*;
+use crate::crypto::{unseal_private_key, Kek};
+use crate::error::Error;
+use crate::kv::{KvRead, MemKv, Overlay};
+use crate::state::{self, LeaseFilter};
+use crate::types::*;
+
+/// Deterministic entropy for tests: a counter-based stream.
+struct Counter(u64);
+impl Entropy for Counter {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (self.0 >> 33) as u8;
+        }
+    }
+}
+
+struct World {
+    kv: MemKv,
+    rng: Counter,
+    kek: Kek,
+    now: u64,
+    log: Vec<Command>,
+}
+
+const T0: u64 = 1_700_000_000_000;
+
+impl World {
+    fn new() -> Self {
+        let mut w = World {
+            kv: MemKv::default(),
+            rng: Counter(1),
+            kek: Kek::from_bytes([5; 32]),
+            now: T0,
+            log: Vec::new(),
+        };
+        w.propose_ok(Principal::system(), Intent::RotateKey);
+        w.put_role("web", 60, 300);
+        w
+    }
+
+    fn propose(&mut self, actor: Principal, intent: Intent) -> ApplyResult {
+        let cmd = stamp(
+            Proposal { actor, intent },
+            self.now,
+            &mut self.rng,
+            &self.kek,
+        );
+        self.log.push(cmd.clone());
+        apply_to(&mut self.kv, &cmd)
+    }
+
+    fn propose_ok(&mut self, actor: Principal, intent: Intent) -> Outcome {
+        self.propose(actor, intent).expect("command succeeds")
+    }
+
+    fn admin(&mut self, intent: Intent) -> ApplyResult {
+        self.propose(Principal::bootstrap_admin(), intent)
+    }
+
+    fn put_role(&mut self, name: &str, ttl: u64, max: u64) {
+        self.admin(Intent::PutRole(Role {
+            name: name.into(),
+            kind: CredentialKind::Jwt,
+            audience: "api".into(),
+            allowed_scopes: vec!["read".into(), "write".into()],
+            default_ttl_s: ttl,
+            max_ttl_s: max,
+        }))
+        .unwrap();
+    }
+
+    fn issue(&mut self, i: IssueIntent) -> Result<Lease, Error> {
+        match self.admin(Intent::Issue(i))? {
+            Outcome::Lease { lease, .. } => Ok(lease),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    fn renew(&mut self, id: &str, inc: Option<u64>) -> Result<Lease, Error> {
+        match self.admin(Intent::Renew {
+            lease_id: id.into(),
+            increment_s: inc,
+        })? {
+            Outcome::Lease { lease, .. } => Ok(lease),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    fn lease(&self, id: &str) -> Lease {
+        state::get_lease(&self.kv, id).unwrap().unwrap()
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        state::list_leases(&self.kv, &LeaseFilter::default(), None, 1000)
+            .unwrap()
+            .0
+    }
+}
+
+fn apply_to(kv: &mut MemKv, cmd: &Command) -> ApplyResult {
+    let (res, writes) = {
+        let mut ov = Overlay::new(&*kv);
+        let res = state::apply(&mut ov, cmd).unwrap();
+        (res, ov.into_writes())
+    };
+    kv.commit(writes);
+    res
+}
+
+fn web(ttl: Option<u64>) -> IssueIntent {
+    IssueIntent {
+        request_id: None,
+        role: "web".into(),
+        subject: Some("spiffe://example.org/web".into()),
+        ttl_s: ttl,
+        scopes: vec![],
+        audience: None,
+        purpose: Some("ci job 42".into()),
+    }
+}
+
+#[test]
+fn issue_defaults_to_role_ttl_and_scopes() {
+    let mut w = World::new();
+    let l = w.issue(web(None)).unwrap();
+    assert_eq!(l.ttl_s, 60);
+    assert_eq!(l.expires_at_ms, T0 + 60_000);
+    assert_eq!(l.max_expires_at_ms, T0 + 300_000);
+    assert_eq!(l.scopes, vec!["read", "write"]);
+    assert_eq!(l.state, LeaseState::Active);
+    assert!(l.renew_after_ms >= T0 + 30_000 && l.renew_after_ms <= T0 + 42_000);
+    assert_eq!(state::next_deadline(&w.kv).unwrap(), Some(T0 + 60_000));
+}
+
+#[test]
+fn retried_issue_with_same_request_id_creates_one_lease() {
+    let mut w = World::new();
+    let mut i = web(Some(30));
+    i.request_id = Some("req-1".into());
+    let a = w.issue(i.clone()).unwrap();
+    w.now += 1000;
+    let b = w.issue(i.clone()).unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(w.leases().len(), 1);
+    // Same id, different parameters: a precise conflict, not a silent second lease.
+    i.ttl_s = Some(40);
+    assert_eq!(
+        w.issue(i).unwrap_err(),
+        Error::RequestIdConflict("req-1".into())
+    );
+    assert_eq!(w.leases().len(), 1);
+}
+
+#[test]
+fn renew_never_passes_the_cap_nor_shortens() {
+    let mut w = World::new();
+    let l = w.issue(web(Some(60))).unwrap();
+    w.now += 50_000;
+    // Increment smaller than what is left: the lease is not shortened.
+    let r = w.renew(&l.id, Some(1)).unwrap();
+    assert_eq!(r.expires_at_ms, l.expires_at_ms);
+    let mut refused_at_cap = false;
+    for _ in 0..20 {
+        match w.renew(&l.id, Some(120)) {
+            Ok(r) => assert!(r.expires_at_ms <= l.max_expires_at_ms),
+            Err(e) => {
+                assert_eq!(e, Error::LeaseAtMaxLifetime(l.id.clone()));
+                refused_at_cap = true;
+                break;
+            }
+        }
+        w.now += 50_000;
+    }
+    assert!(refused_at_cap);
+    assert_eq!(w.lease(&l.id).expires_at_ms, l.max_expires_at_ms);
+}
+
+#[test]
+fn renew_refused_after_revoke_and_after_expiry() {
+    let mut w = World::new();
+    let a = w.issue(web(Some(10))).unwrap();
+    let b = w.issue(web(Some(10))).unwrap();
+    w.admin(Intent::Revoke(RevokeTarget::Lease(a.id.clone())))
+        .unwrap();
+    assert_eq!(
+        w.renew(&a.id, None).unwrap_err(),
+        Error::LeaseRevoked(a.id.clone())
+    );
+    w.now += 10_000;
+    // Past the deadline but before the leader's Expire entry: still refused.
+    assert_eq!(
+        w.renew(&b.id, None).unwrap_err(),
+        Error::LeaseExpired(b.id.clone())
+    );
+    let out = w.propose_ok(
+        Principal::system(),
+        Intent::RecordAccess {
+            action: "x".into(),
+            target: String::new(),
+        },
+    );
+    assert_eq!(out, Outcome::Done);
+    let cmd = Command {
+        now_ms: w.now,
+        actor: Principal::system(),
+        op: Op::Expire {
+            up_to_ms: w.now,
+            limit: 100,
+        },
+    };
+    assert_eq!(
+        apply_to(&mut w.kv, &cmd).unwrap(),
+        Outcome::Expired { count: 1 }
+    );
+    assert!(matches!(w.lease(&b.id).state, LeaseState::Expired { .. }));
+    assert_eq!(
+        w.renew(&b.id, None).unwrap_err(),
+        Error::LeaseExpired(b.id.clone())
+    );
+    assert_eq!(
+        w.renew("l_nope", None).unwrap_err(),
+        Error::LeaseNotFound("l_nope".into())
+    );
+    assert_eq!(state::next_deadline(&w.kv).unwrap(), None);
+}
+
+#[test]
+fn revoke_by_role_over_10k_leases_is_one_command() {
+    let mut w = World::new();
+    w.put_role("other", 60, 300);
+    for _ in 0..10_000 {
+        w.issue(web(Some(60))).unwrap();
+    }
+    let keep = w
+        .issue(IssueIntent {
+            role: "other".into(),
+            ..web(None)
+        })
+        .unwrap();
+    let log_len = w.log.len();
+    let out = w
+        .admin(Intent::Revoke(RevokeTarget::Role("web".into())))
+        .unwrap();
+    assert_eq!(out, Outcome::Revoked { count: 10_000 });
+    assert_eq!(w.log.len(), log_len + 1);
+    let (active, _) = state::list_leases(
+        &w.kv,
+        &LeaseFilter {
+            state: Some("active".into()),
+            ..Default::default()
+        },
+        None,
+        1000,
+    )
+    .unwrap();
+    assert_eq!(
+        active.iter().map(|l| &l.id).collect::<Vec<_>>(),
+        vec![&keep.id]
+    );
+    // Idempotent: a second bulk revoke touches nothing.
+    assert_eq!(
+        w.admin(Intent::Revoke(RevokeTarget::Role("web".into())))
+            .unwrap(),
+        Outcome::Revoked { count: 0 }
+    );
+}
+
+#[test]
+fn revoke_by_subject_and_by_key() {
+    let mut w = World::new();
+    let a = w.issue(web(None)).unwrap();
+    let mut other = web(None);
+    other.subject = Some("spiffe://example.org/db".into());
+    let b = w.issue(other).unwrap();
+    let out = w
+        .admin(Intent::Revoke(RevokeTarget::Subject(
+            "spiffe://example.org/web".into(),
+        )))
+        .unwrap();
+    assert_eq!(out, Outcome::Revoked { count: 1 });
+    assert!(!w.lease(&a.id).is_active_at(w.now));
+    assert!(w.lease(&b.id).is_active_at(w.now));
+
+    // Rotate, issue under the new key, then revoke the old key: only its lease goes.
+    w.propose_ok(Principal::system(), Intent::RotateKey);
+    let c = w.issue(web(None)).unwrap();
+    assert_ne!(c.kid, b.kid);
+    let out = w
+        .admin(Intent::Revoke(RevokeTarget::Key(b.kid.clone())))
+        .unwrap();
+    assert_eq!(out, Outcome::Revoked { count: 1 });
+    assert!(!w.lease(&b.id).is_active_at(w.now));
+    assert!(w.lease(&c.id).is_active_at(w.now));
+    let keys = state::list_keys(&w.kv).unwrap();
+    let old = keys.iter().find(|k| k.kid == b.kid).unwrap();
+    assert!(!old.is_published_at(w.now, 0));
+    assert_eq!(
+        w.admin(Intent::Revoke(RevokeTarget::Key("nokey".into())))
+            .unwrap_err(),
+        Error::KeyNotFound("nokey".into())
+    );
+}
+
+#[test]
+fn rotated_key_stays_published_until_its_tokens_expire() {
+    let mut w = World::new();
+    let a = w.issue(web(Some(60))).unwrap();
+    w.propose_ok(Principal::system(), Intent::RotateKey);
+    let old = state::get_key(&w.kv, &a.kid).unwrap().unwrap();
+    assert!(matches!(old.state, KeyState::Retiring { .. }));
+    assert!(old.is_published_at(a.expires_at_ms, 0));
+    assert!(!old.is_published_at(a.expires_at_ms + 1, 0));
+    // Renewal moves the lease to the active key.
+    let r = w.renew(&a.id, None).unwrap();
+    assert_ne!(r.kid, a.kid);
+}
+
+#[test]
+fn bad_input_is_refused_precisely_and_changes_no_lease_or_role() {
+    let mut w = World::new();
+    w.issue(web(None)).unwrap();
+    let leases = w.leases();
+    let roles = state::list_roles(&w.kv).unwrap();
+    let cases: Vec<(IssueIntent, Error)> = vec![
+        (
+            IssueIntent {
+                role: "ghost".into(),
+                ..web(None)
+            },
+            Error::UnknownRole("ghost".into()),
+        ),
+        (
+            web(Some(301)),
+            Error::TtlAboveCap {
+                requested_s: 301,
+                max_s: 300,
+                role: "web".into(),
+            },
+        ),
+        (
+            IssueIntent {
+                scopes: vec!["read".into(), "admin".into()],
+                ..web(None)
+            },
+            Error::ScopeNotAllowed {
+                scope: "admin".into(),
+                role: "web".into(),
+                allowed: "read write".into(),
+            },
+        ),
+        (
+            IssueIntent {
+                audience: Some("other".into()),
+                ..web(None)
+            },
+            Error::AudienceNotAllowed {
+                requested: "other".into(),
+                role: "web".into(),
+                allowed: "api".into(),
+            },
+        ),
+    ];
+    for (intent, want) in cases {
+        assert_eq!(w.issue(intent).unwrap_err(), want);
+    }
+    for bad in [
+        IssueIntent {
+            role: "bad role".into(),
+            ..web(None)
+        },
+        IssueIntent {
+            scopes: vec!["a b".into()],
+            ..web(None)
+        },
+        IssueIntent {
+            ttl_s: Some(0),
+            ..web(None)
+        },
+        IssueIntent {
+            purpose: Some("x".repeat(10_000)),
+            ..web(None)
+        },
+        IssueIntent {
+            subject: Some("a\nb".into()),
+            ..web(None)
+        },
+    ] {
+        assert!(matches!(
+            w.issue(bad).unwrap_err(),
+            Error::InvalidArgument(_)
+        ));
+    }
+    assert_eq!(w.leases(), leases);
+    assert_eq!(state::list_roles(&w.kv).unwrap(), roles);
+    // Denials are audited.
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    assert!(records.iter().any(
+        |r| r.outcome == "denied" && r.reason.as_deref().unwrap().starts_with("ttl_above_cap")
+    ));
+}
+
+#[test]
+fn apply_is_deterministic_and_audit_chain_verifies() {
+    let mut w = World::new();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let mut intent = web(Some(30 + i));
+        intent.request_id = Some(format!("r{}", i % 40));
+        if let Ok(l) = w.issue(intent) {
+            ids.push(l.id);
+        }
+        w.now += 700;
+    }
+    for id in ids.iter().step_by(3) {
+        w.renew(id, Some(45)).ok();
+    }
+    w.admin(Intent::Revoke(RevokeTarget::Lease(ids[1].clone())))
+        .unwrap();
+    assert!(w.issue(web(Some(100_000))).is_err());
+
+    // Replay the same log into two fresh stores: one entry at a time, and in one batch.
+    let mut one = MemKv::default();
+    for c in &w.log {
+        apply_to(&mut one, c).ok();
+    }
+    let mut batch = MemKv::default();
+    let writes = {
+        let mut ov = Overlay::new(&batch);
+        for c in &w.log {
+            state::apply(&mut ov, c).unwrap().ok();
+        }
+        ov.into_writes()
+    };
+    batch.commit(writes);
+    let d = state::state_digest(&w.kv).unwrap();
+    assert_eq!(state::state_digest(&one).unwrap(), d);
+    assert_eq!(state::state_digest(&batch).unwrap(), d);
+    assert_eq!(one, w.kv);
+
+    let records = state::audit_records(&w.kv, 1, 10_000).unwrap();
+    assert_eq!(records.len(), w.log.len());
+    let mut v = ChainVerifier::default();
+    for r in &records {
+        v.push(r).unwrap();
+    }
+    assert_eq!(v.head(), state::audit_head(&w.kv).unwrap().1);
+
+    // Tampering anywhere is detected.
+    let mut tampered = records.clone();
+    tampered[10].ttl_s = Some(999_999);
+    let mut v = ChainVerifier::default();
+    let err = tampered.iter().try_for_each(|r| v.push(r)).unwrap_err();
+    assert_eq!(err, ChainError::BadHash { seq: 11 });
+    let mut dropped = records.clone();
+    dropped.remove(5);
+    let mut v = ChainVerifier::default();
+    assert!(dropped.iter().try_for_each(|r| v.push(r)).is_err());
+}
+
+#[test]
+fn time_never_goes_backwards_across_leaders() {
+    let mut w = World::new();
+    w.now += 10_000;
+    w.issue(web(None)).unwrap();
+    // A new leader with a clock behind the last applied time.
+    w.now -= 5_000;
+    let l = w.issue(web(None)).unwrap();
+    assert_eq!(l.issued_at_ms, T0 + 10_000);
+    assert_eq!(state::last_time(&w.kv).unwrap(), T0 + 10_000);
+}
+
+#[test]
+fn no_private_key_in_state_in_the_clear() {
+    let w = World::new();
+    let keys = state::list_keys(&w.kv).unwrap();
+    let seed = unseal_private_key(&w.kek, &keys[0].kid, &keys[0].sealed_private_key).unwrap();
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+    assert_eq!(signing.verifying_key().to_bytes(), keys[0].public_key);
+    for (k, v) in w.kv.range(b"", &[0xff], usize::MAX).unwrap() {
+        assert!(
+            !v.windows(32).any(|x| x == &seed[..]),
+            "private key in clear at {:?}",
+            String::from_utf8_lossy(&k)
+        );
+    }
+    for c in &w.log {
+        let bytes = bincode::serialize(c).unwrap();
+        assert!(!bytes.windows(32).any(|x| x == &seed[..]));
+    }
+    assert!(!format!("{keys:?}").contains("sealed"));
+}
+
+#[test]
+fn bootstrap_only_once() {
+    let mut w = World::new();
+    let intent = Intent::Bootstrap {
+        admin_credential_hash: vec![1; 32],
+        issuer: "https://i".into(),
+    };
+    w.propose(Principal::system(), intent.clone()).unwrap();
+    assert_eq!(
+        w.propose(Principal::system(), intent).unwrap_err(),
+        Error::AlreadyInitialized
+    );
+    assert_eq!(state::issuer(&w.kv).unwrap().as_deref(), Some("https://i"));
+}
+
+#[test]
+fn list_leases_pages_and_filters() {
+    let mut w = World::new();
+    let mut all = Vec::new();
+    for i in 0..25 {
+        let mut intent = web(None);
+        intent.subject = Some(format!("s{}", i % 2));
+        all.push(w.issue(intent).unwrap().id);
+    }
+    all.sort();
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, next) =
+            state::list_leases(&w.kv, &LeaseFilter::default(), after.as_deref(), 10).unwrap();
+        got.extend(page.into_iter().map(|l| l.id));
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(got, all);
+    let (s0, _) = state::list_leases(
+        &w.kv,
+        &LeaseFilter {
+            subject: Some("s0".into()),
+            ..Default::default()
+        },
+        None,
+        100,
+    )
+    .unwrap();
+    assert_eq!(s0.len(), 13);
+    assert!(s0.iter().all(|l| l.subject == "s0"));
+}

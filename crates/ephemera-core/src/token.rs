@@ -1,0 +1,224 @@
+//! RFC 9068 JWT access tokens signed with Ed25519 (RFC 8037 `EdDSA`). A token is a pure function
+//! of the committed lease, the issuer and the signing key: any node produces the same bytes.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::types::Lease;
+
+/// `nbf` is backdated by this much so verifiers whose clocks run slightly behind accept the token.
+pub const NBF_BACKDATE_S: u64 = 5;
+/// Upper bound on a token we are willing to parse.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub alg: String,
+    pub typ: String,
+    pub kid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: u64,
+    pub iat: u64,
+    pub nbf: u64,
+    pub jti: String,
+    pub scope: String,
+    pub client_id: String,
+}
+
+impl Claims {
+    pub fn for_lease(lease: &Lease, issuer: &str) -> Self {
+        let iat = lease.minted_at_ms / 1000;
+        Claims {
+            iss: issuer.to_string(),
+            sub: lease.subject.clone(),
+            aud: lease.audience.clone(),
+            exp: lease.expires_at_ms / 1000,
+            iat,
+            nbf: iat.saturating_sub(NBF_BACKDATE_S),
+            jti: lease.id.clone(),
+            scope: lease.scopes.join(" "),
+            client_id: lease.client_id.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    #[error("token is not a compact JWS (three base64url segments)")]
+    Malformed,
+    #[error("token header is invalid: {0}")]
+    BadHeader(String),
+    #[error("token claims are invalid: {0}")]
+    BadClaims(String),
+    #[error("unsupported algorithm {0:?}; only EdDSA is accepted")]
+    UnsupportedAlgorithm(String),
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+pub fn sign(claims: &Claims, kid: &str, key: &SigningKey) -> String {
+    let header = Header {
+        alg: "EdDSA".into(),
+        typ: "at+jwt".into(),
+        kid: kid.into(),
+    };
+    let h = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).expect("header serialises"));
+    let c = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialise"));
+    let signing_input = format!("{h}.{c}");
+    let sig = key.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+}
+
+/// A parsed but not yet verified token.
+#[derive(Debug, Clone)]
+pub struct Unverified {
+    pub header: Header,
+    pub claims: Claims,
+    signing_input: String,
+    signature: Vec<u8>,
+}
+
+pub fn parse(token: &str) -> Result<Unverified, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong);
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| TokenError::Malformed)?;
+    let header: Header =
+        serde_json::from_slice(&header_bytes).map_err(|e| TokenError::BadHeader(e.to_string()))?;
+    if header.alg != "EdDSA" {
+        return Err(TokenError::UnsupportedAlgorithm(header.alg));
+    }
+    let claims_bytes = URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| TokenError::Malformed)?;
+    let claims: Claims =
+        serde_json::from_slice(&claims_bytes).map_err(|e| TokenError::BadClaims(e.to_string()))?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| TokenError::Malformed)?;
+    Ok(Unverified {
+        header,
+        claims,
+        signing_input: format!("{h}.{c}"),
+        signature,
+    })
+}
+
+impl Unverified {
+    pub fn verify(&self, public_key: &[u8; 32]) -> Result<(), TokenError> {
+        let vk = VerifyingKey::from_bytes(public_key).map_err(|_| TokenError::BadSignature)?;
+        let sig_bytes: [u8; 64] = self
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| TokenError::BadSignature)?;
+        vk.verify(
+            self.signing_input.as_bytes(),
+            &Signature::from_bytes(&sig_bytes),
+        )
+        .map_err(|_| TokenError::BadSignature)
+    }
+}
+
+/// The public JWK (RFC 8037) of a signing key.
+pub fn jwk(kid: &str, public_key: &[u8; 32]) -> serde_json::Value {
+    serde_json::json!({
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "use": "sig",
+        "alg": "EdDSA",
+        "kid": kid,
+        "x": URL_SAFE_NO_PAD.encode(public_key),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{CredentialKind, LeaseState};
+
+    fn lease() -> Lease {
+        Lease {
+            id: "l1".into(),
+            role: "r".into(),
+            kind: CredentialKind::Jwt,
+            subject: "spiffe://x/y".into(),
+            client_id: "c".into(),
+            audience: "aud".into(),
+            scopes: vec!["a".into(), "b".into()],
+            purpose: None,
+            ttl_s: 60,
+            issued_at_ms: 1_000_000,
+            minted_at_ms: 1_000_000,
+            expires_at_ms: 1_060_000,
+            max_expires_at_ms: 2_000_000,
+            renew_after_ms: 1_040_000,
+            kid: "k".into(),
+            renewals: 0,
+            state: LeaseState::Active,
+        }
+    }
+
+    #[test]
+    fn sign_is_deterministic_and_verifies() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let claims = Claims::for_lease(&lease(), "https://iss");
+        let t1 = sign(&claims, "k", &key);
+        assert_eq!(t1, sign(&claims, "k", &key));
+        let parsed = parse(&t1).unwrap();
+        assert_eq!(parsed.claims, claims);
+        assert_eq!(parsed.claims.nbf, 1000 - NBF_BACKDATE_S);
+        assert_eq!(parsed.header.typ, "at+jwt");
+        parsed.verify(&key.verifying_key().to_bytes()).unwrap();
+        let other = SigningKey::from_bytes(&[4; 32]);
+        assert_eq!(
+            parsed.verify(&other.verifying_key().to_bytes()),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused_precisely() {
+        assert_eq!(parse("abc").unwrap_err(), TokenError::Malformed);
+        assert_eq!(parse("a.b.c.d").unwrap_err(), TokenError::Malformed);
+        assert_eq!(
+            parse(&"a".repeat(MAX_TOKEN_LEN + 1)).unwrap_err(),
+            TokenError::TooLong
+        );
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"at+jwt","kid":"k"}"#);
+        assert!(matches!(
+            parse(&format!("{none_header}.e30.")).unwrap_err(),
+            TokenError::UnsupportedAlgorithm(_)
+        ));
+        // Tampered claims fail the signature.
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let t = sign(&Claims::for_lease(&lease(), "i"), "k", &key);
+        let mut parts: Vec<String> = t.split('.').map(String::from).collect();
+        let mut claims = Claims::for_lease(&lease(), "i");
+        claims.scope = "admin".into();
+        parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        let forged = parse(&parts.join(".")).unwrap();
+        assert_eq!(
+            forged.verify(&key.verifying_key().to_bytes()),
+            Err(TokenError::BadSignature)
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Domain types: principals, roles, leases, signing keys.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How a principal proved its identity. Workload identity (issue: mTLS SVIDs, JWT assertions,
+/// join tokens) adds variants; every decision and audit record carries the principal whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthMethod {
+    /// The break-glass credential created at `cluster init`.
+    BootstrapAdmin,
+    /// The cluster itself (leader workers: expiry, key rotation).
+    System,
+}
+
+impl AuthMethod {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AuthMethod::BootstrapAdmin => "bootstrap_admin",
+            AuthMethod::System => "system",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    /// The identity: a SPIFFE ID, an OIDC subject, or a fixed name for built-in principals.
+    pub id: String,
+    pub auth_method: AuthMethod,
+    /// Trust domain or issuer that vouched for the identity, when there is one.
+    pub issuer: Option<String>,
+    /// Attributes produced by authentication, for policy.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Principal {
+    pub const BOOTSTRAP_ADMIN_ID: &'static str = "ephemera:bootstrap-admin";
+    pub const SYSTEM_ID: &'static str = "ephemera:system";
+
+    pub fn bootstrap_admin() -> Self {
+        Principal {
+            id: Self::BOOTSTRAP_ADMIN_ID.into(),
+            auth_method: AuthMethod::BootstrapAdmin,
+            issuer: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    pub fn system() -> Self {
+        Principal {
+            id: Self::SYSTEM_ID.into(),
+            auth_method: AuthMethod::System,
+            issuer: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self.auth_method,
+            AuthMethod::BootstrapAdmin | AuthMethod::System
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CredentialKind {
+    Jwt,
+}
+
+impl CredentialKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CredentialKind::Jwt => "jwt",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "jwt" => Some(CredentialKind::Jwt),
+            _ => None,
+        }
+    }
+}
+
+/// A credential template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub kind: CredentialKind,
+    pub audience: String,
+    /// Scopes a credential of this role may carry, sorted and unique.
+    pub allowed_scopes: Vec<String>,
+    pub default_ttl_s: u64,
+    /// Hard cap on a lease's lifetime, counted from its first issue over all renewals.
+    pub max_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    Active,
+    Revoked { at_ms: u64, by: String },
+    Expired { at_ms: u64 },
+}
+
+impl LeaseState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LeaseState::Active => "active",
+            LeaseState::Revoked { .. } => "revoked",
+            LeaseState::Expired { .. } => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub role: String,
+    pub kind: CredentialKind,
+    /// The workload identity the credential is bound to (`sub`).
+    pub subject: String,
+    /// Who requested it (`client_id`).
+    pub client_id: String,
+    pub audience: String,
+    pub scopes: Vec<String>,
+    pub purpose: Option<String>,
+    /// TTL granted at issue; the default renewal increment.
+    pub ttl_s: u64,
+    pub issued_at_ms: u64,
+    /// Time the current credential was minted (`iat`): issue or last renewal.
+    pub minted_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// `issued_at + role max TTL`: no renewal goes past it.
+    pub max_expires_at_ms: u64,
+    /// Server-chosen time after which the holder should renew.
+    pub renew_after_ms: u64,
+    /// Key that signs the current credential.
+    pub kid: String,
+    pub renewals: u32,
+    pub state: LeaseState,
+}
+
+impl Lease {
+    /// Active at `now_ms`: not revoked, not marked expired, and before its deadline.
+    pub fn is_active_at(&self, now_ms: u64) -> bool {
+        self.state == LeaseState::Active && now_ms < self.expires_at_ms
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyState {
+    /// Signs new credentials.
+    Active,
+    /// Superseded; verifies what it signed until that has expired.
+    Retiring { since_ms: u64 },
+    /// Compromised: everything it signed is revoked and it is out of the JWKS.
+    Revoked { at_ms: u64 },
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub public_key: [u8; 32],
+    /// The private key sealed under the cluster key-encryption key; never in the clear.
+    pub sealed_private_key: Vec<u8>,
+    pub created_at_ms: u64,
+    pub state: KeyState,
+    /// Latest `exp` of any credential this key signed; it stays published until then.
+    pub max_token_expiry_ms: u64,
+}
+
+impl std::fmt::Debug for SigningKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRecord")
+            .field("kid", &self.kid)
+            .field("state", &self.state)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("max_token_expiry_ms", &self.max_token_expiry_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKeyRecord {
+    /// Whether verifiers still need the key at `now_ms` (it is in the JWKS).
+    pub fn is_published_at(&self, now_ms: u64, skew_ms: u64) -> bool {
+        match self.state {
+            KeyState::Active => true,
+            KeyState::Retiring { .. } => now_ms <= self.max_token_expiry_ms.saturating_add(skew_ms),
+            KeyState::Revoked { .. } => false,
+        }
+    }
+
+    pub fn status_at(&self, now_ms: u64, skew_ms: u64) -> &'static str {
+        match self.state {
+            KeyState::Active => "active",
+            KeyState::Retiring { .. } if self.is_published_at(now_ms, skew_ms) => "retiring",
+            KeyState::Retiring { .. } => "retired",
+            KeyState::Revoked { .. } => "revoked",
+        }
+    }
+}
