@@ -1,1 +1,10 @@
+//! Generated gRPC types and services. The public API is [`v1`]; [`internal`] is the node-to-node
+//! service on the cluster listener.
 
+pub mod v1 {
+    tonic::include_proto!("ephemera.v1");
+}
+
+pub mod internal {
+    tonic::include_proto!("ephemera.internal.v1");
+}

@@ -1,0 +1,497 @@
+//! sled-backed storage. One database per node with three trees: `raft_log` (entries by index),
+//! `raft_meta` (vote, committed, last purged) and `state` (the domain state plus the applied log
+//! id and membership, committed in the same atomic batch as the entries they describe). The
+//! current snapshot lives in `snapshot.bin` beside the database.
+
+use std::fmt::Debug;
+use std::io::{Cursor, Write};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ephemera_core::command::Outcome;
+use ephemera_core::kv::{KvPairs, KvRead, Overlay};
+use ephemera_core::state;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{decode, encode, Entry, NodeId, NodeInfo, Response, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// Raft bookkeeping in the state tree, outside the domain prefixes of `ephemera_core::state`.
+const KEY_LAST_APPLIED: &[u8] = b"~raft/last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"~raft/membership";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::read_state_machine(&e),
+    }
+}
+fn write_sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::write_state_machine(&e),
+    }
+}
+fn read_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::read_logs(&e),
+    }
+}
+fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::write_logs(&e),
+    }
+}
+fn snapshot_err(
+    meta: Option<&SnapshotMeta<NodeId, NodeInfo>>,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::write_snapshot(meta.map(|m| m.signature()), &e),
+    }
+}
+
+/// Opens (or creates) a node's storage in `dir`.
+pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Error> {
+    std::fs::create_dir_all(dir)?;
+    let db = sled::Config::new()
+        .path(dir.join("db"))
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    let log = SledLogStore {
+        db: db.clone(),
+        log: db.open_tree("raft_log")?,
+        meta: db.open_tree("raft_meta")?,
+    };
+    let sm = SledStateMachine {
+        view: StateView {
+            tree: db.open_tree("state")?,
+        },
+        db,
+        dir: dir.to_path_buf(),
+        apply_lock: Arc::new(RwLock::new(())),
+        snapshot_seq: Arc::new(Mutex::new(0)),
+    };
+    Ok((log, sm))
+}
+
+// ------------------------------------------------------------------------------------------
+// log store
+// ------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+pub struct SledLogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl SledLogStore {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        match self.meta.get(key).map_err(read_logs_err)? {
+            Some(v) => Ok(Some(decode(&v).map_err(read_logs_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_meta<T: Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
+        self.meta.insert(key, encode(v)).map_err(write_logs_err)?;
+        self.db.flush_async().await.map_err(write_logs_err)?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for SledLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
+            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.log
+            .range((Bound::Included(start.to_be_bytes()), end))
+            .map(|r| {
+                let (_, v) = r.map_err(read_logs_err)?;
+                decode::<Entry>(&v).map_err(read_logs_err)
+            })
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for SledLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        let last = match self.log.last().map_err(read_logs_err)? {
+            Some((_, v)) => Some(decode::<Entry>(&v).map_err(read_logs_err)?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(KEY_VOTE, vote).await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not flushed: losing it only means re-learning the commit index from the leader.
+        self.meta
+            .insert(KEY_COMMITTED, encode(&committed))
+            .map_err(write_logs_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&e.log_id.index.to_be_bytes(), encode(&e));
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        // Durable before acknowledging: an entry Raft counts towards a quorum must survive a crash.
+        self.db.flush_async().await.map_err(write_logs_err)?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(log_id.index.to_be_bytes()..).keys() {
+            batch.remove(k.map_err(write_logs_err)?);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        self.db.flush_async().await.map_err(write_logs_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first so a crash in between never loses track of it.
+        self.put_meta(KEY_LAST_PURGED, &log_id).await?;
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(..=log_id.index.to_be_bytes()).keys() {
+            batch.remove(k.map_err(write_logs_err)?);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// state machine
+// ------------------------------------------------------------------------------------------
+
+/// Read access to the applied state, shared with the node's query paths.
+#[derive(Clone)]
+pub struct StateView {
+    tree: sled::Tree,
+}
+
+impl KvRead for StateView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ephemera_core::StorageError> {
+        self.tree
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| ephemera_core::StorageError(e.to_string()))
+    }
+
+    fn range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<KvPairs, ephemera_core::StorageError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        self.tree
+            .range(start..end)
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| ephemera_core::StorageError(e.to_string()))
+            })
+            .collect()
+    }
+}
+
+impl StateView {
+    pub fn applied_state(
+        &self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
+        let applied = match self.tree.get(KEY_LAST_APPLIED).map_err(read_err)? {
+            Some(v) => decode(&v).map_err(read_err)?,
+            None => None,
+        };
+        let membership = match self.tree.get(KEY_MEMBERSHIP).map_err(read_err)? {
+            Some(v) => decode(&v).map_err(read_err)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+pub struct SledStateMachine {
+    view: StateView,
+    db: sled::Db,
+    dir: PathBuf,
+    /// Held exclusively while a batch is committed, shared while a snapshot copies the state,
+    /// so the copy is a consistent cut.
+    apply_lock: Arc<RwLock<()>>,
+    snapshot_seq: Arc<Mutex<u64>>,
+}
+
+impl SledStateMachine {
+    pub fn view(&self) -> StateView {
+        self.view.clone()
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_FILE)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    data: Vec<u8>,
+}
+
+fn write_snapshot_file(path: &Path, file: &SnapshotFile) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode(file))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+pub struct SledSnapshotBuilder {
+    view: StateView,
+    dir: PathBuf,
+    apply_lock: Arc<RwLock<()>>,
+    snapshot_seq: Arc<Mutex<u64>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let view = self.view.clone();
+        let lock = self.apply_lock.clone();
+        let seq = {
+            let mut s = self.snapshot_seq.lock().expect("snapshot counter lock");
+            *s += 1;
+            *s
+        };
+        let dir = self.dir.clone();
+        // The copy holds the apply lock only while reading; encoding and the fsync'd write
+        // happen after apply has resumed.
+        tokio::task::spawn_blocking(move || -> StorageResult<Snapshot<TypeConfig>> {
+            let (pairs, applied, membership) = {
+                let _guard = lock.read().expect("apply lock");
+                let pairs: KvPairs = view
+                    .tree
+                    .iter()
+                    .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                    .collect::<Result<_, _>>()
+                    .map_err(read_err)?;
+                let (applied, membership) = view.applied_state()?;
+                (pairs, applied, membership)
+            };
+            let snapshot_id = match &applied {
+                Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+                None => format!("none-{seq}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            let data = encode(&pairs);
+            let file = SnapshotFile { meta, data };
+            write_snapshot_file(&dir.join(SNAPSHOT_FILE), &file)
+                .map_err(|e| snapshot_err(Some(&file.meta), e))?;
+            Ok(Snapshot {
+                meta: file.meta,
+                snapshot: Box::new(Cursor::new(file.data)),
+            })
+        })
+        .await
+        .map_err(read_err)?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for SledStateMachine {
+    type SnapshotBuilder = SledSnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
+        self.view.applied_state()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut last_applied = None;
+        let mut membership = None;
+        let writes = {
+            let mut overlay = Overlay::new(&self.view);
+            for entry in entries {
+                last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(Ok(Outcome::Done)),
+                    EntryPayload::Normal(cmd) => {
+                        results.push(state::apply(&mut overlay, &cmd).map_err(write_sm_err)?);
+                    }
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                        results.push(Ok(Outcome::Done));
+                    }
+                }
+            }
+            overlay.into_writes()
+        };
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        if let Some(l) = last_applied {
+            batch.insert(KEY_LAST_APPLIED, encode(&Some(l)));
+        }
+        if let Some(m) = membership {
+            batch.insert(KEY_MEMBERSHIP, encode(&m));
+        }
+        let _guard = self.apply_lock.write().expect("apply lock");
+        self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SledSnapshotBuilder {
+            view: self.view.clone(),
+            dir: self.dir.clone(),
+            apply_lock: self.apply_lock.clone(),
+            snapshot_seq: self.snapshot_seq.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let pairs: KvPairs = decode(&data).map_err(|e| snapshot_err(Some(meta), e))?;
+        let mut batch = sled::Batch::default();
+        {
+            let _guard = self.apply_lock.write().expect("apply lock");
+            for k in self.view.tree.iter().keys() {
+                batch.remove(k.map_err(write_sm_err)?);
+            }
+            for (k, v) in pairs {
+                batch.insert(k, v);
+            }
+            // The snapshot's own bookkeeping is authoritative for what it covers.
+            batch.insert(KEY_LAST_APPLIED, encode(&meta.last_log_id));
+            batch.insert(KEY_MEMBERSHIP, encode(&meta.last_membership));
+            self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
+        }
+        self.db.flush_async().await.map_err(write_sm_err)?;
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data,
+        };
+        write_snapshot_file(&self.snapshot_path(), &file)
+            .map_err(|e| snapshot_err(Some(meta), e))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let bytes = match std::fs::read(self.snapshot_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snapshot_err(None, e)),
+        };
+        let file: SnapshotFile = decode(&bytes).map_err(|e| snapshot_err(None, e))?;
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{StoreBuilder, Suite};
+    use tempfile::TempDir;
+
+    use super::*;
+
+    struct SledBuilder;
+
+    impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, TempDir> for SledBuilder {
+        async fn build(&self) -> StorageResult<(TempDir, SledLogStore, SledStateMachine)> {
+            let dir = TempDir::new().expect("temp dir");
+            let (log, sm) = open(dir.path()).expect("open sled");
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's conformance suite against the sled log store and state machine.
+    #[test]
+    fn sled_store_passes_openraft_suite() -> StorageResult<()> {
+        Suite::test_all(SledBuilder)
+    }
+}
