@@ -1,1 +1,222 @@
-fn main() {}
+//! `ephemera`: the server, a local development cluster, and the operator CLI.
+
+mod commands;
+mod dev;
+mod util;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "ephemera",
+    version,
+    about = "Raft-replicated issuer of short-lived credentials"
+)]
+pub struct Cli {
+    /// API endpoints, comma-separated; tried in turn.
+    #[arg(long, global = true, env = "EPHEMERA_ADDR", hide_env_values = true)]
+    pub addr: Option<String>,
+    /// Credential for the API (the admin credential from `cluster init`).
+    #[arg(long, global = true, env = "EPHEMERA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a local cluster on loopback, one process per node.
+    Dev(DevArgs),
+    /// Run one node.
+    Server {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Credential templates.
+    #[command(subcommand)]
+    Role(RoleCmd),
+    /// Issue a credential.
+    Issue(IssueArgs),
+    /// Extend a lease (never past its role's max TTL).
+    Renew {
+        lease_id: String,
+        /// How far to extend from now, e.g. 5m (default: the lease's TTL).
+        #[arg(long)]
+        increment: Option<String>,
+    },
+    /// Revoke one lease, or every lease of a subject, a role or a signing key.
+    Revoke(RevokeArgs),
+    /// Ask the cluster whether a token is active (linearizable).
+    Introspect {
+        /// The token to check.
+        #[arg(value_name = "TOKEN")]
+        credential: String,
+    },
+    #[command(subcommand)]
+    Leases(LeasesCmd),
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// Directory for node data, configs, logs and dev.env.
+    #[arg(long, default_value = ".ephemera-dev")]
+    pub dir: PathBuf,
+    /// Raft snapshot threshold (entries since the last snapshot); small values exercise snapshots.
+    #[arg(long)]
+    pub snapshot_logs: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Initialise a new cluster on the first endpoint; prints the admin credential once.
+    Init {
+        /// `iss` of issued tokens (default: the node's HTTP URL).
+        #[arg(long, default_value = "")]
+        issuer: String,
+    },
+    /// Add a running, uninitialised node (given by its API address) to the cluster.
+    Join {
+        #[arg(long)]
+        node: String,
+    },
+    Status,
+    /// Remove a member by id.
+    Remove {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RoleCmd {
+    Put {
+        name: String,
+        #[arg(long, default_value = "jwt")]
+        kind: String,
+        #[arg(long)]
+        audience: String,
+        /// Allowed scopes, comma-separated.
+        #[arg(long)]
+        scopes: String,
+        /// Default TTL, e.g. 5m.
+        #[arg(long)]
+        ttl: String,
+        /// Hard cap over all renewals, e.g. 1h.
+        #[arg(long)]
+        max_ttl: String,
+    },
+    Get {
+        name: String,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct IssueArgs {
+    #[arg(long)]
+    pub role: String,
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// Requested scopes, comma-separated (default: all the role allows).
+    #[arg(long)]
+    pub scopes: Option<String>,
+    #[arg(long)]
+    pub audience: Option<String>,
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// Idempotency key: a retry with the same id returns the same lease.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Issue on behalf of this workload identity (admin only).
+    #[arg(long)]
+    pub subject: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    pub lease_id: Option<String>,
+    #[arg(long, conflicts_with_all = ["lease_id", "role", "key"])]
+    pub subject: Option<String>,
+    #[arg(long, conflicts_with_all = ["lease_id", "subject", "key"])]
+    pub role: Option<String>,
+    #[arg(long, conflicts_with_all = ["lease_id", "subject", "role"])]
+    pub key: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum LeasesCmd {
+    List {
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        /// active, revoked or expired.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    List,
+    /// Make a new signing key active; old keys stay published until their tokens expire.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Print the newest records.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: u32,
+        /// Start at this sequence number instead.
+        #[arg(long)]
+        from: Option<u64>,
+    },
+    /// Recompute the whole hash chain and print its head.
+    Verify,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(commands::run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,255 @@
+//! Rust client for Ephemera. It holds a list of endpoints and fails over to the next one when a
+//! node is unreachable, so one dead node is not an error. Every call has a deadline.
 
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ephemera_proto::v1::admin_client::AdminClient;
+use ephemera_proto::v1::issuer_client::IssuerClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+pub use ephemera_proto::v1 as pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints configured (set EPHEMERA_ADDR)")]
+    NoEndpoints,
+    #[error("invalid endpoint {0:?}: {1}")]
+    BadEndpoint(String, String),
+    #[error("no endpoint reachable; tried {tried}: {last}")]
+    AllUnreachable { tried: String, last: String },
+    #[error("{}", status_text(.0))]
+    Status(Status),
+}
+
+/// The server's messages already say what went wrong; prefix the status class only when they
+/// do not start with it.
+fn status_text(s: &Status) -> String {
+    let name = code_name(s.code());
+    if s.message().starts_with(name) {
+        s.message().to_string()
+    } else {
+        format!("{name}: {}", s.message())
+    }
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::OutOfRange => "out of range",
+        Code::DeadlineExceeded => "deadline exceeded",
+        _ => "error",
+    }
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    endpoints: Vec<(String, Channel)>,
+    token: Option<String>,
+    /// Index of the endpoint that answered last; calls start there.
+    preferred: Mutex<usize>,
+    timeout: Duration,
+}
+
+/// Accepts `host:port` or a URL.
+fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl Client {
+    /// `endpoints` in the `EPHEMERA_ADDR` format: comma-separated `host:port` or URLs.
+    pub fn new(endpoints: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let mut list = Vec::new();
+        for addr in endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let ch = Endpoint::from_shared(endpoint_url(addr))
+                .map_err(|e| ClientError::BadEndpoint(addr.to_string(), e.to_string()))?
+                .connect_timeout(Duration::from_millis(1000))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            list.push((addr.to_string(), ch));
+        }
+        if list.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        Ok(Client {
+            endpoints: list,
+            token,
+            preferred: Mutex::new(0),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.set_timeout(self.timeout);
+        if let Some(t) = &self.token {
+            if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
+                req.metadata_mut().insert("authorization", v);
+            }
+        }
+        req
+    }
+
+    /// Whether a failure means "this endpoint could not take the call", so the next may.
+    fn is_unreachable(s: &Status) -> bool {
+        // A transport failure (refused, reset) surfaces as Unavailable or Unknown with no
+        // server-side message of ours.
+        matches!(s.code(), Code::Unavailable)
+            || (s.code() == Code::Unknown && s.message().contains("transport"))
+    }
+
+    /// Calls `f` against each endpoint in turn, starting with the last one that answered.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let n = self.endpoints.len();
+        let start = *self.preferred.lock().expect("client lock");
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let (addr, ch) = &self.endpoints[idx];
+            match f(ch.clone()).await {
+                Ok(v) => {
+                    *self.preferred.lock().expect("client lock") = idx;
+                    return Ok(v);
+                }
+                Err(s) if Self::is_unreachable(&s) => last = format!("{addr}: {}", s.message()),
+                Err(s) => return Err(ClientError::Status(s)),
+            }
+        }
+        Err(ClientError::AllUnreachable {
+            tried: self
+                .endpoints
+                .iter()
+                .map(|(a, _)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            last,
+        })
+    }
+
+    pub fn issuer(ch: Channel) -> IssuerClient<Channel> {
+        IssuerClient::new(ch)
+    }
+
+    pub fn admin(ch: Channel) -> AdminClient<Channel> {
+        AdminClient::new(ch)
+    }
+
+    /// Issue with a request id, so a retry after a lost reply returns the same lease.
+    pub async fn issue(&self, mut req: pb::IssueRequest) -> Result<pb::Credential, ClientError> {
+        if req.request_id.is_none() {
+            req.request_id = Some(new_request_id());
+        }
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).issue(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn renew(&self, req: pb::RenewRequest) -> Result<pb::Credential, ClientError> {
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).renew(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn revoke(&self, req: pb::RevokeRequest) -> Result<pb::RevokeResponse, ClientError> {
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).revoke(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn introspect(&self, token: &str) -> Result<pb::IntrospectResponse, ClientError> {
+        let req = pb::IntrospectRequest {
+            token: token.to_string(),
+        };
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).introspect(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list_leases(
+        &self,
+        req: pb::ListLeasesRequest,
+    ) -> Result<pb::ListLeasesResponse, ClientError> {
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).list_leases(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Runs an admin call with failover; `f` receives a ready client and an authenticated request.
+    pub async fn admin_call<M, T, F, Fut>(&self, msg: M, f: F) -> Result<T, ClientError>
+    where
+        M: Clone,
+        F: Fn(AdminClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(|ch| {
+            let r = self.request(msg.clone());
+            let fut = f(Self::admin(ch), r);
+            async move { Ok(fut.await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.iter().map(|(a, _)| a.clone()).collect()
+    }
+}
+
+/// A request id unique on this host: wall-clock nanoseconds, process id and a per-process counter.
+pub fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "c{:x}.{:x}.{:x}",
+        nanos,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

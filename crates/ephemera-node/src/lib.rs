@@ -1,1 +1,185 @@
+//! An Ephemera node: `run(config, shutdown)` serves the gRPC API, the HTTP listener and the
+//! cluster listener, and runs the leader's housekeeping until `shutdown` resolves.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ephemera_core::crypto::Kek;
+use ephemera_proto::internal::cluster_server::ClusterServer;
+use ephemera_proto::v1::admin_server::AdminServer;
+use ephemera_proto::v1::issuer_server::IssuerServer;
+use ephemera_raft::network::{Peers, MAX_CLUSTER_MESSAGE_BYTES};
+use ephemera_raft::{NodeInfo, Raft};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod node;
+
+pub use config::NodeConfig;
+pub use node::Node;
+
+/// Largest request the public gRPC API accepts.
+pub const MAX_API_MESSAGE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot read the key-encryption key file {path}: {message}")]
+    Kek { path: String, message: String },
+    #[error("cannot open storage in {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
+    let r = &cfg.raft;
+    let c = openraft::Config {
+        cluster_name: "ephemera".into(),
+        heartbeat_interval: r.heartbeat_interval_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    c.validate().map_err(|e| NodeError::Raft(e.to_string()))
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr, what, source })
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    cfg.validate()?;
+    let kek_text = std::fs::read_to_string(&cfg.kek_file).map_err(|e| NodeError::Kek {
+        path: cfg.kek_file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let kek = Kek::parse(&kek_text).map_err(|e| NodeError::Kek {
+        path: cfg.kek_file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let (log_store, sm) =
+        ephemera_raft::store::open(&cfg.data_dir).map_err(|e| NodeError::Storage {
+            path: cfg.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let view = sm.view();
+    let peers = Peers::default();
+    let raft = Raft::new(
+        cfg.node_id,
+        Arc::new(raft_config(&cfg)?),
+        peers.clone(),
+        log_store,
+        sm,
+    )
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let info = NodeInfo {
+        api_addr: cfg.api_addr.to_string(),
+        http_addr: cfg.http_addr.to_string(),
+        cluster_addr: cfg.cluster_addr.to_string(),
+    };
+    let node = Arc::new(Node::new(
+        cfg.node_id,
+        info,
+        raft.clone(),
+        view,
+        peers,
+        kek,
+        Arc::new(node::SystemClock),
+        Box::new(node::OsEntropy),
+        Duration::from_millis(cfg.request_timeout_ms),
+    ));
+
+    let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
+    let api_listener = bind(cfg.api_addr, "api").await?;
+    let http_listener = bind(cfg.http_addr, "http").await?;
+    if cfg.insecure_plaintext {
+        tracing::warn!("INSECURE: listeners run without TLS (insecure_plaintext = true); development use on loopback only");
+    }
+    tracing::info!(
+        node_id = cfg.node_id,
+        api = %cfg.api_addr, http = %cfg.http_addr, cluster = %cfg.cluster_addr,
+        "node started"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let incoming = |l: TcpListener| {
+        TcpIncoming::from_listener(l, true, None).map_err(|e| NodeError::Serve(e.to_string()))
+    };
+    let cluster_server = tonic::transport::Server::builder()
+        .add_service(
+            ClusterServer::new(grpc::ClusterService { node: node.clone() })
+                .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming(cluster_listener)?, stopped(stop_rx.clone()));
+    let api = grpc::Api { node: node.clone() };
+    let api_server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(
+            IssuerServer::new(api.clone()).max_decoding_message_size(MAX_API_MESSAGE_BYTES),
+        )
+        .add_service(AdminServer::new(api).max_decoding_message_size(MAX_API_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(incoming(api_listener)?, stopped(stop_rx.clone()));
+    let http_server = axum::serve(http_listener, http::router(node.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let worker_node = node.clone();
+    let mut worker_stop = stop_rx.clone();
+    let interval = Duration::from_millis(cfg.expiry_interval_ms.max(50));
+    let worker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = async { let _ = worker_stop.wait_for(|s| *s).await; } => break,
+                _ = tick.tick() => worker_node.leader_tick().await,
+            }
+        }
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let (c, a, h) = tokio::join!(cluster_server, api_server, http_server);
+    let _ = worker.await;
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    tracing::info!("node stopped");
+    c.map_err(|e| NodeError::Serve(e.to_string()))?;
+    a.map_err(|e| NodeError::Serve(e.to_string()))?;
+    h.map_err(|e| NodeError::Serve(e.to_string()))?;
+    Ok(())
+}

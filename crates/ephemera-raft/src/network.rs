@@ -1,1 +1,195 @@
-pub mod placeholder {}
+//! Node-to-node transport over tonic: one lazily connected channel per peer, cached and shared by
+//! Raft replication and by forwarding, and the server-side handlers for incoming Raft RPCs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ephemera_proto::internal::cluster_client::ClusterClient;
+use ephemera_proto::internal::RaftPayload;
+use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{decode, encode, NodeId, NodeInfo, Raft, RaftError, RpcError, TypeConfig};
+
+/// Raft messages carry snapshot chunks; allow well above openraft's chunk size.
+pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The cache of channels to peers, keyed by node id and address (a member that moves gets a
+/// fresh channel).
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+}
+
+impl Peers {
+    pub fn channel(
+        &self,
+        id: NodeId,
+        cluster_addr: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().expect("peer cache lock");
+        if let Some((addr, ch)) = map.get(&id) {
+            if addr == cluster_addr {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = Endpoint::from_shared(format!("http://{cluster_addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(id, (cluster_addr.to_string(), ch.clone()));
+        Ok(ch)
+    }
+
+    pub fn client(
+        &self,
+        id: NodeId,
+        cluster_addr: &str,
+    ) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+        Ok(ClusterClient::new(self.channel(id, cluster_addr)?)
+            .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
+        PeerConnection {
+            target,
+            client: self
+                .client(target, &node.cluster_addr)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    /// An unparsable address is reported on every call rather than panicking in the factory.
+    client: Result<ClusterClient<Channel>, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl PeerConnection {
+    async fn call<Req, Resp, E, F, Fut>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        rpc: F,
+    ) -> Result<Resp, RpcError<E>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+        F: FnOnce(ClusterClient<Channel>, RaftPayload) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return Err(RpcError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))))
+            }
+        };
+        let payload = RaftPayload { data: encode(req) };
+        let resp = match tokio::time::timeout(option.hard_ttl(), rpc(client, payload)).await {
+            Err(_) => {
+                return Err(RpcError::Network(NetworkError::new(&TransportError(
+                    format!("rpc to node {} timed out", self.target),
+                ))))
+            }
+            Ok(Err(status)) => {
+                let e = TransportError(format!("node {}: {}", self.target, status.message()));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => RpcError::Unreachable(Unreachable::new(&e)),
+                    _ => RpcError::Network(NetworkError::new(&e)),
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, RaftError<E>> = decode(&resp.data).map_err(|e| {
+            RpcError::Network(NetworkError::new(&TransportError(format!(
+                "bad reply: {e}"
+            ))))
+        })?;
+        result.map_err(|e| RpcError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        self.call(&rpc, &option, |mut c, p| async move {
+            c.append_entries(p).await
+        })
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        self.call(&rpc, &option, |mut c, p| async move {
+            c.install_snapshot(p).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        self.call(&rpc, &option, |mut c, p| async move { c.vote(p).await })
+            .await
+    }
+}
+
+fn bad_payload(e: bincode::Error) -> tonic::Status {
+    tonic::Status::invalid_argument(format!("undecodable raft payload: {e}"))
+}
+
+/// Server side of the Raft RPCs: decode, hand to the local Raft, encode the result (including a
+/// Raft-level error, which the caller turns back into a `RemoteError`).
+pub async fn serve_append_entries(raft: &Raft, data: &[u8]) -> Result<RaftPayload, tonic::Status> {
+    let req: AppendEntriesRequest<TypeConfig> = decode(data).map_err(bad_payload)?;
+    Ok(RaftPayload {
+        data: encode(&raft.append_entries(req).await),
+    })
+}
+
+pub async fn serve_vote(raft: &Raft, data: &[u8]) -> Result<RaftPayload, tonic::Status> {
+    let req: VoteRequest<NodeId> = decode(data).map_err(bad_payload)?;
+    Ok(RaftPayload {
+        data: encode(&raft.vote(req).await),
+    })
+}
+
+pub async fn serve_install_snapshot(
+    raft: &Raft,
+    data: &[u8],
+) -> Result<RaftPayload, tonic::Status> {
+    let req: InstallSnapshotRequest<TypeConfig> = decode(data).map_err(bad_payload)?;
+    Ok(RaftPayload {
+        data: encode(&raft.install_snapshot(req).await),
+    })
+}

@@ -1,0 +1,257 @@
+//! `ephemera dev`: a local cluster on loopback, one OS process per node, for development and tests.
+//! Re-running it on the same directory restarts the same cluster with its data.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ephemera_client::{pb, Client};
+use tokio::process::{Child, Command};
+
+use crate::DevArgs;
+
+struct DevNode {
+    id: u64,
+    api: String,
+    http: String,
+    config: PathBuf,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads `KEY=value` (optionally `export KEY=value`) lines.
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("export ").unwrap_or(l.trim());
+            let (k, v) = l.split_once('=')?;
+            Some((k.to_string(), v.trim_matches('\'').to_string()))
+        })
+        .collect())
+}
+
+fn node_config(dir: &Path, id: u64, snapshot_logs: Option<u64>) -> Result<DevNode> {
+    let node_dir = dir.join(format!("node-{id}"));
+    let config = node_dir.join("config.toml");
+    if !config.exists() {
+        std::fs::create_dir_all(&node_dir)?;
+        let (api, http, cluster) = (free_port()?, free_port()?, free_port()?);
+        let mut text = format!(
+            "# ephemera dev node {id}\nnode_id = {id}\ndata_dir = {data:?}\napi_addr = \"127.0.0.1:{api}\"\n\
+             http_addr = \"127.0.0.1:{http}\"\ncluster_addr = \"127.0.0.1:{cluster}\"\nkek_file = {kek:?}\n\
+             # Development only: no TLS, loopback only.\ninsecure_plaintext = true\n",
+            data = node_dir.join("data"),
+            kek = dir.join("kek"),
+        );
+        if let Some(n) = snapshot_logs {
+            text.push_str(&format!(
+                "\n[raft]\nsnapshot_logs_since_last = {n}\nmax_in_snapshot_log_to_keep = 0\n"
+            ));
+        }
+        std::fs::write(&config, text)?;
+    }
+    let cfg = ephemera_node::NodeConfig::load(&config)?;
+    Ok(DevNode {
+        id,
+        api: cfg.api_addr.to_string(),
+        http: cfg.http_addr.to_string(),
+        config,
+    })
+}
+
+fn spawn_node(dir: &Path, node: &DevNode) -> Result<Child> {
+    let log_path = dir.join(format!("node-{}", node.id)).join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    Command::new(std::env::current_exe()?)
+        .arg("server")
+        .arg("--config")
+        .arg(&node.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start node {}", node.id))
+}
+
+async fn wait_reachable(addr: &str, deadline: Instant) -> Result<()> {
+    let client = Client::new(addr, None)?.with_timeout(Duration::from_millis(500));
+    loop {
+        let r = client
+            .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
+                a.get_node_info(r).await
+            })
+            .await;
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("node at {addr} did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn wait_leader(client: &Client, deadline: Instant) -> Result<()> {
+    loop {
+        let r = client
+            .admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
+                a.get_cluster_status(r).await
+            })
+            .await;
+        match r {
+            Ok(s) if s.leader_id != 0 => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("the cluster has no leader: {e}"),
+            _ if Instant::now() > deadline => bail!("the cluster has no leader"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn stop_all(children: &mut [Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            // SAFETY: sending a signal to a child process we spawned.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    for c in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+pub async fn run(args: &DevArgs) -> Result<()> {
+    if args.nodes == 0 || args.nodes > 9 {
+        bail!("--nodes must be between 1 and 9");
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    let env_path = dir.join("dev.env");
+    let fresh = !dir.join("node-1").join("config.toml").exists();
+    if fresh {
+        write_private(&dir.join("kek"), &format!("{}\n", random_hex(32)?))?;
+    }
+    let nodes: Vec<DevNode> = (1..=u64::from(args.nodes))
+        .map(|id| node_config(&dir, id, args.snapshot_logs))
+        .collect::<Result<_>>()?;
+
+    let mut children = Vec::new();
+    for n in &nodes {
+        match spawn_node(&dir, n) {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                stop_all(&mut children).await;
+                return Err(e);
+            }
+        }
+    }
+    let result = setup(&dir, &nodes, fresh, &env_path, &children).await;
+    let token = match result {
+        Ok(t) => t,
+        Err(e) => {
+            stop_all(&mut children).await;
+            return Err(e.context(format!("see the node logs in {}", dir.display())));
+        }
+    };
+    drop(token);
+    eprintln!(
+        "ephemera dev: {} node(s) running; Ctrl-C stops them",
+        nodes.len()
+    );
+    crate::commands::shutdown_signal().await;
+    eprintln!("ephemera dev: stopping");
+    stop_all(&mut children).await;
+    Ok(())
+}
+
+async fn setup(
+    dir: &Path,
+    nodes: &[DevNode],
+    fresh: bool,
+    env_path: &Path,
+    children: &[Child],
+) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in nodes {
+        wait_reachable(&n.api, deadline).await?;
+    }
+    let token = if fresh {
+        let first = Client::new(&nodes[0].api, None)?;
+        let init = first
+            .admin_call(
+                pb::InitClusterRequest {
+                    issuer: String::new(),
+                },
+                |mut a, r| async move { a.init_cluster(r).await },
+            )
+            .await
+            .context("cluster init")?;
+        let cluster = Client::new(&nodes[0].api, Some(init.admin_token.clone()))?;
+        for n in &nodes[1..] {
+            crate::commands::join(&cluster, &n.api)
+                .await
+                .with_context(|| format!("joining node {}", n.id))?;
+        }
+        init.admin_token
+    } else {
+        read_env_file(env_path)
+            .ok()
+            .and_then(|vars| vars.into_iter().find(|(k, _)| k == "EPHEMERA_TOKEN").map(|(_, v)| v))
+            .context("this directory holds a cluster but no dev.env with its EPHEMERA_TOKEN; use a fresh --dir")?
+    };
+    let all_api: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
+    wait_leader(
+        &Client::new(&all_api.join(","), Some(token.clone()))?,
+        deadline,
+    )
+    .await?;
+    let pids: Vec<String> = children
+        .iter()
+        .map(|c| c.id().map(|p| p.to_string()).unwrap_or_default())
+        .collect();
+    let env = format!(
+        "export EPHEMERA_ADDR={}\nexport EPHEMERA_HTTP={}\nexport EPHEMERA_PIDS={}\nexport EPHEMERA_TOKEN={}\nexport EPHEMERA_DEV_DIR={}\n",
+        all_api.join(","),
+        nodes.iter().map(|n| format!("http://{}", n.http)).collect::<Vec<_>>().join(","),
+        pids.join(","),
+        token,
+        dir.display(),
+    );
+    write_private(env_path, &env)?;
+    println!("# written to {}\n{env}", env_path.display());
+    Ok(token)
+}

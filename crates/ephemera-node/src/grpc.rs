@@ -1,0 +1,723 @@
+//! gRPC services: the public `Issuer` and `Admin`, and the internal `Cluster` service.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ephemera_core::command::{Intent, IssueIntent, Outcome, Proposal, RevokeTarget};
+use ephemera_core::crypto::hash_secret;
+use ephemera_core::state::{self, LeaseFilter};
+use ephemera_core::types::{CredentialKind, Lease, LeaseState, Principal, Role};
+use ephemera_core::{Error, ErrorCode};
+use ephemera_proto::internal as ipb;
+use ephemera_proto::v1 as pb;
+use ephemera_raft::network::{serve_append_entries, serve_install_snapshot, serve_vote};
+use ephemera_raft::{decode, encode, NodeInfo};
+use rand::RngCore;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::node::{ForwardReply, Forwarded, Node, KEY_PUBLISH_GRACE_MS};
+
+/// The one place domain errors become gRPC statuses. Internal details are logged, not returned.
+pub fn to_status(e: Error) -> Status {
+    let code = match e.code() {
+        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+        ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorCode::Unavailable => tonic::Code::Unavailable,
+        ErrorCode::Internal => tonic::Code::Internal,
+    };
+    if code == tonic::Code::Internal {
+        tracing::error!(error = %e, "internal error");
+        return Status::internal("internal error; see the node's log");
+    }
+    Status::new(code, e.to_string())
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub node: Arc<Node>,
+}
+
+impl Api {
+    fn auth<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        self.node
+            .authenticate(bearer(req))
+            .map_err(|e| self.fail(e))
+    }
+
+    fn fail(&self, e: Error) -> Status {
+        self.node.metrics.error(e.kind());
+        to_status(e)
+    }
+
+    async fn credential(&self, outcome: Outcome) -> Result<pb::Credential, Error> {
+        let Outcome::Lease { lease, replayed } = outcome else {
+            return Err(Error::Internal("issue did not return a lease".into()));
+        };
+        // A replayed request id returns the lease as it is now; a dead lease gets no token.
+        match lease.state {
+            LeaseState::Revoked { .. } => return Err(Error::LeaseRevoked(lease.id)),
+            LeaseState::Expired { .. } => return Err(Error::LeaseExpired(lease.id)),
+            LeaseState::Active => {}
+        }
+        let token = self.node.sign(&lease)?;
+        Ok(pb::Credential {
+            lease_id: lease.id.clone(),
+            token,
+            expires_at_ms: lease.expires_at_ms,
+            renew_after_ms: lease.renew_after_ms,
+            issued_at_ms: lease.issued_at_ms,
+            max_expires_at_ms: lease.max_expires_at_ms,
+            kid: lease.kid.clone(),
+            scopes: lease.scopes.clone(),
+            audience: lease.audience.clone(),
+            subject: lease.subject.clone(),
+            role: lease.role.clone(),
+            replayed,
+        })
+    }
+
+    async fn propose(&self, actor: Principal, intent: Intent) -> Result<Outcome, Status> {
+        self.node
+            .propose(Proposal { actor, intent })
+            .await
+            .map(|(o, _)| o)
+            .map_err(|e| self.fail(e))
+    }
+}
+
+pub fn lease_to_pb(l: Lease) -> pb::Lease {
+    pb::Lease {
+        state: l.state.name().to_string(),
+        id: l.id,
+        role: l.role,
+        subject: l.subject,
+        client_id: l.client_id,
+        audience: l.audience,
+        scopes: l.scopes,
+        purpose: l.purpose.unwrap_or_default(),
+        issued_at_ms: l.issued_at_ms,
+        expires_at_ms: l.expires_at_ms,
+        max_expires_at_ms: l.max_expires_at_ms,
+        renew_after_ms: l.renew_after_ms,
+        kid: l.kid,
+        renewals: l.renewals,
+        ttl_s: l.ttl_s,
+    }
+}
+
+fn role_to_pb(r: Role) -> pb::Role {
+    pb::Role {
+        name: r.name,
+        kind: r.kind.as_str().to_string(),
+        audience: r.audience,
+        allowed_scopes: r.allowed_scopes,
+        default_ttl_s: r.default_ttl_s,
+        max_ttl_s: r.max_ttl_s,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::issuer_server::Issuer for Api {
+    async fn issue(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let actor = self.auth(&req)?;
+        let r = req.into_inner();
+        let intent = Intent::Issue(IssueIntent {
+            request_id: r.request_id,
+            role: r.role,
+            subject: r.subject,
+            ttl_s: r.ttl_s,
+            scopes: r.scopes,
+            audience: r.audience,
+            purpose: r.purpose,
+        });
+        let outcome = self.propose(actor, intent).await?;
+        let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.issued, 1);
+        Ok(Response::new(cred))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let actor = self.auth(&req)?;
+        let r = req.into_inner();
+        let outcome = self
+            .propose(
+                actor,
+                Intent::Renew {
+                    lease_id: r.lease_id,
+                    increment_s: r.increment_s,
+                },
+            )
+            .await?;
+        let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.renewed, 1);
+        Ok(Response::new(cred))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let actor = self.auth(&req)?;
+        use pb::revoke_request::Target;
+        let target = match req.into_inner().target {
+            Some(Target::LeaseId(id)) => RevokeTarget::Lease(id),
+            Some(Target::Subject(s)) => RevokeTarget::Subject(s),
+            Some(Target::Role(r)) => RevokeTarget::Role(r),
+            Some(Target::Kid(k)) => RevokeTarget::Key(k),
+            None => {
+                return Err(self.fail(Error::InvalidArgument(
+                    "one of lease_id, subject, role or kid is required".into(),
+                )))
+            }
+        };
+        Metrics::inc(&self.node.metrics.revoke_calls, 1);
+        match self.propose(actor, Intent::Revoke(target)).await? {
+            Outcome::Revoked { count } => {
+                Metrics::inc(&self.node.metrics.leases_revoked, count);
+                Ok(Response::new(pb::RevokeResponse { revoked: count }))
+            }
+            _ => Err(to_status(Error::Internal(
+                "revoke returned no count".into(),
+            ))),
+        }
+    }
+
+    async fn introspect(
+        &self,
+        req: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let actor = self.auth(&req)?;
+        let token = req.into_inner().token;
+        let claims = self
+            .node
+            .introspect(&actor, &token)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(match claims {
+            None => pb::IntrospectResponse::default(),
+            Some(c) => pb::IntrospectResponse {
+                active: true,
+                sub: c.sub,
+                aud: c.aud,
+                scope: c.scope,
+                client_id: c.client_id,
+                exp: c.exp,
+                iat: c.iat,
+                nbf: c.nbf,
+                jti: c.jti,
+                iss: c.iss,
+                token_type: "Bearer".into(),
+            },
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let actor = self.auth(&req)?;
+        let r = req.into_inner();
+        if let Some(s) = &r.state {
+            if !matches!(s.as_str(), "active" | "revoked" | "expired") {
+                return Err(self.fail(Error::InvalidArgument(format!(
+                    "state {s:?} must be one of active, revoked, expired"
+                ))));
+            }
+        }
+        self.node
+            .read_access(&actor, "leases.list", "")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let filter = LeaseFilter {
+            subject: r.subject,
+            role: r.role,
+            state: r.state,
+        };
+        let page_size = if r.page_size == 0 {
+            100
+        } else {
+            r.page_size as usize
+        };
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let (leases, next) = state::list_leases(&self.node.view, &filter, after, page_size)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.into_iter().map(lease_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+}
+
+fn node_info_from_pb(n: Option<pb::NodeInfo>) -> Result<(u64, NodeInfo), Error> {
+    let n = n.ok_or_else(|| Error::InvalidArgument("node is required".into()))?;
+    if n.id == 0 {
+        return Err(Error::InvalidArgument("node id must be non-zero".into()));
+    }
+    for (what, addr) in [
+        ("api_addr", &n.api_addr),
+        ("http_addr", &n.http_addr),
+        ("cluster_addr", &n.cluster_addr),
+    ] {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "{what} {addr:?} is not host:port"
+            )));
+        }
+    }
+    Ok((
+        n.id,
+        NodeInfo {
+            api_addr: n.api_addr,
+            http_addr: n.http_addr,
+            cluster_addr: n.cluster_addr,
+        },
+    ))
+}
+
+impl Api {
+    async fn status_pb(&self) -> pb::ClusterStatus {
+        let v = self.node.cluster_status().await;
+        pb::ClusterStatus {
+            leader_id: v.leader_id.unwrap_or(0),
+            term: v.term,
+            committed_index: v.committed_index,
+            nodes: v
+                .nodes
+                .into_iter()
+                .map(|m| pb::NodeStatus {
+                    id: m.id,
+                    api_addr: m.info.api_addr,
+                    http_addr: m.info.http_addr,
+                    cluster_addr: m.info.cluster_addr,
+                    role: if !m.voter && m.role != "unreachable" {
+                        "learner".into()
+                    } else {
+                        m.role
+                    },
+                    applied_index: m.applied_index,
+                    voter: m.voter,
+                })
+                .collect(),
+        }
+    }
+
+    async fn init_cluster(&self, issuer: String) -> Result<pb::InitClusterResponse, Error> {
+        let node = &self.node;
+        if node
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+        {
+            return Err(Error::AlreadyInitialized);
+        }
+        let issuer = if issuer.is_empty() {
+            format!("http://{}", node.info.http_addr)
+        } else {
+            issuer
+        };
+        let members = BTreeMap::from([(node.id, node.info.clone())]);
+        node.raft.initialize(members).await.map_err(|e| match e {
+            ephemera_raft::RaftError::APIError(_) => Error::AlreadyInitialized,
+            other => Error::Unavailable(other.to_string()),
+        })?;
+        node.raft
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(node.id, "init: become leader")
+            .await
+            .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let admin_token = format!("eph_admin_{}", URL_SAFE_NO_PAD.encode(secret));
+        node.route_system(Intent::Bootstrap {
+            admin_credential_hash: hash_secret(&admin_token).to_vec(),
+            issuer,
+        })
+        .await?;
+        node.route_system(Intent::RotateKey).await?;
+        tracing::info!(
+            node_id = node.id,
+            "cluster initialised; the admin credential was returned to the caller"
+        );
+        Ok(pb::InitClusterResponse {
+            admin_token,
+            node_id: node.id,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Api {
+    async fn init_cluster(
+        &self,
+        req: Request<pb::InitClusterRequest>,
+    ) -> Result<Response<pb::InitClusterResponse>, Status> {
+        let issuer = req.into_inner().issuer;
+        Api::init_cluster(self, issuer)
+            .await
+            .map(Response::new)
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn get_node_info(
+        &self,
+        _: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let i = &self.node.info;
+        Ok(Response::new(pb::NodeInfo {
+            id: self.node.id,
+            api_addr: i.api_addr.clone(),
+            http_addr: i.http_addr.clone(),
+            cluster_addr: i.cluster_addr.clone(),
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let actor = self.auth(&req)?;
+        let (id, info) = node_info_from_pb(req.into_inner().node).map_err(|e| self.fail(e))?;
+        self.propose(
+            actor,
+            Intent::RecordAccess {
+                action: "cluster.add_node".into(),
+                target: format!("node:{id} {info}"),
+            },
+        )
+        .await?;
+        self.node
+            .route(Forwarded::AddNode { id, info })
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(self.status_pb().await))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let actor = self.auth(&req)?;
+        let id = req.into_inner().id;
+        self.propose(
+            actor,
+            Intent::RecordAccess {
+                action: "cluster.remove_node".into(),
+                target: format!("node:{id}"),
+            },
+        )
+        .await?;
+        self.node
+            .route(Forwarded::RemoveNode { id })
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(self.status_pb().await))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        // An operational probe: authenticated, but not written to the audit chain, so that
+        // monitoring does not grow the replicated state.
+        self.auth(&req)?;
+        Ok(Response::new(self.status_pb().await))
+    }
+
+    async fn put_role(
+        &self,
+        req: Request<pb::PutRoleRequest>,
+    ) -> Result<Response<pb::Role>, Status> {
+        let actor = self.auth(&req)?;
+        let r = req
+            .into_inner()
+            .role
+            .ok_or_else(|| self.fail(Error::InvalidArgument("role is required".into())))?;
+        let kind = CredentialKind::parse(&r.kind).ok_or_else(|| {
+            self.fail(Error::InvalidArgument(format!(
+                "unknown credential kind {:?} (supported: jwt)",
+                r.kind
+            )))
+        })?;
+        let role = Role {
+            name: r.name,
+            kind,
+            audience: r.audience,
+            allowed_scopes: r.allowed_scopes,
+            default_ttl_s: r.default_ttl_s,
+            max_ttl_s: r.max_ttl_s,
+        };
+        match self.propose(actor, Intent::PutRole(role)).await? {
+            Outcome::Role(r) => Ok(Response::new(role_to_pb(r))),
+            _ => Err(to_status(Error::Internal(
+                "put role returned no role".into(),
+            ))),
+        }
+    }
+
+    async fn get_role(
+        &self,
+        req: Request<pb::GetRoleRequest>,
+    ) -> Result<Response<pb::Role>, Status> {
+        let actor = self.auth(&req)?;
+        let name = req.into_inner().name;
+        self.node
+            .read_access(&actor, "role.get", &format!("role:{name}"))
+            .await
+            .map_err(|e| self.fail(e))?;
+        match state::get_role(&self.node.view, &name)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?
+        {
+            Some(r) => Ok(Response::new(role_to_pb(r))),
+            None => Err(self.fail(Error::UnknownRole(name))),
+        }
+    }
+
+    async fn list_roles(
+        &self,
+        req: Request<pb::ListRolesRequest>,
+    ) -> Result<Response<pb::ListRolesResponse>, Status> {
+        let actor = self.auth(&req)?;
+        self.node
+            .read_access(&actor, "role.list", "")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let roles = state::list_roles(&self.node.view)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::ListRolesResponse {
+            roles: roles.into_iter().map(role_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_role(
+        &self,
+        req: Request<pb::DeleteRoleRequest>,
+    ) -> Result<Response<pb::DeleteRoleResponse>, Status> {
+        let actor = self.auth(&req)?;
+        let name = req.into_inner().name;
+        self.propose(actor, Intent::DeleteRole { name }).await?;
+        Ok(Response::new(pb::DeleteRoleResponse {}))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let actor = self.auth(&req)?;
+        self.node
+            .read_access(&actor, "key.list", "")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let now = self.node.clock.now_ms();
+        let keys = state::list_keys(&self.node.view)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys
+                .into_iter()
+                .map(|k| pb::SigningKey {
+                    status: k.status_at(now, KEY_PUBLISH_GRACE_MS).to_string(),
+                    published: k.is_published_at(now, KEY_PUBLISH_GRACE_MS),
+                    kid: k.kid,
+                    created_at_ms: k.created_at_ms,
+                    max_token_expiry_ms: k.max_token_expiry_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        let actor = self.auth(&req)?;
+        match self.propose(actor, Intent::RotateKey).await? {
+            Outcome::KeyAdded { kid } => Ok(Response::new(pb::SigningKey {
+                kid,
+                status: "active".into(),
+                created_at_ms: self.node.clock.now_ms(),
+                max_token_expiry_ms: 0,
+                published: true,
+            })),
+            _ => Err(to_status(Error::Internal("rotate returned no key".into()))),
+        }
+    }
+
+    async fn audit_tail(
+        &self,
+        req: Request<pb::AuditTailRequest>,
+    ) -> Result<Response<pb::AuditTailResponse>, Status> {
+        let actor = self.auth(&req)?;
+        let r = req.into_inner();
+        self.node
+            .read_access(&actor, "audit.read", "")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let limit = if r.limit == 0 { 20 } else { r.limit.min(1000) } as usize;
+        let view = &self.node.view;
+        let (head_seq, head_hash) =
+            state::audit_head(view).map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        let from = if r.from_seq == 0 {
+            head_seq.saturating_sub(limit as u64 - 1).max(1)
+        } else {
+            r.from_seq
+        };
+        let records = state::audit_records(view, from, limit)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::AuditTailResponse {
+            records: records
+                .into_iter()
+                .map(|a| pb::AuditRecord {
+                    seq: a.seq,
+                    time_ms: a.time_ms,
+                    actor: a.actor,
+                    auth_method: a.auth_method,
+                    action: a.action,
+                    role: a.role,
+                    lease_id: a.lease_id,
+                    subject: a.subject,
+                    ttl_s: a.ttl_s,
+                    scopes: a.scopes,
+                    audience: a.audience,
+                    target: a.target,
+                    count: a.count,
+                    outcome: a.outcome,
+                    reason: a.reason,
+                    prev_hash: a.prev_hash,
+                    hash: a.hash,
+                })
+                .collect(),
+            head_seq,
+            head_hash,
+        }))
+    }
+
+    async fn get_state_digest(
+        &self,
+        req: Request<pb::StateDigestRequest>,
+    ) -> Result<Response<pb::StateDigest>, Status> {
+        // Operational probe of this node's own copy; not audited (see get_cluster_status).
+        self.auth(&req)?;
+        let node = self.node.clone();
+        let digest = tokio::task::spawn_blocking(move || -> Result<pb::StateDigest, Error> {
+            let view = &node.view;
+            let (_, applied, _) = node.local_status();
+            let err = |e: ephemera_core::StorageError| Error::Internal(e.to_string());
+            let digest = state::state_digest(view).map_err(err)?;
+            let (seq, hash) = state::audit_head(view).map_err(err)?;
+            let lease_count =
+                ephemera_core::kv::KvRead::range(view, b"lease/", b"lease0", usize::MAX)
+                    .map_err(err)?
+                    .len() as u64;
+            Ok(pb::StateDigest {
+                node_id: node.id,
+                digest,
+                applied_index: applied,
+                audit_head_seq: seq,
+                audit_head_hash: hash,
+                lease_count,
+            })
+        })
+        .await
+        .map_err(|e| to_status(Error::Internal(e.to_string())))?
+        .map_err(to_status)?;
+        Ok(Response::new(digest))
+    }
+}
+
+/// The internal service on the cluster listener.
+#[derive(Clone)]
+pub struct ClusterService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl ipb::cluster_server::Cluster for ClusterService {
+    async fn append_entries(
+        &self,
+        req: Request<ipb::RaftPayload>,
+    ) -> Result<Response<ipb::RaftPayload>, Status> {
+        serve_append_entries(&self.node.raft, &req.into_inner().data)
+            .await
+            .map(Response::new)
+    }
+
+    async fn vote(
+        &self,
+        req: Request<ipb::RaftPayload>,
+    ) -> Result<Response<ipb::RaftPayload>, Status> {
+        serve_vote(&self.node.raft, &req.into_inner().data)
+            .await
+            .map(Response::new)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<ipb::RaftPayload>,
+    ) -> Result<Response<ipb::RaftPayload>, Status> {
+        serve_install_snapshot(&self.node.raft, &req.into_inner().data)
+            .await
+            .map(Response::new)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<ipb::ForwardRequest>,
+    ) -> Result<Response<ipb::ForwardResponse>, Status> {
+        let call: Forwarded = decode(&req.into_inner().proposal)
+            .map_err(|e| Status::invalid_argument(format!("undecodable forwarded call: {e}")))?;
+        let reply = self.node.handle_forwarded(call).await;
+        let log_index = match &reply {
+            Ok(ForwardReply::Applied { log_index, .. }) => *log_index,
+            _ => 0,
+        };
+        Ok(Response::new(ipb::ForwardResponse {
+            result: encode(&reply),
+            log_index,
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        _: Request<ipb::ReadIndexRequest>,
+    ) -> Result<Response<ipb::ReadIndexResponse>, Status> {
+        self.node
+            .read_index()
+            .await
+            .map(|index| Response::new(ipb::ReadIndexResponse { index }))
+            .map_err(to_status)
+    }
+
+    async fn node_status(
+        &self,
+        _: Request<ipb::NodeStatusRequest>,
+    ) -> Result<Response<ipb::NodeStatusResponse>, Status> {
+        let (state, applied_index, leader) = self.node.local_status();
+        Ok(Response::new(ipb::NodeStatusResponse {
+            id: self.node.id,
+            state,
+            applied_index,
+            current_leader: leader.unwrap_or(0),
+        }))
+    }
+}

@@ -1,0 +1,199 @@
+//! The HTTP listener: JWKS, RFC 8414 metadata, RFC 7662 introspection, metrics and health.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Form, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ephemera_core::state;
+use ephemera_core::{Error, ErrorCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::node::{Node, KEY_PUBLISH_GRACE_MS};
+
+/// Introspection forms and everything else we accept are small.
+pub const MAX_HTTP_BODY_BYTES: usize = 16 * 1024;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/oauth2/introspect", post(introspect))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_HTTP_BODY_BYTES))
+        .with_state(node)
+}
+
+/// The one place domain errors become HTTP responses (OAuth-style error bodies).
+pub fn error_response(e: Error) -> Response {
+    let (status, oauth_error) = match e.code() {
+        ErrorCode::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request"),
+        ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        ErrorCode::AlreadyExists => (StatusCode::CONFLICT, "conflict"),
+        ErrorCode::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),
+        ErrorCode::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_token"),
+        ErrorCode::PermissionDenied => (StatusCode::FORBIDDEN, "insufficient_scope"),
+        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+        ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    let description = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(error = %e, "internal error");
+        "internal error; see the node's log".to_string()
+    } else {
+        e.to_string()
+    };
+    let mut resp = (
+        status,
+        Json(json!({"error": oauth_error, "error_description": description})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+async fn jwks(State(node): State<Arc<Node>>) -> Response {
+    let now = node.clock.now_ms();
+    match state::list_keys(&node.view) {
+        Ok(keys) => {
+            let keys: Vec<_> = keys
+                .iter()
+                .filter(|k| k.is_published_at(now, KEY_PUBLISH_GRACE_MS))
+                .map(|k| ephemera_core::token::jwk(&k.kid, &k.public_key))
+                .collect();
+            // Short cache: a revoked key must leave verifiers' caches quickly.
+            (
+                [(header::CACHE_CONTROL, "max-age=30")],
+                Json(json!({ "keys": keys })),
+            )
+                .into_response()
+        }
+        Err(e) => error_response(Error::Internal(e.to_string())),
+    }
+}
+
+async fn metadata(State(node): State<Arc<Node>>) -> Response {
+    match node.issuer() {
+        Ok(issuer) => {
+            let base = issuer.trim_end_matches('/');
+            Json(json!({
+                "issuer": issuer,
+                "jwks_uri": format!("{base}/.well-known/jwks.json"),
+                "introspection_endpoint": format!("{base}/oauth2/introspect"),
+                "introspection_endpoint_auth_methods_supported": ["bearer"],
+                "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+                "response_types_supported": [],
+            }))
+            .into_response()
+        }
+        Err(e) => error_response(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct IntrospectForm {
+    token: String,
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+async fn introspect(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    form: Option<Form<IntrospectForm>>,
+) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let principal = match node.authenticate(bearer) {
+        Ok(p) => p,
+        Err(e) => return error_response(e),
+    };
+    let Some(Form(form)) = form else {
+        return error_response(Error::InvalidArgument(
+            "expected an application/x-www-form-urlencoded body with a `token` field".into(),
+        ));
+    };
+    match node.introspect(&principal, &form.token).await {
+        Ok(Some(c)) => Json(json!({
+            "active": true,
+            "iss": c.iss, "sub": c.sub, "aud": c.aud, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,
+            "jti": c.jti, "scope": c.scope, "client_id": c.client_id, "token_type": "Bearer",
+        }))
+        .into_response(),
+        // RFC 7662 §2.2: a token that is malformed, unknown or dead is simply not active.
+        Ok(None) | Err(Error::InvalidArgument(_)) => Json(json!({"active": false})).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let mut out = String::new();
+    let gauges = [
+        ("ephemera_raft_term", m.current_term, "Current Raft term"),
+        (
+            "ephemera_raft_last_log_index",
+            m.last_log_index.unwrap_or(0),
+            "Last log index",
+        ),
+        (
+            "ephemera_raft_applied_index",
+            m.last_applied.map_or(0, |l| l.index),
+            "Last applied index",
+        ),
+        (
+            "ephemera_raft_leader_id",
+            m.current_leader.unwrap_or(0),
+            "Current leader (0: none)",
+        ),
+        (
+            "ephemera_raft_is_leader",
+            u64::from(m.current_leader == Some(node.id)),
+            "1 if this node leads",
+        ),
+        (
+            "ephemera_raft_snapshot_index",
+            m.snapshot.map_or(0, |l| l.index),
+            "Index of the last snapshot",
+        ),
+    ];
+    for (name, v, help) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    node.metrics.render(&mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let reason = if node.issuer().is_err() {
+        Some("not part of an initialised cluster")
+    } else if m.current_leader.is_none() {
+        Some("no leader")
+    } else if m
+        .membership_config
+        .membership()
+        .get_node(&node.id)
+        .is_none()
+    {
+        Some("not a member")
+    } else {
+        None
+    };
+    match reason {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")).into_response(),
+    }
+}

@@ -1,0 +1,84 @@
+//! Node-local counters, exported in Prometheus text format by `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub issued: AtomicU64,
+    pub renewed: AtomicU64,
+    pub revoke_calls: AtomicU64,
+    pub leases_revoked: AtomicU64,
+    pub introspections: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub auth_failures: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        *self
+            .errors
+            .lock()
+            .expect("metrics lock")
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let counters = [
+            (
+                "ephemera_credentials_issued_total",
+                &self.issued,
+                "Credentials issued by this node",
+            ),
+            (
+                "ephemera_credentials_renewed_total",
+                &self.renewed,
+                "Renewals served by this node",
+            ),
+            (
+                "ephemera_revoke_requests_total",
+                &self.revoke_calls,
+                "Revoke requests served by this node",
+            ),
+            (
+                "ephemera_leases_revoked_total",
+                &self.leases_revoked,
+                "Leases revoked through this node",
+            ),
+            (
+                "ephemera_introspections_total",
+                &self.introspections,
+                "Introspections served by this node",
+            ),
+            (
+                "ephemera_forwarded_total",
+                &self.forwarded,
+                "Writes forwarded to the leader",
+            ),
+            (
+                "ephemera_auth_failures_total",
+                &self.auth_failures,
+                "Refused authentications",
+            ),
+        ];
+        for (name, c, help) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP ephemera_request_errors_total Refused requests by error kind\n# TYPE ephemera_request_errors_total counter");
+        for (kind, n) in self.errors.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "ephemera_request_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
+}

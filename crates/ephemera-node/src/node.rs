@@ -1,0 +1,654 @@
+//! A running node: the request path shared by the gRPC and HTTP front ends.
+//!
+//! Writes: authenticate → validate → route to the leader (locally, or one forwarding hop) → the
+//! leader stamps time, ids and key material and proposes → wait until this node has applied the
+//! entry → sign the credential here. Reads that must be linearizable go through a read barrier:
+//! the leader confirms leadership and names a log index, and this node waits until it has applied
+//! it before reading its own state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use ephemera_core::command::{
+    stamp, validate_intent, ApplyResult, Command, Entropy, Intent, Op, Outcome, Proposal,
+};
+use ephemera_core::crypto::{unseal_private_key, verify_secret, Kek};
+use ephemera_core::state;
+use ephemera_core::token::{self, Claims};
+use ephemera_core::types::{AuthMethod, Lease, Principal};
+use ephemera_core::{Clock, Error};
+use ephemera_proto::internal::{ForwardRequest, NodeStatusRequest, ReadIndexRequest};
+use ephemera_raft::network::Peers;
+use ephemera_raft::store::StateView;
+use ephemera_raft::{decode, encode, ClientWriteError, NodeId, NodeInfo, Raft, RaftError};
+use openraft::error::CheckIsLeaderError;
+use openraft::ServerState;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+/// Wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// The operating system's CSPRNG.
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        rand::rngs::OsRng.fill_bytes(buf);
+    }
+}
+
+/// What a follower hands to the leader over the cluster listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forwarded {
+    Propose(Proposal),
+    AddNode { id: NodeId, info: NodeInfo },
+    RemoveNode { id: NodeId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Applied { result: ApplyResult, log_index: u64 },
+    MembershipChanged,
+}
+
+/// Outcome of trying to act as leader.
+enum LeaderAttempt {
+    Done(Result<ForwardReply, Error>),
+    NotLeader,
+}
+
+/// How far past their expiry retired keys stay in the JWKS, for verifiers' clock skew.
+pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
+
+pub struct Node {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub raft: Raft,
+    pub view: StateView,
+    pub peers: Peers,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    kek: Kek,
+    entropy: Mutex<Box<dyn Entropy + Send>>,
+    keys: Mutex<HashMap<String, Arc<SigningKey>>>,
+    request_timeout: Duration,
+}
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        info: NodeInfo,
+        raft: Raft,
+        view: StateView,
+        peers: Peers,
+        kek: Kek,
+        clock: Arc<dyn Clock>,
+        entropy: Box<dyn Entropy + Send>,
+        request_timeout: Duration,
+    ) -> Self {
+        Node {
+            id,
+            info,
+            raft,
+            view,
+            peers,
+            metrics: Metrics::default(),
+            clock,
+            kek,
+            entropy: Mutex::new(entropy),
+            keys: Mutex::new(HashMap::new()),
+            request_timeout,
+        }
+    }
+
+    // ---- authentication ------------------------------------------------------------------
+
+    /// Authenticates a bearer credential. Today only the break-glass admin credential exists;
+    /// workload identities arrive as further `AuthMethod`s.
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
+        let Some(presented) = bearer.filter(|b| !b.is_empty()) else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated(
+                "missing bearer credential (set EPHEMERA_TOKEN)".into(),
+            ));
+        };
+        let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
+        let Some(stored) = stored else {
+            return Err(Error::NotInitialized);
+        };
+        if verify_secret(presented, &stored) {
+            Ok(Principal::bootstrap_admin())
+        } else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            Err(Error::Unauthenticated("invalid credential".into()))
+        }
+    }
+
+    /// Guards a read. A break-glass read is recorded in the audit chain first; that committed
+    /// write, applied here, also serves as the read barrier. Other reads take a plain barrier.
+    pub async fn read_access(
+        &self,
+        principal: &Principal,
+        action: &str,
+        target: &str,
+    ) -> Result<(), Error> {
+        if principal.auth_method == AuthMethod::BootstrapAdmin {
+            self.propose(Proposal {
+                actor: principal.clone(),
+                intent: Intent::RecordAccess {
+                    action: action.to_string(),
+                    target: target.to_string(),
+                },
+            })
+            .await?;
+            Ok(())
+        } else {
+            self.read_barrier().await
+        }
+    }
+
+    // ---- leadership and routing -----------------------------------------------------------
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.id) && m.state == ServerState::Leader
+    }
+
+    fn member_info(&self, id: NodeId) -> Option<NodeInfo> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// The time the leader stamps: its clock, but never behind what is already applied.
+    fn stamp_time(&self) -> u64 {
+        let applied = state::last_time(&self.view).unwrap_or(0);
+        self.clock.now_ms().max(applied)
+    }
+
+    /// Proposes on behalf of a caller from any node and waits until this node has applied it.
+    pub async fn propose(&self, proposal: Proposal) -> Result<(Outcome, u64), Error> {
+        validate_intent(&proposal.intent)?;
+        match self.route(Forwarded::Propose(proposal)).await? {
+            ForwardReply::Applied { result, log_index } => {
+                self.wait_applied(log_index).await?;
+                Ok((result?, log_index))
+            }
+            ForwardReply::MembershipChanged => Err(internal("unexpected reply to a proposal")),
+        }
+    }
+
+    /// Sends a call to the leader: executed here if this node leads, otherwise forwarded once.
+    /// A forward is retried only when it certainly did not execute (not the leader, or the
+    /// connection was refused); any other failure is reported, since the write may have landed.
+    pub async fn route(&self, call: Forwarded) -> Result<ForwardReply, Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            match self.current_leader() {
+                Some(leader) if leader == self.id => {
+                    match self.execute_as_leader(call.clone()).await {
+                        LeaderAttempt::Done(r) => return r,
+                        LeaderAttempt::NotLeader => {}
+                    }
+                }
+                Some(leader) => {
+                    if let Some(info) = self.member_info(leader) {
+                        match self.forward(leader, &info, &call, deadline).await {
+                            Ok(Some(reply)) => {
+                                Metrics::inc(&self.metrics.forwarded, 1);
+                                return reply;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "no leader reachable within the request deadline; retry".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Ok(None)` means "did not execute, try again".
+    async fn forward(
+        &self,
+        leader: NodeId,
+        info: &NodeInfo,
+        call: &Forwarded,
+        deadline: Instant,
+    ) -> Result<Option<Result<ForwardReply, Error>>, Error> {
+        let mut client = self
+            .peers
+            .client(leader, &info.cluster_addr)
+            .map_err(internal)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let req = ForwardRequest {
+            proposal: encode(call),
+        };
+        match tokio::time::timeout(remaining, client.forward(req)).await {
+            Err(_) => Err(Error::Unavailable(
+                "the leader did not answer in time; the write may or may not have been applied (retry with the same request id)".into(),
+            )),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Ok(None),
+            Ok(Err(status)) => Err(Error::Unavailable(format!("forwarding failed: {}", status.message()))),
+            Ok(Ok(resp)) => {
+                let reply: Result<ForwardReply, Error> = decode(&resp.into_inner().result).map_err(internal)?;
+                match reply {
+                    Err(Error::Unavailable(_)) => Ok(None),
+                    other => Ok(Some(other)),
+                }
+            }
+        }
+    }
+
+    /// Executes a call if this node is the leader. Used for local calls and for forwarded ones
+    /// (which are never forwarded again: the hop budget is one).
+    pub async fn handle_forwarded(&self, call: Forwarded) -> Result<ForwardReply, Error> {
+        match self.execute_as_leader(call).await {
+            LeaderAttempt::Done(r) => r,
+            LeaderAttempt::NotLeader => Err(Error::Unavailable("not the leader".into())),
+        }
+    }
+
+    async fn execute_as_leader(&self, call: Forwarded) -> LeaderAttempt {
+        match call {
+            Forwarded::Propose(p) => {
+                let cmd = {
+                    let mut entropy = self.entropy.lock().expect("entropy lock");
+                    stamp(p, self.stamp_time(), entropy.as_mut(), &self.kek)
+                };
+                self.write_as_leader(cmd).await
+            }
+            Forwarded::AddNode { id, info } => self.add_node(id, info).await,
+            Forwarded::RemoveNode { id } => self.remove_node(id).await,
+        }
+    }
+
+    async fn write_as_leader(&self, cmd: Command) -> LeaderAttempt {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => LeaderAttempt::Done(Ok(ForwardReply::Applied {
+                result: resp.data,
+                log_index: resp.log_id.index,
+            })),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            Err(e) => LeaderAttempt::Done(Err(Error::Unavailable(format!("raft: {e}")))),
+        }
+    }
+
+    async fn add_node(&self, id: NodeId, info: NodeInfo) -> LeaderAttempt {
+        let fail = |e: String| LeaderAttempt::Done(Err(Error::Unavailable(e)));
+        if !self.is_leader() {
+            return LeaderAttempt::NotLeader;
+        }
+        // Catch-up (from the log or a snapshot) happens here, before it may vote.
+        match tokio::time::timeout(
+            Duration::from_secs(120),
+            self.raft.add_learner(id, info, true),
+        )
+        .await
+        {
+            Err(_) => return fail(format!("node {id} did not catch up within 120 s")),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return LeaderAttempt::NotLeader
+            }
+            Ok(Err(e)) => return fail(format!("adding node {id}: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        let mut voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        match self.raft.change_membership(voters, false).await {
+            Ok(_) => LeaderAttempt::Done(Ok(ForwardReply::MembershipChanged)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            Err(e) => fail(format!("promoting node {id}: {e}")),
+        }
+    }
+
+    async fn remove_node(&self, id: NodeId) -> LeaderAttempt {
+        if !self.is_leader() {
+            return LeaderAttempt::NotLeader;
+        }
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        if membership.get_node(&id).is_none() {
+            return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                "node {id} is not a member"
+            ))));
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+        if voters.is_empty() {
+            return LeaderAttempt::Done(Err(Error::InvalidArgument(
+                "cannot remove the last voter".into(),
+            )));
+        }
+        match self.raft.change_membership(voters, false).await {
+            Ok(_) => LeaderAttempt::Done(Ok(ForwardReply::MembershipChanged)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            Err(e) => {
+                LeaderAttempt::Done(Err(Error::Unavailable(format!("removing node {id}: {e}"))))
+            }
+        }
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+        self.raft
+            .wait(Some(self.request_timeout))
+            .applied_index_at_least(Some(index), "wait for local apply")
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Unavailable(format!("this node is behind the leader: {e}")))
+    }
+
+    /// Linearizable read barrier: after it returns, this node's state reflects every write that
+    /// was acknowledged (by any node) before the barrier started.
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.current_leader() {
+                Some(leader) if leader == self.id => {
+                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {}
+                        Ok(Err(e)) => return Err(Error::Unavailable(format!("read barrier: {e}"))),
+                        Err(_) => return Err(Error::Unavailable("read barrier timed out".into())),
+                    }
+                }
+                Some(leader) => {
+                    if let Some(info) = self.member_info(leader) {
+                        let mut client = self
+                            .peers
+                            .client(leader, &info.cluster_addr)
+                            .map_err(internal)?;
+                        match tokio::time::timeout(
+                            remaining,
+                            client.read_index(ReadIndexRequest {}),
+                        )
+                        .await
+                        {
+                            Ok(Ok(r)) => return self.wait_applied(r.into_inner().index).await,
+                            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {}
+                            Ok(Err(s)) => {
+                                return Err(Error::Unavailable(format!(
+                                    "read barrier: {}",
+                                    s.message()
+                                )))
+                            }
+                            Err(_) => {
+                                return Err(Error::Unavailable("read barrier timed out".into()))
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "no leader reachable for a linearizable read".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Leader side of a follower's read barrier.
+    pub async fn read_index(&self) -> Result<u64, Error> {
+        match tokio::time::timeout(self.request_timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(Error::Unavailable("not the leader".into()))
+            }
+            Ok(Err(e)) => Err(Error::Unavailable(format!("read index: {e}"))),
+            Err(_) => Err(Error::Unavailable("read index timed out".into())),
+        }
+    }
+
+    // ---- credentials ----------------------------------------------------------------------
+
+    fn signing_key(&self, kid: &str) -> Result<Arc<SigningKey>, Error> {
+        if let Some(k) = self.keys.lock().expect("key cache lock").get(kid) {
+            return Ok(k.clone());
+        }
+        let rec = state::get_key(&self.view, kid)
+            .map_err(internal)?
+            .ok_or_else(|| Error::KeyNotFound(kid.to_string()))?;
+        let seed = unseal_private_key(&self.kek, kid, &rec.sealed_private_key)?;
+        let key = Arc::new(SigningKey::from_bytes(&seed));
+        self.keys
+            .lock()
+            .expect("key cache lock")
+            .insert(kid.to_string(), key.clone());
+        Ok(key)
+    }
+
+    pub fn issuer(&self) -> Result<String, Error> {
+        state::issuer(&self.view)
+            .map_err(internal)?
+            .ok_or(Error::NotInitialized)
+    }
+
+    /// Signs the credential for a committed lease. Deterministic: any node gives the same token.
+    pub fn sign(&self, lease: &Lease) -> Result<String, Error> {
+        let key = self.signing_key(&lease.kid)?;
+        let claims = Claims::for_lease(lease, &self.issuer()?);
+        Ok(token::sign(&claims, &lease.kid, &key))
+    }
+
+    /// RFC 7662 semantics: `Ok(Some(claims))` for an active token, `Ok(None)` for any token that
+    /// is not (unknown key, bad signature, revoked, expired). Malformed input is an error.
+    pub async fn introspect(
+        &self,
+        principal: &Principal,
+        token_text: &str,
+    ) -> Result<Option<Claims>, Error> {
+        Metrics::inc(&self.metrics.introspections, 1);
+        let parsed = token::parse(token_text)
+            .map_err(|e| Error::InvalidArgument(format!("malformed token: {e}")))?;
+        self.read_access(
+            principal,
+            "introspect",
+            &format!("lease:{}", parsed.claims.jti),
+        )
+        .await?;
+        let now = self.clock.now_ms();
+        let Some(key) = state::get_key(&self.view, &parsed.header.kid).map_err(internal)? else {
+            return Ok(None);
+        };
+        if !key.is_published_at(now, KEY_PUBLISH_GRACE_MS)
+            || parsed.verify(&key.public_key).is_err()
+        {
+            return Ok(None);
+        }
+        if parsed.claims.iss != self.issuer()? {
+            return Ok(None);
+        }
+        let Some(lease) = state::get_lease(&self.view, &parsed.claims.jti).map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let now_s = now / 1000;
+        if !lease.is_active_at(now) || parsed.claims.exp <= now_s || parsed.claims.nbf > now_s {
+            return Ok(None);
+        }
+        Ok(Some(parsed.claims))
+    }
+
+    // ---- cluster --------------------------------------------------------------------------
+
+    /// This node's own state (for `cluster status` and the cluster listener).
+    pub fn local_status(&self) -> (String, u64, Option<NodeId>) {
+        let m = self.raft.metrics().borrow().clone();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        (
+            state.to_string(),
+            m.last_applied.map_or(0, |l| l.index),
+            m.current_leader,
+        )
+    }
+
+    /// Status of every member, asking each over the cluster listener (bounded by a short timeout).
+    pub async fn cluster_status(&self) -> ClusterView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut nodes = Vec::new();
+        let probes = membership.nodes().map(|(id, info)| {
+            let id = *id;
+            let info = info.clone();
+            async move {
+                let status = if id == self.id {
+                    let (s, applied, _) = self.local_status();
+                    Some((s, applied))
+                } else {
+                    match self.peers.client(id, &info.cluster_addr) {
+                        Ok(mut c) => tokio::time::timeout(
+                            Duration::from_millis(500),
+                            c.node_status(NodeStatusRequest {}),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .map(|r| {
+                            let r = r.into_inner();
+                            (r.state, r.applied_index)
+                        }),
+                        Err(_) => None,
+                    }
+                };
+                (id, info, status)
+            }
+        });
+        for (id, info, status) in futures::future::join_all(probes).await {
+            let (role, applied) = match status {
+                Some((s, a)) => (s, a),
+                None => ("unreachable".to_string(), 0),
+            };
+            nodes.push(MemberView {
+                id,
+                info,
+                role,
+                applied_index: applied,
+                voter: voters.contains(&id),
+            });
+        }
+        ClusterView {
+            leader_id: m.current_leader,
+            term: m.current_term,
+            committed_index: m.last_applied.map_or(0, |l| l.index),
+            nodes,
+        }
+    }
+
+    // ---- leader workers -------------------------------------------------------------------
+
+    /// One round of the leader's housekeeping: create a signing key if none is active, and
+    /// expire leases whose deadline has passed (reading only the head of the deadline index).
+    pub async fn leader_tick(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let bootstrapped = matches!(state::admin_credential_hash(&self.view), Ok(Some(_)));
+        if bootstrapped && matches!(state::active_kid(&self.view), Ok(None)) {
+            if let Err(e) = self.route_system(Intent::RotateKey).await {
+                tracing::warn!(error = %e, "creating a signing key failed");
+            }
+        }
+        let now = self.stamp_time();
+        if let Ok(Some(deadline)) = state::next_deadline(&self.view) {
+            if deadline <= now {
+                let cmd = Command {
+                    now_ms: now,
+                    actor: Principal::system(),
+                    op: Op::Expire {
+                        up_to_ms: now,
+                        limit: 10_000,
+                    },
+                };
+                if let LeaderAttempt::Done(Err(e)) = self.write_as_leader(cmd).await {
+                    tracing::warn!(error = %e, "expiry round failed");
+                }
+            }
+        }
+    }
+
+    pub async fn route_system(&self, intent: Intent) -> Result<Outcome, Error> {
+        Ok(self
+            .propose(Proposal {
+                actor: Principal::system(),
+                intent,
+            })
+            .await?
+            .0)
+    }
+}
+
+pub struct MemberView {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub role: String,
+    pub applied_index: u64,
+    pub voter: bool,
+}
+
+pub struct ClusterView {
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub committed_index: u64,
+    pub nodes: Vec<MemberView>,
+}
