@@ -21,7 +21,7 @@ pub enum ClientError {
     #[error("no endpoint reachable; tried {tried}: {last}")]
     AllUnreachable { tried: String, last: String },
     #[error("{}", status_text(.0))]
-    Status(Status),
+    Status(Box<Status>),
 }
 
 /// The server's messages already say what went wrong; prefix the status class only when they
@@ -146,7 +146,7 @@ impl Client {
                     return Ok(v);
                 }
                 Err(s) if Self::is_unreachable(&s) => last = format!("{addr}: {}", s.message()),
-                Err(s) => return Err(ClientError::Status(s)),
+                Err(s) => return Err(ClientError::Status(Box::new(s))),
             }
         }
         Err(ClientError::AllUnreachable {

@@ -168,6 +168,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             m.snapshot.map_or(0, |l| l.index),
             "Index of the last snapshot",
         ),
+        (
+            "ephemera_raft_purged_index",
+            m.purged.map_or(0, |l| l.index),
+            "Log entries up to this index are compacted into the snapshot",
+        ),
     ];
     for (name, v, help) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -1,6 +1,10 @@
 //! Raft for Ephemera: openraft type configuration, the sled log store and state-machine store,
 //! and the tonic transport between nodes.
 
+// openraft's trait signatures fix the error types (StorageError, RaftError); they are large by
+// design and not ours to box.
+#![allow(clippy::result_large_err)]
+
 use std::fmt;
 use std::io::Cursor;
 

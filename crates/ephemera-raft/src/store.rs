@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::{decode, encode, Entry, NodeId, NodeInfo, Response, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+/// The last applied log id and the membership in force, as the state machine reports them.
+pub type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -253,9 +255,7 @@ impl KvRead for StateView {
 }
 
 impl StateView {
-    pub fn applied_state(
-        &self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
+    pub fn applied_state(&self) -> StorageResult<AppliedState> {
         let applied = match self.tree.get(KEY_LAST_APPLIED).map_err(read_err)? {
             Some(v) => decode(&v).map_err(read_err)?,
             None => None,
@@ -309,6 +309,7 @@ fn write_snapshot_file(path: &Path, file: &SnapshotFile) -> std::io::Result<()> 
 }
 
 pub struct SledSnapshotBuilder {
+    db: sled::Db,
     view: StateView,
     dir: PathBuf,
     apply_lock: Arc<RwLock<()>>,
@@ -325,6 +326,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
             *s
         };
         let dir = self.dir.clone();
+        let db = self.db.clone();
         // The copy holds the apply lock only while reading; encoding and the fsync'd write
         // happen after apply has resumed.
         tokio::task::spawn_blocking(move || -> StorageResult<Snapshot<TypeConfig>> {
@@ -339,6 +341,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
                 let (applied, membership) = view.applied_state()?;
                 (pairs, applied, membership)
             };
+            // openraft purges the log up to the snapshot once it exists, so the applied state it
+            // covers must be durable first; otherwise a crash could leave state behind the log.
+            db.flush().map_err(write_sm_err)?;
             let snapshot_id = match &applied {
                 Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
                 None => format!("none-{seq}"),
@@ -365,9 +370,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
 impl RaftStateMachine<TypeConfig> for SledStateMachine {
     type SnapshotBuilder = SledSnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
+    async fn applied_state(&mut self) -> StorageResult<AppliedState> {
         self.view.applied_state()
     }
 
@@ -416,6 +419,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SledSnapshotBuilder {
+            db: self.db.clone(),
             view: self.view.clone(),
             dir: self.dir.clone(),
             apply_lock: self.apply_lock.clone(),

@@ -1,0 +1,314 @@
+//! Harness for end-to-end tests: a real `ephemera dev` cluster of OS processes on loopback.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ephemera_client::{pb, Client};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ephemera");
+
+pub struct DevCluster {
+    pub dir: tempfile::TempDir,
+    dev: Child,
+    pub env: HashMap<String, String>,
+    /// Nodes the test (re)started itself, by node id.
+    extra: HashMap<u64, Child>,
+    stopped: bool,
+}
+
+fn read_env(path: &Path) -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let map: HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("export ").unwrap_or(l.trim());
+            let (k, v) = l.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    map.contains_key("EPHEMERA_TOKEN").then_some(map)
+}
+
+impl DevCluster {
+    pub fn start(nodes: u16, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
+        let dev = Command::new(BIN)
+            .args(["dev", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir.path())
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ephemera dev");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let env = loop {
+            if let Some(env) = read_env(&dir.path().join("dev.env")) {
+                break env;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ephemera dev did not become ready: {}",
+                std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        DevCluster {
+            dir,
+            dev,
+            env,
+            extra: HashMap::new(),
+            stopped: false,
+        }
+    }
+
+    pub fn apis(&self) -> Vec<String> {
+        self.env["EPHEMERA_ADDR"]
+            .split(',')
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn https(&self) -> Vec<String> {
+        self.env["EPHEMERA_HTTP"]
+            .split(',')
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn token(&self) -> String {
+        self.env["EPHEMERA_TOKEN"].clone()
+    }
+
+    pub fn pid(&self, node: u64) -> i32 {
+        self.env["EPHEMERA_PIDS"]
+            .split(',')
+            .nth(node as usize - 1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A client that talks to every node (failover).
+    pub fn client(&self) -> Client {
+        Client::new(&self.env["EPHEMERA_ADDR"], Some(self.token())).unwrap()
+    }
+
+    /// A client pinned to one node (1-based).
+    pub fn node_client(&self, node: u64) -> Client {
+        Client::new(&self.apis()[node as usize - 1], Some(self.token()))
+            .unwrap()
+            .with_timeout(Duration::from_secs(10))
+    }
+
+    pub fn config_path(&self, node: u64) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("node-{node}"))
+            .join("config.toml")
+    }
+
+    /// Runs the CLI against the cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("EPHEMERA_ADDR", &self.env["EPHEMERA_ADDR"])
+            .env("EPHEMERA_TOKEN", self.token())
+            .output()
+            .expect("run ephemera")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "ephemera {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
+    pub fn kill9(&mut self, node: u64) {
+        if let Some(mut c) = self.extra.remove(&node) {
+            let _ = c.kill();
+            let _ = c.wait();
+        } else {
+            // SAFETY: signalling a process this test started (through `ephemera dev`).
+            unsafe {
+                libc::kill(self.pid(node), libc::SIGKILL);
+            }
+        }
+    }
+
+    pub fn restart(&mut self, node: u64) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join(format!("node-{node}/node.log")))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["server", "--config"])
+            .arg(self.config_path(node))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.extra.insert(node, child);
+    }
+
+    /// Starts an extra node with a fresh config next to the others.
+    pub fn start_new_node(&mut self, node: u64) -> String {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let node_dir = self.dir.path().join(format!("node-{node}"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let api = format!("127.0.0.1:{}", free());
+        let text = format!(
+            "node_id = {node}\ndata_dir = {:?}\napi_addr = \"{api}\"\nhttp_addr = \"127.0.0.1:{}\"\n\
+             cluster_addr = \"127.0.0.1:{}\"\nkek_file = {:?}\ninsecure_plaintext = true\n",
+            node_dir.join("data"),
+            free(),
+            free(),
+            self.dir.path().join("kek"),
+        );
+        std::fs::write(node_dir.join("config.toml"), text).unwrap();
+        self.restart(node);
+        api
+    }
+
+    pub fn stop(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        for (_, mut c) in self.extra.drain() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+        unsafe {
+            libc::kill(self.dev.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.dev.wait();
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn role(name: &str, ttl_s: u64, max_ttl_s: u64) -> pb::PutRoleRequest {
+    pb::PutRoleRequest {
+        role: Some(pb::Role {
+            name: name.into(),
+            kind: "jwt".into(),
+            audience: "api.example".into(),
+            allowed_scopes: vec!["read".into(), "write".into()],
+            default_ttl_s: ttl_s,
+            max_ttl_s,
+        }),
+    }
+}
+
+pub async fn put_role(c: &Client, name: &str, ttl_s: u64, max_ttl_s: u64) {
+    c.admin_call(role(name, ttl_s, max_ttl_s), |mut a, r| async move {
+        a.put_role(r).await
+    })
+    .await
+    .expect("put role");
+}
+
+pub fn issue_req(role: &str) -> pb::IssueRequest {
+    pb::IssueRequest {
+        role: role.into(),
+        subject: Some("spiffe://example.org/ns/ci/sa/runner".into()),
+        ..Default::default()
+    }
+}
+
+pub async fn status(c: &Client) -> pb::ClusterStatus {
+    c.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
+        a.get_cluster_status(r).await
+    })
+    .await
+    .expect("cluster status")
+}
+
+pub async fn digest(c: &Client) -> pb::StateDigest {
+    c.admin_call(pb::StateDigestRequest {}, |mut a, r| async move {
+        a.get_state_digest(r).await
+    })
+    .await
+    .expect("state digest")
+}
+
+/// Waits until every listed node reports the same applied index and state digest, and returns
+/// the digests. Converging is a condition, polled, not a sleep.
+pub async fn converged(clients: &[Client], within: Duration) -> Vec<pb::StateDigest> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut ds = Vec::new();
+        for c in clients {
+            if let Ok(d) = c
+                .admin_call(pb::StateDigestRequest {}, |mut a, r| async move {
+                    a.get_state_digest(r).await
+                })
+                .await
+            {
+                ds.push(d);
+            }
+        }
+        if ds.len() == clients.len()
+            && ds
+                .windows(2)
+                .all(|w| w[0].applied_index == w[1].applied_index && w[0].digest == w[1].digest)
+        {
+            return ds;
+        }
+        assert!(Instant::now() < deadline, "nodes did not converge: {ds:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// All leases one node holds, paging through ListLeases on that node only.
+pub async fn all_leases(c: &Client) -> Vec<pb::Lease> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_leases(pb::ListLeasesRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list leases");
+        out.extend(r.leases);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        token = r.next_page_token;
+    }
+}
