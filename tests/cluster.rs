@@ -230,6 +230,26 @@ fn issue_renew_and_bad_input_over_the_api() {
         assert_eq!(code(&e), Code::FailedPrecondition);
         assert!(e.to_string().contains("expired"), "{e}");
         assert!(!c.introspect(&x.token).await.unwrap().active);
+        // The leader's expiry worker marks it expired from the deadline index.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let expired = c
+                .list_leases(pb::ListLeasesRequest {
+                    state: Some("expired".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if expired.leases.iter().any(|l| l.id == x.lease_id) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lease {} was never marked expired",
+                x.lease_id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
         // Bad input: precise errors, and nothing changes.
         let before = all_leases(&cluster.node_client(1)).await;

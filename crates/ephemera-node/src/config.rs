@@ -128,3 +128,44 @@ impl NodeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_in_deploy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/node.example.toml");
+        let cfg = NodeConfig::load(&path).expect("deploy/node.example.toml parses and validates");
+        assert_eq!(
+            cfg.raft.election_timeout_min_ms,
+            RaftTuning::default().election_timeout_min_ms
+        );
+    }
+
+    #[test]
+    fn plaintext_off_loopback_and_bad_timeouts_are_refused() {
+        let base = "node_id = 1\ndata_dir = \"/tmp/x\"\napi_addr = \"127.0.0.1:1\"\nhttp_addr = \"127.0.0.1:2\"\n\
+                    cluster_addr = \"127.0.0.1:3\"\nkek_file = \"/tmp/k\"\n";
+        let parse = |extra: &str| -> Result<NodeConfig, ConfigError> {
+            let cfg: NodeConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            cfg.validate().map(|_| cfg)
+        };
+        assert!(parse("insecure_plaintext = true\n").is_ok());
+        let no_tls = parse("").unwrap_err().to_string();
+        assert!(no_tls.contains("insecure_plaintext"), "{no_tls}");
+        let public: NodeConfig = toml::from_str(
+            &format!("{base}insecure_plaintext = true\n").replace("127.0.0.1:1", "0.0.0.0:1"),
+        )
+        .unwrap();
+        assert!(public
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a loopback address"));
+        let timeouts =
+            parse("insecure_plaintext = true\n[raft]\nelection_timeout_min_ms = 50\n").unwrap_err();
+        assert!(timeouts.to_string().contains("election_timeout_min_ms"));
+        assert!(toml::from_str::<NodeConfig>(&format!("{base}unknown_key = 1\n")).is_err());
+    }
+}
