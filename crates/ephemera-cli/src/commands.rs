@@ -150,7 +150,64 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Keys(k) => keys(&cli, k).await,
         Command::Audit(a) => audit(&cli, a).await,
+        Command::Chaos(a) => chaos(a).await,
     }
+}
+
+async fn chaos(a: &crate::ChaosArgs) -> Result<()> {
+    if !(1..=9).contains(&a.nodes) {
+        bail!("--nodes must be between 1 and 9");
+    }
+    if a.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let duration =
+        std::time::Duration::from_secs(parse_duration_s(&a.duration).context("--duration")?);
+    eprintln!(
+        "chaos: seed {seed} (replay with --seed {seed}); output in {}",
+        a.out.display()
+    );
+    let report = ephemera_chaos::run(ephemera_chaos::ChaosOptions {
+        nodes: a.nodes,
+        seed,
+        duration,
+        clients: a.clients,
+        max_ops: a.max_ops,
+        out_dir: a.out.clone(),
+        ephemera_bin: std::env::current_exe()?,
+    })
+    .await?;
+    let s = &report.summary;
+    println!("seed:        {seed}");
+    println!(
+        "operations:  {}  {}",
+        s["operations"], s["operations_by_outcome"]
+    );
+    println!("faults:      {}", s["faults"]);
+    println!("recovery ms: {}", s["recovery_ms"]);
+    println!(
+        "audit chain: {} records verified",
+        s["audit_records_verified"]
+    );
+    println!("violations:  {}", report.violations.len());
+    for v in &report.violations {
+        println!("  [{}] {} (events {:?})", v.kind, v.message, v.events);
+    }
+    println!("replay:      {}", s["replay"].as_str().unwrap_or_default());
+    if !report.violations.is_empty() {
+        bail!(
+            "{} violation(s); see {}",
+            report.violations.len(),
+            a.out.join("summary.json").display()
+        );
+    }
+    Ok(())
 }
 
 async fn server(config: &std::path::Path) -> Result<()> {
@@ -296,7 +353,10 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             Ok(())
         }
         ClusterCmd::Join { node } => {
-            let status = join(&client(cli)?, node).await?;
+            let status = client(cli)?
+                .add_node(node)
+                .await
+                .with_context(|| format!("adding the node at {node}"))?;
             print(cli.output, status_json(&status), || status_text(&status));
             Ok(())
         }
@@ -319,22 +379,6 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Asks the new node who it is, then asks the cluster to add it.
-pub async fn join(cluster: &Client, node_addr: &str) -> Result<pb::ClusterStatus> {
-    let info = Client::new(node_addr, None)?
-        .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
-            a.get_node_info(r).await
-        })
-        .await
-        .with_context(|| format!("cannot reach the new node at {node_addr}"))?;
-    Ok(cluster
-        .admin_call(
-            pb::AddNodeRequest { node: Some(info) },
-            |mut a, r| async move { a.add_node(r).await },
-        )
-        .await?)
 }
 
 async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {

@@ -222,7 +222,8 @@ async fn setup(
             .context("cluster init")?;
         let cluster = Client::new(&nodes[0].api, Some(init.admin_token.clone()))?;
         for n in &nodes[1..] {
-            crate::commands::join(&cluster, &n.api)
+            cluster
+                .add_node(&n.api)
                 .await
                 .with_context(|| format!("joining node {}", n.id))?;
         }

@@ -71,6 +71,29 @@ pub enum Command {
     Keys(KeysCmd),
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Run a cluster under injected faults and check the history (see README, "Chaos testing").
+    Chaos(ChaosArgs),
+}
+
+#[derive(Args)]
+pub struct ChaosArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Seed of the fault schedule and the workload; printed, so a run can be replayed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How long faults are injected, e.g. 60s or 10m.
+    #[arg(long, default_value = "60s")]
+    pub duration: String,
+    /// Concurrent workload clients.
+    #[arg(long, default_value_t = 6)]
+    pub clients: u32,
+    /// Stop the workload after this many operations even if time remains.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_ops: u64,
+    /// Where the summary, history.jsonl, timeline.svg and node logs go.
+    #[arg(long, default_value = "chaos-out")]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]

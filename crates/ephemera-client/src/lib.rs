@@ -233,6 +233,21 @@ impl Client {
         .await
     }
 
+    /// Adds a running, uninitialised node to the cluster: asks the node (unauthenticated) who it
+    /// is, then asks the cluster to add it as a learner, let it catch up and promote it.
+    pub async fn add_node(&self, node_api_addr: &str) -> Result<pb::ClusterStatus, ClientError> {
+        let info = Client::new(node_api_addr, None)?
+            .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
+                a.get_node_info(r).await
+            })
+            .await?;
+        self.admin_call(
+            pb::AddNodeRequest { node: Some(info) },
+            |mut a, r| async move { a.add_node(r).await },
+        )
+        .await
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.endpoints.iter().map(|(a, _)| a.clone()).collect()
     }

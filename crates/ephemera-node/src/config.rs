@@ -30,6 +30,20 @@ pub struct NodeConfig {
     /// Deadline for one client request inside the cluster (forwarding, waiting for apply).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Dial these addresses instead of the peers' advertised cluster addresses (NAT, or a fault
+    /// proxy in chaos tests). The membership keeps the advertised address.
+    #[serde(default)]
+    pub peer_cluster_addrs: Vec<PeerAddr>,
+    /// TEST ONLY: shift this node's wall clock, to test clock skew. Never set in production.
+    #[serde(default)]
+    pub test_clock_offset_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAddr {
+    pub id: u64,
+    pub addr: String,
 }
 
 fn default_expiry_interval_ms() -> u64 {
@@ -112,6 +126,23 @@ impl NodeConfig {
                 return Err(ConfigError::Invalid(format!(
                     "{name} {addr} is not a loopback address; plaintext listeners are refused off loopback"
                 )));
+            }
+        }
+        for p in &self.peer_cluster_addrs {
+            match p.addr.parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(a) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "peer_cluster_addrs: {a} for node {} is not a loopback address; plaintext is refused off loopback",
+                        p.id
+                    )))
+                }
+                Err(_) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "peer_cluster_addrs: {:?} for node {} is not host:port",
+                        p.addr, p.id
+                    )))
+                }
             }
         }
         let r = &self.raft;

@@ -92,7 +92,18 @@ pub async fn run(
             message: e.to_string(),
         })?;
     let view = sm.view();
-    let peers = Peers::default();
+    let peers = Peers::with_overrides(
+        cfg.peer_cluster_addrs
+            .iter()
+            .map(|p| (p.id, p.addr.clone()))
+            .collect(),
+    );
+    if cfg.test_clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = cfg.test_clock_offset_ms,
+            "TEST ONLY: this node's clock is shifted"
+        );
+    }
     let raft = Raft::new(
         cfg.node_id,
         Arc::new(raft_config(&cfg)?),
@@ -114,7 +125,9 @@ pub async fn run(
         view,
         peers,
         kek,
-        Arc::new(node::SystemClock),
+        Arc::new(node::SystemClock {
+            offset_ms: cfg.test_clock_offset_ms,
+        }),
         Box::new(node::OsEntropy),
         Duration::from_millis(cfg.request_timeout_ms),
     ));

@@ -30,15 +30,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
 
-/// Wall clock.
-pub struct SystemClock;
+/// Wall clock, optionally shifted (a test-only knob for clock-skew testing).
+pub struct SystemClock {
+    pub offset_ms: i64,
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        now.saturating_add_signed(self.offset_ms)
     }
 }
 

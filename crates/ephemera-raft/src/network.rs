@@ -26,14 +26,24 @@ pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    /// Addresses to dial instead of a peer's advertised one (NAT, or a fault proxy in tests).
+    overrides: Arc<HashMap<NodeId, String>>,
 }
 
 impl Peers {
+    pub fn with_overrides(overrides: HashMap<NodeId, String>) -> Self {
+        Peers {
+            channels: Arc::default(),
+            overrides: Arc::new(overrides),
+        }
+    }
+
     pub fn channel(
         &self,
         id: NodeId,
         cluster_addr: &str,
     ) -> Result<Channel, tonic::transport::Error> {
+        let cluster_addr = self.overrides.get(&id).map_or(cluster_addr, String::as_str);
         let mut map = self.channels.lock().expect("peer cache lock");
         if let Some((addr, ch)) = map.get(&id) {
             if addr == cluster_addr {

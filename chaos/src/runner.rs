@@ -1,0 +1,879 @@
+//! The chaos run: start real node processes behind fault proxies, drive a concurrent workload
+//! through the public API while the nemesis plan runs, heal, check recovery and convergence,
+//! collect the final state, check the history, and write the report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ephemera_client::{pb, Client, ClientError};
+use ephemera_core::audit::{AuditRecord, ChainVerifier};
+use rand::{Rng, SeedableRng};
+use tokio::process::{Child, Command};
+use tonic::Code;
+
+use crate::checker::{check, CheckConfig, Violation};
+use crate::history::{
+    Event, FaultRecord, FinalLease, FinalState, NodeDigest, Op, OpResult, Outcome,
+};
+use crate::proxy::{self, Link};
+use crate::schedule::{plan, Fault, Step, MAX_CLOCK_OFFSET_MS};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChaosError(pub String);
+
+fn err(e: impl std::fmt::Display) -> ChaosError {
+    ChaosError(e.to_string())
+}
+
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    pub nodes: u64,
+    pub seed: u64,
+    /// How long faults are injected; healing, recovery and checks come after.
+    pub duration: Duration,
+    pub clients: u32,
+    /// Upper bound on workload operations, whatever the duration.
+    pub max_ops: u64,
+    pub out_dir: PathBuf,
+    /// The `ephemera` binary that runs the nodes.
+    pub ephemera_bin: PathBuf,
+}
+
+pub struct Report {
+    pub summary: serde_json::Value,
+    pub violations: Vec<Violation>,
+}
+
+/// Role the workload issues from: short TTL and cap, so renewals hit the cap within a run.
+const ROLE: &str = "chaos";
+const ROLE_TTL_S: u64 = 4;
+const ROLE_MAX_TTL_S: u64 = 10;
+const RECOVERY_BOUND_MS: u64 = 15_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn free_port() -> Result<u16, ChaosError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(err)?
+        .port())
+}
+
+struct NodeProc {
+    id: u64,
+    api: String,
+    dir: PathBuf,
+    cluster: SocketAddr,
+    child: Option<Child>,
+    paused: bool,
+}
+
+struct Cluster {
+    bin: PathBuf,
+    root: PathBuf,
+    nodes: Vec<NodeProc>,
+    /// (from, to) → the proxy `from` dials to reach `to`.
+    links: HashMap<(u64, u64), Link>,
+    proxy_addrs: HashMap<(u64, u64), SocketAddr>,
+    token: String,
+}
+
+impl Cluster {
+    fn node(&mut self, id: u64) -> &mut NodeProc {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    fn write_config(&self, id: u64, clock_offset_ms: i64) -> Result<PathBuf, ChaosError> {
+        let n = &self.nodes[id as usize - 1];
+        let cfg = n.dir.join("config.toml");
+        let mut text = format!(
+            "node_id = {id}\ndata_dir = {:?}\napi_addr = \"{}\"\nhttp_addr = \"127.0.0.1:{}\"\ncluster_addr = \"{}\"\n\
+             kek_file = {:?}\ninsecure_plaintext = true\ntest_clock_offset_ms = {clock_offset_ms}\nexpiry_interval_ms = 500\nrequest_timeout_ms = 3000\n",
+            n.dir.join("data"),
+            n.api,
+            free_port()?,
+            n.cluster,
+            self.root.join("kek"),
+        );
+        for other in self.nodes.iter().filter(|o| o.id != id) {
+            text.push_str(&format!(
+                "\n[[peer_cluster_addrs]]\nid = {}\naddr = \"{}\"\n",
+                other.id,
+                self.proxy_addrs[&(id, other.id)]
+            ));
+        }
+        text.push_str(
+            "\n[raft]\nsnapshot_logs_since_last = 500\nmax_in_snapshot_log_to_keep = 100\n",
+        );
+        std::fs::write(&cfg, text).map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn start(&mut self, id: u64, clock_offset_ms: i64) -> Result<(), ChaosError> {
+        let cfg = self.write_config(id, clock_offset_ms)?;
+        let bin = self.bin.clone();
+        let n = self.node(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("node.log"))
+            .map_err(err)?;
+        let child = Command::new(&bin)
+            .args(["server", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(err)?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| ChaosError(format!("cannot start {}: {e}", bin.display())))?;
+        n.child = Some(child);
+        n.paused = false;
+        Ok(())
+    }
+
+    fn signal(&mut self, id: u64, sig: i32) {
+        if let Some(pid) = self.node(id).child.as_ref().and_then(|c| c.id()) {
+            // SAFETY: signalling a node process this harness started.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+    }
+
+    async fn kill9(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+        if let Some(mut c) = self.node(id).child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+        self.signal(id, libc::SIGTERM);
+        if let Some(mut c) = self.node(id).child.take() {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    fn client(&self, id: u64, timeout: Duration) -> Result<Client, ChaosError> {
+        Ok(
+            Client::new(&self.nodes[id as usize - 1].api, Some(self.token.clone()))
+                .map_err(err)?
+                .with_timeout(timeout),
+        )
+    }
+
+    async fn wait_answers(&self, id: u64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let Ok(c) = Client::new(&self.nodes[id as usize - 1].api, None) else {
+            return false;
+        };
+        let c = c.with_timeout(Duration::from_millis(300));
+        while Instant::now() < deadline {
+            if c.admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
+                a.get_node_info(r).await
+            })
+            .await
+            .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// The leader as some reachable node sees it.
+    async fn leader(&self) -> Option<u64> {
+        for n in &self.nodes {
+            if n.child.is_none() || n.paused {
+                continue;
+            }
+            let Ok(c) = self.client(n.id, Duration::from_millis(500)) else {
+                continue;
+            };
+            if let Ok(s) = c
+                .admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
+                    a.get_cluster_status(r).await
+                })
+                .await
+            {
+                if s.leader_id != 0 {
+                    return Some(s.leader_id);
+                }
+            }
+        }
+        None
+    }
+
+    fn block(&self, from: u64, to: u64, blocked: bool) {
+        if let Some(l) = self.links.get(&(from, to)) {
+            l.set(|s| s.blocked = blocked);
+        }
+    }
+
+    fn heal_links(&self) {
+        for l in self.links.values() {
+            l.set(|s| *s = proxy::LinkState::default());
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Issued leases and their tokens.
+    leases: Vec<(String, String)>,
+    /// Leases whose revoke was acknowledged, most recent last.
+    revoked: Vec<(String, String)>,
+}
+
+fn classify(e: &ClientError) -> Outcome {
+    match e.code() {
+        Some(
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::OutOfRange,
+        ) => Outcome::Fail {
+            error: e.to_string(),
+        },
+        _ => Outcome::Unknown {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// What the workload clients share.
+struct Workload {
+    pool: Mutex<Pool>,
+    history: Mutex<Vec<Event>>,
+    next_id: AtomicU64,
+    stop: AtomicBool,
+    max_ops: u64,
+    seed: u64,
+}
+
+async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
+    let (pool, history, next_id, stop, max_ops, seed) =
+        (&w.pool, &w.history, &w.next_id, &w.stop, w.max_ops, w.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
+    let mut counter = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        if id >= max_ops {
+            return;
+        }
+        let node = rng.gen_range(0..clients.len());
+        let client = &clients[node];
+        let pick = rng.gen_range(0..100);
+        let (lease, token) = {
+            let p = pool.lock().expect("pool");
+            let from_revoked = pick >= 65 && rng.gen_bool(0.5) && !p.revoked.is_empty();
+            let list = if from_revoked { &p.revoked } else { &p.leases };
+            if list.is_empty() {
+                (None, None)
+            } else {
+                // Prefer recent leases: they are the ones still alive.
+                let len = list.len();
+                let i = len - 1 - rng.gen_range(0..len.min(50));
+                (Some(list[i].0.clone()), Some(list[i].1.clone()))
+            }
+        };
+        let invoke_ms = now_ms();
+        let (op, outcome, result) = match (pick, lease) {
+            (0..=29, _) | (_, None) => {
+                counter += 1;
+                let request_id = format!("p{process}-{counter}");
+                let r = client
+                    .issue(pb::IssueRequest {
+                        role: ROLE.into(),
+                        request_id: Some(request_id.clone()),
+                        subject: Some(format!("spiffe://chaos.test/client/{process}")),
+                        ..Default::default()
+                    })
+                    .await;
+                let op = Op::Issue { request_id };
+                match r {
+                    Ok(c) => {
+                        pool.lock()
+                            .expect("pool")
+                            .leases
+                            .push((c.lease_id.clone(), c.token));
+                        (
+                            op,
+                            Outcome::Ok,
+                            OpResult {
+                                lease_id: Some(c.lease_id),
+                                expires_at_ms: Some(c.expires_at_ms),
+                                max_expires_at_ms: Some(c.max_expires_at_ms),
+                                active: None,
+                            },
+                        )
+                    }
+                    Err(e) => (op, classify(&e), OpResult::default()),
+                }
+            }
+            (30..=49, Some(lease_id)) => {
+                let r = client
+                    .renew(pb::RenewRequest {
+                        lease_id: lease_id.clone(),
+                        increment_s: None,
+                    })
+                    .await;
+                let op = Op::Renew { lease_id };
+                match r {
+                    Ok(c) => (
+                        op,
+                        Outcome::Ok,
+                        OpResult {
+                            lease_id: Some(c.lease_id),
+                            expires_at_ms: Some(c.expires_at_ms),
+                            max_expires_at_ms: Some(c.max_expires_at_ms),
+                            active: None,
+                        },
+                    ),
+                    Err(e) => (op, classify(&e), OpResult::default()),
+                }
+            }
+            (50..=64, Some(lease_id)) => {
+                let r = client
+                    .revoke(pb::RevokeRequest {
+                        target: Some(pb::revoke_request::Target::LeaseId(lease_id.clone())),
+                    })
+                    .await;
+                let op = Op::Revoke {
+                    lease_id: lease_id.clone(),
+                };
+                match r {
+                    Ok(_) => {
+                        let token = token.clone().unwrap_or_default();
+                        let mut p = pool.lock().expect("pool");
+                        p.revoked.push((lease_id, token));
+                        if p.revoked.len() > 500 {
+                            p.revoked.remove(0);
+                        }
+                        (op, Outcome::Ok, OpResult::default())
+                    }
+                    Err(e) => (op, classify(&e), OpResult::default()),
+                }
+            }
+            (_, Some(lease_id)) => {
+                let r = client
+                    .introspect(token.as_deref().unwrap_or_default())
+                    .await;
+                let op = Op::Introspect { lease_id };
+                match r {
+                    Ok(i) => (
+                        op,
+                        Outcome::Ok,
+                        OpResult {
+                            active: Some(i.active),
+                            ..Default::default()
+                        },
+                    ),
+                    Err(e) => (op, classify(&e), OpResult::default()),
+                }
+            }
+        };
+        let unknown = matches!(outcome, Outcome::Unknown { .. });
+        history.lock().expect("history").push(Event {
+            id,
+            process,
+            node: node as u64 + 1,
+            op,
+            invoke_ms,
+            complete_ms: now_ms(),
+            outcome,
+            result,
+        });
+        if unknown {
+            // A dead node refuses at once; back off instead of spinning on it.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Applies one fault; returns what it did (for the record) and how to undo it.
+async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
+    let n = c.nodes.len() as u64;
+    match fault {
+        Fault::KillLeader | Fault::KillNode { .. } => {
+            let target = match fault {
+                Fault::KillNode { node } => Some(*node),
+                _ => c.leader().await,
+            };
+            let Some(t) = target else {
+                return ("no leader to kill".into(), vec![]);
+            };
+            c.kill9(t).await;
+            (format!("kill -9 node {t}"), vec![t])
+        }
+        Fault::Pause { node } => {
+            c.signal(*node, libc::SIGSTOP);
+            c.node(*node).paused = true;
+            (format!("SIGSTOP node {node}"), vec![*node])
+        }
+        Fault::Partition { minority } => {
+            for a in minority {
+                for b in (1..=n).filter(|b| !minority.contains(b)) {
+                    c.block(*a, b, true);
+                    c.block(b, *a, true);
+                }
+            }
+            (
+                format!("partition {minority:?} from the rest"),
+                minority.clone(),
+            )
+        }
+        Fault::IsolateLeader => {
+            let Some(l) = c.leader().await else {
+                return ("no leader to isolate".into(), vec![]);
+            };
+            for b in (1..=n).filter(|b| *b != l) {
+                c.block(l, b, true);
+                c.block(b, l, true);
+            }
+            (format!("isolate leader {l}"), vec![l])
+        }
+        Fault::OneWay { from, to } => {
+            c.block(*from, *to, true);
+            (format!("node {from} cannot reach node {to}"), vec![*from])
+        }
+        Fault::SlowLinks { delay_ms } => {
+            for l in c.links.values() {
+                l.set(|s| s.delay_ms = *delay_ms);
+            }
+            (
+                format!("every link delayed {delay_ms} ms per chunk"),
+                (1..=n).collect(),
+            )
+        }
+        Fault::ClockOffset { node, offset_ms } => {
+            c.stop(*node).await;
+            let _ = c.start(*node, *offset_ms);
+            (
+                format!("node {node} restarted with clock offset {offset_ms} ms"),
+                vec![*node],
+            )
+        }
+        Fault::RollingRestart => {
+            for id in 1..=n {
+                c.stop(id).await;
+                let _ = c.start(id, 0);
+                c.wait_answers(id, Duration::from_secs(10)).await;
+            }
+            ("rolling restart of every node".into(), (1..=n).collect())
+        }
+    }
+}
+
+/// Undoes every fault: links healed, paused nodes continued, dead or shifted nodes restarted.
+async fn heal(c: &mut Cluster, restart_ids: &[u64]) {
+    c.heal_links();
+    for id in 1..=c.nodes.len() as u64 {
+        if c.node(id).paused {
+            c.signal(id, libc::SIGCONT);
+            c.node(id).paused = false;
+        }
+    }
+    for id in restart_ids {
+        c.stop(*id).await;
+    }
+    for id in 1..=c.nodes.len() as u64 {
+        if c.node(id).child.is_none() {
+            let _ = c.start(id, 0);
+        }
+    }
+}
+
+async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> {
+    std::fs::create_dir_all(root).map_err(err)?;
+    let mut kek = [0u8; 32];
+    rand::thread_rng().fill(&mut kek);
+    std::fs::write(
+        root.join("kek"),
+        kek.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    )
+    .map_err(err)?;
+    let mut nodes = Vec::new();
+    for id in 1..=opts.nodes {
+        let dir = root.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        nodes.push(NodeProc {
+            id,
+            api: format!("127.0.0.1:{}", free_port()?),
+            dir,
+            cluster: format!("127.0.0.1:{}", free_port()?).parse().map_err(err)?,
+            child: None,
+            paused: false,
+        });
+    }
+    let mut links = HashMap::new();
+    let mut proxy_addrs = HashMap::new();
+    for a in 1..=opts.nodes {
+        for b in (1..=opts.nodes).filter(|b| *b != a) {
+            let (addr, link, _task) = proxy::start(nodes[b as usize - 1].cluster)
+                .await
+                .map_err(err)?;
+            links.insert((a, b), link);
+            proxy_addrs.insert((a, b), addr);
+        }
+    }
+    let mut c = Cluster {
+        bin: opts.ephemera_bin.clone(),
+        root: root.to_path_buf(),
+        nodes,
+        links,
+        proxy_addrs,
+        token: String::new(),
+    };
+    for id in 1..=opts.nodes {
+        c.start(id, 0)?;
+    }
+    for id in 1..=opts.nodes {
+        if !c.wait_answers(id, Duration::from_secs(20)).await {
+            return Err(ChaosError(format!(
+                "node {id} did not start; see {}",
+                c.nodes[id as usize - 1].dir.join("node.log").display()
+            )));
+        }
+    }
+    let first = Client::new(&c.nodes[0].api, None).map_err(err)?;
+    let init = first
+        .admin_call(
+            pb::InitClusterRequest {
+                issuer: "https://chaos.ephemera.test".into(),
+            },
+            |mut a, r| async move { a.init_cluster(r).await },
+        )
+        .await
+        .map_err(err)?;
+    c.token = init.admin_token;
+    let admin = c.client(1, Duration::from_secs(30))?;
+    for id in 2..=opts.nodes {
+        admin
+            .add_node(&c.nodes[id as usize - 1].api)
+            .await
+            .map_err(err)?;
+    }
+    admin
+        .admin_call(
+            pb::PutRoleRequest {
+                role: Some(pb::Role {
+                    name: ROLE.into(),
+                    kind: "jwt".into(),
+                    audience: "chaos.test".into(),
+                    allowed_scopes: vec!["read".into(), "write".into()],
+                    default_ttl_s: ROLE_TTL_S,
+                    max_ttl_s: ROLE_MAX_TTL_S,
+                }),
+            },
+            |mut a, r| async move { a.put_role(r).await },
+        )
+        .await
+        .map_err(err)?;
+    Ok(c)
+}
+
+async fn final_state(c: &Cluster, heal_ms: u64) -> FinalState {
+    let n = c.nodes.len() as u64;
+    let mut fin = FinalState {
+        role_max_ttl_s: ROLE_MAX_TTL_S,
+        ..Default::default()
+    };
+    // Recovery: a write through every node.
+    for id in 1..=n {
+        let deadline = Instant::now() + Duration::from_millis(RECOVERY_BOUND_MS + 5_000);
+        let mut took = None;
+        if let Ok(client) = c.client(id, Duration::from_secs(3)) {
+            while Instant::now() < deadline {
+                if client
+                    .issue(pb::IssueRequest {
+                        role: ROLE.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                {
+                    took = Some(now_ms().saturating_sub(heal_ms));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        fin.recovery_ms.push((id, took));
+    }
+    // Convergence: poll until every node reports the same applied index and digest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ds = Vec::new();
+        for id in 1..=n {
+            let d = match c.client(id, Duration::from_secs(5)) {
+                Ok(cl) => cl
+                    .admin_call(pb::StateDigestRequest {}, |mut a, r| async move {
+                        a.get_state_digest(r).await
+                    })
+                    .await
+                    .ok()
+                    .map(|d| NodeDigest {
+                        applied_index: d.applied_index,
+                        state_digest: d.digest,
+                        audit_head: d.audit_head_hash,
+                    }),
+                Err(_) => None,
+            };
+            ds.push((id, d));
+        }
+        let settled = ds.iter().all(|(_, d)| d.is_some())
+            && ds.windows(2).all(|w| {
+                w[0].1.as_ref().map(|d| (d.applied_index, &d.state_digest))
+                    == w[1].1.as_ref().map(|d| (d.applied_index, &d.state_digest))
+            });
+        if settled || Instant::now() > deadline {
+            fin.digests = ds;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The audit chain, recomputed from node 1.
+    fin.audit_chain = async {
+        let client = c
+            .client(1, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let mut verifier = ChainVerifier::default();
+        loop {
+            let page = client
+                .admin_call(
+                    pb::AuditTailRequest {
+                        from_seq: verifier.count() + 1,
+                        limit: 1000,
+                    },
+                    |mut a, r| async move { a.audit_tail(r).await },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let len = page.records.len();
+            for r in page.records {
+                let rec = AuditRecord {
+                    seq: r.seq,
+                    time_ms: r.time_ms,
+                    actor: r.actor,
+                    auth_method: r.auth_method,
+                    action: r.action,
+                    role: r.role,
+                    lease_id: r.lease_id,
+                    subject: r.subject,
+                    ttl_s: r.ttl_s,
+                    scopes: r.scopes,
+                    audience: r.audience,
+                    target: r.target,
+                    count: r.count,
+                    outcome: r.outcome,
+                    reason: r.reason,
+                    prev_hash: r.prev_hash,
+                    hash: r.hash,
+                };
+                verifier.push(&rec).map_err(|e| e.to_string())?;
+            }
+            if len == 0 || verifier.count() >= page.head_seq {
+                return if verifier.head() == page.head_hash {
+                    Ok(verifier.count())
+                } else {
+                    Err(format!(
+                        "recomputed head {} differs from the node's {}",
+                        verifier.head(),
+                        page.head_hash
+                    ))
+                };
+            }
+        }
+    }
+    .await;
+    // Every node's leases.
+    for id in 1..=n {
+        let leases = async {
+            let client = c.client(id, Duration::from_secs(10)).ok()?;
+            let mut out = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = client
+                    .list_leases(pb::ListLeasesRequest {
+                        page_size: 1000,
+                        page_token: token.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?;
+                out.extend(r.leases.into_iter().map(|l| FinalLease {
+                    id: l.id,
+                    state: l.state,
+                    issued_at_ms: l.issued_at_ms,
+                    expires_at_ms: l.expires_at_ms,
+                    max_expires_at_ms: l.max_expires_at_ms,
+                }));
+                if r.next_page_token.is_empty() {
+                    return Some(out);
+                }
+                token = r.next_page_token;
+            }
+        }
+        .await;
+        fin.leases.push((id, leases));
+    }
+    fin
+}
+
+pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
+    std::fs::create_dir_all(&opts.out_dir).map_err(err)?;
+    let root = opts.out_dir.join("cluster");
+    let _ = std::fs::remove_dir_all(&root);
+    let steps = plan(opts.seed, opts.nodes, opts.duration.as_millis() as u64);
+    let mut cluster = setup(&opts, &root).await?;
+
+    let workload = Arc::new(Workload {
+        pool: Mutex::new(Pool::default()),
+        history: Mutex::new(Vec::new()),
+        next_id: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        max_ops: opts.max_ops,
+        seed: opts.seed,
+    });
+    let start_ms = now_ms();
+    let mut workers = Vec::new();
+    for p in 0..opts.clients {
+        let clients = (1..=opts.nodes)
+            .map(|id| cluster.client(id, Duration::from_secs(4)))
+            .collect::<Result<Vec<_>, _>>()?;
+        workers.push(tokio::spawn(client_loop(p, clients, workload.clone())));
+    }
+
+    let mut faults = Vec::new();
+    let started = Instant::now();
+    for Step {
+        at_ms,
+        duration_ms,
+        fault,
+    } in &steps
+    {
+        let at = Duration::from_millis(*at_ms);
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        let begin = now_ms();
+        let (detail, nodes) = inject(&mut cluster, fault).await;
+        eprintln!("chaos: +{:>6} ms {detail}", begin - start_ms);
+        tokio::time::sleep(Duration::from_millis(*duration_ms)).await;
+        let restart: Vec<u64> = match fault {
+            Fault::ClockOffset { node, .. } => vec![*node],
+            _ => vec![],
+        };
+        heal(&mut cluster, &restart).await;
+        faults.push(FaultRecord {
+            kind: fault.kind().to_string(),
+            detail,
+            nodes,
+            start_ms: begin,
+            end_ms: now_ms(),
+        });
+    }
+    if let Some(rest) = opts.duration.checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    heal(&mut cluster, &[]).await;
+    let heal_ms = now_ms();
+    // The workload stops before the final state is read, so that state is final.
+    workload.stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let end_ms = now_ms();
+    eprintln!(
+        "chaos: faults stopped at +{} ms; checking recovery and convergence",
+        heal_ms - start_ms
+    );
+    let fin_recovery_and_state = final_state(&cluster, heal_ms).await;
+    for id in 1..=opts.nodes {
+        cluster.stop(id).await;
+    }
+
+    let mut events = workload.history.lock().expect("history").clone();
+    events.sort_by_key(|e| e.id);
+    let cfg = CheckConfig {
+        clock_tolerance_ms: MAX_CLOCK_OFFSET_MS as u64 + 1_000,
+        recovery_bound_ms: RECOVERY_BOUND_MS,
+    };
+    let violations = check(&events, &fin_recovery_and_state, &cfg);
+
+    // Outputs: history as JSON lines, the timeline, and the summary.
+    let mut jsonl = String::new();
+    for e in &events {
+        jsonl.push_str(&serde_json::to_string(e).map_err(err)?);
+        jsonl.push('\n');
+    }
+    std::fs::write(opts.out_dir.join("history.jsonl"), jsonl).map_err(err)?;
+    std::fs::write(
+        opts.out_dir.join("timeline.svg"),
+        crate::svg::render(&events, &faults, opts.nodes, start_ms, end_ms),
+    )
+    .map_err(err)?;
+    let mut by_outcome: BTreeMap<String, BTreeMap<&str, u64>> = BTreeMap::new();
+    for e in &events {
+        let o = match e.outcome {
+            Outcome::Ok => "ok",
+            Outcome::Fail { .. } => "fail",
+            Outcome::Unknown { .. } => "unknown",
+        };
+        *by_outcome
+            .entry(e.op.name().to_string())
+            .or_default()
+            .entry(o)
+            .or_default() += 1;
+    }
+    let mut fault_counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for f in &faults {
+        *fault_counts.entry(f.kind.as_str()).or_default() += 1;
+    }
+    let summary = serde_json::json!({
+        "seed": opts.seed,
+        "nodes": opts.nodes,
+        "duration_s": opts.duration.as_secs_f64(),
+        "clients": opts.clients,
+        "operations": events.len(),
+        "operations_by_outcome": by_outcome,
+        "faults": fault_counts,
+        "fault_log": faults,
+        "recovery_ms": fin_recovery_and_state.recovery_ms,
+        "audit_records_verified": fin_recovery_and_state.audit_chain.as_ref().ok(),
+        "violations": violations,
+        "replay": format!("ephemera chaos --nodes {} --seed {} --duration {}s --clients {}", opts.nodes, opts.seed, opts.duration.as_secs(), opts.clients),
+    });
+    std::fs::write(
+        opts.out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary).map_err(err)?,
+    )
+    .map_err(err)?;
+    Ok(Report {
+        summary,
+        violations,
+    })
+}
