@@ -60,6 +60,15 @@ impl ClientError {
     }
 }
 
+/// When a failed call may be sent to the next endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The call is idempotent: fail over on any sign the endpoint is unavailable.
+    Idempotent,
+    /// Fail over only when the request certainly did not execute.
+    ConnectOnly,
+}
+
 pub struct Client {
     endpoints: Vec<(String, Channel)>,
     token: Option<String>,
@@ -120,16 +129,36 @@ impl Client {
         req
     }
 
-    /// Whether a failure means "this endpoint could not take the call", so the next may.
-    fn is_unreachable(s: &Status) -> bool {
-        // A transport failure (refused, reset) surfaces as Unavailable or Unknown with no
-        // server-side message of ours.
-        matches!(s.code(), Code::Unavailable)
-            || (s.code() == Code::Unknown && s.message().contains("transport"))
+    /// Whether the next endpoint may be tried after this failure.
+    fn may_fail_over(s: &Status, retry: Retry) -> bool {
+        // Certainly not executed: the connection could not be made, or the server said so
+        // (our servers answer UNAVAILABLE only for requests they did not execute).
+        let not_executed = s.code() == Code::Unavailable
+            && (s.message().contains("connect") || s.message().starts_with("unavailable:"));
+        match retry {
+            Retry::ConnectOnly => not_executed,
+            // Transport failures mid-call (reset, broken stream) may follow execution, which
+            // is harmless for idempotent calls.
+            Retry::Idempotent => {
+                not_executed
+                    || s.code() == Code::Unavailable
+                    || (s.code() == Code::Unknown && s.message().contains("transport"))
+            }
+        }
     }
 
     /// Calls `f` against each endpoint in turn, starting with the last one that answered.
+    /// Only for idempotent calls; see [`Client::call_with`].
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.call_with(Retry::Idempotent, f).await
+    }
+
+    /// Calls `f` against each endpoint in turn while `retry` allows it.
+    pub async fn call_with<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -145,7 +174,9 @@ impl Client {
                     *self.preferred.lock().expect("client lock") = idx;
                     return Ok(v);
                 }
-                Err(s) if Self::is_unreachable(&s) => last = format!("{addr}: {}", s.message()),
+                Err(s) if Self::may_fail_over(&s, retry) => {
+                    last = format!("{addr}: {}", s.message())
+                }
                 Err(s) => return Err(ClientError::Status(Box::new(s))),
             }
         }
@@ -180,8 +211,10 @@ impl Client {
         .await
     }
 
+    /// Not idempotent (a repeat extends again): fails over only when the request certainly
+    /// did not execute.
     pub async fn renew(&self, req: pb::RenewRequest) -> Result<pb::Credential, ClientError> {
-        self.call(|ch| {
+        self.call_with(Retry::ConnectOnly, |ch| {
             let r = self.request(req.clone());
             async move { Ok(Self::issuer(ch).renew(r).await?.into_inner()) }
         })
@@ -219,13 +252,15 @@ impl Client {
     }
 
     /// Runs an admin call with failover; `f` receives a ready client and an authenticated request.
+    /// Admin calls include non-idempotent ones (key rotation, membership), so they fail over
+    /// only when the request certainly did not execute.
     pub async fn admin_call<M, T, F, Fut>(&self, msg: M, f: F) -> Result<T, ClientError>
     where
         M: Clone,
         F: Fn(AdminClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call(|ch| {
+        self.call_with(Retry::ConnectOnly, |ch| {
             let r = self.request(msg.clone());
             let fut = f(Self::admin(ch), r);
             async move { Ok(fut.await?.into_inner()) }

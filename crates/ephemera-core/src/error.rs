@@ -13,6 +13,8 @@ pub enum ErrorCode {
     Unauthenticated,
     PermissionDenied,
     Unavailable,
+    /// The request may or may not have taken effect (the reply was lost or came too late).
+    OutcomeUnknown,
     Internal,
 }
 
@@ -62,8 +64,11 @@ pub enum Error {
     Unauthenticated(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The request certainly did not take effect; retrying is safe.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("outcome unknown: {0}; check, or retry with the same request id")]
+    OutcomeUnknown(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -86,6 +91,7 @@ impl Error {
             Unauthenticated(_) => ErrorCode::Unauthenticated,
             PermissionDenied(_) => ErrorCode::PermissionDenied,
             Unavailable(_) => ErrorCode::Unavailable,
+            OutcomeUnknown(_) => ErrorCode::OutcomeUnknown,
             Internal(_) => ErrorCode::Internal,
         }
     }
@@ -111,6 +117,7 @@ impl Error {
             Unauthenticated(_) => "unauthenticated",
             PermissionDenied(_) => "permission_denied",
             Unavailable(_) => "unavailable",
+            OutcomeUnknown(_) => "outcome_unknown",
             Internal(_) => "internal",
         }
     }

@@ -64,6 +64,8 @@ pub enum TokenError {
     UnsupportedAlgorithm(String),
     #[error("signature does not verify")]
     BadSignature,
+    #[error("token type {0:?} is not an access token (at+jwt)")]
+    WrongType(String),
 }
 
 pub fn sign(claims: &Claims, kid: &str, key: &SigningKey) -> String {
@@ -105,6 +107,12 @@ pub fn parse(token: &str) -> Result<Unverified, TokenError> {
         serde_json::from_slice(&header_bytes).map_err(|e| TokenError::BadHeader(e.to_string()))?;
     if header.alg != "EdDSA" {
         return Err(TokenError::UnsupportedAlgorithm(header.alg));
+    }
+    // RFC 9068 section 4: refuse anything that is not an access token (ID tokens, other JWTs).
+    if !header.typ.eq_ignore_ascii_case("at+jwt")
+        && !header.typ.eq_ignore_ascii_case("application/at+jwt")
+    {
+        return Err(TokenError::WrongType(header.typ));
     }
     let claims_bytes = URL_SAFE_NO_PAD
         .decode(c)
@@ -208,6 +216,11 @@ mod tests {
             parse(&format!("{none_header}.e30.")).unwrap_err(),
             TokenError::UnsupportedAlgorithm(_)
         ));
+        let id_token = URL_SAFE_NO_PAD.encode(br#"{"alg":"EdDSA","typ":"JWT","kid":"k"}"#);
+        assert_eq!(
+            parse(&format!("{id_token}.e30.AA")).unwrap_err(),
+            TokenError::WrongType("JWT".into())
+        );
         // Tampered claims fail the signature.
         let key = SigningKey::from_bytes(&[3; 32]);
         let t = sign(&Claims::for_lease(&lease(), "i"), "k", &key);

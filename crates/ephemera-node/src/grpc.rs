@@ -19,7 +19,7 @@ use rand::RngCore;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::node::{ForwardReply, Forwarded, Node, KEY_PUBLISH_GRACE_MS};
+use crate::node::{Forwarded, Node, KEY_PUBLISH_GRACE_MS};
 
 /// The one place domain errors become gRPC statuses. Internal details are logged, not returned.
 pub fn to_status(e: Error) -> Status {
@@ -31,6 +31,8 @@ pub fn to_status(e: Error) -> Status {
         ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
         ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
         ErrorCode::Unavailable => tonic::Code::Unavailable,
+        // gRPC's code for "the operation may have completed".
+        ErrorCode::OutcomeUnknown => tonic::Code::DeadlineExceeded,
         ErrorCode::Internal => tonic::Code::Internal,
     };
     if code == tonic::Code::Internal {
@@ -50,6 +52,8 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
 #[derive(Clone)]
 pub struct Api {
     pub node: Arc<Node>,
+    /// Plaintext clusters accept only loopback member addresses.
+    pub loopback_only: bool,
 }
 
 impl Api {
@@ -139,8 +143,14 @@ impl pb::issuer_server::Issuer for Api {
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.auth(&req)?;
         let r = req.into_inner();
+        // Without a caller's id, the node assigns one, so its own retries cannot double-issue.
+        let request_id = r.request_id.or_else(|| {
+            let mut b = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            Some(format!("srv-{}", hex::encode(b)))
+        });
         let intent = Intent::Issue(IssueIntent {
-            request_id: r.request_id,
+            request_id,
             role: r.role,
             subject: r.subject,
             ttl_s: r.ttl_s,
@@ -269,7 +279,10 @@ impl pb::issuer_server::Issuer for Api {
     }
 }
 
-fn node_info_from_pb(n: Option<pb::NodeInfo>) -> Result<(u64, NodeInfo), Error> {
+fn node_info_from_pb(
+    n: Option<pb::NodeInfo>,
+    loopback_only: bool,
+) -> Result<(u64, NodeInfo), Error> {
     let n = n.ok_or_else(|| Error::InvalidArgument("node is required".into()))?;
     if n.id == 0 {
         return Err(Error::InvalidArgument("node id must be non-zero".into()));
@@ -279,10 +292,18 @@ fn node_info_from_pb(n: Option<pb::NodeInfo>) -> Result<(u64, NodeInfo), Error> 
         ("http_addr", &n.http_addr),
         ("cluster_addr", &n.cluster_addr),
     ] {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Error::InvalidArgument(format!(
-                "{what} {addr:?} is not host:port"
-            )));
+        match addr.parse::<std::net::SocketAddr>() {
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} {addr:?} is not host:port"
+                )))
+            }
+            Ok(a) if loopback_only && !a.ip().is_loopback() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} {addr} is not a loopback address; this cluster runs without TLS"
+                )))
+            }
+            Ok(_) => {}
         }
     }
     Ok((
@@ -301,7 +322,6 @@ impl Api {
         pb::ClusterStatus {
             leader_id: v.leader_id.unwrap_or(0),
             term: v.term,
-            committed_index: v.committed_index,
             nodes: v
                 .nodes
                 .into_iter()
@@ -324,12 +344,15 @@ impl Api {
 
     async fn init_cluster(&self, issuer: String) -> Result<pb::InitClusterResponse, Error> {
         let node = &self.node;
-        if node
+        let initialized = node
             .raft
             .is_initialized()
             .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?
-        {
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let bootstrapped = state::admin_credential_hash(&node.view)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .is_some();
+        if bootstrapped {
             return Err(Error::AlreadyInitialized);
         }
         let issuer = if issuer.is_empty() {
@@ -337,11 +360,15 @@ impl Api {
         } else {
             issuer
         };
-        let members = BTreeMap::from([(node.id, node.info.clone())]);
-        node.raft.initialize(members).await.map_err(|e| match e {
-            ephemera_raft::RaftError::APIError(_) => Error::AlreadyInitialized,
-            other => Error::Unavailable(other.to_string()),
-        })?;
+        // An earlier init may have initialised Raft and then failed before the bootstrap entry
+        // committed: resume it. If the bootstrap did commit elsewhere, `apply` refuses this one.
+        if !initialized {
+            let members = BTreeMap::from([(node.id, node.info.clone())]);
+            node.raft.initialize(members).await.map_err(|e| match e {
+                ephemera_raft::RaftError::APIError(_) => Error::AlreadyInitialized,
+                other => Error::Unavailable(other.to_string()),
+            })?;
+        }
         node.raft
             .wait(Some(Duration::from_secs(10)))
             .current_leader(node.id, "init: become leader")
@@ -355,7 +382,12 @@ impl Api {
             issuer,
         })
         .await?;
-        node.route_system(Intent::RotateKey).await?;
+        if state::active_kid(&node.view)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .is_none()
+        {
+            node.route_system(Intent::RotateKey).await?;
+        }
         tracing::info!(
             node_id = node.id,
             "cluster initialised; the admin credential was returned to the caller"
@@ -398,7 +430,8 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let actor = self.auth(&req)?;
-        let (id, info) = node_info_from_pb(req.into_inner().node).map_err(|e| self.fail(e))?;
+        let (id, info) = node_info_from_pb(req.into_inner().node, self.loopback_only)
+            .map_err(|e| self.fail(e))?;
         self.propose(
             actor,
             Intent::RecordAccess {
@@ -552,13 +585,19 @@ impl pb::admin_server::Admin for Api {
     ) -> Result<Response<pb::SigningKey>, Status> {
         let actor = self.auth(&req)?;
         match self.propose(actor, Intent::RotateKey).await? {
-            Outcome::KeyAdded { kid } => Ok(Response::new(pb::SigningKey {
-                kid,
-                status: "active".into(),
-                created_at_ms: self.node.clock.now_ms(),
-                max_token_expiry_ms: 0,
-                published: true,
-            })),
+            Outcome::KeyAdded { kid } => {
+                let rec = state::get_key(&self.node.view, &kid)
+                    .map_err(|e| to_status(Error::Internal(e.to_string())))?
+                    .ok_or_else(|| to_status(Error::KeyNotFound(kid.clone())))?;
+                let now = self.node.clock.now_ms();
+                Ok(Response::new(pb::SigningKey {
+                    status: rec.status_at(now, KEY_PUBLISH_GRACE_MS).to_string(),
+                    published: rec.is_published_at(now, KEY_PUBLISH_GRACE_MS),
+                    kid,
+                    created_at_ms: rec.created_at_ms,
+                    max_token_expiry_ms: rec.max_token_expiry_ms,
+                }))
+            }
             _ => Err(to_status(Error::Internal("rotate returned no key".into()))),
         }
     }
@@ -582,8 +621,11 @@ impl pb::admin_server::Admin for Api {
         } else {
             r.from_seq
         };
-        let records = state::audit_records(view, from, limit)
+        let mut records = state::audit_records(view, from, limit)
             .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        // Records appended after the head was read belong to the next page, so that the page
+        // always ends at (or before) the head it reports.
+        records.retain(|r| r.seq <= head_seq);
         Ok(Response::new(pb::AuditTailResponse {
             records: records
                 .into_iter()
@@ -687,13 +729,8 @@ impl ipb::cluster_server::Cluster for ClusterService {
         let call: Forwarded = decode(&req.into_inner().proposal)
             .map_err(|e| Status::invalid_argument(format!("undecodable forwarded call: {e}")))?;
         let reply = self.node.handle_forwarded(call).await;
-        let log_index = match &reply {
-            Ok(ForwardReply::Applied { log_index, .. }) => *log_index,
-            _ => 0,
-        };
         Ok(Response::new(ipb::ForwardResponse {
             result: encode(&reply),
-            log_index,
         }))
     }
 

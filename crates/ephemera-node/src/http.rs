@@ -40,6 +40,7 @@ pub fn error_response(e: Error) -> Response {
         ErrorCode::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_token"),
         ErrorCode::PermissionDenied => (StatusCode::FORBIDDEN, "insufficient_scope"),
         ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+        ErrorCode::OutcomeUnknown => (StatusCode::GATEWAY_TIMEOUT, "temporarily_unavailable"),
         ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     let description = if status == StatusCode::INTERNAL_SERVER_ERROR {

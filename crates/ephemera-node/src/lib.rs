@@ -159,7 +159,10 @@ pub async fn run(
                 .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming(cluster_listener)?, stopped(stop_rx.clone()));
-    let api = grpc::Api { node: node.clone() };
+    let api = grpc::Api {
+        node: node.clone(),
+        loopback_only: cfg.insecure_plaintext,
+    };
     let api_server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(

@@ -66,8 +66,13 @@ pub enum Forwarded {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardReply {
-    Applied { result: ApplyResult, log_index: u64 },
+    Applied {
+        result: ApplyResult,
+        log_index: u64,
+    },
     MembershipChanged,
+    /// The receiving node is not the leader; nothing was executed.
+    NotLeader,
 }
 
 /// Outcome of trying to act as leader.
@@ -92,6 +97,11 @@ pub struct Node {
     entropy: Mutex<Box<dyn Entropy + Send>>,
     keys: Mutex<HashMap<String, Arc<SigningKey>>>,
     request_timeout: Duration,
+}
+
+/// Whether a gRPC failure happened while connecting, before the request could be sent.
+pub fn is_connect_failure(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().contains("connect")
 }
 
 fn internal(e: impl std::fmt::Display) -> Error {
@@ -204,10 +214,18 @@ impl Node {
         validate_intent(&proposal.intent)?;
         match self.route(Forwarded::Propose(proposal)).await? {
             ForwardReply::Applied { result, log_index } => {
-                self.wait_applied(log_index).await?;
+                // Committed, with a known result; this node must apply it before it can sign or
+                // serve reads that include it.
+                self.wait_applied(log_index).await.map_err(|_| {
+                    Error::OutcomeUnknown(
+                        "the write was committed but this node has not applied it yet".into(),
+                    )
+                })?;
                 Ok((result?, log_index))
             }
-            ForwardReply::MembershipChanged => Err(internal("unexpected reply to a proposal")),
+            ForwardReply::MembershipChanged | ForwardReply::NotLeader => {
+                Err(internal("unexpected reply to a proposal"))
+            }
         }
     }
 
@@ -264,15 +282,20 @@ impl Node {
             proposal: encode(call),
         };
         match tokio::time::timeout(remaining, client.forward(req)).await {
-            Err(_) => Err(Error::Unavailable(
-                "the leader did not answer in time; the write may or may not have been applied (retry with the same request id)".into(),
+            Err(_) => Err(Error::OutcomeUnknown(
+                "the leader did not answer in time".into(),
             )),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Ok(None),
-            Ok(Err(status)) => Err(Error::Unavailable(format!("forwarding failed: {}", status.message()))),
+            // Only a failure to connect proves the request was never sent.
+            Ok(Err(status)) if is_connect_failure(&status) => Ok(None),
+            Ok(Err(status)) => Err(Error::OutcomeUnknown(format!(
+                "forwarding to the leader failed: {}",
+                status.message()
+            ))),
             Ok(Ok(resp)) => {
-                let reply: Result<ForwardReply, Error> = decode(&resp.into_inner().result).map_err(internal)?;
+                let reply: Result<ForwardReply, Error> =
+                    decode(&resp.into_inner().result).map_err(internal)?;
                 match reply {
-                    Err(Error::Unavailable(_)) => Ok(None),
+                    Ok(ForwardReply::NotLeader) => Ok(None),
                     other => Ok(Some(other)),
                 }
             }
@@ -284,7 +307,7 @@ impl Node {
     pub async fn handle_forwarded(&self, call: Forwarded) -> Result<ForwardReply, Error> {
         match self.execute_as_leader(call).await {
             LeaderAttempt::Done(r) => r,
-            LeaderAttempt::NotLeader => Err(Error::Unavailable("not the leader".into())),
+            LeaderAttempt::NotLeader => Ok(ForwardReply::NotLeader),
         }
     }
 
@@ -311,7 +334,8 @@ impl Node {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 LeaderAttempt::NotLeader
             }
-            Err(e) => LeaderAttempt::Done(Err(Error::Unavailable(format!("raft: {e}")))),
+            // The entry may have been appended before the failure.
+            Err(e) => LeaderAttempt::Done(Err(Error::OutcomeUnknown(format!("raft: {e}")))),
         }
     }
 
@@ -596,7 +620,6 @@ impl Node {
         ClusterView {
             leader_id: m.current_leader,
             term: m.current_term,
-            committed_index: m.last_applied.map_or(0, |l| l.index),
             nodes,
         }
     }
@@ -655,6 +678,5 @@ pub struct MemberView {
 pub struct ClusterView {
     pub leader_id: Option<NodeId>,
     pub term: u64,
-    pub committed_index: u64,
     pub nodes: Vec<MemberView>,
 }

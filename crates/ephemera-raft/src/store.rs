@@ -33,6 +33,10 @@ const KEY_LAST_APPLIED: &[u8] = b"~raft/last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"~raft/membership";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StoreError(String);
+
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageError::IO {
         source: StorageIOError::read_state_machine(&e),
@@ -62,8 +66,31 @@ fn snapshot_err(
     }
 }
 
-/// Opens (or creates) a node's storage in `dir`.
-pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Error> {
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OpenError(String);
+
+/// Opens (or creates) a node's storage in `dir`. If the snapshot file is ahead of the applied
+/// state (a crash while installing a snapshot), the state is restored from it first.
+pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), OpenError> {
+    let (log, sm) = open_trees(dir).map_err(|e| OpenError(e.to_string()))?;
+    let file = read_snapshot_file(&sm.snapshot_path())
+        .map_err(|e| OpenError(format!("snapshot file: {e}")))?;
+    if let Some(file) = file {
+        let (applied, _) = sm
+            .view
+            .applied_state()
+            .map_err(|e| OpenError(e.to_string()))?;
+        if file.meta.last_log_id > applied {
+            sm.restore(&file)
+                .map_err(|e| OpenError(format!("restoring from the snapshot file: {e}")))?;
+        }
+        *sm.snapshots.current.lock().expect("snapshot lock") = file.meta.last_log_id;
+    }
+    Ok((log, sm))
+}
+
+fn open_trees(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Error> {
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new()
         .path(dir.join("db"))
@@ -79,9 +106,12 @@ pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Error>
             tree: db.open_tree("state")?,
         },
         db,
-        dir: dir.to_path_buf(),
         apply_lock: Arc::new(RwLock::new(())),
-        snapshot_seq: Arc::new(Mutex::new(0)),
+        snapshots: Arc::new(SnapshotSlot {
+            path: dir.join(SNAPSHOT_FILE),
+            current: Mutex::new(None),
+            seq: Mutex::new(0),
+        }),
     };
     Ok((log, sm))
 }
@@ -271,11 +301,47 @@ impl StateView {
 pub struct SledStateMachine {
     view: StateView,
     db: sled::Db,
-    dir: PathBuf,
     /// Held exclusively while a batch is committed, shared while a snapshot copies the state,
     /// so the copy is a consistent cut.
     apply_lock: Arc<RwLock<()>>,
-    snapshot_seq: Arc<Mutex<u64>>,
+    snapshots: Arc<SnapshotSlot>,
+}
+
+/// The one snapshot file. Builds and installs may run at once (openraft spawns builds), so
+/// writers take turns, each through its own temporary file, and an older snapshot never
+/// replaces a newer one.
+struct SnapshotSlot {
+    path: PathBuf,
+    current: Mutex<Option<LogId<NodeId>>>,
+    /// Serialises writers and names their temporary files.
+    seq: Mutex<u64>,
+}
+
+impl SnapshotSlot {
+    /// Durably replaces the snapshot file if `file` is newer; returns whether it did.
+    fn publish(&self, file: &SnapshotFile) -> std::io::Result<bool> {
+        let mut seq = self.seq.lock().expect("snapshot writer lock");
+        *seq += 1;
+        if *self.current.lock().expect("snapshot lock") >= file.meta.last_log_id {
+            return Ok(false);
+        }
+        let tmp = self.path.with_extension(format!("{}.tmp", *seq));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&encode(file))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *self.current.lock().expect("snapshot lock") = file.meta.last_log_id;
+        Ok(true)
+    }
+
+    fn next_id(&self) -> u64 {
+        *self.seq.lock().expect("snapshot writer lock") + 1
+    }
 }
 
 impl SledStateMachine {
@@ -284,7 +350,36 @@ impl SledStateMachine {
     }
 
     fn snapshot_path(&self) -> PathBuf {
-        self.dir.join(SNAPSHOT_FILE)
+        self.snapshots.path.clone()
+    }
+
+    /// Replaces the whole state with a snapshot's, atomically, and makes it durable.
+    fn restore(&self, file: &SnapshotFile) -> StorageResult<()> {
+        let pairs: KvPairs = decode(&file.data).map_err(|e| snapshot_err(Some(&file.meta), e))?;
+        let mut batch = sled::Batch::default();
+        {
+            let _guard = self.apply_lock.write().expect("apply lock");
+            for k in self.view.tree.iter().keys() {
+                batch.remove(k.map_err(write_sm_err)?);
+            }
+            for (k, v) in pairs {
+                batch.insert(k, v);
+            }
+            // The snapshot's own bookkeeping is authoritative for what it covers.
+            batch.insert(KEY_LAST_APPLIED, encode(&file.meta.last_log_id));
+            batch.insert(KEY_MEMBERSHIP, encode(&file.meta.last_membership));
+            self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
+        }
+        self.db.flush().map_err(write_sm_err)?;
+        Ok(())
+    }
+}
+
+fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode(&bytes).map(Some).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -294,38 +389,19 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
-fn write_snapshot_file(path: &Path, file: &SnapshotFile) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode(file))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 pub struct SledSnapshotBuilder {
     db: sled::Db,
     view: StateView,
-    dir: PathBuf,
     apply_lock: Arc<RwLock<()>>,
-    snapshot_seq: Arc<Mutex<u64>>,
+    snapshots: Arc<SnapshotSlot>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let view = self.view.clone();
         let lock = self.apply_lock.clone();
-        let seq = {
-            let mut s = self.snapshot_seq.lock().expect("snapshot counter lock");
-            *s += 1;
-            *s
-        };
-        let dir = self.dir.clone();
+        let seq = self.snapshots.next_id();
+        let snapshots = self.snapshots.clone();
         let db = self.db.clone();
         // The copy holds the apply lock only while reading; encoding and the fsync'd write
         // happen after apply has resumed.
@@ -355,7 +431,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
             };
             let data = encode(&pairs);
             let file = SnapshotFile { meta, data };
-            write_snapshot_file(&dir.join(SNAPSHOT_FILE), &file)
+            snapshots
+                .publish(&file)
                 .map_err(|e| snapshot_err(Some(&file.meta), e))?;
             Ok(Snapshot {
                 meta: file.meta,
@@ -421,9 +498,8 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         SledSnapshotBuilder {
             db: self.db.clone(),
             view: self.view.clone(),
-            dir: self.dir.clone(),
             apply_lock: self.apply_lock.clone(),
-            snapshot_seq: self.snapshot_seq.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 
@@ -436,40 +512,24 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        let pairs: KvPairs = decode(&data).map_err(|e| snapshot_err(Some(meta), e))?;
-        let mut batch = sled::Batch::default();
-        {
-            let _guard = self.apply_lock.write().expect("apply lock");
-            for k in self.view.tree.iter().keys() {
-                batch.remove(k.map_err(write_sm_err)?);
-            }
-            for (k, v) in pairs {
-                batch.insert(k, v);
-            }
-            // The snapshot's own bookkeeping is authoritative for what it covers.
-            batch.insert(KEY_LAST_APPLIED, encode(&meta.last_log_id));
-            batch.insert(KEY_MEMBERSHIP, encode(&meta.last_membership));
-            self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
-        }
-        self.db.flush_async().await.map_err(write_sm_err)?;
         let file = SnapshotFile {
             meta: meta.clone(),
-            data,
+            data: snapshot.into_inner(),
         };
-        write_snapshot_file(&self.snapshot_path(), &file)
+        // The file first: if we crash before the state is replaced, `open` restores the state
+        // from the file, so the state never lags a log that openraft has purged.
+        let snapshots = self.snapshots.clone();
+        let file = tokio::task::spawn_blocking(move || snapshots.publish(&file).map(|_| file))
+            .await
+            .map_err(|e| snapshot_err(Some(meta), e))?
             .map_err(|e| snapshot_err(Some(meta), e))?;
-        Ok(())
+        self.restore(&file)
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let bytes = match std::fs::read(self.snapshot_path()) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snapshot_err(None, e)),
-        };
-        let file: SnapshotFile = decode(&bytes).map_err(|e| snapshot_err(None, e))?;
-        Ok(Some(Snapshot {
+        let file = read_snapshot_file(&self.snapshot_path())
+            .map_err(|e| snapshot_err(None, StoreError(e)))?;
+        Ok(file.map(|file| Snapshot {
             meta: file.meta,
             snapshot: Box::new(Cursor::new(file.data)),
         }))
@@ -491,6 +551,37 @@ mod tests {
             let (log, sm) = open(dir.path()).expect("open sled");
             Ok((dir, log, sm))
         }
+    }
+
+    /// A crash after the snapshot file was written but before the state was replaced leaves the
+    /// file ahead of the state: opening the store restores the state from the file.
+    #[test]
+    fn open_restores_state_from_a_snapshot_file_that_is_ahead() {
+        let dir = TempDir::new().unwrap();
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(3, 1), 42);
+        {
+            let (_log, sm) = open(dir.path()).unwrap();
+            let file = SnapshotFile {
+                meta: SnapshotMeta {
+                    last_log_id: Some(log_id),
+                    last_membership: StoredMembership::default(),
+                    snapshot_id: "3-42-1".into(),
+                },
+                data: encode(&vec![(b"role/web".to_vec(), b"v".to_vec())]),
+            };
+            assert!(sm.snapshots.publish(&file).unwrap());
+            // An older snapshot never replaces a newer one.
+            let mut older = SnapshotFile {
+                meta: file.meta.clone(),
+                data: encode(&KvPairs::new()),
+            };
+            older.meta.last_log_id = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 41));
+            assert!(!sm.snapshots.publish(&older).unwrap());
+            assert_eq!(sm.view.applied_state().unwrap().0, None);
+        }
+        let (_log, sm) = open(dir.path()).unwrap();
+        assert_eq!(sm.view.applied_state().unwrap().0, Some(log_id));
+        assert_eq!(sm.view.get(b"role/web").unwrap(), Some(b"v".to_vec()));
     }
 
     /// openraft's conformance suite against the sled log store and state machine.
