@@ -12,6 +12,8 @@ use tokio::sync::watch;
 pub struct LinkState {
     pub blocked: bool,
     pub delay_ms: u64,
+    /// Chance, in thousandths, that forwarding a chunk instead drops the connection.
+    pub drop_permille: u16,
 }
 
 /// Handle to change a link while it runs.
@@ -77,7 +79,9 @@ async fn pump(
             Ok(n) => n,
         };
         let state = *rx.borrow();
-        if state.blocked {
+        if state.blocked
+            || (state.drop_permille > 0 && rand::random::<u16>() % 1000 < state.drop_permille)
+        {
             return;
         }
         if state.delay_ms > 0 {

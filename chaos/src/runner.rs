@@ -468,6 +468,22 @@ async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
                 (1..=n).collect(),
             )
         }
+        Fault::FlakyLink {
+            from,
+            to,
+            drop_permille,
+        } => {
+            if let Some(l) = c.links.get(&(*from, *to)) {
+                l.set(|s| s.drop_permille = *drop_permille);
+            }
+            (
+                format!(
+                    "link {from} -> {to} drops {}% of chunks",
+                    f64::from(*drop_permille) / 10.0
+                ),
+                vec![*from],
+            )
+        }
         Fault::ClockOffset { node, offset_ms } => {
             c.stop(*node).await;
             let _ = c.start(*node, *offset_ms);

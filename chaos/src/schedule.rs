@@ -22,6 +22,12 @@ pub enum Fault {
     OneWay { from: u64, to: u64 },
     /// Every cluster link delays each chunk by `delay_ms`.
     SlowLinks { delay_ms: u64 },
+    /// The link `from` → `to` drops its connection on a chunk with this chance (thousandths).
+    FlakyLink {
+        from: u64,
+        to: u64,
+        drop_permille: u16,
+    },
     /// Restart a node with its clock shifted; restart it with no shift when the step ends.
     ClockOffset { node: u64, offset_ms: i64 },
     /// Restart every node in turn (SIGTERM, start, wait until it answers).
@@ -38,6 +44,7 @@ impl Fault {
             Fault::IsolateLeader => "isolate_leader",
             Fault::OneWay { .. } => "one_way",
             Fault::SlowLinks { .. } => "slow_links",
+            Fault::FlakyLink { .. } => "flaky_link",
             Fault::ClockOffset { .. } => "clock_offset",
             Fault::RollingRestart => "rolling_restart",
         }
@@ -68,7 +75,7 @@ pub fn plan(seed: u64, nodes: u64, run_ms: u64) -> Vec<Step> {
         if t + duration_ms > run_ms {
             break;
         }
-        let fault = match rng.gen_range(0..10) {
+        let fault = match rng.gen_range(0..11) {
             0 => Fault::KillLeader,
             1 => Fault::KillNode {
                 node: node(&mut rng),
@@ -102,6 +109,15 @@ pub fn plan(seed: u64, nodes: u64, run_ms: u64) -> Vec<Step> {
                 offset_ms: rng.gen_range(-MAX_CLOCK_OFFSET_MS..=MAX_CLOCK_OFFSET_MS),
             },
             8 => Fault::RollingRestart,
+            9 => {
+                let from = node(&mut rng);
+                let to = (from % nodes) + 1;
+                Fault::FlakyLink {
+                    from,
+                    to,
+                    drop_permille: rng.gen_range(20..=200),
+                }
+            }
             _ => Fault::KillLeader,
         };
         steps.push(Step {
@@ -130,7 +146,9 @@ mod tests {
         for s in &a {
             match &s.fault {
                 Fault::Partition { minority } => assert_eq!(minority.len(), 1),
-                Fault::OneWay { from, to } => assert_ne!(from, to),
+                Fault::OneWay { from, to } | Fault::FlakyLink { from, to, .. } => {
+                    assert_ne!(from, to)
+                }
                 Fault::KillNode { node } | Fault::Pause { node } => assert!((1..=3).contains(node)),
                 _ => {}
             }

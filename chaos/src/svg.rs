@@ -17,6 +17,7 @@ fn color(kind: &str) -> &'static str {
         "partition" | "isolate_leader" => "#9467bd",
         "one_way" => "#8c564b",
         "slow_links" => "#bcbd22",
+        "flaky_link" => "#17becf",
         "clock_offset" => "#1f77b4",
         "rolling_restart" => "#e377c2",
         _ => "#7f7f7f",
@@ -138,6 +139,7 @@ pub fn render(
         "partition",
         "one_way",
         "slow_links",
+        "flaky_link",
         "clock_offset",
         "rolling_restart",
     ] {
@@ -149,7 +151,7 @@ pub fn render(
             color(kind),
             lx + 14.0
         );
-        lx += 130.0;
+        lx += 125.0;
     }
     s.push_str("</svg>\n");
     s

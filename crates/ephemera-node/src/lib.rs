@@ -28,6 +28,9 @@ pub mod node;
 pub use config::NodeConfig;
 pub use node::Node;
 
+/// How long in-flight requests may take to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// Largest request the public gRPC API accepts.
 pub const MAX_API_MESSAGE_BYTES: usize = 64 * 1024;
 
@@ -191,14 +194,30 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let (c, a, h) = tokio::join!(cluster_server, api_server, http_server);
+    // Graceful shutdown waits for connections to close, and clients keep HTTP/2 connections
+    // open indefinitely: in-flight requests get a grace period, then the rest are dropped.
+    let servers = async { tokio::join!(cluster_server, api_server, http_server) };
+    let mut grace_rx = stop_rx.clone();
+    let grace = async move {
+        let _ = grace_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let served = tokio::select! {
+        r = servers => Some(r),
+        _ = grace => {
+            tracing::info!("shutdown grace period over; closing the remaining connections");
+            None
+        }
+    };
     let _ = worker.await;
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
     tracing::info!("node stopped");
-    c.map_err(|e| NodeError::Serve(e.to_string()))?;
-    a.map_err(|e| NodeError::Serve(e.to_string()))?;
-    h.map_err(|e| NodeError::Serve(e.to_string()))?;
+    if let Some((c, a, h)) = served {
+        c.map_err(|e| NodeError::Serve(e.to_string()))?;
+        a.map_err(|e| NodeError::Serve(e.to_string()))?;
+        h.map_err(|e| NodeError::Serve(e.to_string()))?;
+    }
     Ok(())
 }
