@@ -1,0 +1,624 @@
+//! Ephemera's X.509 side: SPIFFE IDs, the cluster CA (Ed25519, rcgen), X.509-SVID verification
+//! against per-trust-domain bundles, and the rustls configurations of the listeners and peers.
+//! No IO beyond what rustls does on the sockets it is given.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, PKCS_ED25519,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as RustlsDn, SignatureScheme};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PkiError {
+    #[error("invalid SPIFFE ID {0:?}: {1}")]
+    BadSpiffeId(String, &'static str),
+    #[error("the certificate has no SPIFFE ID (URI SAN)")]
+    NoSpiffeId,
+    #[error("the certificate has {0} URI SANs; an X.509-SVID has exactly one")]
+    SeveralUriSans(usize),
+    #[error("the certificate is a CA certificate, not an X.509-SVID")]
+    IsCa,
+    #[error("no trust bundle for trust domain {0:?}")]
+    UntrustedDomain(String),
+    #[error("the certificate has expired or is not yet valid")]
+    Expired,
+    #[error("the certificate is not signed by the trust bundle of {0:?}")]
+    UntrustedIssuer(String),
+    #[error("the certificate is not valid for this use: {0}")]
+    WrongUsage(String),
+    #[error("the certificate could not be parsed: {0}")]
+    Malformed(String),
+    #[error("expected {expected}, the peer presented {actual}")]
+    WrongIdentity { expected: String, actual: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+}
+
+// ------------------------------------------------------------------------------------------
+// SPIFFE IDs
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    /// Begins with '/'.
+    pub path: String,
+}
+
+impl SpiffeId {
+    /// Parses per the SPIFFE ID specification: lowercase trust domain, non-empty path segments
+    /// without `.`/`..`, no query, fragment, port or userinfo.
+    pub fn parse(s: &str) -> Result<Self, PkiError> {
+        let bad = |why| PkiError::BadSpiffeId(s.to_string(), why);
+        if s.len() > 2048 {
+            return Err(bad("longer than 2048 bytes"));
+        }
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("scheme must be spiffe://"))?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if td.is_empty() {
+            return Err(bad("empty trust domain"));
+        }
+        if !td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        }) {
+            return Err(bad(
+                "trust domain may contain only lowercase letters, digits, '.', '-' and '_'",
+            ));
+        }
+        if path.is_empty() {
+            return Err(bad("a workload SPIFFE ID needs a path"));
+        }
+        for seg in path[1..].split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err(bad("path segments must be non-empty and not '.' or '..'"));
+            }
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            {
+                return Err(bad(
+                    "path may contain only letters, digits, '.', '-' and '_'",
+                ));
+            }
+        }
+        Ok(SpiffeId {
+            trust_domain: td.to_string(),
+            path: path.to_string(),
+        })
+    }
+
+    /// The identity of cluster node `id`.
+    pub fn node(trust_domain: &str, id: u64) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            path: format!("/ephemera/node/{id}"),
+        }
+    }
+
+    /// The node id, if this is a node identity.
+    pub fn node_id(&self) -> Option<u64> {
+        self.path.strip_prefix("/ephemera/node/")?.parse().ok()
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// PEM
+// ------------------------------------------------------------------------------------------
+
+pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PkiError::Pem("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?
+        .ok_or_else(|| PkiError::Pem("no PRIVATE KEY block".into()))
+}
+
+// ------------------------------------------------------------------------------------------
+// The CA
+// ------------------------------------------------------------------------------------------
+
+/// A certificate and its private key, PEM-encoded. The key is secret: no Debug.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued").finish_non_exhaustive()
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafUse {
+    /// A node: server and client authentication.
+    Node,
+    /// A workload or an admin: client authentication.
+    Client,
+}
+
+pub struct Ca {
+    trust_domain: String,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    cert_pem: String,
+}
+
+fn gen_err(e: rcgen::Error) -> PkiError {
+    PkiError::Generate(e.to_string())
+}
+
+impl Ca {
+    /// A new Ed25519 root for `trust_domain`, valid from `now` for `validity`.
+    pub fn generate(
+        trust_domain: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Ca, PkiError> {
+        SpiffeId::parse(&format!("spiffe://{trust_domain}/ca"))?;
+        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Ephemera");
+        dn.push(DnType::CommonName, format!("Ephemera CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{trust_domain}")
+                .try_into()
+                .map_err(gen_err)?,
+        )];
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + validity).into();
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        let cert_pem = cert.pem();
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert,
+            key,
+            cert_pem,
+        })
+    }
+
+    /// Loads a CA from its certificate and key.
+    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(gen_err)?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(gen_err)?;
+        // rcgen signs with a Certificate object; re-deriving it from the same parameters and
+        // key gives the same subject and key identifier, which is what children reference.
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert,
+            key,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA's private key, PEM. Secret.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Issues a leaf certificate with a fresh Ed25519 key for `id`.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        usage: LeafUse,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Ephemera");
+        params.distinguished_name = dn;
+        let mut sans = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
+        for d in dns_names {
+            sans.push(SanType::DnsName((*d).try_into().map_err(gen_err)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match usage {
+            LeafUse::Node => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            LeafUse::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + ttl).into();
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(gen_err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Verification
+// ------------------------------------------------------------------------------------------
+
+/// Trusted roots, by trust domain: ours and external ones (e.g. a SPIRE bundle).
+#[derive(Debug, Clone, Default)]
+pub struct TrustBundles {
+    roots: HashMap<String, Vec<CertificateDer<'static>>>,
+}
+
+/// Which end of a TLS connection a certificate authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Client,
+    Server,
+}
+
+impl TrustBundles {
+    pub fn add(&mut self, trust_domain: &str, bundle_pem: &str) -> Result<(), PkiError> {
+        let certs = parse_certs(bundle_pem)?;
+        self.roots
+            .entry(trust_domain.to_string())
+            .or_default()
+            .extend(certs);
+        Ok(())
+    }
+
+    pub fn trust_domains(&self) -> impl Iterator<Item = &String> {
+        self.roots.keys()
+    }
+
+    /// Verifies an X.509-SVID chain (leaf first): exactly one URI SAN, a valid SPIFFE ID, not a
+    /// CA, chaining within its validity period to the bundle of *its own* trust domain (a root of
+    /// another domain cannot vouch for it).
+    pub fn verify_svid(
+        &self,
+        chain: &[CertificateDer<'_>],
+        usage: Usage,
+        now: UnixTime,
+    ) -> Result<SpiffeId, PkiError> {
+        let leaf = chain.first().ok_or(PkiError::NoSpiffeId)?;
+        let id = spiffe_id_of(leaf)?;
+        let roots = self
+            .roots
+            .get(&id.trust_domain)
+            .ok_or_else(|| PkiError::UntrustedDomain(id.trust_domain.clone()))?;
+        let anchors: Vec<_> = roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let ee = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| PkiError::Malformed(e.to_string()))?;
+        let eku = match usage {
+            Usage::Client => webpki::KeyUsage::client_auth(),
+            Usage::Server => webpki::KeyUsage::server_auth(),
+        };
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            now,
+            eku,
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+                PkiError::Expired
+            }
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                PkiError::UntrustedIssuer(id.trust_domain.clone())
+            }
+            other => PkiError::WrongUsage(format!("{other:?}")),
+        })?;
+        Ok(id)
+    }
+}
+
+/// The SPIFFE ID in a certificate's URI SAN; refuses none, several, or a CA certificate.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    if parsed.is_ca() {
+        return Err(PkiError::IsCa);
+    }
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push(u.to_string());
+            }
+        }
+    }
+    match uris.len() {
+        0 => Err(PkiError::NoSpiffeId),
+        1 => SpiffeId::parse(&uris[0]),
+        n => Err(PkiError::SeveralUriSans(n)),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// rustls configurations
+// ------------------------------------------------------------------------------------------
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_err(e: PkiError) -> rustls::Error {
+    rustls::Error::General(e.to_string())
+}
+
+/// Who may connect as a client.
+#[derive(Debug, Clone)]
+pub enum ClientPolicy {
+    /// Cluster listener: a valid SVID of a node of this trust domain is required.
+    Nodes { trust_domain: String },
+    /// API listeners: any certificate (or none) passes the handshake; the request path verifies
+    /// it, so a refusal gets a precise status and an audit record.
+    VerifyPerRequest,
+}
+
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    bundles: Arc<TrustBundles>,
+    policy: ClientPolicy,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[RustlsDn] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match &self.policy {
+            ClientPolicy::VerifyPerRequest => Ok(ClientCertVerified::assertion()),
+            ClientPolicy::Nodes { trust_domain } => {
+                let mut chain = vec![end_entity.clone()];
+                chain.extend(intermediates.iter().cloned());
+                let id = self
+                    .bundles
+                    .verify_svid(&chain, Usage::Client, now)
+                    .map_err(tls_err)?;
+                if id.trust_domain != *trust_domain || id.node_id().is_none() {
+                    return Err(tls_err(PkiError::WrongIdentity {
+                        expected: format!("spiffe://{trust_domain}/ephemera/node/<id>"),
+                        actual: id.to_string(),
+                    }));
+                }
+                Ok(ClientCertVerified::assertion())
+            }
+        }
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        matches!(self.policy, ClientPolicy::Nodes { .. })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies that the server is exactly the node we meant to reach.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    bundles: Arc<TrustBundles>,
+    expected: SpiffeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut chain = vec![end_entity.clone()];
+        chain.extend(intermediates.iter().cloned());
+        let id = self
+            .bundles
+            .verify_svid(&chain, Usage::Server, now)
+            .map_err(tls_err)?;
+        if id != self.expected {
+            return Err(tls_err(PkiError::WrongIdentity {
+                expected: self.expected.to_string(),
+                actual: id.to_string(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A node's identity: its certificate chain and key.
+#[derive(Clone)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("certs", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        Ok(Identity {
+            chain: parse_certs(cert_pem)?,
+            key: Arc::new(parse_key(key_pem)?),
+        })
+    }
+
+    pub fn spiffe_id(&self) -> Result<SpiffeId, PkiError> {
+        spiffe_id_of(&self.chain[0])
+    }
+}
+
+/// Server configuration of a listener. `alpn`: `h2` for gRPC, plus `http/1.1` for HTTP.
+pub fn server_config(
+    identity: &Identity,
+    bundles: Arc<TrustBundles>,
+    policy: ClientPolicy,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeClientVerifier {
+        bundles,
+        policy,
+        provider: provider.clone(),
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// Client configuration for reaching exactly `expected` (a node), presenting `identity`.
+pub fn peer_client_config(
+    identity: &Identity,
+    bundles: Arc<TrustBundles>,
+    expected: SpiffeId,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundles,
+        expected,
+        provider: provider.clone(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+use super::*;
+
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+fn unix(t: SystemTime) -> UnixTime {
+    UnixTime::since_unix_epoch(t.duration_since(SystemTime::UNIX_EPOCH).unwrap())
+}
+
+fn bundles(cas: &[&Ca]) -> TrustBundles {
+    let mut b = TrustBundles::default();
+    for ca in cas {
+        b.add(ca.trust_domain(), ca.cert_pem()).unwrap();
+    }
+    b
+}
+
+/// A leaf signed by `ca` with arbitrary URI SANs, for the malformed cases.
+fn leaf_with_uris(ca: &Ca, uris: &[&str]) -> Vec<CertificateDer<'static>> {
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    params
+        .subject_alt_names
+        .push(SanType::DnsName("w.example".try_into().unwrap()));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    vec![cert.der().clone()]
+}
+
+fn chain(issued: &Issued) -> Vec<CertificateDer<'static>> {
+    parse_certs(&issued.cert_pem).unwrap()
+}
+
+#[test]
+fn spiffe_ids_parse_strictly() {
+    let id = SpiffeId::parse("spiffe://example.org/ns/ci/sa/runner").unwrap();
+    assert_eq!(id.trust_domain, "example.org");
+    assert_eq!(id.to_string(), "spiffe://example.org/ns/ci/sa/runner");
+    assert_eq!(SpiffeId::node("td", 7).node_id(), Some(7));
+    for bad in [
+        "http://example.org/x",
+        "spiffe://Example.org/x",
+        "spiffe:///x",
+        "spiffe://example.org",
+        "spiffe://example.org/a//b",
+        "spiffe://example.org/a/../b",
+        "spiffe://example.org/a?b",
+        "spiffe://user@example.org/x",
+    ] {
+        assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn svids_verify_against_their_own_trust_domain_only() {
+    let t = now();
+    let ours = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
+    let theirs = Ca::generate("theirs.test", t, Duration::from_secs(3600)).unwrap();
+    let b = bundles(&[&ours]);
+    let id = SpiffeId::parse("spiffe://ours.test/workload/web").unwrap();
+    let good = ours
+        .issue(&id, LeafUse::Client, &[], &[], t, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(
+        b.verify_svid(&chain(&good), Usage::Client, unix(t))
+            .unwrap(),
+        id
+    );
+    // A client-only SVID cannot act as a server.
+    assert!(matches!(
+        b.verify_svid(&chain(&good), Usage::Server, unix(t)),
+        Err(PkiError::WrongUsage(_))
+    ));
+
+    // Expired (and not yet valid).
+    assert_eq!(
+        b.verify_svid(
+            &chain(&good),
+            Usage::Client,
+            unix(t + Duration::from_secs(700))
+        ),
+        Err(PkiError::Expired)
+    );
+    // Untrusted trust domain.
+    let other_id = SpiffeId::parse("spiffe://theirs.test/w").unwrap();
+    let foreign = theirs
+        .issue(
+            &other_id,
+            LeafUse::Client,
+            &[],
+            &[],
+            t,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    assert_eq!(
+        b.verify_svid(&chain(&foreign), Usage::Client, unix(t)),
+        Err(PkiError::UntrustedDomain("theirs.test".into()))
+    );
+    // A root of one domain cannot vouch for an identity in another.
+    let both = bundles(&[&ours, &theirs]);
+    let forged = leaf_with_uris(&theirs, &["spiffe://ours.test/workload/web"]);
+    assert_eq!(
+        both.verify_svid(&forged, Usage::Client, unix(t)),
+        Err(PkiError::UntrustedIssuer("ours.test".into()))
+    );
+    // Untrusted CA claiming our domain.
+    let rogue = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
+    let rogue_leaf = rogue
+        .issue(&id, LeafUse::Client, &[], &[], t, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(
+        b.verify_svid(&chain(&rogue_leaf), Usage::Client, unix(t)),
+        Err(PkiError::UntrustedIssuer("ours.test".into()))
+    );
+    // No URI SAN, two URI SANs, a non-SPIFFE URI.
+    assert_eq!(
+        b.verify_svid(&leaf_with_uris(&ours, &[]), Usage::Client, unix(t)),
+        Err(PkiError::NoSpiffeId)
+    );
+    assert_eq!(
+        b.verify_svid(
+            &leaf_with_uris(&ours, &["spiffe://ours.test/a", "spiffe://ours.test/b"]),
+            Usage::Client,
+            unix(t)
+        ),
+        Err(PkiError::SeveralUriSans(2))
+    );
+    assert!(matches!(
+        b.verify_svid(
+            &leaf_with_uris(&ours, &["https://ours.test/a"]),
+            Usage::Client,
+            unix(t)
+        ),
+        Err(PkiError::BadSpiffeId(..))
+    ));
+    // A CA certificate is not an SVID.
+    assert_eq!(
+        b.verify_svid(
+            &parse_certs(ours.cert_pem()).unwrap(),
+            Usage::Client,
+            unix(t)
+        ),
+        Err(PkiError::IsCa)
+    );
+}
+
+#[test]
+fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
+    let t = now();
+    let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
+    let reloaded = Ca::from_pem("ours.test", ca.cert_pem(), &ca.key_pem()).unwrap();
+    let id = SpiffeId::node("ours.test", 2);
+    let node = reloaded
+        .issue(
+            &id,
+            LeafUse::Node,
+            &["localhost"],
+            &["127.0.0.1".parse().unwrap()],
+            t,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let b = bundles(&[&ca]);
+    assert_eq!(
+        b.verify_svid(&chain(&node), Usage::Server, unix(t))
+            .unwrap(),
+        id
+    );
+    assert_eq!(
+        b.verify_svid(&chain(&node), Usage::Client, unix(t))
+            .unwrap(),
+        id
+    );
+    assert!(!format!("{node:?}").contains("PRIVATE"));
+}
