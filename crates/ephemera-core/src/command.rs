@@ -70,6 +70,11 @@ pub enum Intent {
         action: String,
         target: String,
     },
+    /// Audit a refused authentication: what was presented and why it was refused.
+    RecordDenial {
+        presented: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +119,10 @@ pub enum Op {
     RecordAccess {
         action: String,
         target: String,
+    },
+    RecordDenial {
+        presented: String,
+        reason: String,
     },
 }
 
@@ -212,6 +221,7 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::Revoke(target) => Op::Revoke(target),
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::RecordAccess { action, target } => Op::RecordAccess { action, target },
+        Intent::RecordDenial { presented, reason } => Op::RecordDenial { presented, reason },
     };
     Command {
         now_ms,
@@ -400,6 +410,12 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             }
             Ok(())
         }
+        Intent::RecordDenial { presented, reason } => {
+            if presented.len() > MAX_SUBJECT_LEN || reason.len() > MAX_PURPOSE_LEN {
+                return Err(invalid("denial record too long".into()));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -428,6 +444,10 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         Op::RecordAccess { action, target } => Intent::RecordAccess {
             action: action.clone(),
             target: target.clone(),
+        },
+        Op::RecordDenial { presented, reason } => Intent::RecordDenial {
+            presented: presented.clone(),
+            reason: reason.clone(),
         },
         Op::AddSigningKey { .. } | Op::Expire { .. } => return None,
     })

@@ -182,6 +182,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::AddSigningKey { .. } => "key.add",
         Op::Expire { .. } => "lease.expire",
         Op::RecordAccess { .. } => "access",
+        Op::RecordDenial { .. } => "auth.denied",
     }
 }
 
@@ -303,8 +304,17 @@ fn apply_op<R: KvRead + ?Sized>(
             if let RevokeTarget::Lease(id) = target {
                 audit.lease_id = Some(id.clone());
             }
-            if let Err(e) = require_admin(actor) {
-                return Ok(Err(e));
+            // A workload may revoke its own leases (e.g. when its job ends); everything else,
+            // bulk revocation included, is an administrator's.
+            let own_lease = match target {
+                RevokeTarget::Lease(id) => get::<Lease>(kv, &lease_key(id))?
+                    .is_some_and(|l| l.subject == actor.id || l.client_id == actor.id),
+                _ => false,
+            };
+            if !own_lease {
+                if let Err(e) = require_admin(actor) {
+                    return Ok(Err(e));
+                }
             }
             revoke(kv, actor, now, target)
         }
@@ -369,6 +379,11 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::RecordAccess { action, target } => {
             audit.target = Some(format!("{action} {target}").trim().to_string());
             Ok(Ok(Outcome::Done))
+        }
+        Op::RecordDenial { presented, reason } => {
+            // Recorded as a denial; nothing else changes.
+            audit.target = Some(presented.clone());
+            Ok(Err(Error::Unauthenticated(reason.clone())))
         }
     }
 }

@@ -548,3 +548,74 @@ fn list_leases_pages_and_filters() {
     assert_eq!(s0.len(), 13);
     assert!(s0.iter().all(|l| l.subject == "s0"));
 }
+
+#[test]
+fn a_workload_issues_and_revokes_only_for_itself() {
+    let mut w = World::new();
+    let me = Principal::svid(
+        "spiffe://example.org/web".into(),
+        "example.org".into(),
+        false,
+    );
+    let other = Principal::svid(
+        "spiffe://example.org/db".into(),
+        "example.org".into(),
+        false,
+    );
+    let own = IssueIntent {
+        subject: None,
+        ..web(None)
+    };
+    let lease = match w.propose(me.clone(), Intent::Issue(own.clone())).unwrap() {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(lease.subject, "spiffe://example.org/web");
+    let for_someone_else = IssueIntent {
+        subject: Some("spiffe://example.org/db".into()),
+        ..own
+    };
+    assert!(matches!(
+        w.propose(me.clone(), Intent::Issue(for_someone_else)),
+        Err(Error::PermissionDenied(_))
+    ));
+    // Roles, bulk revocation and other workloads' leases are out of reach.
+    assert!(matches!(
+        w.propose(me.clone(), Intent::DeleteRole { name: "web".into() }),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        w.propose(me.clone(), Intent::Revoke(RevokeTarget::Role("web".into()))),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        w.propose(other, Intent::Revoke(RevokeTarget::Lease(lease.id.clone()))),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert!(w.lease(&lease.id).is_active_at(w.now));
+    assert_eq!(
+        w.propose(me, Intent::Revoke(RevokeTarget::Lease(lease.id.clone())))
+            .unwrap(),
+        Outcome::Revoked { count: 1 }
+    );
+    // A refused authentication is audited as a denial and changes nothing else.
+    let before = w.leases();
+    let denied = w.propose(
+        Principal::unauthenticated(AuthMethod::X509Svid),
+        Intent::RecordDenial {
+            presented: "spiffe://evil.test/x".into(),
+            reason: "untrusted".into(),
+        },
+    );
+    assert!(matches!(denied, Err(Error::Unauthenticated(_))));
+    assert_eq!(w.leases(), before);
+    let last = state::audit_records(&w.kv, 1, 10_000)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.outcome.as_str()),
+        ("auth.denied", "denied")
+    );
+    assert_eq!(last.target.as_deref(), Some("spiffe://evil.test/x"));
+}

@@ -12,6 +12,8 @@ pub enum AuthMethod {
     BootstrapAdmin,
     /// The cluster itself (leader workers: expiry, key rotation).
     System,
+    /// mTLS with an X.509-SVID verified against a trust bundle.
+    X509Svid,
 }
 
 impl AuthMethod {
@@ -19,6 +21,7 @@ impl AuthMethod {
         match self {
             AuthMethod::BootstrapAdmin => "bootstrap_admin",
             AuthMethod::System => "system",
+            AuthMethod::X509Svid => "x509_svid",
         }
     }
 }
@@ -32,6 +35,9 @@ pub struct Principal {
     pub issuer: Option<String>,
     /// Attributes produced by authentication, for policy.
     pub attributes: BTreeMap<String, String>,
+    /// Set by the authenticating node when the identity is a configured administrator. It
+    /// travels in the command, so `apply` decides the same way on every node.
+    pub admin: bool,
 }
 
 impl Principal {
@@ -44,6 +50,7 @@ impl Principal {
             auth_method: AuthMethod::BootstrapAdmin,
             issuer: None,
             attributes: BTreeMap::new(),
+            admin: true,
         }
     }
 
@@ -53,14 +60,34 @@ impl Principal {
             auth_method: AuthMethod::System,
             issuer: None,
             attributes: BTreeMap::new(),
+            admin: true,
         }
     }
 
     pub fn is_admin(&self) -> bool {
-        matches!(
-            self.auth_method,
-            AuthMethod::BootstrapAdmin | AuthMethod::System
-        )
+        self.admin
+    }
+
+    /// A workload authenticated by its X.509-SVID.
+    pub fn svid(spiffe_id: String, trust_domain: String, admin: bool) -> Self {
+        Principal {
+            id: spiffe_id,
+            auth_method: AuthMethod::X509Svid,
+            issuer: Some(trust_domain),
+            attributes: BTreeMap::new(),
+            admin,
+        }
+    }
+
+    /// The actor of an audit record for a refused authentication.
+    pub fn unauthenticated(method: AuthMethod) -> Self {
+        Principal {
+            id: "ephemera:unauthenticated".into(),
+            auth_method: method,
+            issuer: None,
+            attributes: BTreeMap::new(),
+            admin: false,
+        }
     }
 }
 
