@@ -41,20 +41,25 @@ fn follower_issued_token_verifies_and_revocation_is_seen_by_every_node() {
         assert!(cred.lease_id.starts_with("l_"));
 
         // Verify with jsonwebtoken against the JWKS of another node.
-        let http = &cluster.https()[other as usize - 1];
-        let jwks: jsonwebtoken::jwk::JwkSet = reqwest::get(format!("{http}/.well-known/jwks.json"))
+        let http = &cluster.http_urls()[other as usize - 1];
+        let jwks: jsonwebtoken::jwk::JwkSet = cluster
+            .https(None)
+            .get(format!("{http}/.well-known/jwks.json"))
+            .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        let meta: serde_json::Value =
-            reqwest::get(format!("{http}/.well-known/oauth-authorization-server"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let meta: serde_json::Value = cluster
+            .https(None)
+            .get(format!("{http}/.well-known/oauth-authorization-server"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let header = jsonwebtoken::decode_header(&cred.token).unwrap();
         assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
         assert_eq!(header.typ.as_deref(), Some("at+jwt"));
@@ -71,7 +76,7 @@ fn follower_issued_token_verifies_and_revocation_is_seen_by_every_node() {
         assert_eq!(c["sub"], "spiffe://example.org/ns/ci/sa/runner");
         assert_eq!(c["jti"], cred.lease_id.as_str());
         assert_eq!(c["scope"], "read write");
-        assert_eq!(c["client_id"], "ephemera:bootstrap-admin");
+        assert_eq!(c["client_id"], "spiffe://ephemera.dev/admin");
         assert!(c["nbf"].as_u64().unwrap() < c["iat"].as_u64().unwrap());
         assert_eq!(c["exp"].as_u64().unwrap(), cred.expires_at_ms / 1000);
         // A tampered token does not verify.
@@ -106,10 +111,11 @@ fn follower_issued_token_verifies_and_revocation_is_seen_by_every_node() {
                 .await
                 .unwrap();
             assert!(!r.active, "node {n} reports a revoked token active");
-            let http = reqwest::Client::new()
+            let http = cluster
+                .https(None)
                 .post(format!(
                     "{}/oauth2/introspect",
-                    cluster.https()[n as usize - 1]
+                    cluster.http_urls()[n as usize - 1]
                 ))
                 .bearer_auth(cluster.token())
                 .form(&[("token", cred.token.as_str())])
@@ -125,8 +131,9 @@ fn follower_issued_token_verifies_and_revocation_is_seen_by_every_node() {
             );
         }
         // Introspection over HTTP requires the credential.
-        let unauth = reqwest::Client::new()
-            .post(format!("{}/oauth2/introspect", cluster.https()[0]))
+        let unauth = cluster
+            .https(None)
+            .post(format!("{}/oauth2/introspect", cluster.http_urls()[0]))
             .form(&[("token", cred.token.as_str())])
             .send()
             .await
@@ -317,7 +324,12 @@ fn issue_renew_and_bad_input_over_the_api() {
             "{malformed}"
         );
         for token in [None, Some("eph_admin_wrong".to_string())] {
-            let anon = Client::new(&cluster.env["EPHEMERA_ADDR"], token).unwrap();
+            let anon = Client::with_tls(
+                &cluster.env["EPHEMERA_ADDR"],
+                token,
+                Some(&cluster.anonymous_tls()),
+            )
+            .unwrap();
             let e = anon.issue(issue_req("web")).await.unwrap_err();
             assert_eq!(code(&e), Code::Unauthenticated, "{e}");
             let e = anon
@@ -538,7 +550,7 @@ fn leader_crash_under_load_loses_no_acknowledged_issue() {
 #[test]
 fn node_added_after_compaction_catches_up_by_snapshot() {
     let mut cluster = DevCluster::start(3, &["--snapshot-logs", "20"]);
-    let api4 = cluster.start_new_node(4);
+    let (api4, _) = cluster.start_new_node(4);
     rt().block_on(async {
         let c = cluster.client();
         put_role(&c, "web", 600, 3600).await;
@@ -547,11 +559,14 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
             ids.push(c.issue(issue_req("web")).await.unwrap().lease_id);
         }
         let leader = status(&c).await.leader_id;
-        let http = &cluster.https()[leader as usize - 1];
+        let http = &cluster.http_urls()[leader as usize - 1];
         // Snapshotting and purging run in the background after the threshold; poll for them.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let metrics = reqwest::get(format!("{http}/metrics"))
+            let metrics = cluster
+                .https(None)
+                .get(format!("{http}/metrics"))
+                .send()
                 .await
                 .unwrap()
                 .text()
@@ -571,8 +586,8 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
         let nodes = joined["nodes"].as_array().unwrap();
         assert_eq!(nodes.len(), 4);
         let n4 = nodes.iter().find(|n| n["id"] == 4).unwrap();
-        let http4 = format!("http://{}", n4["http_addr"].as_str().unwrap());
-        let c4 = Client::new(&api4, Some(cluster.token())).unwrap();
+        let http4 = format!("https://{}", n4["http_addr"].as_str().unwrap());
+        let c4 = Client::with_tls(&api4, None, Some(&cluster.admin_tls())).unwrap();
         let clients = vec![
             cluster.node_client(1),
             cluster.node_client(2),
@@ -580,7 +595,10 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
             c4,
         ];
         converged(&clients, Duration::from_secs(30)).await;
-        let metrics4 = reqwest::get(format!("{http4}/metrics"))
+        let metrics4 = cluster
+            .https(None)
+            .get(format!("{http4}/metrics"))
+            .send()
             .await
             .unwrap()
             .text()

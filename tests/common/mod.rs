@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ephemera_client::{pb, Client};
+use ephemera_client::{pb, Client, TlsFiles};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ephemera");
 
@@ -74,7 +74,7 @@ impl DevCluster {
             .collect()
     }
 
-    pub fn https(&self) -> Vec<String> {
+    pub fn http_urls(&self) -> Vec<String> {
         self.env["EPHEMERA_HTTP"]
             .split(',')
             .map(String::from)
@@ -94,16 +94,59 @@ impl DevCluster {
             .unwrap()
     }
 
-    /// A client that talks to every node (failover).
+    pub fn pki(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("pki").join(file)).unwrap()
+    }
+
+    /// TLS as the cluster administrator (its X.509-SVID).
+    pub fn admin_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_pem: self.pki("ca.crt"),
+            identity: Some((self.pki("admin.crt"), self.pki("admin.key"))),
+        }
+    }
+
+    /// TLS that verifies the nodes but presents no client certificate.
+    pub fn anonymous_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_pem: self.pki("ca.crt"),
+            identity: None,
+        }
+    }
+
+    /// The cluster CA, to issue test identities.
+    pub fn ca(&self) -> ephemera_pki::Ca {
+        ephemera_pki::Ca::from_pem("ephemera.dev", &self.pki("ca.crt"), &self.pki("ca.key"))
+            .unwrap()
+    }
+
+    /// A client (as administrator, over mTLS) that talks to every node (failover).
     pub fn client(&self) -> Client {
-        Client::new(&self.env["EPHEMERA_ADDR"], Some(self.token())).unwrap()
+        Client::with_tls(&self.env["EPHEMERA_ADDR"], None, Some(&self.admin_tls())).unwrap()
     }
 
     /// A client pinned to one node (1-based).
     pub fn node_client(&self, node: u64) -> Client {
-        Client::new(&self.apis()[node as usize - 1], Some(self.token()))
-            .unwrap()
-            .with_timeout(Duration::from_secs(10))
+        Client::with_tls(
+            &self.apis()[node as usize - 1],
+            None,
+            Some(&self.admin_tls()),
+        )
+        .unwrap()
+        .with_timeout(Duration::from_secs(10))
+    }
+
+    /// An HTTPS client that trusts the cluster CA; with `identity`, it presents that SVID.
+    pub fn https(&self, identity: Option<(&str, &str)>) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.pki("ca.crt").as_bytes()).unwrap(),
+            );
+        if let Some((cert, key)) = identity {
+            b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        }
+        b.build().unwrap()
     }
 
     pub fn config_path(&self, node: u64) -> PathBuf {
@@ -118,7 +161,10 @@ impl DevCluster {
         Command::new(BIN)
             .args(args)
             .env("EPHEMERA_ADDR", &self.env["EPHEMERA_ADDR"])
-            .env("EPHEMERA_TOKEN", self.token())
+            .env("EPHEMERA_CA", &self.env["EPHEMERA_CA"])
+            .env("EPHEMERA_CERT", &self.env["EPHEMERA_CERT"])
+            .env("EPHEMERA_KEY", &self.env["EPHEMERA_KEY"])
+            .env_remove("EPHEMERA_TOKEN")
             .output()
             .expect("run ephemera")
     }
@@ -164,8 +210,9 @@ impl DevCluster {
         self.extra.insert(node, child);
     }
 
-    /// Starts an extra node with a fresh config next to the others.
-    pub fn start_new_node(&mut self, node: u64) -> String {
+    /// Starts an extra node with a fresh config and certificate next to the others; returns
+    /// its API and HTTP addresses.
+    pub fn start_new_node(&mut self, node: u64) -> (String, String) {
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -175,18 +222,37 @@ impl DevCluster {
         };
         let node_dir = self.dir.path().join(format!("node-{node}"));
         std::fs::create_dir_all(&node_dir).unwrap();
-        let api = format!("127.0.0.1:{}", free());
+        let issued = self
+            .ca()
+            .issue(
+                &ephemera_pki::SpiffeId::node("ephemera.dev", node),
+                ephemera_pki::LeafUse::Node,
+                &["localhost"],
+                &["127.0.0.1".parse().unwrap()],
+                std::time::SystemTime::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(node_dir.join("tls.key"), &issued.key_pem).unwrap();
+        let (api, http) = (
+            format!("127.0.0.1:{}", free()),
+            format!("127.0.0.1:{}", free()),
+        );
         let text = format!(
-            "node_id = {node}\ndata_dir = {:?}\napi_addr = \"{api}\"\nhttp_addr = \"127.0.0.1:{}\"\n\
-             cluster_addr = \"127.0.0.1:{}\"\nkek_file = {:?}\ninsecure_plaintext = true\n",
+            "node_id = {node}\ndata_dir = {:?}\napi_addr = \"{api}\"\nhttp_addr = \"{http}\"\n\
+             cluster_addr = \"127.0.0.1:{}\"\nkek_file = {:?}\n\n[tls]\ntrust_domain = \"ephemera.dev\"\n\
+             ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nadmin_ids = [\"spiffe://ephemera.dev/admin\"]\n",
             node_dir.join("data"),
             free(),
-            free(),
             self.dir.path().join("kek"),
+            self.dir.path().join("pki/ca.crt"),
+            node_dir.join("tls.crt"),
+            node_dir.join("tls.key"),
         );
         std::fs::write(node_dir.join("config.toml"), text).unwrap();
         self.restart(node);
-        api
+        (api, http)
     }
 
     pub fn stop(&mut self) {

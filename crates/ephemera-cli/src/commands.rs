@@ -2,18 +2,48 @@
 //! text or JSON.
 
 use anyhow::{bail, Context, Result};
-use ephemera_client::{pb, Client};
+use ephemera_client::{pb, Client, TlsFiles};
 use ephemera_core::audit::{AuditRecord, ChainVerifier};
 use serde_json::{json, Value};
 
 use crate::util::{fmt_time, parse_duration_s, split_list};
 use crate::{AuditCmd, Cli, ClusterCmd, Command, KeysCmd, LeasesCmd, Output, RoleCmd};
 
+fn read_file(what: &str, path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+/// TLS settings from `EPHEMERA_CA`, `EPHEMERA_CERT` and `EPHEMERA_KEY` (or the flags).
+fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(c), Some(k)) => Some((
+            read_file("EPHEMERA_CERT", c)?,
+            read_file("EPHEMERA_KEY", k)?,
+        )),
+        (None, None) => None,
+        _ => bail!("set both EPHEMERA_CERT and EPHEMERA_KEY, or neither"),
+    };
+    match &cli.ca {
+        Some(ca) => Ok(Some(TlsFiles {
+            ca_pem: read_file("EPHEMERA_CA", ca)?,
+            identity,
+        })),
+        None if identity.is_some() => {
+            bail!("EPHEMERA_CERT and EPHEMERA_KEY need EPHEMERA_CA, the CA that signed the nodes' certificates")
+        }
+        None => Ok(None),
+    }
+}
+
 fn client(cli: &Cli) -> Result<Client> {
     let addr = cli.addr.as_deref().context(
         "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
     )?;
-    Ok(Client::new(addr, cli.token.clone())?)
+    Ok(Client::with_tls(
+        addr,
+        cli.token.clone(),
+        tls_files(cli)?.as_ref(),
+    )?)
 }
 
 fn print(out: crate::Output, value: Value, text: impl FnOnce() -> String) {
@@ -331,7 +361,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             // Initialisation targets one specific node: the first endpoint.
             let c = client(cli)?;
             let first = c.endpoints()[0].clone();
-            let one = Client::new(&first, None)?;
+            let one = Client::with_tls(&first, None, tls_files(cli)?.as_ref())?;
             let r = one
                 .admin_call(
                     pb::InitClusterRequest {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ephemera_client::{pb, Client};
+use ephemera_client::{pb, Client, TlsFiles};
 use tokio::process::{Child, Command};
 
 use crate::DevArgs;
@@ -56,16 +56,74 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-fn node_config(dir: &Path, id: u64, snapshot_logs: Option<u64>) -> Result<DevNode> {
+/// The dev cluster's trust domain and its identities.
+pub const TRUST_DOMAIN: &str = "ephemera.dev";
+const ADMIN_ID: &str = "spiffe://ephemera.dev/admin";
+const DEMO_WORKLOAD_ID: &str = "spiffe://ephemera.dev/workload/demo";
+/// Dev certificates live a year; workload SVIDs issued by the cluster are short-lived.
+const DEV_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Creates the cluster CA, an admin identity and a demo workload identity under `dir/pki`.
+fn create_pki(dir: &Path) -> Result<ephemera_pki::Ca> {
+    use ephemera_pki::{Ca, LeafUse, SpiffeId};
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let now = std::time::SystemTime::now();
+    let ca = Ca::generate(TRUST_DOMAIN, now, DEV_CERT_TTL)?;
+    std::fs::write(pki.join("ca.crt"), ca.cert_pem())?;
+    write_private(&pki.join("ca.key"), &ca.key_pem())?;
+    for (name, id) in [("admin", ADMIN_ID), ("workload", DEMO_WORKLOAD_ID)] {
+        let issued = ca.issue(
+            &SpiffeId::parse(id)?,
+            LeafUse::Client,
+            &[],
+            &[],
+            now,
+            DEV_CERT_TTL,
+        )?;
+        std::fs::write(pki.join(format!("{name}.crt")), &issued.cert_pem)?;
+        write_private(&pki.join(format!("{name}.key")), &issued.key_pem)?;
+    }
+    Ok(ca)
+}
+
+fn admin_tls(dir: &Path) -> Result<TlsFiles> {
+    let pki = dir.join("pki");
+    Ok(TlsFiles {
+        ca_pem: std::fs::read_to_string(pki.join("ca.crt"))?,
+        identity: Some((
+            std::fs::read_to_string(pki.join("admin.crt"))?,
+            std::fs::read_to_string(pki.join("admin.key"))?,
+        )),
+    })
+}
+
+fn node_config(
+    dir: &Path,
+    id: u64,
+    snapshot_logs: Option<u64>,
+    ca: Option<&ephemera_pki::Ca>,
+) -> Result<DevNode> {
     let node_dir = dir.join(format!("node-{id}"));
     let config = node_dir.join("config.toml");
     if !config.exists() {
+        let ca =
+            ca.context("this directory has node data but no configuration; use a fresh --dir")?;
         std::fs::create_dir_all(&node_dir)?;
+        let issued = ca.issue(
+            &ephemera_pki::SpiffeId::node(TRUST_DOMAIN, id),
+            ephemera_pki::LeafUse::Node,
+            &["localhost"],
+            &[std::net::IpAddr::from([127, 0, 0, 1])],
+            std::time::SystemTime::now(),
+            DEV_CERT_TTL,
+        )?;
+        std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
+        write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
         let (api, http, cluster) = (free_port()?, free_port()?, free_port()?);
         let mut text = format!(
             "# ephemera dev node {id}\nnode_id = {id}\ndata_dir = {data:?}\napi_addr = \"127.0.0.1:{api}\"\n\
-             http_addr = \"127.0.0.1:{http}\"\ncluster_addr = \"127.0.0.1:{cluster}\"\nkek_file = {kek:?}\n\
-             # Development only: no TLS, loopback only.\ninsecure_plaintext = true\n",
+             http_addr = \"127.0.0.1:{http}\"\ncluster_addr = \"127.0.0.1:{cluster}\"\nkek_file = {kek:?}\n",
             data = node_dir.join("data"),
             kek = dir.join("kek"),
         );
@@ -74,6 +132,13 @@ fn node_config(dir: &Path, id: u64, snapshot_logs: Option<u64>) -> Result<DevNod
                 "\n[raft]\nsnapshot_logs_since_last = {n}\nmax_in_snapshot_log_to_keep = 0\n"
             ));
         }
+        text.push_str(&format!(
+            "\n[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\
+             admin_ids = [\"{ADMIN_ID}\"]\n",
+            ca = dir.join("pki").join("ca.crt"),
+            cert = node_dir.join("tls.crt"),
+            key = node_dir.join("tls.key"),
+        ));
         std::fs::write(&config, text)?;
     }
     let cfg = ephemera_node::NodeConfig::load(&config)?;
@@ -102,8 +167,8 @@ fn spawn_node(dir: &Path, node: &DevNode) -> Result<Child> {
         .with_context(|| format!("cannot start node {}", node.id))
 }
 
-async fn wait_reachable(addr: &str, deadline: Instant) -> Result<()> {
-    let client = Client::new(addr, None)?.with_timeout(Duration::from_millis(500));
+async fn wait_reachable(addr: &str, tls: &TlsFiles, deadline: Instant) -> Result<()> {
+    let client = Client::with_tls(addr, None, Some(tls))?.with_timeout(Duration::from_millis(500));
     loop {
         let r = client
             .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
@@ -162,11 +227,14 @@ pub async fn run(args: &DevArgs) -> Result<()> {
     let dir = args.dir.canonicalize()?;
     let env_path = dir.join("dev.env");
     let fresh = !dir.join("node-1").join("config.toml").exists();
-    if fresh {
+    let ca = if fresh {
         write_private(&dir.join("kek"), &format!("{}\n", random_hex(32)?))?;
-    }
+        Some(create_pki(&dir)?)
+    } else {
+        None
+    };
     let nodes: Vec<DevNode> = (1..=u64::from(args.nodes))
-        .map(|id| node_config(&dir, id, args.snapshot_logs))
+        .map(|id| node_config(&dir, id, args.snapshot_logs, ca.as_ref()))
         .collect::<Result<_>>()?;
 
     let mut children = Vec::new();
@@ -206,11 +274,12 @@ async fn setup(
     children: &[Child],
 ) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let tls = admin_tls(dir)?;
     for n in nodes {
-        wait_reachable(&n.api, deadline).await?;
+        wait_reachable(&n.api, &tls, deadline).await?;
     }
     let token = if fresh {
-        let first = Client::new(&nodes[0].api, None)?;
+        let first = Client::with_tls(&nodes[0].api, None, Some(&tls))?;
         let init = first
             .admin_call(
                 pb::InitClusterRequest {
@@ -220,7 +289,7 @@ async fn setup(
             )
             .await
             .context("cluster init")?;
-        let cluster = Client::new(&nodes[0].api, Some(init.admin_token.clone()))?;
+        let cluster = Client::with_tls(&nodes[0].api, None, Some(&tls))?;
         for n in &nodes[1..] {
             cluster
                 .add_node(&n.api)
@@ -236,7 +305,7 @@ async fn setup(
     };
     let all_api: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
     wait_leader(
-        &Client::new(&all_api.join(","), Some(token.clone()))?,
+        &Client::with_tls(&all_api.join(","), None, Some(&tls))?,
         deadline,
     )
     .await?;
@@ -245,12 +314,16 @@ async fn setup(
         .map(|c| c.id().map(|p| p.to_string()).unwrap_or_default())
         .collect();
     let env = format!(
-        "export EPHEMERA_ADDR={}\nexport EPHEMERA_HTTP={}\nexport EPHEMERA_PIDS={}\nexport EPHEMERA_TOKEN={}\nexport EPHEMERA_DEV_DIR={}\n",
+        "export EPHEMERA_ADDR={}\nexport EPHEMERA_HTTP={}\nexport EPHEMERA_PIDS={}\n\
+         # mTLS identity of the cluster administrator:\n\
+         export EPHEMERA_CA={pki}/ca.crt\nexport EPHEMERA_CERT={pki}/admin.crt\nexport EPHEMERA_KEY={pki}/admin.key\n\
+         # break-glass credential (every use is audited):\nexport EPHEMERA_TOKEN={}\nexport EPHEMERA_DEV_DIR={}\n",
         all_api.join(","),
-        nodes.iter().map(|n| format!("http://{}", n.http)).collect::<Vec<_>>().join(","),
+        nodes.iter().map(|n| format!("https://{}", n.http)).collect::<Vec<_>>().join(","),
         pids.join(","),
         token,
         dir.display(),
+        pki = dir.join("pki").display(),
     );
     write_private(env_path, &env)?;
     println!("# written to {}\n{env}", env_path.display());

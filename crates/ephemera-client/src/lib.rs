@@ -71,6 +71,7 @@ pub enum Retry {
 
 pub struct Client {
     endpoints: Vec<(String, Channel)>,
+    tls: Option<TlsFiles>,
     token: Option<String>,
     /// Index of the endpoint that answered last; calls start there.
     preferred: Mutex<usize>,
@@ -78,28 +79,67 @@ pub struct Client {
 }
 
 /// Accepts `host:port` or a URL.
-fn endpoint_url(addr: &str) -> String {
+fn endpoint_url(addr: &str, tls: bool) -> String {
     if addr.contains("://") {
         addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
+    }
+}
+
+/// TLS settings: the CA that signed the nodes' certificates, and optionally this client's own
+/// X.509-SVID (certificate and key, PEM) for mTLS authentication.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca_pem: String,
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("client_identity", &self.identity.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// `endpoints` in the `EPHEMERA_ADDR` format: comma-separated `host:port` or URLs.
     pub fn new(endpoints: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::with_tls(endpoints, token, None)
+    }
+
+    /// Like [`Client::new`], over TLS when `tls` is given (the server is verified against the
+    /// CA; the client presents its certificate if it has one).
+    pub fn with_tls(
+        endpoints: &str,
+        token: Option<String>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, ClientError> {
         let mut list = Vec::new();
         for addr in endpoints
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            let ch = Endpoint::from_shared(endpoint_url(addr))
-                .map_err(|e| ClientError::BadEndpoint(addr.to_string(), e.to_string()))?
+            let bad = |e: tonic::transport::Error| {
+                ClientError::BadEndpoint(addr.to_string(), e.to_string())
+            };
+            let mut endpoint = Endpoint::from_shared(endpoint_url(addr, tls.is_some()))
+                .map_err(bad)?
                 .connect_timeout(Duration::from_millis(1000))
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .tcp_nodelay(true);
+            if let Some(t) = tls {
+                let mut cfg = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
+                if let Some((cert, key)) = &t.identity {
+                    cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                endpoint = endpoint.tls_config(cfg).map_err(bad)?;
+            }
+            let ch = endpoint.connect_lazy();
             list.push((addr.to_string(), ch));
         }
         if list.is_empty() {
@@ -107,6 +147,7 @@ impl Client {
         }
         Ok(Client {
             endpoints: list,
+            tls: tls.cloned(),
             token,
             preferred: Mutex::new(0),
             timeout: Duration::from_secs(30),
@@ -271,7 +312,7 @@ impl Client {
     /// Adds a running, uninitialised node to the cluster: asks the node (unauthenticated) who it
     /// is, then asks the cluster to add it as a learner, let it catch up and promote it.
     pub async fn add_node(&self, node_api_addr: &str) -> Result<pb::ClusterStatus, ClientError> {
-        let info = Client::new(node_api_addr, None)?
+        let info = Client::with_tls(node_api_addr, None, self.tls.as_ref())?
             .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
                 a.get_node_info(r).await
             })

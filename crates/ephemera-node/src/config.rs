@@ -19,7 +19,11 @@ pub struct NodeConfig {
     pub cluster_addr: SocketAddr,
     /// File holding the cluster key-encryption key (64 hex characters), the same on every node.
     pub kek_file: PathBuf,
-    /// Serve without TLS. Development only; every address must then be loopback.
+    /// TLS on every listener and mutual TLS between nodes. Required unless
+    /// `insecure_plaintext` is set.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve without TLS. Development and tests only; every address must then be loopback.
     #[serde(default)]
     pub insecure_plaintext: bool,
     #[serde(default)]
@@ -37,6 +41,32 @@ pub struct NodeConfig {
     /// TEST ONLY: shift this node's wall clock, to test clock skew. Never set in production.
     #[serde(default)]
     pub test_clock_offset_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster's SPIFFE trust domain; node identities are
+    /// `spiffe://<trust_domain>/ephemera/node/<node_id>`.
+    pub trust_domain: String,
+    /// The cluster CA certificate: the trust bundle of `trust_domain`.
+    pub ca_file: PathBuf,
+    /// This node's certificate (its SPIFFE X.509-SVID) and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// SPIFFE IDs allowed to administer the cluster.
+    #[serde(default)]
+    pub admin_ids: Vec<String>,
+    /// Further trust domains whose workloads may authenticate (e.g. a SPIRE bundle).
+    #[serde(default)]
+    pub trust_bundles: Vec<BundleFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleFile {
+    pub trust_domain: String,
+    pub bundle_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,38 +140,67 @@ impl NodeConfig {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be non-zero".into()));
         }
-        if !self.insecure_plaintext {
-            return Err(ConfigError::Invalid(
-                "TLS listeners are not available in this build yet; set `insecure_plaintext = true` \
-                 (development only, loopback addresses only)"
-                    .into(),
-            ));
-        }
-        for (name, addr) in [
-            ("api_addr", self.api_addr),
-            ("http_addr", self.http_addr),
-            ("cluster_addr", self.cluster_addr),
-        ] {
-            if !addr.ip().is_loopback() {
-                return Err(ConfigError::Invalid(format!(
-                    "{name} {addr} is not a loopback address; plaintext listeners are refused off loopback"
-                )));
+        match (&self.tls, self.insecure_plaintext) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid(
+                    "set either a [tls] section or insecure_plaintext, not both".into(),
+                ))
             }
-        }
-        for p in &self.peer_cluster_addrs {
-            match p.addr.parse::<SocketAddr>() {
-                Ok(a) if a.ip().is_loopback() => {}
-                Ok(a) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "peer_cluster_addrs: {a} for node {} is not a loopback address; plaintext is refused off loopback",
-                        p.id
-                    )))
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "no [tls] section: configure TLS (see deploy/node.example.toml), or set \
+                     `insecure_plaintext = true` for development on loopback"
+                        .into(),
+                ))
+            }
+            (Some(tls), false) => {
+                let check = |what: &str, id: &str| {
+                    ephemera_pki::SpiffeId::parse(id)
+                        .map(|_| ())
+                        .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
+                };
+                check(
+                    "tls.trust_domain",
+                    &format!("spiffe://{}/x", tls.trust_domain),
+                )?;
+                for a in &tls.admin_ids {
+                    check("tls.admin_ids", a)?;
                 }
-                Err(_) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "peer_cluster_addrs: {:?} for node {} is not host:port",
-                        p.addr, p.id
-                    )))
+                for b in &tls.trust_bundles {
+                    check(
+                        "tls.trust_bundles",
+                        &format!("spiffe://{}/x", b.trust_domain),
+                    )?;
+                }
+            }
+            (None, true) => {
+                for (name, addr) in [
+                    ("api_addr", self.api_addr),
+                    ("http_addr", self.http_addr),
+                    ("cluster_addr", self.cluster_addr),
+                ] {
+                    if !addr.ip().is_loopback() {
+                        return Err(ConfigError::Invalid(format!(
+                            "{name} {addr} is not a loopback address; plaintext listeners are refused off loopback"
+                        )));
+                    }
+                }
+                for p in &self.peer_cluster_addrs {
+                    match p.addr.parse::<SocketAddr>() {
+                        Ok(a) if a.ip().is_loopback() => {}
+                        Ok(a) => {
+                            return Err(ConfigError::Invalid(format!(
+                                "peer_cluster_addrs: {a} for node {} is not a loopback address; plaintext is refused off loopback",
+                                p.id
+                            )))
+                        }
+                        Err(_) => {
+                            return Err(ConfigError::Invalid(format!(
+                                "peer_cluster_addrs: {:?} for node {} is not host:port",
+                                p.addr, p.id
+                            )))
+                        }
+                    }
                 }
             }
         }
@@ -184,7 +243,11 @@ mod tests {
         };
         assert!(parse("insecure_plaintext = true\n").is_ok());
         let no_tls = parse("").unwrap_err().to_string();
-        assert!(no_tls.contains("insecure_plaintext"), "{no_tls}");
+        assert!(no_tls.contains("[tls]"), "{no_tls}");
+        let both = parse("insecure_plaintext = true\n[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n");
+        assert!(both.unwrap_err().to_string().contains("not both"));
+        let bad_admin = parse("[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\nadmin_ids = [\"admin\"]\n");
+        assert!(bad_admin.unwrap_err().to_string().contains("tls.admin_ids"));
         let public: NodeConfig = toml::from_str(
             &format!("{base}insecure_plaintext = true\n").replace("127.0.0.1:1", "0.0.0.0:1"),
         )

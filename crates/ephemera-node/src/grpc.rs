@@ -18,6 +18,7 @@ use ephemera_raft::{decode, encode, NodeInfo};
 use rand::RngCore;
 use tonic::{Request, Response, Status};
 
+use crate::conn::ConnInfo;
 use crate::metrics::Metrics;
 use crate::node::{Forwarded, Node, KEY_PUBLISH_GRACE_MS};
 
@@ -57,10 +58,25 @@ pub struct Api {
 }
 
 impl Api {
-    fn auth<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    async fn auth<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let conn = req.extensions().get::<ConnInfo>();
         self.node
-            .authenticate(bearer(req))
+            .authenticate(bearer(req), conn)
+            .await
             .map_err(|e| self.fail(e))
+    }
+
+    /// Authenticates and requires a configured administrator (or the break-glass credential).
+    async fn admin<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let p = self.auth(req).await?;
+        if p.is_admin() {
+            Ok(p)
+        } else {
+            Err(self.fail(Error::PermissionDenied(format!(
+                "{} is not an administrator",
+                p.id
+            ))))
+        }
     }
 
     fn fail(&self, e: Error) -> Status {
@@ -141,7 +157,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.auth(&req).await?;
         let r = req.into_inner();
         // Without a caller's id, the node assigns one, so its own retries cannot double-issue.
         let request_id = r.request_id.or_else(|| {
@@ -168,7 +184,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.auth(&req).await?;
         let r = req.into_inner();
         let outcome = self
             .propose(
@@ -188,7 +204,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.auth(&req).await?;
         use pb::revoke_request::Target;
         let target = match req.into_inner().target {
             Some(Target::LeaseId(id)) => RevokeTarget::Lease(id),
@@ -217,7 +233,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.auth(&req).await?;
         let token = req.into_inner().token;
         let claims = self
             .node
@@ -246,7 +262,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let r = req.into_inner();
         if let Some(s) = &r.state {
             if !matches!(s.as_str(), "active" | "revoked" | "expired") {
@@ -429,7 +445,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let (id, info) = node_info_from_pb(req.into_inner().node, self.loopback_only)
             .map_err(|e| self.fail(e))?;
         self.propose(
@@ -451,7 +467,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let id = req.into_inner().id;
         self.propose(
             actor,
@@ -474,7 +490,7 @@ impl pb::admin_server::Admin for Api {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // An operational probe: authenticated, but not written to the audit chain, so that
         // monitoring does not grow the replicated state.
-        self.auth(&req)?;
+        self.admin(&req).await?;
         Ok(Response::new(self.status_pb().await))
     }
 
@@ -482,7 +498,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::PutRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let r = req
             .into_inner()
             .role
@@ -513,7 +529,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::GetRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let name = req.into_inner().name;
         self.node
             .read_access(&actor, "role.get", &format!("role:{name}"))
@@ -531,7 +547,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListRolesRequest>,
     ) -> Result<Response<pb::ListRolesResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         self.node
             .read_access(&actor, "role.list", "")
             .await
@@ -547,7 +563,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::DeleteRoleRequest>,
     ) -> Result<Response<pb::DeleteRoleResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let name = req.into_inner().name;
         self.propose(actor, Intent::DeleteRole { name }).await?;
         Ok(Response::new(pb::DeleteRoleResponse {}))
@@ -557,7 +573,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         self.node
             .read_access(&actor, "key.list", "")
             .await
@@ -583,7 +599,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::SigningKey>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         match self.propose(actor, Intent::RotateKey).await? {
             Outcome::KeyAdded { kid } => {
                 let rec = state::get_key(&self.node.view, &kid)
@@ -606,7 +622,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AuditTailRequest>,
     ) -> Result<Response<pb::AuditTailResponse>, Status> {
-        let actor = self.auth(&req)?;
+        let actor = self.admin(&req).await?;
         let r = req.into_inner();
         self.node
             .read_access(&actor, "audit.read", "")
@@ -659,7 +675,7 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::StateDigestRequest>,
     ) -> Result<Response<pb::StateDigest>, Status> {
         // Operational probe of this node's own copy; not audited (see get_cluster_status).
-        self.auth(&req)?;
+        self.admin(&req).await?;
         let node = self.node.clone();
         let digest = tokio::task::spawn_blocking(move || -> Result<pb::StateDigest, Error> {
             let view = &node.view;

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Form, State};
+use axum::extract::{DefaultBodyLimit, Extension, Form, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,40 @@ use ephemera_core::{Error, ErrorCode};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::conn::{Conn, ConnInfo};
 use crate::node::{Node, KEY_PUBLISH_GRACE_MS};
+
+/// Serves `router` on every accepted connection (plain or TLS) until `stop` resolves; each
+/// request carries its connection's [`ConnInfo`] as an extension.
+pub async fn serve(
+    incoming: impl futures::Stream<Item = std::io::Result<Conn>>,
+    router: Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use futures::StreamExt;
+    use tonic::transport::server::Connected;
+    tokio::pin!(incoming);
+    tokio::pin!(stop);
+    loop {
+        let conn = tokio::select! {
+            c = incoming.next() => c,
+            _ = &mut stop => return,
+        };
+        let Some(Ok(conn)) = conn else { return };
+        let service = router.clone().layer(Extension(conn.connect_info()));
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+                .await
+            {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
 
 /// Introspection forms and everything else we accept are small.
 pub const MAX_HTTP_BODY_BYTES: usize = 16 * 1024;
@@ -110,6 +143,7 @@ struct IntrospectForm {
 
 async fn introspect(
     State(node): State<Arc<Node>>,
+    Extension(conn): Extension<ConnInfo>,
     headers: HeaderMap,
     form: Option<Form<IntrospectForm>>,
 ) -> Response {
@@ -117,7 +151,7 @@ async fn introspect(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let principal = match node.authenticate(bearer) {
+    let principal = match node.authenticate(bearer, Some(&conn)).await {
         Ok(p) => p,
         Err(e) => return error_response(e),
     };

@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ephemera_core::crypto::Kek;
+use ephemera_pki::{ClientPolicy, Identity, SpiffeId, TrustBundles};
 use ephemera_proto::internal::cluster_server::ClusterServer;
 use ephemera_proto::v1::admin_server::AdminServer;
 use ephemera_proto::v1::issuer_server::IssuerServer;
+use ephemera_raft::network::PeerTls;
 use ephemera_raft::network::{Peers, MAX_CLUSTER_MESSAGE_BYTES};
 use ephemera_raft::{NodeInfo, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 pub mod config;
+pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -50,6 +52,8 @@ pub enum NodeError {
     },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("server failed: {0}")]
     Serve(String),
 }
@@ -67,6 +71,55 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
         ..Default::default()
     };
     c.validate().map_err(|e| NodeError::Raft(e.to_string()))
+}
+
+/// TLS material loaded at start-up.
+struct LoadedTls {
+    trust_domain: String,
+    identity: Identity,
+    /// The cluster CA only: node-to-node trust.
+    cluster_bundle: Arc<TrustBundles>,
+    /// The cluster CA and every configured external bundle: who may call the API.
+    all_bundles: Arc<TrustBundles>,
+    admin_ids: std::collections::HashSet<String>,
+}
+
+fn load_tls(node_id: u64, t: &config::TlsConfig) -> Result<LoadedTls, NodeError> {
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| NodeError::Tls(format!("cannot read {what} {}: {e}", p.display())))
+    };
+    let pki = |e: ephemera_pki::PkiError| NodeError::Tls(e.to_string());
+    let identity = Identity::from_pem(
+        &read("tls.cert_file", &t.cert_file)?,
+        &read("tls.key_file", &t.key_file)?,
+    )
+    .map_err(pki)?;
+    let expected = SpiffeId::node(&t.trust_domain, node_id);
+    let actual = identity.spiffe_id().map_err(pki)?;
+    if actual != expected {
+        return Err(NodeError::Tls(format!(
+            "tls.cert_file is for {actual}, but this node is {expected}"
+        )));
+    }
+    let ca = read("tls.ca_file", &t.ca_file)?;
+    let mut cluster = TrustBundles::default();
+    cluster.add(&t.trust_domain, &ca).map_err(pki)?;
+    let mut all = cluster.clone();
+    for b in &t.trust_bundles {
+        all.add(
+            &b.trust_domain,
+            &read("tls.trust_bundles.bundle_file", &b.bundle_file)?,
+        )
+        .map_err(pki)?;
+    }
+    Ok(LoadedTls {
+        trust_domain: t.trust_domain.clone(),
+        identity,
+        cluster_bundle: Arc::new(cluster),
+        all_bundles: Arc::new(all),
+        admin_ids: t.admin_ids.iter().cloned().collect(),
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, NodeError> {
@@ -95,11 +148,21 @@ pub async fn run(
             message: e.to_string(),
         })?;
     let view = sm.view();
-    let peers = Peers::with_overrides(
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|t| load_tls(cfg.node_id, t))
+        .transpose()?;
+    let peers = Peers::new(
         cfg.peer_cluster_addrs
             .iter()
             .map(|p| (p.id, p.addr.clone()))
             .collect(),
+        tls.as_ref().map(|t| PeerTls {
+            identity: t.identity.clone(),
+            bundles: t.cluster_bundle.clone(),
+            trust_domain: t.trust_domain.clone(),
+        }),
     );
     if cfg.test_clock_offset_ms != 0 {
         tracing::warn!(
@@ -133,6 +196,10 @@ pub async fn run(
         }),
         Box::new(node::OsEntropy),
         Duration::from_millis(cfg.request_timeout_ms),
+        tls.as_ref().map(|t| node::NodeTls {
+            bundles: t.all_bundles.clone(),
+            admin_ids: t.admin_ids.clone(),
+        }),
     ));
 
     let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
@@ -152,8 +219,32 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let incoming = |l: TcpListener| {
-        TcpIncoming::from_listener(l, true, None).map_err(|e| NodeError::Serve(e.to_string()))
+    let acceptor = |policy: ClientPolicy, alpn: &[&[u8]], bundles: &Arc<TrustBundles>| {
+        tls.as_ref()
+            .map(|t| {
+                ephemera_pki::server_config(&t.identity, bundles.clone(), policy, alpn)
+                    .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+                    .map_err(|e| NodeError::Tls(e.to_string()))
+            })
+            .transpose()
+    };
+    let (cluster_tls, api_tls, http_tls) = match &tls {
+        Some(t) => (
+            acceptor(
+                ClientPolicy::Nodes {
+                    trust_domain: t.trust_domain.clone(),
+                },
+                &[b"h2"],
+                &t.cluster_bundle,
+            )?,
+            acceptor(ClientPolicy::VerifyPerRequest, &[b"h2"], &t.all_bundles)?,
+            acceptor(
+                ClientPolicy::VerifyPerRequest,
+                &[b"h2", b"http/1.1"],
+                &t.all_bundles,
+            )?,
+        ),
+        None => (None, None, None),
     };
     let cluster_server = tonic::transport::Server::builder()
         .add_service(
@@ -161,7 +252,10 @@ pub async fn run(
                 .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming(cluster_listener)?, stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            conn::incoming(cluster_listener, cluster_tls),
+            stopped(stop_rx.clone()),
+        );
     let api = grpc::Api {
         node: node.clone(),
         loopback_only: cfg.insecure_plaintext,
@@ -172,9 +266,15 @@ pub async fn run(
             IssuerServer::new(api.clone()).max_decoding_message_size(MAX_API_MESSAGE_BYTES),
         )
         .add_service(AdminServer::new(api).max_decoding_message_size(MAX_API_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(incoming(api_listener)?, stopped(stop_rx.clone()));
-    let http_server = axum::serve(http_listener, http::router(node.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            conn::incoming(api_listener, api_tls),
+            stopped(stop_rx.clone()),
+        );
+    let http_server = http::serve(
+        conn::incoming(http_listener, http_tls),
+        http::router(node.clone()),
+        stopped(stop_rx.clone()),
+    );
 
     let worker_node = node.clone();
     let mut worker_stop = stop_rx.clone();
@@ -214,10 +314,9 @@ pub async fn run(
         tracing::warn!(error = %e, "raft shutdown");
     }
     tracing::info!("node stopped");
-    if let Some((c, a, h)) = served {
+    if let Some((c, a, ())) = served {
         c.map_err(|e| NodeError::Serve(e.to_string()))?;
         a.map_err(|e| NodeError::Serve(e.to_string()))?;
-        h.map_err(|e| NodeError::Serve(e.to_string()))?;
     }
     Ok(())
 }

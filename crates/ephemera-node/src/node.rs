@@ -28,6 +28,7 @@ use openraft::ServerState;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use crate::conn::ConnInfo;
 use crate::metrics::Metrics;
 
 /// Wall clock, optionally shifted (a test-only knob for clock-skew testing).
@@ -85,6 +86,14 @@ enum LeaderAttempt {
 /// How far past their expiry retired keys stay in the JWKS, for verifiers' clock skew.
 pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
 
+/// What the node needs to authenticate workloads by their X.509-SVIDs.
+pub struct NodeTls {
+    /// The cluster CA and every configured external trust bundle.
+    pub bundles: Arc<ephemera_pki::TrustBundles>,
+    /// SPIFFE IDs that administer the cluster.
+    pub admin_ids: std::collections::HashSet<String>,
+}
+
 pub struct Node {
     pub id: NodeId,
     pub info: NodeInfo,
@@ -97,6 +106,7 @@ pub struct Node {
     entropy: Mutex<Box<dyn Entropy + Send>>,
     keys: Mutex<HashMap<String, Arc<SigningKey>>>,
     request_timeout: Duration,
+    tls: Option<NodeTls>,
 }
 
 /// Whether a gRPC failure happened while connecting, before the request could be sent.
@@ -120,6 +130,7 @@ impl Node {
         clock: Arc<dyn Clock>,
         entropy: Box<dyn Entropy + Send>,
         request_timeout: Duration,
+        tls: Option<NodeTls>,
     ) -> Self {
         Node {
             id,
@@ -133,18 +144,29 @@ impl Node {
             entropy: Mutex::new(entropy),
             keys: Mutex::new(HashMap::new()),
             request_timeout,
+            tls,
         }
     }
 
     // ---- authentication ------------------------------------------------------------------
 
-    /// Authenticates a bearer credential. Today only the break-glass admin credential exists;
-    /// workload identities arrive as further `AuthMethod`s.
-    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
+    /// Authenticates a caller: by the X.509-SVID it presented over mTLS, else by a bearer
+    /// credential (the break-glass admin credential). A refused certificate is audited.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        conn: Option<&ConnInfo>,
+    ) -> Result<Principal, Error> {
+        if let Some(certs) = conn
+            .and_then(|c| c.peer_certs.as_ref())
+            .filter(|c| !c.is_empty())
+        {
+            return self.authenticate_svid(certs).await;
+        }
         let Some(presented) = bearer.filter(|b| !b.is_empty()) else {
             Metrics::inc(&self.metrics.auth_failures, 1);
             return Err(Error::Unauthenticated(
-                "missing bearer credential (set EPHEMERA_TOKEN)".into(),
+                "present a client certificate (X.509-SVID) or a bearer credential".into(),
             ));
         };
         let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
@@ -156,6 +178,48 @@ impl Node {
         } else {
             Metrics::inc(&self.metrics.auth_failures, 1);
             Err(Error::Unauthenticated("invalid credential".into()))
+        }
+    }
+
+    async fn authenticate_svid(
+        &self,
+        certs: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Principal, Error> {
+        let Some(tls) = &self.tls else {
+            return Err(Error::Unauthenticated(
+                "this node does not accept client certificates".into(),
+            ));
+        };
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
+            self.clock.now_ms(),
+        ));
+        match tls
+            .bundles
+            .verify_svid(certs, ephemera_pki::Usage::Client, now)
+        {
+            Ok(id) => {
+                let admin = tls.admin_ids.contains(&id.to_string());
+                Ok(Principal::svid(id.to_string(), id.trust_domain, admin))
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                let presented = ephemera_pki::spiffe_id_of(&certs[0])
+                    .map(|id| id.to_string())
+                    .unwrap_or_else(|_| "a certificate without a valid SPIFFE ID".into());
+                let reason = format!("client certificate refused: {e}");
+                // The refusal stands whether or not its audit record lands.
+                let audit = self.propose(Proposal {
+                    actor: Principal::unauthenticated(AuthMethod::X509Svid),
+                    intent: Intent::RecordDenial {
+                        presented,
+                        reason: reason.clone(),
+                    },
+                });
+                if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {
+                    tracing::warn!(error = %e, "could not audit a refused authentication");
+                }
+                Err(Error::Unauthenticated(reason))
+            }
         }
     }
 
@@ -343,6 +407,41 @@ impl Node {
         let fail = |e: String| LeaderAttempt::Done(Err(Error::Unavailable(e)));
         if !self.is_leader() {
             return LeaderAttempt::NotLeader;
+        }
+        // Refuse before touching the membership unless the address answers as node `id`: over
+        // mTLS the peer must prove that identity, so a node holding another id's certificate is
+        // never added and never receives Raft traffic.
+        let probe = async {
+            let mut client = self
+                .peers
+                .client(id, &info.cluster_addr)
+                .map_err(|e| e.to_string())?;
+            client
+                .node_status(NodeStatusRequest {})
+                .await
+                .map_err(|s| s.message().to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(r)) if r.get_ref().id == id => {}
+            Ok(Ok(r)) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "the node at {} says it is node {}, not {id}",
+                    info.cluster_addr,
+                    r.get_ref().id
+                ))))
+            }
+            Ok(Err(e)) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "cannot reach node {id} at {} with its expected identity: {e}",
+                    info.cluster_addr
+                ))))
+            }
+            Err(_) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "node {id} at {} did not answer within 5 s",
+                    info.cluster_addr
+                ))))
+            }
         }
         // Catch-up (from the log or a snapshot) happens here, before it may vote.
         match tokio::time::timeout(

@@ -241,6 +241,35 @@ impl Ca {
         self.key.serialize_pem()
     }
 
+    /// Issues a client certificate carrying exactly these URI SANs, valid in
+    /// `[not_before, not_before + ttl]`. For tests and tooling that need certificates an
+    /// X.509-SVID verifier must refuse (no SPIFFE ID, several, expired).
+    pub fn issue_raw(
+        &self,
+        uris: &[&str],
+        not_before: SystemTime,
+        ttl: Duration,
+    ) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| Ok(SanType::URI((*u).try_into()?)))
+            .collect::<Result<_, rcgen::Error>>()
+            .map_err(gen_err)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = (not_before + ttl).into();
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(gen_err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Issues a leaf certificate with a fresh Ed25519 key for `id`.
     pub fn issue(
         &self,

@@ -23,18 +23,28 @@ pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The cache of channels to peers, keyed by node id and address (a member that moves gets a
 /// fresh channel).
+/// mTLS material for node-to-node channels.
+pub struct PeerTls {
+    pub identity: ephemera_pki::Identity,
+    /// Our own trust domain's bundle only: peers are nodes of this cluster.
+    pub bundles: Arc<ephemera_pki::TrustBundles>,
+    pub trust_domain: String,
+}
+
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     /// Addresses to dial instead of a peer's advertised one (NAT, or a fault proxy in tests).
     overrides: Arc<HashMap<NodeId, String>>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl Peers {
-    pub fn with_overrides(overrides: HashMap<NodeId, String>) -> Self {
+    pub fn new(overrides: HashMap<NodeId, String>, tls: Option<PeerTls>) -> Self {
         Peers {
             channels: Arc::default(),
             overrides: Arc::new(overrides),
+            tls: tls.map(Arc::new),
         }
     }
 
@@ -50,12 +60,39 @@ impl Peers {
                 return Ok(ch.clone());
             }
         }
-        let ch = Endpoint::from_shared(format!("http://{cluster_addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{cluster_addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = match &self.tls {
+            None => endpoint.connect_lazy(),
+            Some(tls) => {
+                // The peer must prove it is exactly node `id` of our trust domain.
+                let expected = ephemera_pki::SpiffeId::node(&tls.trust_domain, id);
+                let config = Arc::new(
+                    ephemera_pki::peer_client_config(&tls.identity, tls.bundles.clone(), expected)
+                        .expect("a rustls client config from a validated identity"),
+                );
+                let addr = cluster_addr.to_string();
+                endpoint.connect_with_connector_lazy(tower::service_fn(
+                    move |_: tonic::transport::Uri| {
+                        let (config, addr) = (config.clone(), addr.clone());
+                        async move {
+                            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                            tcp.set_nodelay(true)?;
+                            let name =
+                                rustls::pki_types::ServerName::try_from("node.ephemera.invalid")
+                                    .expect("a valid DNS name");
+                            let tls = tokio_rustls::TlsConnector::from(config)
+                                .connect(name, tcp)
+                                .await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                        }
+                    },
+                ))
+            }
+        };
         map.insert(id, (cluster_addr.to_string(), ch.clone()));
         Ok(ch)
     }
