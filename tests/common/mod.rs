@@ -252,6 +252,15 @@ impl DevCluster {
         );
         std::fs::write(node_dir.join("config.toml"), text).unwrap();
         self.restart(node);
+        // Ready once it accepts connections (a condition, polled).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&api).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "node {node} did not start listening on {api}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         (api, http)
     }
 

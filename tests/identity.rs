@@ -1,0 +1,309 @@
+//! End-to-end tests of workload identity over real TLS on loopback.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use ephemera_client::{pb, Client, TlsFiles};
+use ephemera_pki::{Ca, LeafUse, SpiffeId};
+use tonic::Code;
+
+const WORKLOAD: &str = "spiffe://ephemera.dev/workload/demo";
+
+fn tls_with(cluster: &DevCluster, cert: &str, key: &str) -> TlsFiles {
+    TlsFiles {
+        ca_pem: cluster.pki("ca.crt"),
+        identity: Some((cert.to_string(), key.to_string())),
+    }
+}
+
+/// A valid X.509-SVID authenticates as its SPIFFE ID; certificates of a wrong trust domain, an
+/// untrusted CA, expired ones, and ones with no or two URI SANs are refused with a precise
+/// status, and each refusal is in the audit chain.
+#[test]
+fn svids_authenticate_workloads_and_bad_certificates_are_refused_and_audited() {
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        put_role(&cluster.client(), "web", 300, 3600).await;
+        let workload = Client::with_tls(
+            &cluster.env["EPHEMERA_ADDR"],
+            None,
+            Some(&tls_with(
+                &cluster,
+                &cluster.pki("workload.crt"),
+                &cluster.pki("workload.key"),
+            )),
+        )
+        .unwrap();
+        // The principal is the SPIFFE ID: the credential is bound to it.
+        let cred = workload
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(cred.subject, WORKLOAD);
+        let claims = workload.introspect(&cred.token).await.unwrap();
+        assert!(claims.active);
+        assert_eq!(
+            (claims.sub.as_str(), claims.client_id.as_str()),
+            (WORKLOAD, WORKLOAD)
+        );
+        // A workload is not an administrator, and cannot issue for someone else.
+        let e = workload
+            .list_leases(pb::ListLeasesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+        let e = workload
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                subject: Some("spiffe://ephemera.dev/other".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+        // The HTTP listener accepts the same credential.
+        let http = cluster.https(Some((
+            &cluster.pki("workload.crt"),
+            &cluster.pki("workload.key"),
+        )));
+        let body: serde_json::Value = http
+            .post(format!("{}/oauth2/introspect", cluster.http_urls()[1]))
+            .form(&[("token", cred.token.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["active"], true);
+        assert_eq!(body["sub"], WORKLOAD);
+
+        let now = SystemTime::now();
+        let ours = cluster.ca();
+        let elsewhere = Ca::generate("elsewhere.test", now, Duration::from_secs(3600)).unwrap();
+        let rogue = Ca::generate("ephemera.dev", now, Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::parse("spiffe://ephemera.dev/workload/x").unwrap();
+        let hour = Duration::from_secs(3600);
+        let cases = vec![
+            (
+                "wrong trust domain",
+                elsewhere
+                    .issue(
+                        &SpiffeId::parse("spiffe://elsewhere.test/w").unwrap(),
+                        LeafUse::Client,
+                        &[],
+                        &[],
+                        now,
+                        hour,
+                    )
+                    .unwrap(),
+                "no trust bundle for trust domain \"elsewhere.test\"",
+            ),
+            (
+                "untrusted CA",
+                rogue
+                    .issue(&id, LeafUse::Client, &[], &[], now, hour)
+                    .unwrap(),
+                "not signed by the trust bundle",
+            ),
+            (
+                "expired",
+                ours.issue_raw(
+                    &["spiffe://ephemera.dev/workload/old"],
+                    now - 2 * hour,
+                    hour,
+                )
+                .unwrap(),
+                "expired",
+            ),
+            (
+                "no URI SAN",
+                ours.issue_raw(&[], now, hour).unwrap(),
+                "no SPIFFE ID",
+            ),
+            (
+                "two URI SANs",
+                ours.issue_raw(
+                    &["spiffe://ephemera.dev/a", "spiffe://ephemera.dev/b"],
+                    now,
+                    hour,
+                )
+                .unwrap(),
+                "2 URI SANs",
+            ),
+        ];
+        for (what, issued, message) in &cases {
+            let c = Client::with_tls(
+                &cluster.apis()[0],
+                None,
+                Some(&tls_with(&cluster, &issued.cert_pem, &issued.key_pem)),
+            )
+            .unwrap();
+            let e = c
+                .issue(pb::IssueRequest {
+                    role: "web".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(Code::Unauthenticated), "{what}: {e}");
+            assert!(
+                e.to_string().contains(message),
+                "{what}: {e} should say {message:?}"
+            );
+        }
+        let tail = cluster
+            .client()
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: 0,
+                    limit: 200,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        let denials: Vec<_> = tail
+            .records
+            .iter()
+            .filter(|r| r.action == "auth.denied")
+            .collect();
+        assert_eq!(denials.len(), cases.len(), "{denials:?}");
+        assert!(denials
+            .iter()
+            .all(|r| r.outcome == "denied" && r.reason.is_some()));
+        assert!(denials
+            .iter()
+            .any(|r| r.target.as_deref() == Some("spiffe://elsewhere.test/w")));
+        let issue = tail
+            .records
+            .iter()
+            .find(|r| r.lease_id.as_deref() == Some(cred.lease_id.as_str()))
+            .unwrap();
+        assert_eq!(
+            (issue.actor.as_str(), issue.auth_method.as_str()),
+            (WORKLOAD, "x509_svid")
+        );
+    });
+}
+
+/// A node holding a certificate for another node id cannot join and receives no Raft traffic;
+/// the cluster listener refuses clients that are not cluster nodes.
+#[test]
+fn a_node_with_another_nodes_certificate_cannot_join() {
+    let mut cluster = DevCluster::start(3, &[]);
+    // A genuine node 4 process, which the cluster is asked to add as node 5.
+    let (api4, http4) = cluster.start_new_node(4);
+    rt().block_on(async {
+        let admin = cluster.client();
+        let impostor = Client::with_tls(&api4, None, Some(&cluster.anonymous_tls())).unwrap();
+        let mut info = impostor
+            .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
+                a.get_node_info(r).await
+            })
+            .await
+            .unwrap();
+        assert_eq!(info.id, 4);
+        info.id = 5;
+        let e = admin
+            .admin_call(
+                pb::AddNodeRequest { node: Some(info) },
+                |mut a, r| async move { a.add_node(r).await },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+        assert!(
+            e.to_string()
+                .contains("spiffe://ephemera.dev/ephemera/node/5"),
+            "{e}"
+        );
+        let members = status(&admin).await.nodes;
+        assert_eq!(members.len(), 3, "membership changed: {members:?}");
+        let metrics = cluster
+            .https(None)
+            .get(format!("https://{http4}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for gauge in ["ephemera_raft_term 0", "ephemera_raft_last_log_index 0"] {
+            assert!(
+                metrics.contains(gauge),
+                "node 4 received Raft traffic:\n{metrics}"
+            );
+        }
+    });
+    // The cluster listener only takes node certificates. It serves no Admin RPC, so a caller
+    // that gets through TLS is answered UNIMPLEMENTED; a refused one fails in the transport.
+    let cfg = std::fs::read_to_string(cluster.config_path(1)).unwrap();
+    let cluster_addr = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster_addr = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let probe = |cert: &str, key: &str| {
+        let tls = tls_with(&cluster, cert, key);
+        rt().block_on(async {
+            Client::with_tls(&cluster_addr, None, Some(&tls))
+                .unwrap()
+                .admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
+                    a.get_node_info(r).await
+                })
+                .await
+                .unwrap_err()
+        })
+    };
+    let node_dir = cluster.dir.path().join("node-2");
+    let as_node = probe(
+        &std::fs::read_to_string(node_dir.join("tls.crt")).unwrap(),
+        &std::fs::read_to_string(node_dir.join("tls.key")).unwrap(),
+    );
+    assert_eq!(as_node.code(), Some(Code::Unimplemented), "{as_node}");
+    let as_admin = probe(&cluster.pki("admin.crt"), &cluster.pki("admin.key"));
+    assert_ne!(
+        as_admin.code(),
+        Some(Code::Unimplemented),
+        "the cluster listener accepted a non-node certificate"
+    );
+}
+
+/// The certificates `ephemera dev` issues verify with OpenSSL against the bundle and carry
+/// their SPIFFE ID as a URI SAN.
+#[test]
+fn openssl_accepts_the_dev_certificates() {
+    let cluster = DevCluster::start(1, &[]);
+    let pki = cluster.dir.path().join("pki");
+    for cert in [
+        pki.join("workload.crt"),
+        pki.join("admin.crt"),
+        cluster.dir.path().join("node-1/tls.crt"),
+    ] {
+        let out = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(pki.join("ca.crt"))
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(pki.join("workload.crt"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("URI:{WORKLOAD}")));
+}
