@@ -300,6 +300,24 @@ fn openssl_accepts_the_dev_certificates() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The keys are in a form OpenSSL (and so curl) reads.
+    for key in [
+        pki.join("admin.key"),
+        pki.join("workload.key"),
+        cluster.dir.path().join("node-1/tls.key"),
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            key.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = std::process::Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])
         .arg(pki.join("workload.crt"))

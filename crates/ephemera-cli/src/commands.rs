@@ -15,7 +15,7 @@ fn read_file(what: &str, path: &std::path::Path) -> Result<String> {
 
 /// TLS settings from `EPHEMERA_CA`, `EPHEMERA_CERT` and `EPHEMERA_KEY` (or the flags).
 fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
-    let identity = match (&cli.cert, &cli.key) {
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
         (Some(c), Some(k)) => Some((
             read_file("EPHEMERA_CERT", c)?,
             read_file("EPHEMERA_KEY", k)?,
@@ -23,7 +23,7 @@ fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
         (None, None) => None,
         _ => bail!("set both EPHEMERA_CERT and EPHEMERA_KEY, or neither"),
     };
-    match &cli.ca {
+    match &cli.tls_ca {
         Some(ca) => Ok(Some(TlsFiles {
             ca_pem: read_file("EPHEMERA_CA", ca)?,
             identity,

@@ -71,7 +71,7 @@ fn create_pki(dir: &Path) -> Result<ephemera_pki::Ca> {
     let now = std::time::SystemTime::now();
     let ca = Ca::generate(TRUST_DOMAIN, now, DEV_CERT_TTL)?;
     std::fs::write(pki.join("ca.crt"), ca.cert_pem())?;
-    write_private(&pki.join("ca.key"), &ca.key_pem())?;
+    write_private(&pki.join("ca.key"), &ca.key_pem()?)?;
     for (name, id) in [("admin", ADMIN_ID), ("workload", DEMO_WORKLOAD_ID)] {
         let issued = ca.issue(
             &SpiffeId::parse(id)?,

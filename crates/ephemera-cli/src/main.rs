@@ -22,14 +22,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "EPHEMERA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the nodes' certificates; enables TLS.
-    #[arg(long, global = true, env = "EPHEMERA_CA")]
-    pub ca: Option<PathBuf>,
+    #[arg(long = "tls-ca", global = true, env = "EPHEMERA_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// This client's X.509-SVID (PEM) for mTLS authentication.
-    #[arg(long, global = true, env = "EPHEMERA_CERT")]
-    pub cert: Option<PathBuf>,
-    /// The private key (PEM) of `--cert`.
-    #[arg(long, global = true, env = "EPHEMERA_KEY")]
-    pub key: Option<PathBuf>,
+    #[arg(long = "tls-cert", global = true, env = "EPHEMERA_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long = "tls-key", global = true, env = "EPHEMERA_KEY")]
+    pub tls_key: Option<PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(subcommand)]

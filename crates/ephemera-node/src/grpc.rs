@@ -53,8 +53,8 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
 #[derive(Clone)]
 pub struct Api {
     pub node: Arc<Node>,
-    /// Plaintext clusters accept only loopback member addresses.
-    pub loopback_only: bool,
+    /// Running without TLS: member addresses must be loopback, URLs are http.
+    pub plaintext: bool,
 }
 
 impl Api {
@@ -295,10 +295,7 @@ impl pb::issuer_server::Issuer for Api {
     }
 }
 
-fn node_info_from_pb(
-    n: Option<pb::NodeInfo>,
-    loopback_only: bool,
-) -> Result<(u64, NodeInfo), Error> {
+fn node_info_from_pb(n: Option<pb::NodeInfo>, plaintext: bool) -> Result<(u64, NodeInfo), Error> {
     let n = n.ok_or_else(|| Error::InvalidArgument("node is required".into()))?;
     if n.id == 0 {
         return Err(Error::InvalidArgument("node id must be non-zero".into()));
@@ -314,7 +311,7 @@ fn node_info_from_pb(
                     "{what} {addr:?} is not host:port"
                 )))
             }
-            Ok(a) if loopback_only && !a.ip().is_loopback() => {
+            Ok(a) if plaintext && !a.ip().is_loopback() => {
                 return Err(Error::InvalidArgument(format!(
                     "{what} {addr} is not a loopback address; this cluster runs without TLS"
                 )))
@@ -372,7 +369,8 @@ impl Api {
             return Err(Error::AlreadyInitialized);
         }
         let issuer = if issuer.is_empty() {
-            format!("http://{}", node.info.http_addr)
+            let scheme = if self.plaintext { "http" } else { "https" };
+            format!("{scheme}://{}", node.info.http_addr)
         } else {
             issuer
         };
@@ -446,8 +444,8 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let actor = self.admin(&req).await?;
-        let (id, info) = node_info_from_pb(req.into_inner().node, self.loopback_only)
-            .map_err(|e| self.fail(e))?;
+        let (id, info) =
+            node_info_from_pb(req.into_inner().node, self.plaintext).map_err(|e| self.fail(e))?;
         self.propose(
             actor,
             Intent::RecordAccess {

@@ -124,7 +124,7 @@ async fn metadata(State(node): State<Arc<Node>>) -> Response {
                 "issuer": issuer,
                 "jwks_uri": format!("{base}/.well-known/jwks.json"),
                 "introspection_endpoint": format!("{base}/oauth2/introspect"),
-                "introspection_endpoint_auth_methods_supported": ["bearer"],
+                "introspection_endpoint_auth_methods_supported": ["tls_client_auth", "bearer"],
                 "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
                 "response_types_supported": [],
             }))

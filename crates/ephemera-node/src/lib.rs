@@ -258,7 +258,7 @@ pub async fn run(
         );
     let api = grpc::Api {
         node: node.clone(),
-        loopback_only: cfg.insecure_plaintext,
+        plaintext: cfg.insecure_plaintext,
     };
     let api_server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))

@@ -180,6 +180,53 @@ fn gen_err(e: rcgen::Error) -> PkiError {
     PkiError::Generate(e.to_string())
 }
 
+/// PEM of an Ed25519 key as PKCS#8 v1 (RFC 8410). ring produces v2 documents (with the public
+/// key embedded), which OpenSSL 3.0, and so curl, cannot read; v1 holds the same seed and every
+/// TLS stack reads it.
+fn ed25519_pkcs8_v1_pem(key: &KeyPair) -> Result<String, PkiError> {
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = key.serialize_der();
+    let seed = match der.get(..16) {
+        Some(p) if p == V1_PREFIX => return Ok(key.serialize_pem()),
+        Some(p) if p == V2_PREFIX && der.len() >= 48 => &der[16..48],
+        _ => return Err(PkiError::Generate("unexpected Ed25519 key encoding".into())),
+    };
+    let mut v1 = V1_PREFIX.to_vec();
+    v1.extend_from_slice(seed);
+    Ok(pem_block("PRIVATE KEY", &v1))
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 impl Ca {
     /// A new Ed25519 root for `trust_domain`, valid from `now` for `validity`.
     pub fn generate(
@@ -236,9 +283,9 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// The CA's private key, PEM. Secret.
-    pub fn key_pem(&self) -> String {
-        self.key.serialize_pem()
+    /// The CA's private key, PEM (PKCS#8 v1). Secret.
+    pub fn key_pem(&self) -> Result<String, PkiError> {
+        ed25519_pkcs8_v1_pem(&self.key)
     }
 
     /// Issues a client certificate carrying exactly these URI SANs, valid in
@@ -266,7 +313,7 @@ impl Ca {
             .map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: ed25519_pkcs8_v1_pem(&key)?,
         })
     }
 
@@ -308,7 +355,7 @@ impl Ca {
             .map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: ed25519_pkcs8_v1_pem(&key)?,
         })
     }
 }

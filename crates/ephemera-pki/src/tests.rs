@@ -154,7 +154,14 @@ fn svids_verify_against_their_own_trust_domain_only() {
 fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
     let t = now();
     let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
-    let reloaded = Ca::from_pem("ours.test", ca.cert_pem(), &ca.key_pem()).unwrap();
+    let key_pem = ca.key_pem().unwrap();
+    // PKCS#8 v1 (version 0, 48 bytes), which OpenSSL 3.0 and curl read.
+    assert!(
+        key_pem.contains("MC4CAQAwBQYDK2VwBCIEI"),
+        "{}",
+        &key_pem[..60]
+    );
+    let reloaded = Ca::from_pem("ours.test", ca.cert_pem(), &key_pem).unwrap();
     let id = SpiffeId::node("ours.test", 2);
     let node = reloaded
         .issue(
@@ -178,4 +185,6 @@ fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
         id
     );
     assert!(!format!("{node:?}").contains("PRIVATE"));
+    // The leaf key loads in rustls and signs: the identity it belongs to verifies.
+    Identity::from_pem(&node.cert_pem, &node.key_pem).unwrap();
 }
