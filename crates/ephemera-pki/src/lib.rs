@@ -275,6 +275,53 @@ impl Ca {
         })
     }
 
+    /// Rebuilds the CA from its certificate and the seed of its Ed25519 key.
+    pub fn from_seed(trust_domain: &str, cert_pem: &str, seed: &[u8; 32]) -> Result<Ca, PkiError> {
+        let key = key_from_seed(seed)?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(gen_err)?;
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert,
+            key,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    /// Signs an X.509-SVID for the key in a (verified) CSR. Everything but the key comes from
+    /// the arguments, so the same inputs give the same certificate on every node (Ed25519
+    /// signatures are deterministic).
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        serial: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String, PkiError> {
+        let csr_der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der)
+            .map_err(|e| PkiError::Malformed(format!("CSR: {e}")))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Ephemera");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        csr.params = params;
+        let cert = csr.signed_by(&self.cert, &self.key).map_err(gen_err)?;
+        Ok(cert.pem())
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
@@ -360,6 +407,86 @@ impl Ca {
     }
 }
 
+/// A certificate signing request whose signature has been verified.
+#[derive(Debug, Clone)]
+pub struct ParsedCsr {
+    pub der: Vec<u8>,
+    /// The SPIFFE ID it asks for, if it carries a URI SAN.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// Largest CSR accepted, PEM or DER.
+pub const MAX_CSR_BYTES: usize = 8 * 1024;
+
+/// Parses a PEM CSR and verifies its signature (proof that the requester holds the key).
+pub fn parse_csr(pem: &str) -> Result<ParsedCsr, PkiError> {
+    if pem.len() > MAX_CSR_BYTES {
+        return Err(PkiError::Pem(format!(
+            "CSR larger than {MAX_CSR_BYTES} bytes"
+        )));
+    }
+    let der = rustls_pemfile::csr(&mut pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?
+        .ok_or_else(|| PkiError::Pem("no CERTIFICATE REQUEST block".into()))?;
+    let params = rcgen::CertificateSigningRequestParams::from_der(&der)
+        .map_err(|e| PkiError::Malformed(format!("CSR: {e}")))?;
+    let uris: Vec<String> = params
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| match s {
+            SanType::URI(u) => Some(u.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    let spiffe_id = match uris.len() {
+        0 => None,
+        1 => Some(SpiffeId::parse(&uris[0])?),
+        n => return Err(PkiError::SeveralUriSans(n)),
+    };
+    Ok(ParsedCsr {
+        der: der.to_vec(),
+        spiffe_id,
+    })
+}
+
+/// A fresh Ed25519 key and a CSR for it (with `id` as its URI SAN, if given). For workloads.
+pub fn new_csr(id: Option<&SpiffeId>) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+    let mut params = CertificateParams::default();
+    if let Some(id) = id {
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
+    }
+    let csr = params.serialize_request(&key).map_err(gen_err)?;
+    Ok(Issued {
+        cert_pem: csr.pem().map_err(gen_err)?,
+        key_pem: ed25519_pkcs8_v1_pem(&key)?,
+    })
+}
+
+/// The 32-byte seed of an Ed25519 private key in PEM (PKCS#8 v1 or v2).
+pub fn ed25519_seed(key_pem: &str) -> Result<[u8; 32], PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(gen_err)?;
+    let der = key.serialize_der();
+    if der.len() < 48 || der[..7] != [0x30, der[1], 0x02, 0x01, der[4], 0x30, 0x05] {
+        return Err(PkiError::Pem("not an Ed25519 PKCS#8 key".into()));
+    }
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(&der[16..48]);
+    Ok(seed)
+}
+
+fn key_from_seed(seed: &[u8; 32]) -> Result<KeyPair, PkiError> {
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let mut der = V1_PREFIX.to_vec();
+    der.extend_from_slice(seed);
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519).map_err(gen_err)
+}
+
 // ------------------------------------------------------------------------------------------
 // Verification
 // ------------------------------------------------------------------------------------------
@@ -436,6 +563,15 @@ impl TrustBundles {
         })?;
         Ok(id)
     }
+}
+
+/// The certificate's serial number, big-endian, without leading zero bytes.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    let raw = parsed.raw_serial();
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    Ok(raw[start..].to_vec())
 }
 
 /// The SPIFFE ID in a certificate's URI SAN; refuses none, several, or a CA certificate.

@@ -188,3 +188,47 @@ fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
     // The leaf key loads in rustls and signs: the identity it belongs to verifies.
     Identity::from_pem(&node.cert_pem, &node.key_pem).unwrap();
 }
+
+#[test]
+fn csr_signing_is_deterministic_and_yields_a_verifiable_svid() {
+    let t = now();
+    let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
+    let seed = ed25519_seed(&ca.key_pem().unwrap()).unwrap();
+    let rebuilt = Ca::from_seed("ours.test", ca.cert_pem(), &seed).unwrap();
+    let id = SpiffeId::parse("spiffe://ours.test/ci/job").unwrap();
+    let req = new_csr(Some(&id)).unwrap();
+    let parsed = parse_csr(&req.cert_pem).unwrap();
+    assert_eq!(parsed.spiffe_id.as_ref(), Some(&id));
+    let serial = [0x01, 0xaa, 0xbb];
+    let nb = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+    let a = ca
+        .sign_csr(&parsed.der, &id, &serial, nb, nb + Duration::from_secs(600))
+        .unwrap();
+    let b = rebuilt
+        .sign_csr(&parsed.der, &id, &serial, nb, nb + Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(
+        a, b,
+        "the same lease must give the same certificate on every node"
+    );
+    let chain = parse_certs(&a).unwrap();
+    assert_eq!(serial_of(&chain[0]).unwrap(), serial.to_vec());
+    let bundle = bundles(&[&ca]);
+    assert_eq!(
+        bundle.verify_svid(&chain, Usage::Client, unix(t)).unwrap(),
+        id
+    );
+    Identity::from_pem(&a, &req.key_pem).unwrap();
+    // A CSR without a SPIFFE ID is accepted (the issuer decides the ID); a tampered one is not.
+    assert_eq!(
+        parse_csr(&new_csr(None).unwrap().cert_pem)
+            .unwrap()
+            .spiffe_id,
+        None
+    );
+    let mut tampered = req.cert_pem.clone().into_bytes();
+    let mid = tampered.len() / 2;
+    tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
+    assert!(parse_csr(std::str::from_utf8(&tampered).unwrap()).is_err());
+}
