@@ -46,6 +46,17 @@ impl RevokeTarget {
     }
 }
 
+/// A request for an X.509-SVID, from a workload's verified CSR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SvidIntent {
+    /// The SPIFFE ID asked for; `None` means the caller's own (or the join token's).
+    pub spiffe_id: Option<String>,
+    pub csr_der: Vec<u8>,
+    pub ttl_s: Option<u64>,
+    /// Hash of the join token redeemed with this request, if any.
+    pub join_token_hash: Option<Vec<u8>>,
+}
+
 /// What a caller asks for, before the leader stamps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
@@ -75,6 +86,19 @@ pub enum Intent {
         presented: String,
         reason: String,
     },
+    /// Install the cluster CA (its key sealed under the KEK by the node that received it).
+    SetClusterCa {
+        trust_domain: String,
+        cert_pem: String,
+        sealed_seed: Vec<u8>,
+    },
+    /// Create a one-time join token for a SPIFFE ID; only its hash is ever stored.
+    CreateJoinToken {
+        token_hash: Vec<u8>,
+        spiffe_id: String,
+        ttl_s: u64,
+    },
+    IssueSvid(SvidIntent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +147,21 @@ pub enum Op {
     RecordDenial {
         presented: String,
         reason: String,
+    },
+    SetClusterCa {
+        trust_domain: String,
+        cert_pem: String,
+        sealed_seed: Vec<u8>,
+    },
+    CreateJoinToken {
+        token_hash: Vec<u8>,
+        spiffe_id: String,
+        ttl_s: u64,
+    },
+    IssueSvid {
+        intent: SvidIntent,
+        lease_id: String,
+        renew_after_permille: u16,
     },
 }
 
@@ -222,6 +261,29 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::RecordAccess { action, target } => Op::RecordAccess { action, target },
         Intent::RecordDenial { presented, reason } => Op::RecordDenial { presented, reason },
+        Intent::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        } => Op::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        },
+        Intent::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        } => Op::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        },
+        Intent::IssueSvid(intent) => Op::IssueSvid {
+            intent,
+            lease_id: new_lease_id(entropy),
+            renew_after_permille: random_permille(entropy),
+        },
     };
     Command {
         now_ms,
@@ -310,6 +372,23 @@ fn validate_ttl(what: &str, ttl_s: u64) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// A SPIFFE ID's shape (full verification lives with the certificate code).
+pub fn validate_spiffe_id(id: &str) -> Result<(), Error> {
+    let ok = id.len() <= 2048
+        && id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(td, path)| !td.is_empty() && !path.is_empty())
+        && !id.chars().any(|c| c.is_control() || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{id:?} is not a SPIFFE ID (spiffe://trust-domain/path)"
+        )))
+    }
 }
 
 pub fn validate_lease_id(id: &str) -> Result<(), Error> {
@@ -416,6 +495,56 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             }
             Ok(())
         }
+        Intent::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        } => {
+            validate_text("trust domain", trust_domain, MAX_NAME_LEN, false)?;
+            if cert_pem.is_empty() || cert_pem.len() > 16 * 1024 || sealed_seed.len() > 128 {
+                return Err(invalid(
+                    "CA certificate or sealed key has an invalid size".into(),
+                ));
+            }
+            Ok(())
+        }
+        Intent::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        } => {
+            if token_hash.len() != 32 {
+                return Err(invalid("join token hash must be 32 bytes".into()));
+            }
+            validate_spiffe_id(spiffe_id)?;
+            if *ttl_s == 0 || *ttl_s > crate::types::JOIN_TOKEN_MAX_TTL_S {
+                return Err(invalid(format!(
+                    "join token TTL must be between 1s and {}s",
+                    crate::types::JOIN_TOKEN_MAX_TTL_S
+                )));
+            }
+            Ok(())
+        }
+        Intent::IssueSvid(i) => {
+            if let Some(id) = &i.spiffe_id {
+                validate_spiffe_id(id)?;
+            }
+            if i.csr_der.is_empty() || i.csr_der.len() > 8 * 1024 {
+                return Err(invalid("CSR must be 1 to 8192 bytes".into()));
+            }
+            if let Some(t) = i.ttl_s {
+                if t == 0 || t > crate::types::SVID_MAX_TTL_S {
+                    return Err(invalid(format!(
+                        "SVID TTL must be between 1s and {}s",
+                        crate::types::SVID_MAX_TTL_S
+                    )));
+                }
+            }
+            if i.join_token_hash.as_ref().is_some_and(|h| h.len() != 32) {
+                return Err(invalid("join token hash must be 32 bytes".into()));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -449,6 +578,25 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             presented: presented.clone(),
             reason: reason.clone(),
         },
+        Op::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        } => Intent::SetClusterCa {
+            trust_domain: trust_domain.clone(),
+            cert_pem: cert_pem.clone(),
+            sealed_seed: sealed_seed.clone(),
+        },
+        Op::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        } => Intent::CreateJoinToken {
+            token_hash: token_hash.clone(),
+            spiffe_id: spiffe_id.clone(),
+            ttl_s: *ttl_s,
+        },
+        Op::IssueSvid { intent, .. } => Intent::IssueSvid(intent.clone()),
         Op::AddSigningKey { .. } | Op::Expire { .. } => return None,
     })
 }

@@ -14,16 +14,22 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditRecord, GENESIS_HASH};
 use crate::command::{
     intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, RevokeTarget,
+    SvidIntent,
 };
 use crate::error::{Error, StorageError};
 use crate::kv::{prefix_end, KvRead, Overlay};
-use crate::types::{KeyState, Lease, LeaseState, Principal, Role, SigningKeyRecord};
+use crate::types::{
+    ClusterCa, CredentialKind, JoinToken, KeyState, Lease, LeaseState, Principal, Role,
+    SigningKeyRecord, SVID_DEFAULT_TTL_S, SVID_MAX_TTL_S, SVID_ROLE,
+};
 
 const META_TIME: &[u8] = b"meta/time";
 const META_ADMIN_HASH: &[u8] = b"meta/admin_hash";
 const META_ISSUER: &[u8] = b"meta/issuer";
 const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
 const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
+const META_CA: &[u8] = b"meta/ca";
+const PFX_JOIN_TOKEN: &str = "jt/";
 const PFX_ROLE: &str = "role/";
 const PFX_LEASE: &str = "lease/";
 const PFX_KEY: &str = "key/";
@@ -36,7 +42,9 @@ const PFX_AUDIT: &str = "audit/r/";
 
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
-pub const STATE_PREFIXES: &[&str] = &["audit/", "ix/", "key/", "lease/", "meta/", "req/", "role/"];
+pub const STATE_PREFIXES: &[&str] = &[
+    "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "req/", "role/",
+];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
 pub const KEY_PUBLISH_GRACE_MS: u64 = 60_000;
@@ -91,6 +99,9 @@ fn ix_key(pfx: &str, value: &str, id: &str) -> Vec<u8> {
 }
 fn req_key(client: &str, request_id: &str) -> Vec<u8> {
     ix_key(PFX_REQ, client, request_id)
+}
+fn join_token_key(hash: &[u8]) -> Vec<u8> {
+    format!("{PFX_JOIN_TOKEN}{}", hex::encode(hash)).into_bytes()
 }
 fn audit_key(seq: u64) -> Vec<u8> {
     format!("{PFX_AUDIT}{seq:016x}").into_bytes()
@@ -183,6 +194,9 @@ fn action_name(op: &Op) -> &'static str {
         Op::Expire { .. } => "lease.expire",
         Op::RecordAccess { .. } => "access",
         Op::RecordDenial { .. } => "auth.denied",
+        Op::SetClusterCa { .. } => "ca.set",
+        Op::CreateJoinToken { .. } => "jointoken.create",
+        Op::IssueSvid { .. } => "svid.issue",
     }
 }
 
@@ -385,6 +399,64 @@ fn apply_op<R: KvRead + ?Sized>(
             audit.target = Some(presented.clone());
             Ok(Err(Error::Unauthenticated(reason.clone())))
         }
+        Op::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        } => {
+            audit.target = Some(format!("trust_domain:{trust_domain}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(META_CA)?.is_some() {
+                return Ok(Err(Error::InvalidArgument(
+                    "the cluster CA is already set".into(),
+                )));
+            }
+            let ca = ClusterCa {
+                trust_domain: trust_domain.clone(),
+                cert_pem: cert_pem.clone(),
+                sealed_seed: sealed_seed.clone(),
+            };
+            kv.put(META_CA.to_vec(), enc(&ca));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        } => {
+            audit.subject = Some(spiffe_id.clone());
+            audit.ttl_s = Some(*ttl_s);
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            let key = join_token_key(token_hash);
+            if kv.get(&key)?.is_some() {
+                return Ok(Err(Error::Internal("join token collision".into())));
+            }
+            let token = JoinToken {
+                spiffe_id: spiffe_id.clone(),
+                expires_at_ms: now + ttl_s * 1000,
+                created_by: actor.id.clone(),
+                used_at_ms: None,
+            };
+            kv.put(key, enc(&token));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::IssueSvid {
+            intent,
+            lease_id,
+            renew_after_permille,
+        } => issue_svid(
+            kv,
+            actor,
+            now,
+            intent,
+            lease_id,
+            *renew_after_permille,
+            audit,
+        ),
     }
 }
 
@@ -492,12 +564,9 @@ fn issue<R: KvRead + ?Sized>(
         kid: kid.clone(),
         renewals: 0,
         state: LeaseState::Active,
+        csr_der: None,
     };
-    kv.put(lease_key(lease_id), enc(&lease));
-    kv.put(deadline_key(expires_at_ms, lease_id), Vec::new());
-    kv.put(ix_key(PFX_SUBJECT, &subject, lease_id), Vec::new());
-    kv.put(ix_key(PFX_ROLE_IX, &role.name, lease_id), Vec::new());
-    kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
+    insert_lease(kv, &lease);
     note_key_use(kv, &kid, expires_at_ms)?;
     if let Some(request_id) = &intent.request_id {
         kv.put(
@@ -512,6 +581,110 @@ fn issue<R: KvRead + ?Sized>(
     audit.ttl_s = Some(ttl_s);
     audit.scopes = lease.scopes.clone();
     audit.audience = Some(lease.audience.clone());
+    Ok(Ok(Outcome::Lease {
+        lease,
+        replayed: false,
+    }))
+}
+
+/// Writes a new active lease and its indexes.
+fn insert_lease<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, lease: &Lease) {
+    let id = &lease.id;
+    kv.put(lease_key(id), enc(lease));
+    kv.put(deadline_key(lease.expires_at_ms, id), Vec::new());
+    kv.put(ix_key(PFX_SUBJECT, &lease.subject, id), Vec::new());
+    kv.put(ix_key(PFX_ROLE_IX, &lease.role, id), Vec::new());
+    if !lease.kid.is_empty() {
+        kv.put(ix_key(PFX_KID_IX, &lease.kid, id), Vec::new());
+    }
+}
+
+fn issue_svid<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    intent: &SvidIntent,
+    lease_id: &str,
+    renew_after_permille: u16,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    let spiffe_id = match &intent.join_token_hash {
+        Some(hash) => {
+            // Consumed here, in the log's order: of two concurrent redemptions exactly one wins.
+            let key = join_token_key(hash);
+            let Some(mut token) = get::<JoinToken>(kv, &key)? else {
+                return Ok(Err(Error::Unauthenticated("unknown join token".into())));
+            };
+            audit.subject = Some(token.spiffe_id.clone());
+            if token.used_at_ms.is_some() {
+                return Ok(Err(Error::Unauthenticated(
+                    "join token already used".into(),
+                )));
+            }
+            if now >= token.expires_at_ms {
+                return Ok(Err(Error::Unauthenticated("join token expired".into())));
+            }
+            if intent
+                .spiffe_id
+                .as_ref()
+                .is_some_and(|id| *id != token.spiffe_id)
+            {
+                return Ok(Err(Error::PermissionDenied(format!(
+                    "this join token is for {}",
+                    token.spiffe_id
+                ))));
+            }
+            token.used_at_ms = Some(now);
+            kv.put(key, enc(&token));
+            token.spiffe_id
+        }
+        None => {
+            let id = intent.spiffe_id.clone().unwrap_or_else(|| actor.id.clone());
+            if id != actor.id && !actor.is_admin() {
+                return Ok(Err(Error::PermissionDenied(format!(
+                    "{} may obtain an SVID only for itself",
+                    actor.id
+                ))));
+            }
+            id
+        }
+    };
+    audit.subject = Some(spiffe_id.clone());
+    if get::<ClusterCa>(kv, META_CA)?.is_none() {
+        return Ok(Err(Error::Unavailable(
+            "the cluster has no CA to issue X.509-SVIDs".into(),
+        )));
+    }
+    let ttl_s = intent
+        .ttl_s
+        .unwrap_or(SVID_DEFAULT_TTL_S)
+        .min(SVID_MAX_TTL_S);
+    let expires_at_ms = now + ttl_s * 1000;
+    let lease = Lease {
+        id: lease_id.to_string(),
+        role: SVID_ROLE.to_string(),
+        kind: CredentialKind::X509Svid,
+        subject: spiffe_id,
+        client_id: actor.id.clone(),
+        audience: String::new(),
+        scopes: Vec::new(),
+        purpose: None,
+        ttl_s,
+        issued_at_ms: now,
+        minted_at_ms: now,
+        expires_at_ms,
+        // SVIDs are rotated by fetching a new one, never extended.
+        max_expires_at_ms: expires_at_ms,
+        renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
+        kid: String::new(),
+        renewals: 0,
+        state: LeaseState::Active,
+        csr_der: Some(intent.csr_der.clone()),
+    };
+    insert_lease(kv, &lease);
+    audit.lease_id = Some(lease.id.clone());
+    audit.role = Some(SVID_ROLE.to_string());
+    audit.ttl_s = Some(ttl_s);
     Ok(Ok(Outcome::Lease {
         lease,
         replayed: false,
@@ -561,6 +734,11 @@ fn renew<R: KvRead + ?Sized>(
             return Ok(Err(Error::LeaseExpired(lease_id.to_string())))
         }
         LeaseState::Active => {}
+    }
+    if lease.kind == CredentialKind::X509Svid {
+        return Ok(Err(Error::InvalidArgument(
+            "an X.509-SVID is rotated by fetching a new one, not renewed".into(),
+        )));
     }
     if lease.expires_at_ms >= lease.max_expires_at_ms {
         return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
@@ -672,6 +850,10 @@ pub fn admin_credential_hash(kv: &(impl KvRead + ?Sized)) -> Result<Option<Vec<u
 
 pub fn issuer(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
     get(kv, META_ISSUER)
+}
+
+pub fn cluster_ca(kv: &(impl KvRead + ?Sized)) -> Result<Option<ClusterCa>, StorageError> {
+    get(kv, META_CA)
 }
 
 pub fn active_kid(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {

@@ -619,3 +619,91 @@ fn a_workload_issues_and_revokes_only_for_itself() {
     );
     assert_eq!(last.target.as_deref(), Some("spiffe://evil.test/x"));
 }
+
+#[test]
+fn join_tokens_are_single_use_and_expire() {
+    let mut w = World::new();
+    let svid = |hash: Option<[u8; 32]>| {
+        Intent::IssueSvid(SvidIntent {
+            spiffe_id: None,
+            csr_der: vec![1, 2, 3],
+            ttl_s: Some(600),
+            join_token_hash: hash.map(|h| h.to_vec()),
+        })
+    };
+    let joiner = Principal::unauthenticated(AuthMethod::JoinToken);
+    // No CA yet: SVIDs cannot be issued.
+    let h = crate::crypto::hash_secret("t1");
+    w.admin(Intent::CreateJoinToken {
+        token_hash: h.to_vec(),
+        spiffe_id: "spiffe://td/w/1".into(),
+        ttl_s: 60,
+    })
+    .unwrap();
+    assert!(matches!(
+        w.propose(joiner.clone(), svid(Some(h))),
+        Err(Error::Unavailable(_))
+    ));
+    w.admin(Intent::SetClusterCa {
+        trust_domain: "td".into(),
+        cert_pem: "PEM".into(),
+        sealed_seed: vec![0; 60],
+    })
+    .unwrap();
+    // The failed attempt above did not consume the token (its writes were discarded).
+    let lease = match w.propose(joiner.clone(), svid(Some(h))).unwrap() {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(lease.subject, "spiffe://td/w/1");
+    assert_eq!(lease.kind, CredentialKind::X509Svid);
+    assert_eq!(lease.max_expires_at_ms, lease.expires_at_ms);
+    assert_eq!(
+        w.propose(joiner.clone(), svid(Some(h))).unwrap_err(),
+        Error::Unauthenticated("join token already used".into())
+    );
+    assert_eq!(
+        w.propose(
+            joiner.clone(),
+            svid(Some(crate::crypto::hash_secret("nope")))
+        )
+        .unwrap_err(),
+        Error::Unauthenticated("unknown join token".into())
+    );
+    let h2 = crate::crypto::hash_secret("t2");
+    w.admin(Intent::CreateJoinToken {
+        token_hash: h2.to_vec(),
+        spiffe_id: "spiffe://td/w/2".into(),
+        ttl_s: 60,
+    })
+    .unwrap();
+    w.now += 60_000;
+    assert_eq!(
+        w.propose(joiner, svid(Some(h2))).unwrap_err(),
+        Error::Unauthenticated("join token expired".into())
+    );
+    // SVIDs are rotated, not renewed; a workload obtains SVIDs only for itself.
+    assert!(matches!(
+        w.renew(&lease.id, None),
+        Err(Error::InvalidArgument(_))
+    ));
+    let me = Principal::svid("spiffe://td/w/1".into(), "td".into(), false);
+    let mut other = SvidIntent {
+        spiffe_id: Some("spiffe://td/w/9".into()),
+        csr_der: vec![1],
+        ttl_s: None,
+        join_token_hash: None,
+    };
+    assert!(matches!(
+        w.propose(me.clone(), Intent::IssueSvid(other.clone())),
+        Err(Error::PermissionDenied(_))
+    ));
+    other.spiffe_id = None;
+    assert!(matches!(
+        w.propose(me, Intent::IssueSvid(other)).unwrap(),
+        Outcome::Lease { .. }
+    ));
+    // Only the hash is stored; the audit names the identity, never the token.
+    let audit = serde_json::to_string(&state::audit_records(&w.kv, 1, 10_000).unwrap()).unwrap();
+    assert!(!audit.contains(&hex::encode(h)));
+}

@@ -182,6 +182,7 @@ mod tests {
             kid: "k".into(),
             renewals: 0,
             state: LeaseState::Active,
+            csr_der: None,
         }
     }
 

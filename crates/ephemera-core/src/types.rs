@@ -14,6 +14,8 @@ pub enum AuthMethod {
     System,
     /// mTLS with an X.509-SVID verified against a trust bundle.
     X509Svid,
+    /// A one-time join token (redeemed for a first X.509-SVID).
+    JoinToken,
 }
 
 impl AuthMethod {
@@ -22,6 +24,7 @@ impl AuthMethod {
             AuthMethod::BootstrapAdmin => "bootstrap_admin",
             AuthMethod::System => "system",
             AuthMethod::X509Svid => "x509_svid",
+            AuthMethod::JoinToken => "join_token",
         }
     }
 }
@@ -94,12 +97,15 @@ impl Principal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CredentialKind {
     Jwt,
+    /// An X.509-SVID signed by the cluster CA for a workload's own key.
+    X509Svid,
 }
 
 impl CredentialKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             CredentialKind::Jwt => "jwt",
+            CredentialKind::X509Svid => "x509-svid",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -166,6 +172,8 @@ pub struct Lease {
     pub kid: String,
     pub renewals: u32,
     pub state: LeaseState,
+    /// For an X.509-SVID: the verified CSR whose key the certificate certifies.
+    pub csr_der: Option<Vec<u8>>,
 }
 
 impl Lease {
@@ -174,6 +182,40 @@ impl Lease {
         self.state == LeaseState::Active && now_ms < self.expires_at_ms
     }
 }
+
+/// A one-time join token, stored by the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub spiffe_id: String,
+    pub expires_at_ms: u64,
+    pub created_by: String,
+    /// Set when redeemed; a token is redeemed at most once, cluster-wide.
+    pub used_at_ms: Option<u64>,
+}
+
+/// The cluster CA: its certificate and the seed of its Ed25519 key, sealed under the KEK.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCa {
+    pub trust_domain: String,
+    pub cert_pem: String,
+    pub sealed_seed: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key id under which the CA seed is sealed (the AEAD's associated data).
+pub const CLUSTER_CA_KEY_ID: &str = "cluster-ca";
+/// Role name of X.509-SVID leases (revoke them all with `revoke --role x509-svid`).
+pub const SVID_ROLE: &str = "x509-svid";
+pub const SVID_DEFAULT_TTL_S: u64 = 3600;
+pub const SVID_MAX_TTL_S: u64 = 24 * 3600;
+pub const JOIN_TOKEN_MAX_TTL_S: u64 = 24 * 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyState {
