@@ -325,3 +325,135 @@ fn openssl_accepts_the_dev_certificates() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("URI:{WORKLOAD}")));
 }
+
+/// A join token redeemed concurrently on two nodes yields exactly one X.509-SVID; reuse and
+/// expired tokens are refused. The SVID verifies with OpenSSL against the bundle, names its
+/// SPIFFE ID, authenticates its holder, and stops working once its lease is revoked.
+#[test]
+fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
+    let cluster = DevCluster::start(3, &[]);
+    let out = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let admin = cluster.client();
+        let create = |id: &str, ttl_s: u64| {
+            let admin = &admin;
+            let id = id.to_string();
+            async move {
+                admin
+                    .admin_call(
+                        pb::CreateJoinTokenRequest {
+                            spiffe_id: id,
+                            ttl_s,
+                        },
+                        |mut a, r| async move { a.create_join_token(r).await },
+                    )
+                    .await
+                    .unwrap()
+                    .token
+            }
+        };
+        let token = create("spiffe://ephemera.dev/ci/runner", 600).await;
+        let redeem = |node: u64, token: String| {
+            let csr = ephemera_pki::new_csr(None).unwrap();
+            let client = Client::with_tls(
+                &cluster.apis()[node as usize - 1],
+                None,
+                Some(&cluster.anonymous_tls()),
+            )
+            .unwrap();
+            async move {
+                let r = client
+                    .issue_svid(pb::IssueSvidRequest {
+                        csr_pem: csr.cert_pem.clone(),
+                        join_token: Some(token),
+                        ttl_s: None,
+                    })
+                    .await;
+                (r, csr.key_pem)
+            }
+        };
+        let ((a, key_a), (b, key_b)) =
+            tokio::join!(redeem(1, token.clone()), redeem(3, token.clone()));
+        let (svid, key) = match (a, b) {
+            (Ok(s), Err(e)) => {
+                assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+                (s, key_a)
+            }
+            (Err(e), Ok(s)) => {
+                assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+                (s, key_b)
+            }
+            (a, b) => panic!(
+                "exactly one redemption must win: {:?} / {:?}",
+                a.map(|s| s.lease_id),
+                b.map(|s| s.lease_id)
+            ),
+        };
+        assert_eq!(svid.spiffe_id, "spiffe://ephemera.dev/ci/runner");
+        let (reuse, _) = redeem(2, token).await;
+        let reuse = reuse.unwrap_err();
+        assert!(
+            reuse.to_string().contains("join token already used"),
+            "{reuse}"
+        );
+        let short = create("spiffe://ephemera.dev/ci/short", 1).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (expired, _) = redeem(1, short).await;
+        assert!(expired
+            .unwrap_err()
+            .to_string()
+            .contains("join token expired"));
+
+        std::fs::write(out.path().join("svid.pem"), &svid.cert_pem).unwrap();
+        std::fs::write(out.path().join("bundle.pem"), &svid.bundle_pem).unwrap();
+        // The SVID authenticates its holder as its SPIFFE ID...
+        let holder = Client::with_tls(
+            &cluster.env["EPHEMERA_ADDR"],
+            None,
+            Some(&tls_with(&cluster, &svid.cert_pem, &key)),
+        )
+        .unwrap();
+        put_role(&admin, "web", 300, 3600).await;
+        let cred = holder
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(cred.subject, "spiffe://ephemera.dev/ci/runner");
+        // ...and is a revocable lease.
+        admin
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::LeaseId(svid.lease_id.clone())),
+            })
+            .await
+            .unwrap();
+        let e = holder
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+        assert!(e.to_string().contains("revoked"), "{e}");
+    });
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(out.path().join("bundle.pem"))
+        .arg(out.path().join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(out.path().join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("URI:spiffe://ephemera.dev/ci/runner"));
+}

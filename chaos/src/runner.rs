@@ -579,6 +579,7 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
         .admin_call(
             pb::InitClusterRequest {
                 issuer: "https://chaos.ephemera.test".into(),
+                ..Default::default()
             },
             |mut a, r| async move { a.init_cluster(r).await },
         )

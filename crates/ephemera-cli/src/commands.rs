@@ -181,6 +181,66 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Keys(k) => keys(&cli, k).await,
         Command::Audit(a) => audit(&cli, a).await,
         Command::Chaos(a) => chaos(a).await,
+        Command::Jointoken(crate::JoinTokenCmd::Create { spiffe_id, ttl }) => {
+            let ttl_s = parse_duration_s(ttl).context("--ttl")?;
+            let t = client(&cli)?
+                .admin_call(
+                    pb::CreateJoinTokenRequest {
+                        spiffe_id: spiffe_id.clone(),
+                        ttl_s,
+                    },
+                    |mut a, r| async move { a.create_join_token(r).await },
+                )
+                .await?;
+            print(
+                cli.output,
+                json!({"token": t.token, "spiffe_id": t.spiffe_id, "expires_at": fmt_time(t.expires_at_ms)}),
+                || {
+                    format!(
+                        "join token for {} (single use, expires {}):\n{}",
+                        t.spiffe_id,
+                        fmt_time(t.expires_at_ms),
+                        t.token
+                    )
+                },
+            );
+            Ok(())
+        }
+        Command::Svid(crate::SvidCmd::Fetch {
+            out,
+            join_token,
+            ttl,
+        }) => {
+            let ttl_s = ttl.as_deref().map(parse_duration_s).transpose()?;
+            let req = ephemera_pki::new_csr(None)?;
+            let svid = client(&cli)?
+                .issue_svid(pb::IssueSvidRequest {
+                    csr_pem: req.cert_pem.clone(),
+                    join_token: join_token.clone(),
+                    ttl_s,
+                })
+                .await?;
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            std::fs::write(out.join("svid.pem"), &svid.cert_pem)?;
+            crate::dev::write_private(&out.join("svid.key"), &req.key_pem)?;
+            std::fs::write(out.join("bundle.pem"), &svid.bundle_pem)?;
+            print(
+                cli.output,
+                json!({"spiffe_id": svid.spiffe_id, "lease_id": svid.lease_id,
+                       "expires_at": fmt_time(svid.expires_at_ms), "out": out}),
+                || {
+                    format!(
+                        "X.509-SVID for {} (lease {}, expires {}) written to {}",
+                        svid.spiffe_id,
+                        svid.lease_id,
+                        fmt_time(svid.expires_at_ms),
+                        out.display()
+                    )
+                },
+            );
+            Ok(())
+        }
     }
 }
 
@@ -357,7 +417,18 @@ fn status_text(s: &pb::ClusterStatus) -> String {
 
 async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
     match cmd {
-        ClusterCmd::Init { issuer } => {
+        ClusterCmd::Init {
+            issuer,
+            ca_cert,
+            ca_key,
+        } => {
+            let read = |p: &Option<std::path::PathBuf>, what| {
+                p.as_deref().map(|p| read_file(what, p)).transpose()
+            };
+            let (ca_cert_pem, ca_key_pem) = (
+                read(ca_cert, "--ca-cert")?.unwrap_or_default(),
+                read(ca_key, "--ca-key")?.unwrap_or_default(),
+            );
             // Initialisation targets one specific node: the first endpoint.
             let c = client(cli)?;
             let first = c.endpoints()[0].clone();
@@ -366,6 +437,8 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
                 .admin_call(
                     pb::InitClusterRequest {
                         issuer: issuer.clone(),
+                        ca_cert_pem,
+                        ca_key_pem,
                     },
                     |mut a, r| async move { a.init_cluster(r).await },
                 )

@@ -23,7 +23,8 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes a file readable by its owner only (keys, tokens).
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -284,6 +285,8 @@ async fn setup(
             .admin_call(
                 pb::InitClusterRequest {
                     issuer: String::new(),
+                    ca_cert_pem: std::fs::read_to_string(dir.join("pki/ca.crt"))?,
+                    ca_key_pem: std::fs::read_to_string(dir.join("pki/ca.key"))?,
                 },
                 |mut a, r| async move { a.init_cluster(r).await },
             )

@@ -82,6 +82,38 @@ pub enum Command {
     Audit(AuditCmd),
     /// Run a cluster under injected faults and check the history (see README, "Chaos testing").
     Chaos(ChaosArgs),
+    /// One-time join tokens, redeemed for a first X.509-SVID.
+    #[command(subcommand)]
+    Jointoken(JoinTokenCmd),
+    /// X.509-SVIDs issued by the cluster CA.
+    #[command(subcommand)]
+    Svid(SvidCmd),
+}
+
+#[derive(Subcommand)]
+pub enum JoinTokenCmd {
+    /// Create a join token for a SPIFFE ID (shown once).
+    Create {
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SvidCmd {
+    /// Generate a key here, have the cluster sign it, and write svid.pem, svid.key, bundle.pem.
+    /// With --join-token, for a workload that has no SVID yet; otherwise rotates the SVID of
+    /// EPHEMERA_CERT/EPHEMERA_KEY.
+    Fetch {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        join_token: Option<String>,
+        #[arg(long)]
+        ttl: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -124,6 +156,12 @@ pub enum ClusterCmd {
         /// `iss` of issued tokens (default: the node's HTTP URL).
         #[arg(long, default_value = "")]
         issuer: String,
+        /// The cluster CA certificate and key (PEM) for issuing X.509-SVIDs; the key is sealed
+        /// under the key-encryption key and replicated.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
     },
     /// Add a running, uninitialised node (given by its API address) to the cluster.
     Join {

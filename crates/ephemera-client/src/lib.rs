@@ -270,6 +270,16 @@ impl Client {
         .await
     }
 
+    /// Not idempotent (a join token is consumed), so it fails over only when the request
+    /// certainly did not execute.
+    pub async fn issue_svid(&self, req: pb::IssueSvidRequest) -> Result<pb::Svid, ClientError> {
+        self.call_with(Retry::ConnectOnly, |ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).issue_svid(r).await?.into_inner()) }
+        })
+        .await
+    }
+
     pub async fn introspect(&self, token: &str) -> Result<pb::IntrospectResponse, ClientError> {
         let req = pb::IntrospectRequest {
             token: token.to_string(),

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ephemera_core::command::{Intent, IssueIntent, Outcome, Proposal, RevokeTarget};
+use ephemera_core::command::{Intent, IssueIntent, Outcome, Proposal, RevokeTarget, SvidIntent};
 use ephemera_core::crypto::hash_secret;
 use ephemera_core::state::{self, LeaseFilter};
-use ephemera_core::types::{CredentialKind, Lease, LeaseState, Principal, Role};
+use ephemera_core::types::{AuthMethod, CredentialKind, Lease, LeaseState, Principal, Role};
 use ephemera_core::{Error, ErrorCode};
 use ephemera_proto::internal as ipb;
 use ephemera_proto::v1 as pb;
@@ -153,6 +153,44 @@ fn role_to_pb(r: Role) -> pb::Role {
 
 #[tonic::async_trait]
 impl pb::issuer_server::Issuer for Api {
+    async fn issue_svid(
+        &self,
+        req: Request<pb::IssueSvidRequest>,
+    ) -> Result<Response<pb::Svid>, Status> {
+        let r = req.get_ref();
+        let csr = ephemera_pki::parse_csr(&r.csr_pem)
+            .map_err(|e| self.fail(Error::InvalidArgument(format!("invalid CSR: {e}"))))?;
+        // A join token is the credential of a workload that has no SVID yet; otherwise the
+        // caller authenticates as usual and may only rotate its own identity.
+        let (actor, join_token_hash) = match &r.join_token {
+            Some(token) => (
+                Principal::unauthenticated(AuthMethod::JoinToken),
+                Some(hash_secret(token).to_vec()),
+            ),
+            None => (self.auth(&req).await?, None),
+        };
+        let r = req.into_inner();
+        let intent = Intent::IssueSvid(SvidIntent {
+            spiffe_id: csr.spiffe_id.map(|id| id.to_string()),
+            csr_der: csr.der,
+            ttl_s: r.ttl_s,
+            join_token_hash,
+        });
+        let Outcome::Lease { lease, .. } = self.propose(actor, intent).await? else {
+            return Err(to_status(Error::Internal(
+                "SVID issuance returned no lease".into(),
+            )));
+        };
+        let (cert_pem, bundle_pem) = self.node.sign_svid(&lease).map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::Svid {
+            lease_id: lease.id,
+            spiffe_id: lease.subject,
+            cert_pem,
+            bundle_pem,
+            expires_at_ms: lease.expires_at_ms,
+        }))
+    }
+
     async fn issue(
         &self,
         req: Request<pb::IssueRequest>,
@@ -355,7 +393,12 @@ impl Api {
         }
     }
 
-    async fn init_cluster(&self, issuer: String) -> Result<pb::InitClusterResponse, Error> {
+    async fn init_cluster(
+        &self,
+        issuer: String,
+        ca_cert_pem: String,
+        ca_key_pem: String,
+    ) -> Result<pb::InitClusterResponse, Error> {
         let node = &self.node;
         let initialized = node
             .raft
@@ -396,6 +439,23 @@ impl Api {
             issuer,
         })
         .await?;
+        if !ca_cert_pem.is_empty() || !ca_key_pem.is_empty() {
+            let trust_domain = node
+                .tls_trust_domain()
+                .ok_or_else(|| {
+                    Error::InvalidArgument("a cluster CA needs a node configured with [tls]".into())
+                })?
+                .to_string();
+            ephemera_pki::check_key_matches(&ca_cert_pem, &ca_key_pem)
+                .map_err(|e| Error::InvalidArgument(format!("cluster CA: {e}")))?;
+            let sealed_seed = node.seal_ca_key(&ca_key_pem)?;
+            node.route_system(Intent::SetClusterCa {
+                trust_domain,
+                cert_pem: ca_cert_pem,
+                sealed_seed,
+            })
+            .await?;
+        }
         if state::active_kid(&node.view)
             .map_err(|e| Error::Internal(e.to_string()))?
             .is_none()
@@ -415,12 +475,40 @@ impl Api {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for Api {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let actor = self.admin(&req).await?;
+        let r = req.into_inner();
+        let id = ephemera_pki::SpiffeId::parse(&r.spiffe_id)
+            .map_err(|e| self.fail(Error::InvalidArgument(e.to_string())))?;
+        let ttl_s = if r.ttl_s == 0 { 600 } else { r.ttl_s };
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let token = format!("eph_jt_{}", URL_SAFE_NO_PAD.encode(secret));
+        self.propose(
+            actor,
+            Intent::CreateJoinToken {
+                token_hash: hash_secret(&token).to_vec(),
+                spiffe_id: id.to_string(),
+                ttl_s,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::JoinToken {
+            token,
+            spiffe_id: id.to_string(),
+            expires_at_ms: self.node.clock.now_ms() + ttl_s * 1000,
+        }))
+    }
+
     async fn init_cluster(
         &self,
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
-        let issuer = req.into_inner().issuer;
-        Api::init_cluster(self, issuer)
+        let r = req.into_inner();
+        Api::init_cluster(self, r.issuer, r.ca_cert_pem, r.ca_key_pem)
             .await
             .map(Response::new)
             .map_err(|e| self.fail(e))

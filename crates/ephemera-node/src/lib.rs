@@ -197,6 +197,7 @@ pub async fn run(
         Box::new(node::OsEntropy),
         Duration::from_millis(cfg.request_timeout_ms),
         tls.as_ref().map(|t| node::NodeTls {
+            trust_domain: t.trust_domain.clone(),
             bundles: t.all_bundles.clone(),
             admin_ids: t.admin_ids.clone(),
         }),

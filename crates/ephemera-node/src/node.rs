@@ -31,6 +31,15 @@ use serde::{Deserialize, Serialize};
 use crate::conn::ConnInfo;
 use crate::metrics::Metrics;
 
+/// The lease of an X.509-SVID this cluster issued: its serial is 0x01 followed by the lease
+/// id's 16 bytes.
+fn svid_lease_id(serial: &[u8]) -> Option<String> {
+    match serial {
+        [0x01, rest @ ..] if rest.len() == 16 => Some(format!("l_{}", hex::encode(rest))),
+        _ => None,
+    }
+}
+
 /// Wall clock, optionally shifted (a test-only knob for clock-skew testing).
 pub struct SystemClock {
     pub offset_ms: i64,
@@ -88,6 +97,7 @@ pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
 
 /// What the node needs to authenticate workloads by their X.509-SVIDs.
 pub struct NodeTls {
+    pub trust_domain: String,
     /// The cluster CA and every configured external trust bundle.
     pub bundles: Arc<ephemera_pki::TrustBundles>,
     /// SPIFFE IDs that administer the cluster.
@@ -197,6 +207,14 @@ impl Node {
             .bundles
             .verify_svid(certs, ephemera_pki::Usage::Client, now)
         {
+            Ok(id) if self.svid_revoked(&certs[0]) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                let reason =
+                    "client certificate refused: its X.509-SVID has been revoked or has expired"
+                        .to_string();
+                self.audit_denial(id.to_string(), reason.clone()).await;
+                Err(Error::Unauthenticated(reason))
+            }
             Ok(id) => {
                 let admin = tls.admin_ids.contains(&id.to_string());
                 Ok(Principal::svid(id.to_string(), id.trust_domain, admin))
@@ -207,20 +225,93 @@ impl Node {
                     .map(|id| id.to_string())
                     .unwrap_or_else(|_| "a certificate without a valid SPIFFE ID".into());
                 let reason = format!("client certificate refused: {e}");
-                // The refusal stands whether or not its audit record lands.
-                let audit = self.propose(Proposal {
-                    actor: Principal::unauthenticated(AuthMethod::X509Svid),
-                    intent: Intent::RecordDenial {
-                        presented,
-                        reason: reason.clone(),
-                    },
-                });
-                if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {
-                    tracing::warn!(error = %e, "could not audit a refused authentication");
-                }
+                self.audit_denial(presented, reason.clone()).await;
                 Err(Error::Unauthenticated(reason))
             }
         }
+    }
+
+    /// Records a refused authentication. The refusal stands whether or not the record lands.
+    async fn audit_denial(&self, presented: String, reason: String) {
+        let audit = self.propose(Proposal {
+            actor: Principal::unauthenticated(AuthMethod::X509Svid),
+            intent: Intent::RecordDenial { presented, reason },
+        });
+        if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {
+            tracing::warn!(error = %e, "could not audit a refused authentication");
+        }
+    }
+
+    /// Whether a certificate is an X.509-SVID this cluster issued whose lease is no longer
+    /// active. (Certificates issued outside the cluster, like `dev`'s, have no lease.)
+    fn svid_revoked(&self, leaf: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        let Some(lease_id) = ephemera_pki::serial_of(leaf)
+            .ok()
+            .and_then(|s| svid_lease_id(&s))
+        else {
+            return false;
+        };
+        match state::get_lease(&self.view, &lease_id) {
+            Ok(Some(lease)) => !lease.is_active_at(self.clock.now_ms()),
+            Ok(None) => false,
+            // Fail closed: a certificate we cannot check is not accepted.
+            Err(_) => true,
+        }
+    }
+
+    /// Seals the cluster CA's key under the KEK for replication.
+    pub fn seal_ca_key(&self, key_pem: &str) -> Result<Vec<u8>, Error> {
+        let seed = zeroize::Zeroizing::new(
+            ephemera_pki::ed25519_seed(key_pem)
+                .map_err(|e| Error::InvalidArgument(format!("CA key: {e}")))?,
+        );
+        let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
+        self.entropy.lock().expect("entropy lock").fill(&mut nonce);
+        Ok(ephemera_core::crypto::seal_private_key(
+            &self.kek,
+            ephemera_core::types::CLUSTER_CA_KEY_ID,
+            &seed,
+            nonce,
+        ))
+    }
+
+    pub fn tls_trust_domain(&self) -> Option<&str> {
+        self.tls.as_ref().map(|t| t.trust_domain.as_str())
+    }
+
+    /// Signs the X.509-SVID of a committed SVID lease: `(certificate PEM, bundle PEM)`. The
+    /// certificate is a pure function of the lease and the CA, so any node gives the same one.
+    pub fn sign_svid(&self, lease: &Lease) -> Result<(String, String), Error> {
+        let ca = state::cluster_ca(&self.view)
+            .map_err(internal)?
+            .ok_or_else(|| Error::Unavailable("the cluster has no CA".into()))?;
+        let seed = unseal_private_key(
+            &self.kek,
+            ephemera_core::types::CLUSTER_CA_KEY_ID,
+            &ca.sealed_seed,
+        )?;
+        let pki_err = |e: ephemera_pki::PkiError| Error::Internal(format!("signing an SVID: {e}"));
+        let signer =
+            ephemera_pki::Ca::from_seed(&ca.trust_domain, &ca.cert_pem, &seed).map_err(pki_err)?;
+        let id = ephemera_pki::SpiffeId::parse(&lease.subject).map_err(pki_err)?;
+        let csr = lease
+            .csr_der
+            .as_deref()
+            .ok_or_else(|| Error::Internal(format!("lease {} is not an SVID", lease.id)))?;
+        let mut serial = vec![0x01];
+        serial.extend(hex::decode(lease.id.trim_start_matches("l_")).map_err(internal)?);
+        let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        // Backdated a minute for verifiers whose clocks run behind.
+        let cert = signer
+            .sign_csr(
+                csr,
+                &id,
+                &serial,
+                at(lease.issued_at_ms.saturating_sub(60_000)),
+                at(lease.expires_at_ms),
+            )
+            .map_err(pki_err)?;
+        Ok((cert, ca.cert_pem))
     }
 
     /// Guards a read. A break-glass read is recorded in the audit chain first; that committed

@@ -450,6 +450,21 @@ pub fn parse_csr(pem: &str) -> Result<ParsedCsr, PkiError> {
     })
 }
 
+/// Checks that `key_pem` is the private key of the certificate `cert_pem`.
+pub fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+    let certs = parse_certs(cert_pem)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&certs[0])
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    let key = KeyPair::from_pem(key_pem).map_err(gen_err)?;
+    if parsed.public_key().subject_public_key.data.as_ref() == key.public_key_raw() {
+        Ok(())
+    } else {
+        Err(PkiError::Pem(
+            "the key does not belong to the certificate".into(),
+        ))
+    }
+}
+
 /// A fresh Ed25519 key and a CSR for it (with `id` as its URI SAN, if given). For workloads.
 pub fn new_csr(id: Option<&SpiffeId>) -> Result<Issued, PkiError> {
     let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
