@@ -457,3 +457,160 @@ fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("URI:spiffe://ephemera.dev/ci/runner"));
 }
+
+/// JWT assertions from a configured issuer authenticate workloads; a wrong audience, an
+/// assertion expired beyond the leeway, an unknown kid, `alg: none`, HS256 signed with the
+/// issuer's public key, and a replayed jti are refused (the replay on another node).
+#[test]
+fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
+    use base64::Engine;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let issuer_key = ephemera_pki::new_csr(None).unwrap().key_pem;
+    let seed = ephemera_pki::ed25519_seed(&issuer_key).unwrap();
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64.encode(public), "kid": "ci-1", "alg": "EdDSA", "use": "sig"}]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("oidc.toml"),
+        format!(
+            "[[oidc_issuers]]\nissuer = \"https://ci.example.test\"\naudience = \"ephemera\"\njwks_file = {:?}\n\
+             leeway_s = 30\nrefuse_replay = true\n[oidc_issuers.attributes]\nrepository = \"/repository\"\n",
+            dir.path().join("jwks.json")
+        ),
+    )
+    .unwrap();
+    let cluster = DevCluster::start_in(dir, 3, &[]);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |aud: &str, exp: u64, jti: &str| {
+        serde_json::json!({"iss": "https://ci.example.test", "aud": aud, "sub": "repo:acme/app:ref:refs/heads/main",
+                           "exp": exp, "iat": now, "jti": jti, "repository": "acme/app"})
+    };
+    let sign = |kid: &str, c: &serde_json::Value| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.into());
+        encode(
+            &h,
+            c,
+            &EncodingKey::from_ed_pem(issuer_key.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let with = |node: u64, assertion: &str| {
+        Client::with_tls(
+            &cluster.apis()[node as usize - 1],
+            Some(assertion.to_string()),
+            Some(&cluster.anonymous_tls()),
+        )
+        .unwrap()
+    };
+    let none_token = format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","kid":"ci-1","typ":"JWT"}"#),
+        b64.encode(claims("ephemera", now + 300, "n").to_string())
+    );
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("ci-1".into());
+    let hs_token = encode(
+        &hs,
+        &claims("ephemera", now + 300, "h"),
+        &EncodingKey::from_secret(&public),
+    )
+    .unwrap();
+    rt().block_on(async {
+        put_role(&cluster.client(), "deploy", 300, 3600).await;
+        let valid = sign("ci-1", &claims("ephemera", now + 300, "j-1"));
+        let cred = with(1, &valid)
+            .issue(pb::IssueRequest {
+                role: "deploy".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            cred.subject,
+            "https://ci.example.test#repo:acme/app:ref:refs/heads/main"
+        );
+        // The same assertion again, through another node: replayed.
+        let replay = with(2, &valid)
+            .issue(pb::IssueRequest {
+                role: "deploy".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(replay.code(), Some(Code::Unauthenticated), "{replay}");
+        assert!(replay.to_string().contains("replayed"), "{replay}");
+        let cases = [
+            (
+                "wrong audience",
+                sign("ci-1", &claims("someone-else", now + 300, "j-2")),
+                "wrong audience",
+            ),
+            (
+                "expired beyond leeway",
+                sign("ci-1", &claims("ephemera", now - 120, "j-3")),
+                "expired",
+            ),
+            (
+                "unknown kid",
+                sign("ci-2", &claims("ephemera", now + 300, "j-4")),
+                "unknown kid",
+            ),
+            ("alg none", none_token, "alg none"),
+            (
+                "HS256 with the public key",
+                hs_token,
+                "\"HS256\" is not allowed",
+            ),
+        ];
+        for (what, token, message) in &cases {
+            let e = with(3, token)
+                .issue(pb::IssueRequest {
+                    role: "deploy".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(Code::Unauthenticated), "{what}: {e}");
+            assert!(
+                e.to_string().contains(message),
+                "{what}: {e} should say {message:?}"
+            );
+        }
+        let tail = cluster
+            .client()
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: 0,
+                    limit: 100,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        let denials = tail
+            .records
+            .iter()
+            .filter(|r| r.action == "auth.denied")
+            .count();
+        assert_eq!(denials, cases.len());
+        assert!(tail
+            .records
+            .iter()
+            .any(|r| r.action == "assertion.consume" && r.outcome == "denied"));
+        // No assertion (a bearer secret) reaches the audit chain.
+        let audit_text = format!("{:?}", tail.records);
+        assert!(audit_text.contains("assertion.consume"));
+        assert!(
+            !audit_text.contains(&valid[..40]),
+            "an assertion leaked into the audit chain"
+        );
+    });
+}

@@ -35,7 +35,11 @@ fn read_env(path: &Path) -> Option<HashMap<String, String>> {
 
 impl DevCluster {
     pub fn start(nodes: u16, extra_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), nodes, extra_args)
+    }
+
+    /// Starts `ephemera dev` in a directory the test has prepared (e.g. with an oidc.toml).
+    pub fn start_in(dir: tempfile::TempDir, nodes: u16, extra_args: &[&str]) -> Self {
         let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
         let dev = Command::new(BIN)
             .args(["dev", "--nodes", &nodes.to_string(), "--dir"])

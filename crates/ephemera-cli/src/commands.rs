@@ -39,11 +39,12 @@ fn client(cli: &Cli) -> Result<Client> {
     let addr = cli.addr.as_deref().context(
         "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
     )?;
-    Ok(Client::with_tls(
-        addr,
-        cli.token.clone(),
-        tls_files(cli)?.as_ref(),
-    )?)
+    let bearer = match (&cli.assertion_file, &cli.assertion) {
+        (Some(path), _) => Some(read_file("--assertion-file", path)?.trim().to_string()),
+        (None, Some(a)) => Some(a.clone()),
+        (None, None) => cli.token.clone(),
+    };
+    Ok(Client::with_tls(addr, bearer, tls_files(cli)?.as_ref())?)
 }
 
 fn print(out: crate::Output, value: Value, text: impl FnOnce() -> String) {

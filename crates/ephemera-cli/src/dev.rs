@@ -140,6 +140,11 @@ fn node_config(
             cert = node_dir.join("tls.crt"),
             key = node_dir.join("tls.key"),
         ));
+        // OIDC issuers for development: `[[oidc_issuers]]` tables in DIR/oidc.toml.
+        if let Ok(oidc) = std::fs::read_to_string(dir.join("oidc.toml")) {
+            text.push_str("\n# from oidc.toml\n");
+            text.push_str(&oidc);
+        }
         std::fs::write(&config, text)?;
     }
     let cfg = ephemera_node::NodeConfig::load(&config)?;

@@ -21,6 +21,18 @@ pub struct Cli {
     /// Credential for the API (the admin credential from `cluster init`).
     #[arg(long, global = true, env = "EPHEMERA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A JWT assertion from a configured OIDC issuer (e.g. a CI job's OIDC token); used
+    /// instead of EPHEMERA_TOKEN.
+    #[arg(
+        long,
+        global = true,
+        env = "EPHEMERA_ASSERTION",
+        hide_env_values = true
+    )]
+    pub assertion: Option<String>,
+    /// Read the assertion from this file (e.g. a projected Kubernetes service-account token).
+    #[arg(long, global = true)]
+    pub assertion_file: Option<PathBuf>,
     /// CA certificate (PEM) that signed the nodes' certificates; enables TLS.
     #[arg(long = "tls-ca", global = true, env = "EPHEMERA_CA")]
     pub tls_ca: Option<PathBuf>,

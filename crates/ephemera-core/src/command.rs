@@ -99,6 +99,12 @@ pub enum Intent {
         ttl_s: u64,
     },
     IssueSvid(SvidIntent),
+    /// Record a JWT assertion's `jti` as used until `expires_at_ms` (replay refusal).
+    ConsumeAssertion {
+        issuer: String,
+        jti: String,
+        expires_at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +168,11 @@ pub enum Op {
         intent: SvidIntent,
         lease_id: String,
         renew_after_permille: u16,
+    },
+    ConsumeAssertion {
+        issuer: String,
+        jti: String,
+        expires_at_ms: u64,
     },
 }
 
@@ -280,6 +291,15 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
             token_hash,
             spiffe_id,
             ttl_s,
+        },
+        Intent::ConsumeAssertion {
+            issuer,
+            jti,
+            expires_at_ms,
+        } => Op::ConsumeAssertion {
+            issuer,
+            jti,
+            expires_at_ms,
         },
         Intent::IssueSvid(intent) => Op::IssueSvid {
             intent,
@@ -527,6 +547,10 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             }
             Ok(())
         }
+        Intent::ConsumeAssertion { issuer, jti, .. } => {
+            validate_text("issuer", issuer, MAX_SUBJECT_LEN, false)?;
+            validate_text("jti", jti, MAX_SUBJECT_LEN, false)
+        }
         Intent::IssueSvid(i) => {
             if let Some(id) = &i.spiffe_id {
                 validate_spiffe_id(id)?;
@@ -599,6 +623,15 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             ttl_s: *ttl_s,
         },
         Op::IssueSvid { intent, .. } => Intent::IssueSvid(intent.clone()),
+        Op::ConsumeAssertion {
+            issuer,
+            jti,
+            expires_at_ms,
+        } => Intent::ConsumeAssertion {
+            issuer: issuer.clone(),
+            jti: jti.clone(),
+            expires_at_ms: *expires_at_ms,
+        },
         Op::AddSigningKey { .. } | Op::Expire { .. } => return None,
     })
 }

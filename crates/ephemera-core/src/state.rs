@@ -30,6 +30,7 @@ const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
 const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
 const META_CA: &[u8] = b"meta/ca";
 const PFX_JOIN_TOKEN: &str = "jt/";
+const PFX_ASSERTION: &str = "aj/";
 const PFX_ROLE: &str = "role/";
 const PFX_LEASE: &str = "lease/";
 const PFX_KEY: &str = "key/";
@@ -43,7 +44,7 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "req/", "role/",
+    "aj/", "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "req/", "role/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -197,6 +198,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::SetClusterCa { .. } => "ca.set",
         Op::CreateJoinToken { .. } => "jointoken.create",
         Op::IssueSvid { .. } => "svid.issue",
+        Op::ConsumeAssertion { .. } => "assertion.consume",
     }
 }
 
@@ -457,6 +459,27 @@ fn apply_op<R: KvRead + ?Sized>(
             *renew_after_permille,
             audit,
         ),
+        Op::ConsumeAssertion {
+            issuer,
+            jti,
+            expires_at_ms,
+        } => {
+            audit.target = Some(format!("issuer:{issuer}"));
+            let mut h = Sha256::new();
+            h.update(issuer.as_bytes());
+            h.update([0]);
+            h.update(jti.as_bytes());
+            let key = format!("{PFX_ASSERTION}{}", hex::encode(h.finalize())).into_bytes();
+            if let Some(until) = get::<u64>(kv, &key)? {
+                if now <= until {
+                    return Ok(Err(Error::Unauthenticated(
+                        "assertion replayed (its jti was already used)".into(),
+                    )));
+                }
+            }
+            kv.put(key, enc(expires_at_ms));
+            Ok(Ok(Outcome::Done))
+        }
     }
 }
 

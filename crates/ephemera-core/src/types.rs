@@ -16,6 +16,8 @@ pub enum AuthMethod {
     X509Svid,
     /// A one-time join token (redeemed for a first X.509-SVID).
     JoinToken,
+    /// A JWT assertion from a configured OIDC issuer.
+    JwtAssertion,
 }
 
 impl AuthMethod {
@@ -25,6 +27,7 @@ impl AuthMethod {
             AuthMethod::System => "system",
             AuthMethod::X509Svid => "x509_svid",
             AuthMethod::JoinToken => "join_token",
+            AuthMethod::JwtAssertion => "jwt_assertion",
         }
     }
 }

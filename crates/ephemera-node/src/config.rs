@@ -38,6 +38,9 @@ pub struct NodeConfig {
     /// proxy in chaos tests). The membership keeps the advertised address.
     #[serde(default)]
     pub peer_cluster_addrs: Vec<PeerAddr>,
+    /// OIDC issuers whose JWT assertions authenticate workloads.
+    #[serde(default)]
+    pub oidc_issuers: Vec<crate::oidc::IssuerConfig>,
     /// TEST ONLY: shift this node's wall clock, to test clock skew. Never set in production.
     #[serde(default)]
     pub test_clock_offset_ms: i64,

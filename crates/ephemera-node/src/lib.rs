@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod oidc;
 
 pub use config::NodeConfig;
 pub use node::Node;
@@ -54,6 +55,8 @@ pub enum NodeError {
     Raft(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("OIDC: {0}")]
+    Oidc(String),
     #[error("server failed: {0}")]
     Serve(String),
 }
@@ -153,6 +156,7 @@ pub async fn run(
         .as_ref()
         .map(|t| load_tls(cfg.node_id, t))
         .transpose()?;
+    let oidc_verifier = oidc::Verifier::new(&cfg.oidc_issuers).map_err(NodeError::Oidc)?;
     let peers = Peers::new(
         cfg.peer_cluster_addrs
             .iter()
@@ -201,6 +205,7 @@ pub async fn run(
             bundles: t.all_bundles.clone(),
             admin_ids: t.admin_ids.clone(),
         }),
+        oidc_verifier,
     ));
 
     let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;

@@ -95,6 +95,10 @@ enum LeaderAttempt {
 /// How far past their expiry retired keys stay in the JWKS, for verifiers' clock skew.
 pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
 
+/// Bearer credentials with this prefix are the break-glass credential; any other bearer is a
+/// JWT assertion.
+pub const BREAK_GLASS_PREFIX: &str = "eph_admin_";
+
 /// What the node needs to authenticate workloads by their X.509-SVIDs.
 pub struct NodeTls {
     pub trust_domain: String,
@@ -117,6 +121,7 @@ pub struct Node {
     keys: Mutex<HashMap<String, Arc<SigningKey>>>,
     request_timeout: Duration,
     tls: Option<NodeTls>,
+    oidc: crate::oidc::Verifier,
 }
 
 /// Whether a gRPC failure happened while connecting, before the request could be sent.
@@ -141,6 +146,7 @@ impl Node {
         entropy: Box<dyn Entropy + Send>,
         request_timeout: Duration,
         tls: Option<NodeTls>,
+        oidc: crate::oidc::Verifier,
     ) -> Self {
         Node {
             id,
@@ -155,6 +161,7 @@ impl Node {
             keys: Mutex::new(HashMap::new()),
             request_timeout,
             tls,
+            oidc,
         }
     }
 
@@ -179,6 +186,9 @@ impl Node {
                 "present a client certificate (X.509-SVID) or a bearer credential".into(),
             ));
         };
+        if !presented.starts_with(BREAK_GLASS_PREFIX) {
+            return self.authenticate_assertion(presented).await;
+        }
         let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
         let Some(stored) = stored else {
             return Err(Error::NotInitialized);
@@ -229,6 +239,35 @@ impl Node {
                 Err(Error::Unauthenticated(reason))
             }
         }
+    }
+
+    async fn authenticate_assertion(&self, token: &str) -> Result<Principal, Error> {
+        if self.oidc.is_empty() {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated("invalid credential".into()));
+        }
+        let verified = match self.oidc.verify(token, self.clock.now_ms() / 1000).await {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                self.audit_denial("a JWT assertion".into(), e.to_string())
+                    .await;
+                return Err(e);
+            }
+        };
+        if let Some((jti, exp_s)) = verified.jti {
+            // Consumed through Raft, so a replay is refused on every node.
+            self.propose(Proposal {
+                actor: verified.principal.clone(),
+                intent: Intent::ConsumeAssertion {
+                    issuer: verified.principal.issuer.clone().unwrap_or_default(),
+                    jti,
+                    expires_at_ms: exp_s * 1000,
+                },
+            })
+            .await?;
+        }
+        Ok(verified.principal)
     }
 
     /// Records a refused authentication. The refusal stands whether or not the record lands.
