@@ -189,6 +189,7 @@ fn svids_authenticate_workloads_and_bad_certificates_are_refused_and_audited() {
             (issue.actor.as_str(), issue.auth_method.as_str()),
             (WORKLOAD, "x509_svid")
         );
+        assert_eq!(issue.actor_issuer.as_deref(), Some("ephemera.dev"));
     });
 }
 
@@ -605,6 +606,24 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
             .records
             .iter()
             .any(|r| r.action == "assertion.consume" && r.outcome == "denied"));
+        // The principal, issuer and attributes included, is in the audit record.
+        let issued = tail
+            .records
+            .iter()
+            .find(|r| r.lease_id.as_deref() == Some(cred.lease_id.as_str()))
+            .unwrap();
+        assert_eq!(issued.auth_method, "jwt_assertion");
+        assert_eq!(
+            issued.actor_issuer.as_deref(),
+            Some("https://ci.example.test")
+        );
+        assert_eq!(
+            issued
+                .actor_attributes
+                .get("repository")
+                .map(String::as_str),
+            Some("acme/app")
+        );
         // No assertion (a bearer secret) reaches the audit chain.
         let audit_text = format!("{:?}", tail.records);
         assert!(audit_text.contains("assertion.consume"));

@@ -691,25 +691,8 @@ async fn final_state(c: &Cluster, heal_ms: u64) -> FinalState {
                 .map_err(|e| e.to_string())?;
             let len = page.records.len();
             for r in page.records {
-                let rec = AuditRecord {
-                    seq: r.seq,
-                    time_ms: r.time_ms,
-                    actor: r.actor,
-                    auth_method: r.auth_method,
-                    action: r.action,
-                    role: r.role,
-                    lease_id: r.lease_id,
-                    subject: r.subject,
-                    ttl_s: r.ttl_s,
-                    scopes: r.scopes,
-                    audience: r.audience,
-                    target: r.target,
-                    count: r.count,
-                    outcome: r.outcome,
-                    reason: r.reason,
-                    prev_hash: r.prev_hash,
-                    hash: r.hash,
-                };
+                let rec: AuditRecord =
+                    serde_json::from_str(&r.canonical_json).map_err(|e| e.to_string())?;
                 verifier.push(&rec).map_err(|e| e.to_string())?;
             }
             if len == 0 || verifier.count() >= page.head_seq {

@@ -599,26 +599,9 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
     Ok(())
 }
 
-fn record_from_pb(r: pb::AuditRecord) -> AuditRecord {
-    AuditRecord {
-        seq: r.seq,
-        time_ms: r.time_ms,
-        actor: r.actor,
-        auth_method: r.auth_method,
-        action: r.action,
-        role: r.role,
-        lease_id: r.lease_id,
-        subject: r.subject,
-        ttl_s: r.ttl_s,
-        scopes: r.scopes,
-        audience: r.audience,
-        target: r.target,
-        count: r.count,
-        outcome: r.outcome,
-        reason: r.reason,
-        prev_hash: r.prev_hash,
-        hash: r.hash,
-    }
+fn record_from_pb(r: pb::AuditRecord) -> Result<AuditRecord> {
+    serde_json::from_str(&r.canonical_json)
+        .with_context(|| format!("audit record {} is not valid JSON", r.seq))
 }
 
 async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
@@ -634,7 +617,11 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                     |mut a, r| async move { a.audit_tail(r).await },
                 )
                 .await?;
-            let records: Vec<AuditRecord> = r.records.into_iter().map(record_from_pb).collect();
+            let records: Vec<AuditRecord> = r
+                .records
+                .into_iter()
+                .map(record_from_pb)
+                .collect::<Result<_>>()?;
             match cli.output {
                 Output::Json => {
                     for rec in &records {
@@ -687,7 +674,7 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                 let n = page.records.len();
                 for r in page.records {
                     verifier
-                        .push(&record_from_pb(r))
+                        .push(&record_from_pb(r)?)
                         .context("audit chain verification FAILED")?;
                 }
                 next = verifier.count() + 1;

@@ -12,6 +12,10 @@ pub struct AuditRecord {
     pub time_ms: u64,
     pub actor: String,
     pub auth_method: String,
+    /// Trust domain or issuer that vouched for the actor.
+    pub actor_issuer: Option<String>,
+    /// The actor's attributes from authentication (e.g. repository, namespace).
+    pub actor_attributes: std::collections::BTreeMap<String, String>,
     pub action: String,
     pub role: Option<String>,
     pub lease_id: Option<String>,

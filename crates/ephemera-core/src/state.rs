@@ -151,6 +151,8 @@ pub fn apply<R: KvRead + ?Sized>(
         time_ms: now,
         actor: cmd.actor.id.clone(),
         auth_method: cmd.actor.auth_method.as_str().to_string(),
+        actor_issuer: cmd.actor.issuer.clone(),
+        actor_attributes: cmd.actor.attributes.clone(),
         action: action_name(&cmd.op).to_string(),
         ..Default::default()
     };

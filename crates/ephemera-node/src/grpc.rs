@@ -732,10 +732,13 @@ impl pb::admin_server::Admin for Api {
             records: records
                 .into_iter()
                 .map(|a| pb::AuditRecord {
+                    canonical_json: serde_json::to_string(&a).expect("audit records serialise"),
                     seq: a.seq,
                     time_ms: a.time_ms,
                     actor: a.actor,
                     auth_method: a.auth_method,
+                    actor_issuer: a.actor_issuer,
+                    actor_attributes: a.actor_attributes.into_iter().collect(),
                     action: a.action,
                     role: a.role,
                     lease_id: a.lease_id,
