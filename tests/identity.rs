@@ -633,3 +633,81 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
         );
     });
 }
+
+/// Under a flood of refused certificates, a node records refusals in the audit chain up to a
+/// rate and counts the rest: nothing is lost from the accounting, and the flood cannot become an
+/// unbounded stream of Raft writes.
+#[test]
+fn a_flood_of_refused_certificates_is_audited_up_to_a_rate_and_counted() {
+    let cluster = DevCluster::start(1, &[]);
+    let rogue = Ca::generate("ephemera.dev", SystemTime::now(), Duration::from_secs(3600)).unwrap();
+    let id = SpiffeId::parse("spiffe://ephemera.dev/flood").unwrap();
+    let cert = rogue
+        .issue(
+            &id,
+            LeafUse::Client,
+            &[],
+            &[],
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    const FLOOD: usize = 300;
+    rt().block_on(async {
+        let c = Client::with_tls(
+            &cluster.apis()[0],
+            None,
+            Some(&tls_with(&cluster, &cert.cert_pem, &cert.key_pem)),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..FLOOD {
+            let e = c.introspect("x.y.z").await.unwrap_err();
+            assert_eq!(e.code(), Some(Code::Unauthenticated));
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let tail = cluster
+            .client()
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: 1,
+                    limit: 1000,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        let recorded = tail
+            .records
+            .iter()
+            .filter(|r| r.action == "auth.denied")
+            .count();
+        let metrics = cluster
+            .https(None)
+            .get(format!("{}/metrics", cluster.http_urls()[0]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let unaudited: usize = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ephemera_auth_denials_unaudited_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        println!(
+            "{FLOOD} refusals in {elapsed:.2} s: {recorded} recorded, {unaudited} counted only"
+        );
+        assert_eq!(
+            recorded + unaudited,
+            FLOOD,
+            "every refusal is recorded or counted"
+        );
+        // Burst of 100 plus 20 per second.
+        assert!(
+            recorded as f64 <= 100.0 + 20.0 * elapsed + 1.0,
+            "{recorded} records in {elapsed:.2} s"
+        );
+    });
+}

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub introspections: AtomicU64,
     pub forwarded: AtomicU64,
     pub auth_failures: AtomicU64,
+    pub denials_unaudited: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -67,6 +68,11 @@ impl Metrics {
                 "ephemera_auth_failures_total",
                 &self.auth_failures,
                 "Refused authentications",
+            ),
+            (
+                "ephemera_auth_denials_unaudited_total",
+                &self.denials_unaudited,
+                "Refused authentications not written to the audit chain (rate limit)",
             ),
         ];
         for (name, c, help) in counters {

@@ -122,7 +122,16 @@ pub struct Node {
     request_timeout: Duration,
     tls: Option<NodeTls>,
     oidc: crate::oidc::Verifier,
+    /// Refused authentications are audited through Raft; under a flood only this many per
+    /// second are, so unauthenticated traffic cannot be turned into unbounded Raft writes.
+    denial_audits: governor::DefaultDirectRateLimiter,
+    /// Refusals not recorded since the last recorded one (stated in that next record).
+    denials_unrecorded: std::sync::atomic::AtomicU64,
 }
+
+/// Audit records of refused authentications per second and node, and the burst allowed.
+const DENIAL_AUDITS_PER_S: u32 = 20;
+const DENIAL_AUDIT_BURST: u32 = 100;
 
 /// Whether a gRPC failure happened while connecting, before the request could be sent.
 pub fn is_connect_failure(status: &tonic::Status) -> bool {
@@ -162,6 +171,13 @@ impl Node {
             request_timeout,
             tls,
             oidc,
+            denial_audits: governor::RateLimiter::direct(
+                governor::Quota::per_second(
+                    std::num::NonZeroU32::new(DENIAL_AUDITS_PER_S).expect("non-zero"),
+                )
+                .allow_burst(std::num::NonZeroU32::new(DENIAL_AUDIT_BURST).expect("non-zero")),
+            ),
+            denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -271,7 +287,19 @@ impl Node {
     }
 
     /// Records a refused authentication. The refusal stands whether or not the record lands.
-    async fn audit_denial(&self, presented: String, reason: String) {
+    async fn audit_denial(&self, presented: String, mut reason: String) {
+        use std::sync::atomic::Ordering;
+        if self.denial_audits.check().is_err() {
+            self.denials_unrecorded.fetch_add(1, Ordering::Relaxed);
+            Metrics::inc(&self.metrics.denials_unaudited, 1);
+            return;
+        }
+        let skipped = self.denials_unrecorded.swap(0, Ordering::Relaxed);
+        if skipped > 0 {
+            reason.push_str(&format!(
+                " ({skipped} earlier refusals on this node were not recorded: rate limit)"
+            ));
+        }
         let audit = self.propose(Proposal {
             actor: Principal::unauthenticated(AuthMethod::X509Svid),
             intent: Intent::RecordDenial { presented, reason },
