@@ -675,10 +675,20 @@ fn issue_svid<R: KvRead + ?Sized>(
         }
     };
     audit.subject = Some(spiffe_id.clone());
-    if get::<ClusterCa>(kv, META_CA)?.is_none() {
+    let Some(ca) = get::<ClusterCa>(kv, META_CA)? else {
         return Ok(Err(Error::Unavailable(
             "the cluster has no CA to issue X.509-SVIDs".into(),
         )));
+    };
+    // Only identities of the CA's own trust domain (a break-glass caller has no SPIFFE ID).
+    if let Err(e) = crate::command::validate_spiffe_id(&spiffe_id) {
+        return Ok(Err(e));
+    }
+    if !spiffe_id.starts_with(&format!("spiffe://{}/", ca.trust_domain)) {
+        return Ok(Err(Error::InvalidArgument(format!(
+            "{spiffe_id} is not in the cluster's trust domain {}",
+            ca.trust_domain
+        ))));
     }
     let ttl_s = intent
         .ttl_s

@@ -700,9 +700,17 @@ fn join_tokens_are_single_use_and_expire() {
     ));
     other.spiffe_id = None;
     assert!(matches!(
-        w.propose(me, Intent::IssueSvid(other)).unwrap(),
+        w.propose(me, Intent::IssueSvid(other.clone())).unwrap(),
         Outcome::Lease { .. }
     ));
+    // Not for a principal without a SPIFFE ID, nor outside the CA's trust domain.
+    assert!(matches!(
+        w.admin(Intent::IssueSvid(other.clone())),
+        Err(Error::InvalidArgument(_))
+    ));
+    other.spiffe_id = Some("spiffe://elsewhere/w".into());
+    let e = w.admin(Intent::IssueSvid(other)).unwrap_err();
+    assert!(e.to_string().contains("trust domain"), "{e}");
     // Only the hash is stored; the audit names the identity, never the token.
     let audit = serde_json::to_string(&state::audit_records(&w.kv, 1, 10_000).unwrap()).unwrap();
     assert!(!audit.contains(&hex::encode(h)));
