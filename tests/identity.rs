@@ -393,17 +393,11 @@ fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
         assert_eq!(svid.spiffe_id, "spiffe://ephemera.dev/ci/runner");
         let (reuse, _) = redeem(2, token).await;
         let reuse = reuse.unwrap_err();
-        assert!(
-            reuse.to_string().contains("join token already used"),
-            "{reuse}"
-        );
+        assert!(reuse.to_string().contains("already used"), "{reuse}");
         let short = create("spiffe://ephemera.dev/ci/short", 1).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let (expired, _) = redeem(1, short).await;
-        assert!(expired
-            .unwrap_err()
-            .to_string()
-            .contains("join token expired"));
+        assert!(expired.unwrap_err().to_string().contains("expired"));
 
         std::fs::write(out.path().join("svid.pem"), &svid.cert_pem).unwrap();
         std::fs::write(out.path().join("bundle.pem"), &svid.bundle_pem).unwrap();

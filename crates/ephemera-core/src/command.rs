@@ -413,6 +413,21 @@ pub fn validate_spiffe_id(id: &str) -> Result<(), Error> {
     }
 }
 
+/// Node identities are minted only by the operator's CA tooling, never through the API: an
+/// SVID for `/ephemera/node/<id>` would pass the cluster listener.
+pub fn refuse_node_identity(id: &str) -> Result<(), Error> {
+    let path = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, p)| p);
+    if path.is_some_and(|p| p == "ephemera" || p.starts_with("ephemera/")) {
+        return Err(invalid(format!(
+            "{id} is in the reserved /ephemera/ namespace of cluster nodes"
+        )));
+    }
+    Ok(())
+}
+
 pub fn validate_lease_id(id: &str) -> Result<(), Error> {
     if id.is_empty()
         || id.len() > 64
@@ -539,6 +554,7 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
                 return Err(invalid("join token hash must be 32 bytes".into()));
             }
             validate_spiffe_id(spiffe_id)?;
+            refuse_node_identity(spiffe_id)?;
             if *ttl_s == 0 || *ttl_s > crate::types::JOIN_TOKEN_MAX_TTL_S {
                 return Err(invalid(format!(
                     "join token TTL must be between 1s and {}s",

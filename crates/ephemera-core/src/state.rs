@@ -681,7 +681,9 @@ fn issue_svid<R: KvRead + ?Sized>(
         )));
     };
     // Only identities of the CA's own trust domain (a break-glass caller has no SPIFFE ID).
-    if let Err(e) = crate::command::validate_spiffe_id(&spiffe_id) {
+    if let Err(e) = crate::command::validate_spiffe_id(&spiffe_id)
+        .and_then(|()| crate::command::refuse_node_identity(&spiffe_id))
+    {
         return Ok(Err(e));
     }
     if !spiffe_id.starts_with(&format!("spiffe://{}/", ca.trust_domain)) {
@@ -885,6 +887,14 @@ pub fn admin_credential_hash(kv: &(impl KvRead + ?Sized)) -> Result<Option<Vec<u
 
 pub fn issuer(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
     get(kv, META_ISSUER)
+}
+
+/// The join token stored under `hash`, if any (a local pre-check; `apply` decides).
+pub fn join_token(
+    kv: &(impl KvRead + ?Sized),
+    hash: &[u8],
+) -> Result<Option<JoinToken>, StorageError> {
+    get(kv, &join_token_key(hash))
 }
 
 pub fn cluster_ca(kv: &(impl KvRead + ?Sized)) -> Result<Option<ClusterCa>, StorageError> {

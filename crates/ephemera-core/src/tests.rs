@@ -670,6 +670,25 @@ fn join_tokens_are_single_use_and_expire() {
         .unwrap_err(),
         Error::Unauthenticated("unknown join token".into())
     );
+    // Node identities cannot be minted through the API.
+    assert!(matches!(
+        w.admin(Intent::CreateJoinToken {
+            token_hash: vec![9; 32],
+            spiffe_id: "spiffe://td/ephemera/node/9".into(),
+            ttl_s: 60
+        }),
+        Err(Error::InvalidArgument(_))
+    ));
+    let node_svid = SvidIntent {
+        spiffe_id: Some("spiffe://td/ephemera/node/2".into()),
+        csr_der: vec![1],
+        ttl_s: None,
+        join_token_hash: None,
+    };
+    assert!(matches!(
+        w.admin(Intent::IssueSvid(node_svid)),
+        Err(Error::InvalidArgument(_))
+    ));
     let h2 = crate::crypto::hash_secret("t2");
     w.admin(Intent::CreateJoinToken {
         token_hash: h2.to_vec(),

@@ -169,11 +169,19 @@ impl NodeConfig {
                 for a in &tls.admin_ids {
                     check("tls.admin_ids", a)?;
                 }
+                let mut seen = std::collections::HashSet::new();
                 for b in &tls.trust_bundles {
                     check(
                         "tls.trust_bundles",
                         &format!("spiffe://{}/x", b.trust_domain),
                     )?;
+                    // Another CA for our own domain could mint our admin identities.
+                    if b.trust_domain == tls.trust_domain || !seen.insert(&b.trust_domain) {
+                        return Err(ConfigError::Invalid(format!(
+                            "tls.trust_bundles: trust domain {:?} is the cluster's own or listed twice",
+                            b.trust_domain
+                        )));
+                    }
                 }
             }
             (None, true) => {
@@ -251,6 +259,11 @@ mod tests {
         assert!(both.unwrap_err().to_string().contains("not both"));
         let bad_admin = parse("[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\nadmin_ids = [\"admin\"]\n");
         assert!(bad_admin.unwrap_err().to_string().contains("tls.admin_ids"));
+        let own_domain = parse("[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n[[tls.trust_bundles]]\ntrust_domain = \"td\"\nbundle_file = \"b\"\n");
+        assert!(own_domain
+            .unwrap_err()
+            .to_string()
+            .contains("cluster's own"));
         let public: NodeConfig = toml::from_str(
             &format!("{base}insecure_plaintext = true\n").replace("127.0.0.1:1", "0.0.0.0:1"),
         )

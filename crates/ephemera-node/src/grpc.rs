@@ -163,10 +163,25 @@ impl pb::issuer_server::Issuer for Api {
         // A join token is the credential of a workload that has no SVID yet; otherwise the
         // caller authenticates as usual and may only rotate its own identity.
         let (actor, join_token_hash) = match &r.join_token {
-            Some(token) => (
-                Principal::unauthenticated(AuthMethod::JoinToken),
-                Some(hash_secret(token).to_vec()),
-            ),
+            Some(token) => {
+                // Refuse unknown, used or expired tokens here, without a Raft write, so a
+                // stream of bogus tokens cannot grow the log; `apply` decides for the rest.
+                let hash = hash_secret(token);
+                let usable = state::join_token(&self.node.view, &hash)
+                    .map_err(|e| to_status(Error::Internal(e.to_string())))?
+                    .is_some_and(|t| {
+                        t.used_at_ms.is_none() && self.node.clock.now_ms() < t.expires_at_ms
+                    });
+                if !usable {
+                    return Err(self.fail(Error::Unauthenticated(
+                        "join token unknown, already used or expired".into(),
+                    )));
+                }
+                (
+                    Principal::unauthenticated(AuthMethod::JoinToken),
+                    Some(hash.to_vec()),
+                )
+            }
             None => (self.auth(&req).await?, None),
         };
         let r = req.into_inner();

@@ -278,7 +278,7 @@ impl Node {
                 intent: Intent::ConsumeAssertion {
                     issuer: verified.principal.issuer.clone().unwrap_or_default(),
                     jti,
-                    expires_at_ms: exp_s * 1000,
+                    expires_at_ms: exp_s.saturating_mul(1000),
                 },
             })
             .await?;

@@ -61,7 +61,7 @@ fn default_leeway() -> u64 {
 #[derive(Debug, Clone)]
 pub struct VerifiedAssertion {
     pub principal: Principal,
-    /// For replay refusal: the `jti` and the assertion's expiry.
+    /// For replay refusal: the `jti` and the last second (expiry plus leeway) it is accepted.
     pub jti: Option<(String, u64)>,
 }
 
@@ -225,7 +225,7 @@ impl Verifier {
             })?;
         // jsonwebtoken compares exp with its own clock; hold it to ours too.
         let exp = data.claims["exp"].as_u64().unwrap_or(0);
-        if exp + issuer.config.leeway_s < now_s {
+        if exp.saturating_add(issuer.config.leeway_s) < now_s {
             return Err(refuse("expired".into()));
         }
         let sub = data.claims["sub"].as_str().unwrap_or_default();
@@ -242,7 +242,12 @@ impl Verifier {
         let jti = issuer
             .config
             .refuse_replay
-            .then(|| data.claims["jti"].as_str().map(|j| (j.to_string(), exp)))
+            // Consumed for as long as verification would still accept it: exp plus leeway.
+            .then(|| {
+                data.claims["jti"]
+                    .as_str()
+                    .map(|j| (j.to_string(), exp.saturating_add(issuer.config.leeway_s)))
+            })
             .flatten();
         if issuer.config.refuse_replay && jti.is_none() {
             return Err(refuse(
