@@ -350,10 +350,9 @@ fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
                     )
                     .await
                     .unwrap()
-                    .token
             }
         };
-        let token = create("spiffe://ephemera.dev/ci/runner", 600).await;
+        let token = create("spiffe://ephemera.dev/ci/runner", 600).await.token;
         let redeem = |node: u64, token: String| {
             let csr = ephemera_pki::new_csr(None).unwrap();
             let client = Client::with_tls(
@@ -395,8 +394,16 @@ fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
         let reuse = reuse.unwrap_err();
         assert!(reuse.to_string().contains("already used"), "{reuse}");
         let short = create("spiffe://ephemera.dev/ci/short", 1).await;
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let (expired, _) = redeem(1, short).await;
+        // Wait for the condition itself: the token's expiry has passed.
+        while (SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64)
+            <= short.expires_at_ms
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (expired, _) = redeem(1, short.token).await;
         assert!(expired.unwrap_err().to_string().contains("expired"));
 
         std::fs::write(out.path().join("svid.pem"), &svid.cert_pem).unwrap();
