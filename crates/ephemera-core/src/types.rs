@@ -130,6 +130,12 @@ pub struct Role {
     pub default_ttl_s: u64,
     /// Hard cap on a lease's lifetime, counted from its first issue over all renewals.
     pub max_ttl_s: u64,
+    /// Labels for policies to match (`resource.environment`, `resource.target`).
+    pub environment: Option<String>,
+    pub target: Option<String>,
+    /// When policy refuses a renewal (the holder's attributes or the policy changed), revoke
+    /// the lease instead of letting it run out.
+    pub revoke_on_renewal_denied: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
