@@ -31,6 +31,16 @@ pub struct AuditRecord {
     pub outcome: String,
     /// Error kind and message for a denial. Never secret material.
     pub reason: Option<String>,
+    /// The policy set version that decided the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
+    /// `@id`s of the policies that determined the decision (the permits of an allow, the
+    /// forbids of a denial; empty when nothing permitted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_ids: Vec<String>,
+    /// The runtime context the request was decided in (source address, environment, job id).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub context: std::collections::BTreeMap<String, String>,
     pub prev_hash: String,
     pub hash: String,
 }

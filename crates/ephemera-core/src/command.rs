@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{kid_for, seal_private_key, Kek, NONCE_LEN};
 use crate::error::Error;
+use crate::policy::{PolicyGovernance, PolicyStamp, MAX_COMMENT_LEN, MAX_POLICY_TEXT_LEN};
 use crate::types::{Lease, Principal, Role};
 
 /// Injected randomness (the leader's RNG in production, a seeded one in tests).
@@ -20,10 +21,45 @@ pub struct IssueIntent {
     /// Identity the credential is bound to; only an admin may name one other than itself.
     pub subject: Option<String>,
     pub ttl_s: Option<u64>,
-    /// Empty means every scope the role allows.
+    /// The credential carries at most these (and nothing when none are asked for).
     pub scopes: Vec<String>,
     pub audience: Option<String>,
     pub purpose: Option<String>,
+    pub context: RequestContext,
+    /// The receiving node's policy decision; `apply` refuses an Issue without one.
+    pub policy: Option<PolicyStamp>,
+}
+
+/// The runtime context a request was decided in, kept in its audit record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestContext {
+    /// The caller's address as the receiving node saw it.
+    pub source_ip: Option<String>,
+    /// Declared by the caller.
+    pub environment: Option<String>,
+    pub job_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewIntent {
+    pub lease_id: String,
+    pub increment_s: Option<u64>,
+    pub context: RequestContext,
+    pub policy: Option<PolicyStamp>,
+}
+
+/// A request policy refused, for the audit chain. When the refused request is a renewal and
+/// the lease's role says so, `apply` also revokes the lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDenial {
+    pub action: String,
+    pub role: Option<String>,
+    pub lease_id: Option<String>,
+    pub version: u64,
+    /// The forbids that matched; empty when nothing permitted.
+    pub determining: Vec<String>,
+    pub reason: String,
+    pub context: RequestContext,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,17 +99,31 @@ pub enum Intent {
     Bootstrap {
         admin_credential_hash: Vec<u8>,
         issuer: String,
+        /// Policy version 1 (validated by the node that received `cluster init`).
+        policy_text: String,
+        governance: PolicyGovernance,
     },
     PutRole(Role),
     DeleteRole {
         name: String,
     },
     Issue(IssueIntent),
-    Renew {
-        lease_id: String,
-        increment_s: Option<u64>,
-    },
+    Renew(RenewIntent),
     Revoke(RevokeTarget),
+    /// Propose a new policy set (validated by the receiving node); it takes effect after
+    /// approval by other administrators.
+    ProposePolicy {
+        text: String,
+        comment: Option<String>,
+    },
+    ApprovePolicy {
+        proposal_id: String,
+    },
+    RejectPolicy {
+        proposal_id: String,
+        reason: String,
+    },
+    PolicyDenied(PolicyDenial),
     /// Make a fresh signing key active; the leader generates it.
     RotateKey,
     /// Audit an access that changes no state (break-glass reads).
@@ -119,6 +169,8 @@ pub enum Op {
     Bootstrap {
         admin_credential_hash: Vec<u8>,
         issuer: String,
+        policy_text: String,
+        governance: PolicyGovernance,
     },
     PutRole(Role),
     DeleteRole {
@@ -131,11 +183,23 @@ pub enum Op {
         renew_after_permille: u16,
     },
     Renew {
-        lease_id: String,
-        increment_s: Option<u64>,
+        intent: RenewIntent,
         renew_after_permille: u16,
     },
     Revoke(RevokeTarget),
+    ProposePolicy {
+        proposal_id: String,
+        text: String,
+        comment: Option<String>,
+    },
+    ApprovePolicy {
+        proposal_id: String,
+    },
+    RejectPolicy {
+        proposal_id: String,
+        reason: String,
+    },
+    PolicyDenied(PolicyDenial),
     AddSigningKey {
         kid: String,
         public_key: [u8; 32],
@@ -205,6 +269,7 @@ pub enum Outcome {
     KeyAdded {
         kid: String,
     },
+    Proposal(crate::policy::PolicyProposal),
 }
 
 /// The state machine's answer to one command, identical on every node.
@@ -226,6 +291,13 @@ pub fn new_lease_id(entropy: &mut dyn Entropy) -> String {
     let mut b = [0u8; 16];
     entropy.fill(&mut b);
     format!("l_{}", hex::encode(b))
+}
+
+/// A new policy proposal id: 64 random bits.
+pub fn new_proposal_id(entropy: &mut dyn Entropy) -> String {
+    let mut b = [0u8; 8];
+    entropy.fill(&mut b);
+    format!("pp_{}", hex::encode(b))
 }
 
 /// Builds the operation that adds a freshly generated signing key, sealed under the KEK.
@@ -251,9 +323,13 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::Bootstrap {
             admin_credential_hash,
             issuer,
+            policy_text,
+            governance,
         } => Op::Bootstrap {
             admin_credential_hash,
             issuer,
+            policy_text,
+            governance,
         },
         Intent::PutRole(role) => Op::PutRole(role),
         Intent::DeleteRole { name } => Op::DeleteRole { name },
@@ -262,15 +338,25 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
             lease_id: new_lease_id(entropy),
             renew_after_permille: random_permille(entropy),
         },
-        Intent::Renew {
-            lease_id,
-            increment_s,
-        } => Op::Renew {
-            lease_id,
-            increment_s,
+        Intent::Renew(intent) => Op::Renew {
+            intent,
             renew_after_permille: random_permille(entropy),
         },
         Intent::Revoke(target) => Op::Revoke(target),
+        Intent::ProposePolicy { text, comment } => Op::ProposePolicy {
+            proposal_id: new_proposal_id(entropy),
+            text,
+            comment,
+        },
+        Intent::ApprovePolicy { proposal_id } => Op::ApprovePolicy { proposal_id },
+        Intent::RejectPolicy {
+            proposal_id,
+            reason,
+        } => Op::RejectPolicy {
+            proposal_id,
+            reason,
+        },
+        Intent::PolicyDenied(d) => Op::PolicyDenied(d),
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::RecordAccess { action, target } => Op::RecordAccess { action, target },
         Intent::RecordDenial { presented, reason } => Op::RecordDenial { presented, reason },
@@ -445,6 +531,11 @@ pub fn validate_lease_id(id: &str) -> Result<(), Error> {
 pub fn validate_role(role: &Role) -> Result<(), Error> {
     validate_name("role name", &role.name)?;
     validate_text("audience", &role.audience, MAX_AUDIENCE_LEN, false)?;
+    for (what, label) in [("environment", &role.environment), ("target", &role.target)] {
+        if let Some(label) = label {
+            validate_text(what, label, MAX_AUDIENCE_LEN, false)?;
+        }
+    }
     validate_scopes(&role.allowed_scopes)?;
     if role.allowed_scopes.is_empty() {
         return Err(invalid("a role must allow at least one scope".into()));
@@ -465,10 +556,14 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
         Intent::Bootstrap {
             admin_credential_hash,
             issuer,
+            policy_text,
+            governance,
         } => {
             if admin_credential_hash.len() != 32 {
                 return Err(invalid("admin credential hash must be 32 bytes".into()));
             }
+            validate_policy_text(policy_text)?;
+            validate_governance(governance)?;
             validate_text("issuer", issuer, MAX_AUDIENCE_LEN, false)
         }
         Intent::PutRole(role) => validate_role(role),
@@ -500,17 +595,36 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             if let Some(p) = &i.purpose {
                 validate_text("purpose", p, MAX_PURPOSE_LEN, true)?;
             }
-            Ok(())
+            validate_context(&i.context)
         }
-        Intent::Renew {
-            lease_id,
-            increment_s,
-        } => {
-            validate_lease_id(lease_id)?;
-            if let Some(t) = increment_s {
-                validate_ttl("increment", *t)?;
+        Intent::Renew(r) => {
+            validate_lease_id(&r.lease_id)?;
+            if let Some(t) = r.increment_s {
+                validate_ttl("increment", t)?;
+            }
+            validate_context(&r.context)
+        }
+        Intent::ProposePolicy { text, comment } => {
+            validate_policy_text(text)?;
+            if let Some(c) = comment {
+                validate_text("comment", c, MAX_COMMENT_LEN, true)?;
             }
             Ok(())
+        }
+        Intent::ApprovePolicy { proposal_id } => validate_name("proposal id", proposal_id),
+        Intent::RejectPolicy {
+            proposal_id,
+            reason,
+        } => {
+            validate_name("proposal id", proposal_id)?;
+            validate_text("reason", reason, MAX_COMMENT_LEN, true)
+        }
+        Intent::PolicyDenied(d) => {
+            validate_text("action", &d.action, MAX_NAME_LEN, false)?;
+            if d.reason.len() > MAX_PURPOSE_LEN || d.determining.len() > MAX_SCOPES {
+                return Err(invalid("policy denial record too long".into()));
+            }
+            validate_context(&d.context)
         }
         Intent::Revoke(target) => match target {
             RevokeTarget::Lease(id) => validate_lease_id(id),
@@ -590,28 +704,78 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
     }
 }
 
+fn validate_policy_text(text: &str) -> Result<(), Error> {
+    if text.len() > MAX_POLICY_TEXT_LEN {
+        return Err(invalid(format!(
+            "a policy set is at most {MAX_POLICY_TEXT_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_governance(g: &PolicyGovernance) -> Result<(), Error> {
+    if g.approvals_required > crate::policy::MAX_APPROVALS_REQUIRED {
+        return Err(invalid(format!(
+            "policy approvals must be between 0 and {}",
+            crate::policy::MAX_APPROVALS_REQUIRED
+        )));
+    }
+    if g.proposal_ttl_s == 0 || g.proposal_ttl_s > crate::policy::MAX_PROPOSAL_TTL_S {
+        return Err(invalid(format!(
+            "a proposal's lifetime must be between 1s and {}s",
+            crate::policy::MAX_PROPOSAL_TTL_S
+        )));
+    }
+    Ok(())
+}
+
+fn validate_context(c: &RequestContext) -> Result<(), Error> {
+    for (what, v) in [
+        ("source address", &c.source_ip),
+        ("environment", &c.environment),
+        ("job id", &c.job_id),
+    ] {
+        if let Some(v) = v {
+            validate_text(what, v, MAX_NAME_LEN * 2, false)?;
+        }
+    }
+    Ok(())
+}
+
 /// The intent an op was stamped from, for re-validating inside `apply`.
 pub fn intent_of(op: &Op) -> Option<Intent> {
     Some(match op {
         Op::Bootstrap {
             admin_credential_hash,
             issuer,
+            policy_text,
+            governance,
         } => Intent::Bootstrap {
             admin_credential_hash: admin_credential_hash.clone(),
             issuer: issuer.clone(),
+            policy_text: policy_text.clone(),
+            governance: *governance,
         },
         Op::PutRole(r) => Intent::PutRole(r.clone()),
         Op::DeleteRole { name } => Intent::DeleteRole { name: name.clone() },
         Op::Issue { intent, .. } => Intent::Issue(intent.clone()),
-        Op::Renew {
-            lease_id,
-            increment_s,
-            ..
-        } => Intent::Renew {
-            lease_id: lease_id.clone(),
-            increment_s: *increment_s,
-        },
+        Op::Renew { intent, .. } => Intent::Renew(intent.clone()),
         Op::Revoke(t) => Intent::Revoke(t.clone()),
+        Op::ProposePolicy { text, comment, .. } => Intent::ProposePolicy {
+            text: text.clone(),
+            comment: comment.clone(),
+        },
+        Op::ApprovePolicy { proposal_id } => Intent::ApprovePolicy {
+            proposal_id: proposal_id.clone(),
+        },
+        Op::RejectPolicy {
+            proposal_id,
+            reason,
+        } => Intent::RejectPolicy {
+            proposal_id: proposal_id.clone(),
+            reason: reason.clone(),
+        },
+        Op::PolicyDenied(d) => Intent::PolicyDenied(d.clone()),
         Op::RecordAccess { action, target } => Intent::RecordAccess {
             action: action.clone(),
             target: target.clone(),

@@ -71,6 +71,24 @@ pub enum Error {
     OutcomeUnknown(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("denied by policy: {0}")]
+    PolicyDenied(String),
+    #[error("the policy changed from version {decided} to {active} while the request was in flight; retry")]
+    PolicyChanged { decided: u64, active: u64 },
+    #[error("none of the requested scopes ({requested}) is granted for role {role:?}")]
+    NoScopeGranted { requested: String, role: String },
+    #[error("policy proposal {0:?} not found")]
+    ProposalNotFound(String),
+    #[error("policy proposal {id:?} is {state}, not pending")]
+    ProposalNotPending { id: String, state: String },
+    #[error("policy proposal {0:?} has expired; propose it again")]
+    ProposalExpired(String),
+    #[error("{approver} proposed {id:?} and cannot approve it; another administrator must")]
+    SelfApproval { id: String, approver: String },
+    #[error("{approver} has already approved {id:?}; it needs approvals from distinct administrators")]
+    AlreadyApproved { id: String, approver: String },
+    #[error("policy proposal {id:?} replaces version {base}, but version {active} is now active; propose it again against the current policy")]
+    ProposalStale { id: String, base: u64, active: u64 },
 }
 
 impl Error {
@@ -93,6 +111,15 @@ impl Error {
             Unavailable(_) => ErrorCode::Unavailable,
             OutcomeUnknown(_) => ErrorCode::OutcomeUnknown,
             Internal(_) => ErrorCode::Internal,
+            PolicyDenied(_) | NoScopeGranted { .. } | SelfApproval { .. } => {
+                ErrorCode::PermissionDenied
+            }
+            ProposalNotFound(_) => ErrorCode::NotFound,
+            AlreadyApproved { .. } => ErrorCode::AlreadyExists,
+            PolicyChanged { .. }
+            | ProposalNotPending { .. }
+            | ProposalExpired(_)
+            | ProposalStale { .. } => ErrorCode::FailedPrecondition,
         }
     }
 
@@ -119,6 +146,15 @@ impl Error {
             Unavailable(_) => "unavailable",
             OutcomeUnknown(_) => "outcome_unknown",
             Internal(_) => "internal",
+            PolicyDenied(_) => "policy_denied",
+            PolicyChanged { .. } => "policy_changed",
+            NoScopeGranted { .. } => "no_scope_granted",
+            ProposalNotFound(_) => "proposal_not_found",
+            ProposalNotPending { .. } => "proposal_not_pending",
+            ProposalExpired(_) => "proposal_expired",
+            SelfApproval { .. } => "self_approval",
+            AlreadyApproved { .. } => "already_approved",
+            ProposalStale { .. } => "proposal_stale",
         }
     }
 }

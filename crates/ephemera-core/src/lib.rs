@@ -6,6 +6,7 @@ pub mod command;
 pub mod crypto;
 pub mod error;
 pub mod kv;
+pub mod policy;
 pub mod state;
 pub mod token;
 pub mod types;

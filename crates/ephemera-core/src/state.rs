@@ -5,7 +5,8 @@
 //! `meta/*` cluster metadata, `role/{name}`, `lease/{id}`, `key/{kid}`,
 //! `ix/dl/{deadline:016x}/{id}` deadline index of active leases (expiry reads only the due head),
 //! `ix/sub/{subject}\0{id}`, `ix/role/{role}\0{id}`, `ix/kid/{kid}\0{id}` secondary indexes,
-//! `req/{client}\0{request_id}` idempotency records, `audit/r/{seq:016x}` the audit chain.
+//! `req/{client}\0{request_id}` idempotency records, `audit/r/{seq:016x}` the audit chain,
+//! `pol/v/{version:016x}` committed policy set versions, `pol/p/{id}` policy proposals.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -13,8 +14,11 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditRecord, GENESIS_HASH};
 use crate::command::{
-    intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, RevokeTarget,
-    SvidIntent,
+    intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, PolicyDenial,
+    RenewIntent, RequestContext, RevokeTarget, SvidIntent,
+};
+use crate::policy::{
+    PolicyGovernance, PolicyProposal, PolicyStamp, PolicyVersion, ProposalState,
 };
 use crate::error::{Error, StorageError};
 use crate::kv::{prefix_end, KvRead, Overlay};
@@ -29,6 +33,10 @@ const META_ISSUER: &[u8] = b"meta/issuer";
 const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
 const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
 const META_CA: &[u8] = b"meta/ca";
+const META_POLICY_VERSION: &[u8] = b"meta/policy_version";
+const META_POLICY_GOVERNANCE: &[u8] = b"meta/policy_governance";
+const PFX_POLICY_VERSION: &str = "pol/v/";
+const PFX_PROPOSAL: &str = "pol/p/";
 const PFX_JOIN_TOKEN: &str = "jt/";
 const PFX_ASSERTION: &str = "aj/";
 const PFX_ROLE: &str = "role/";
@@ -44,7 +52,7 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "req/", "role/",
+    "aj/", "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "req/", "role/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -103,6 +111,12 @@ fn req_key(client: &str, request_id: &str) -> Vec<u8> {
 }
 fn join_token_key(hash: &[u8]) -> Vec<u8> {
     format!("{PFX_JOIN_TOKEN}{}", hex::encode(hash)).into_bytes()
+}
+fn policy_version_key(version: u64) -> Vec<u8> {
+    format!("{PFX_POLICY_VERSION}{version:016x}").into_bytes()
+}
+fn proposal_key(id: &str) -> Vec<u8> {
+    format!("{PFX_PROPOSAL}{id}").into_bytes()
 }
 fn audit_key(seq: u64) -> Vec<u8> {
     format!("{PFX_AUDIT}{seq:016x}").into_bytes()
@@ -171,7 +185,10 @@ pub fn apply<R: KvRead + ?Sized>(
                     None => kv.delete(k),
                 }
             }
-            audit.outcome = "ok".into();
+            // An op that records a refusal (a policy denial) marks its record itself.
+            if audit.outcome.is_empty() {
+                audit.outcome = "ok".into();
+            }
             if let Outcome::Revoked { count } | Outcome::Expired { count } = outcome {
                 audit.count = Some(*count);
             }
@@ -201,6 +218,10 @@ fn action_name(op: &Op) -> &'static str {
         Op::CreateJoinToken { .. } => "jointoken.create",
         Op::IssueSvid { .. } => "svid.issue",
         Op::ConsumeAssertion { .. } => "assertion.consume",
+        Op::ProposePolicy { .. } => "policy.propose",
+        Op::ApprovePolicy { .. } => "policy.approve",
+        Op::RejectPolicy { .. } => "policy.reject",
+        Op::PolicyDenied(_) => "policy.denied",
     }
 }
 
@@ -256,13 +277,27 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::Bootstrap {
             admin_credential_hash,
             issuer,
+            policy_text,
+            governance,
         } => {
             if kv.get(META_ADMIN_HASH)?.is_some() {
                 return Ok(Err(Error::AlreadyInitialized));
             }
             kv.put(META_ADMIN_HASH.to_vec(), admin_credential_hash.clone());
             kv.put(META_ISSUER.to_vec(), enc(issuer));
-            audit.target = Some(format!("issuer:{issuer}"));
+            kv.put(META_POLICY_GOVERNANCE.to_vec(), enc(governance));
+            let first = PolicyVersion {
+                version: 1,
+                text: policy_text.clone(),
+                sha256: text_hash(policy_text),
+                activated_at_ms: now,
+                proposal_id: None,
+                proposer: actor.id.clone(),
+                approvers: Vec::new(),
+            };
+            audit.target = Some(format!("issuer:{issuer} policy:{}", first.sha256));
+            audit.policy_version = Some(1);
+            activate_policy(kv, &first);
             Ok(Ok(Outcome::Done))
         }
         Op::PutRole(role) => {
@@ -305,18 +340,42 @@ fn apply_op<R: KvRead + ?Sized>(
             audit,
         ),
         Op::Renew {
-            lease_id,
-            increment_s,
+            intent,
             renew_after_permille,
-        } => renew(
-            kv,
-            actor,
-            now,
-            lease_id,
-            *increment_s,
-            *renew_after_permille,
-            audit,
-        ),
+        } => renew(kv, actor, now, intent, *renew_after_permille, audit),
+        Op::ProposePolicy {
+            proposal_id,
+            text,
+            comment,
+        } => propose_policy(kv, actor, now, proposal_id, text, comment, audit),
+        Op::ApprovePolicy { proposal_id } => approve_policy(kv, actor, now, proposal_id, audit),
+        Op::RejectPolicy {
+            proposal_id,
+            reason,
+        } => {
+            audit.target = Some(format!("policy-proposal:{proposal_id}"));
+            if let Err(e) = require_policy_admin(actor) {
+                return Ok(Err(e));
+            }
+            let Some(mut p) = get::<PolicyProposal>(kv, &proposal_key(proposal_id))? else {
+                return Ok(Err(Error::ProposalNotFound(proposal_id.clone())));
+            };
+            if p.status(now) != "pending" {
+                return Ok(Err(Error::ProposalNotPending {
+                    id: p.id.clone(),
+                    state: p.status(now).into(),
+                }));
+            }
+            audit.reason = Some(reason.clone());
+            p.state = ProposalState::Rejected {
+                by: actor.id.clone(),
+                at_ms: now,
+                reason: reason.clone(),
+            };
+            kv.put(proposal_key(proposal_id), enc(&p));
+            Ok(Ok(Outcome::Proposal(p)))
+        }
+        Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
         Op::Revoke(target) => {
             audit.target = Some(target.describe());
             if let RevokeTarget::Lease(id) = target {
@@ -500,11 +559,16 @@ fn issue<R: KvRead + ?Sized>(
     audit.audience = intent.audience.clone();
     let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
     audit.subject = Some(subject.clone());
+    audit_context(audit, &intent.context);
     if subject != actor.id && !actor.is_admin() {
         return Ok(Err(Error::PermissionDenied(
             "only an administrator may issue on behalf of another subject".into(),
         )));
     }
+    let stamp = match check_policy(kv, actor, &intent.policy, audit)? {
+        Ok(stamp) => stamp,
+        Err(e) => return Ok(Err(e)),
+    };
     let fp = fingerprint(intent, &subject);
     if let Some(request_id) = &intent.request_id {
         if let Some(prior) = get::<RequestRecord>(kv, &req_key(&actor.id, request_id))? {
@@ -537,31 +601,33 @@ fn issue<R: KvRead + ?Sized>(
             }));
         }
     }
-    let mut scopes = if intent.scopes.is_empty() {
-        role.allowed_scopes.clone()
-    } else {
-        intent.scopes.clone()
-    };
+    // Downscoping: requested ∩ role ∩ policy. Nothing beyond what was asked for.
+    let mut scopes: Vec<String> = intent
+        .scopes
+        .iter()
+        .filter(|s| role.allowed_scopes.binary_search(s).is_ok())
+        .filter(|s| stamp.scopes.as_ref().is_none_or(|granted| granted.contains(s)))
+        .cloned()
+        .collect();
     scopes.sort();
     scopes.dedup();
-    if let Some(bad) = scopes
-        .iter()
-        .find(|s| role.allowed_scopes.binary_search(s).is_err())
-    {
-        return Ok(Err(Error::ScopeNotAllowed {
-            scope: bad.clone(),
+    if scopes.is_empty() && !intent.scopes.is_empty() {
+        return Ok(Err(Error::NoScopeGranted {
+            requested: intent.scopes.join(" "),
             role: role.name.clone(),
-            allowed: role.allowed_scopes.join(" "),
         }));
     }
-    let ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
-    if ttl_s > role.max_ttl_s {
+    let requested_ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
+    if requested_ttl_s > role.max_ttl_s {
         return Ok(Err(Error::TtlAboveCap {
-            requested_s: ttl_s,
+            requested_s: requested_ttl_s,
             max_s: role.max_ttl_s,
             role: role.name.clone(),
         }));
     }
+    let ttl_s = stamp
+        .max_ttl_s
+        .map_or(requested_ttl_s, |cap| requested_ttl_s.min(cap));
     let Some(kid) = active_kid(kv)? else {
         return Ok(Err(Error::NoActiveSigningKey));
     };
@@ -746,12 +812,13 @@ fn renew<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
     now: u64,
-    lease_id: &str,
-    increment_s: Option<u64>,
+    intent: &RenewIntent,
     renew_after_permille: u16,
     audit: &mut AuditRecord,
 ) -> Result<ApplyResult, StorageError> {
+    let lease_id = intent.lease_id.as_str();
     audit.lease_id = Some(lease_id.to_string());
+    audit_context(audit, &intent.context);
     let Some(mut lease) = get::<Lease>(kv, &lease_key(lease_id))? else {
         return Ok(Err(Error::LeaseNotFound(lease_id.to_string())));
     };
@@ -780,10 +847,15 @@ fn renew<R: KvRead + ?Sized>(
     if lease.expires_at_ms >= lease.max_expires_at_ms {
         return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
     }
+    let stamp = match check_policy(kv, actor, &intent.policy, audit)? {
+        Ok(stamp) => stamp,
+        Err(e) => return Ok(Err(e)),
+    };
     let Some(kid) = active_kid(kv)? else {
         return Ok(Err(Error::NoActiveSigningKey));
     };
-    let increment = increment_s.unwrap_or(lease.ttl_s);
+    let increment = intent.increment_s.unwrap_or(lease.ttl_s);
+    let increment = stamp.max_ttl_s.map_or(increment, |cap| increment.min(cap));
     // Never past the cap, never shorter than what the holder already has.
     let new_exp = (now + increment * 1000)
         .min(lease.max_expires_at_ms)
@@ -806,6 +878,234 @@ fn renew<R: KvRead + ?Sized>(
         lease,
         replayed: false,
     }))
+}
+
+fn audit_context(audit: &mut AuditRecord, c: &RequestContext) {
+    for (key, value) in [
+        ("source_ip", &c.source_ip),
+        ("environment", &c.environment),
+        ("job_id", &c.job_id),
+    ] {
+        if let Some(v) = value {
+            audit.context.insert(key.to_string(), v.clone());
+        }
+    }
+}
+
+/// A request is executed only under the policy version it was decided by; otherwise the node
+/// decides again. Only the break-glass credential goes without a policy decision.
+fn check_policy<'a, R: KvRead + ?Sized>(
+    kv: &Overlay<'_, R>,
+    actor: &Principal,
+    stamp: &'a Option<PolicyStamp>,
+    audit: &mut AuditRecord,
+) -> Result<Result<&'a PolicyStamp, Error>, StorageError> {
+    let Some(stamp) = stamp else {
+        return Ok(Err(Error::PolicyDenied(
+            "the request carries no policy decision".into(),
+        )));
+    };
+    audit.policy_version = Some(stamp.version);
+    audit.policy_ids = stamp.determining.clone();
+    let break_glass = stamp
+        .determining
+        .iter()
+        .any(|id| id == PolicyStamp::BREAK_GLASS);
+    if break_glass != (actor.auth_method == crate::types::AuthMethod::BootstrapAdmin) {
+        return Ok(Err(Error::PolicyDenied(
+            "only the break-glass credential is not bound by policy".into(),
+        )));
+    }
+    let active = policy_version(kv)?;
+    if stamp.version != active {
+        return Ok(Err(Error::PolicyChanged {
+            decided: stamp.version,
+            active,
+        }));
+    }
+    Ok(Ok(stamp))
+}
+
+fn text_hash(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn activate_policy<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, v: &PolicyVersion) {
+    kv.put(policy_version_key(v.version), enc(v));
+    kv.put(META_POLICY_VERSION.to_vec(), enc(&v.version));
+}
+
+/// Policy changes need an administrator's own identity: the system principal never proposes
+/// or approves.
+fn require_policy_admin(actor: &Principal) -> Result<(), Error> {
+    require_admin(actor)?;
+    if actor.auth_method == crate::types::AuthMethod::System {
+        return Err(Error::PermissionDenied(
+            "the system principal cannot change policy".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn propose_policy<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    proposal_id: &str,
+    text: &str,
+    comment: &Option<String>,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    let sha256 = text_hash(text);
+    audit.target = Some(format!("policy-proposal:{proposal_id} sha256:{sha256}"));
+    if let Err(e) = require_policy_admin(actor) {
+        return Ok(Err(e));
+    }
+    if kv.get(&proposal_key(proposal_id))?.is_some() {
+        return Ok(Err(Error::Internal(format!(
+            "proposal id {proposal_id} collides"
+        ))));
+    }
+    let governance: PolicyGovernance = get(kv, META_POLICY_GOVERNANCE)?.unwrap_or_default();
+    let mut proposal = PolicyProposal {
+        id: proposal_id.to_string(),
+        text: text.to_string(),
+        sha256,
+        base_version: policy_version(kv)?,
+        proposer: actor.id.clone(),
+        comment: comment.clone(),
+        created_at_ms: now,
+        expires_at_ms: now.saturating_add(governance.proposal_ttl_s.saturating_mul(1000)),
+        approvals: Vec::new(),
+        state: ProposalState::Pending,
+    };
+    if governance.approvals_required == 0 {
+        activate_proposal(kv, &mut proposal, now, audit);
+    }
+    kv.put(proposal_key(proposal_id), enc(&proposal));
+    Ok(Ok(Outcome::Proposal(proposal)))
+}
+
+fn activate_proposal<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    proposal: &mut PolicyProposal,
+    now: u64,
+    audit: &mut AuditRecord,
+) {
+    let version = proposal.base_version + 1;
+    activate_policy(
+        kv,
+        &PolicyVersion {
+            version,
+            text: proposal.text.clone(),
+            sha256: proposal.sha256.clone(),
+            activated_at_ms: now,
+            proposal_id: Some(proposal.id.clone()),
+            proposer: proposal.proposer.clone(),
+            approvers: proposal.approvals.clone(),
+        },
+    );
+    proposal.state = ProposalState::Activated {
+        version,
+        at_ms: now,
+    };
+    audit.policy_version = Some(version);
+}
+
+fn approve_policy<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    proposal_id: &str,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(format!("policy-proposal:{proposal_id}"));
+    if let Err(e) = require_policy_admin(actor) {
+        return Ok(Err(e));
+    }
+    let Some(mut proposal) = get::<PolicyProposal>(kv, &proposal_key(proposal_id))? else {
+        return Ok(Err(Error::ProposalNotFound(proposal_id.to_string())));
+    };
+    audit.target = Some(format!(
+        "policy-proposal:{proposal_id} sha256:{}",
+        proposal.sha256
+    ));
+    match proposal.status(now) {
+        "pending" => {}
+        "expired" => return Ok(Err(Error::ProposalExpired(proposal.id))),
+        state => {
+            return Ok(Err(Error::ProposalNotPending {
+                id: proposal.id.clone(),
+                state: state.into(),
+            }))
+        }
+    }
+    if proposal.proposer == actor.id {
+        return Ok(Err(Error::SelfApproval {
+            id: proposal.id,
+            approver: actor.id.clone(),
+        }));
+    }
+    if proposal.approvals.contains(&actor.id) {
+        return Ok(Err(Error::AlreadyApproved {
+            id: proposal.id,
+            approver: actor.id.clone(),
+        }));
+    }
+    // A proposal replaces the whole set it was written against; activating it over a newer
+    // version would silently undo that version's changes.
+    let active = policy_version(kv)?;
+    if proposal.base_version != active {
+        return Ok(Err(Error::ProposalStale {
+            id: proposal.id,
+            base: proposal.base_version,
+            active,
+        }));
+    }
+    proposal.approvals.push(actor.id.clone());
+    let governance: PolicyGovernance = get(kv, META_POLICY_GOVERNANCE)?.unwrap_or_default();
+    if proposal.approvals.len() >= governance.approvals_required as usize {
+        activate_proposal(kv, &mut proposal, now, audit);
+    }
+    kv.put(proposal_key(proposal_id), enc(&proposal));
+    Ok(Ok(Outcome::Proposal(proposal)))
+}
+
+/// Audits a request that policy refused. A refused renewal revokes the lease when its role
+/// says so, provided the refusal was decided under the active policy version.
+fn policy_denied<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    denial: &PolicyDenial,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.outcome = "denied".into();
+    audit.reason = Some(format!("policy_denied: {}", denial.reason));
+    audit.role = denial.role.clone();
+    audit.lease_id = denial.lease_id.clone();
+    audit.policy_version = Some(denial.version);
+    audit.policy_ids = denial.determining.clone();
+    audit.target = Some(format!("action:{}", denial.action));
+    audit_context(audit, &denial.context);
+    let (Some(lease_id), "renew") = (&denial.lease_id, denial.action.as_str()) else {
+        return Ok(Ok(Outcome::Done));
+    };
+    let Some(lease) = get::<Lease>(kv, &lease_key(lease_id))? else {
+        return Ok(Ok(Outcome::Done));
+    };
+    audit.subject = Some(lease.subject.clone());
+    let owner = lease.subject == actor.id || lease.client_id == actor.id;
+    let revoke_wanted = get::<Role>(kv, &role_key(&lease.role))?
+        .is_some_and(|r| r.revoke_on_renewal_denied);
+    if owner
+        && revoke_wanted
+        && lease.state == LeaseState::Active
+        && denial.version == policy_version(kv)?
+    {
+        return revoke(kv, actor, now, &RevokeTarget::Lease(lease_id.clone()));
+    }
+    Ok(Ok(Outcome::Done))
 }
 
 fn revoke<R: KvRead + ?Sized>(
@@ -903,6 +1203,38 @@ pub fn cluster_ca(kv: &(impl KvRead + ?Sized)) -> Result<Option<ClusterCa>, Stor
 
 pub fn active_kid(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
     get(kv, META_ACTIVE_KID)
+}
+
+/// The active policy set version (0 before `cluster init`).
+pub fn policy_version(kv: &(impl KvRead + ?Sized)) -> Result<u64, StorageError> {
+    Ok(get(kv, META_POLICY_VERSION)?.unwrap_or(0))
+}
+
+pub fn policy_at(
+    kv: &(impl KvRead + ?Sized),
+    version: u64,
+) -> Result<Option<PolicyVersion>, StorageError> {
+    get(kv, &policy_version_key(version))
+}
+
+/// Every committed version, oldest first.
+pub fn policy_history(kv: &(impl KvRead + ?Sized)) -> Result<Vec<PolicyVersion>, StorageError> {
+    scan_values(kv, PFX_POLICY_VERSION.as_bytes(), usize::MAX)
+}
+
+pub fn policy_proposal(
+    kv: &(impl KvRead + ?Sized),
+    id: &str,
+) -> Result<Option<PolicyProposal>, StorageError> {
+    get(kv, &proposal_key(id))
+}
+
+pub fn policy_proposals(kv: &(impl KvRead + ?Sized)) -> Result<Vec<PolicyProposal>, StorageError> {
+    scan_values(kv, PFX_PROPOSAL.as_bytes(), usize::MAX)
+}
+
+pub fn policy_governance(kv: &(impl KvRead + ?Sized)) -> Result<PolicyGovernance, StorageError> {
+    Ok(get(kv, META_POLICY_GOVERNANCE)?.unwrap_or_default())
 }
 
 pub fn get_role(kv: &(impl KvRead + ?Sized), name: &str) -> Result<Option<Role>, StorageError> {

@@ -5,6 +5,7 @@ use crate::command::*;
 use crate::crypto::{unseal_private_key, Kek};
 use crate::error::Error;
 use crate::kv::{KvRead, MemKv, Overlay};
+use crate::policy::{PolicyGovernance, PolicyStamp};
 use crate::state::{self, LeaseFilter};
 use crate::types::*;
 
@@ -46,7 +47,33 @@ impl World {
         w
     }
 
-    fn propose(&mut self, actor: Principal, intent: Intent) -> ApplyResult {
+    /// Proposes as the node would: Issue and Renew carry a permitting decision under the active
+    /// policy version (`propose_raw` sends the intent as it is).
+    fn propose(&mut self, actor: Principal, mut intent: Intent) -> ApplyResult {
+        let decided = Some(self.permit(&actor));
+        match &mut intent {
+            Intent::Issue(i) if i.policy.is_none() => i.policy = decided,
+            Intent::Renew(r) if r.policy.is_none() => r.policy = decided,
+            _ => {}
+        }
+        self.propose_raw(actor, intent)
+    }
+
+    fn permit(&self, actor: &Principal) -> PolicyStamp {
+        let id = if actor.auth_method == AuthMethod::BootstrapAdmin {
+            PolicyStamp::BREAK_GLASS
+        } else {
+            "test-permit"
+        };
+        PolicyStamp {
+            version: state::policy_version(&self.kv).unwrap(),
+            determining: vec![id.into()],
+            scopes: None,
+            max_ttl_s: None,
+        }
+    }
+
+    fn propose_raw(&mut self, actor: Principal, intent: Intent) -> ApplyResult {
         let cmd = stamp(
             Proposal { actor, intent },
             self.now,
@@ -73,6 +100,9 @@ impl World {
             allowed_scopes: vec!["read".into(), "write".into()],
             default_ttl_s: ttl,
             max_ttl_s: max,
+            environment: None,
+            target: None,
+            revoke_on_renewal_denied: false,
         }))
         .unwrap();
     }
@@ -85,10 +115,12 @@ impl World {
     }
 
     fn renew(&mut self, id: &str, inc: Option<u64>) -> Result<Lease, Error> {
-        match self.admin(Intent::Renew {
+        match self.admin(Intent::Renew(RenewIntent {
             lease_id: id.into(),
             increment_s: inc,
-        })? {
+            context: RequestContext::default(),
+            policy: None,
+        }))? {
             Outcome::Lease { lease, .. } => Ok(lease),
             o => panic!("unexpected {o:?}"),
         }
@@ -121,20 +153,22 @@ fn web(ttl: Option<u64>) -> IssueIntent {
         role: "web".into(),
         subject: Some("spiffe://example.org/web".into()),
         ttl_s: ttl,
-        scopes: vec![],
+        scopes: vec!["read".into()],
         audience: None,
         purpose: Some("ci job 42".into()),
+        context: RequestContext::default(),
+        policy: None,
     }
 }
 
 #[test]
-fn issue_defaults_to_role_ttl_and_scopes() {
+fn issue_defaults_to_role_ttl() {
     let mut w = World::new();
     let l = w.issue(web(None)).unwrap();
     assert_eq!(l.ttl_s, 60);
     assert_eq!(l.expires_at_ms, T0 + 60_000);
     assert_eq!(l.max_expires_at_ms, T0 + 300_000);
-    assert_eq!(l.scopes, vec!["read", "write"]);
+    assert_eq!(l.scopes, vec!["read"]);
     assert_eq!(l.state, LeaseState::Active);
     assert!(l.renew_after_ms >= T0 + 30_000 && l.renew_after_ms <= T0 + 42_000);
     assert_eq!(state::next_deadline(&w.kv).unwrap(), Some(T0 + 60_000));
@@ -347,13 +381,12 @@ fn bad_input_is_refused_precisely_and_changes_no_lease_or_role() {
         ),
         (
             IssueIntent {
-                scopes: vec!["read".into(), "admin".into()],
+                scopes: vec!["admin".into()],
                 ..web(None)
             },
-            Error::ScopeNotAllowed {
-                scope: "admin".into(),
+            Error::NoScopeGranted {
+                requested: "admin".into(),
                 role: "web".into(),
-                allowed: "read write".into(),
             },
         ),
         (
@@ -504,6 +537,8 @@ fn bootstrap_only_once() {
     let intent = Intent::Bootstrap {
         admin_credential_hash: vec![1; 32],
         issuer: "https://i".into(),
+        policy_text: "// v1".into(),
+        governance: PolicyGovernance::default(),
     };
     w.propose(Principal::system(), intent.clone()).unwrap();
     assert_eq!(
@@ -733,4 +768,338 @@ fn join_tokens_are_single_use_and_expire() {
     // Only the hash is stored; the audit names the identity, never the token.
     let audit = serde_json::to_string(&state::audit_records(&w.kv, 1, 10_000).unwrap()).unwrap();
     assert!(!audit.contains(&hex::encode(h)));
+}
+
+// ---- policy: decisions in the log, downscoping, governance ----
+
+fn admin_svid(name: &str) -> Principal {
+    Principal::svid(format!("spiffe://example.org/admin/{name}"), "example.org".into(), true)
+}
+
+fn workload() -> Principal {
+    Principal::svid("spiffe://example.org/web".into(), "example.org".into(), false)
+}
+
+fn bootstrap(w: &mut World, approvals_required: u32) {
+    w.propose_raw(
+        Principal::system(),
+        Intent::Bootstrap {
+            admin_credential_hash: vec![1; 32],
+            issuer: "https://i".into(),
+            policy_text: "// version one".into(),
+            governance: PolicyGovernance {
+                approvals_required,
+                proposal_ttl_s: 3600,
+            },
+        },
+    )
+    .unwrap();
+}
+
+fn propose_policy(w: &mut World, by: &Principal, text: &str) -> crate::policy::PolicyProposal {
+    match w
+        .propose(
+            by.clone(),
+            Intent::ProposePolicy {
+                text: text.into(),
+                comment: Some("tighten".into()),
+            },
+        )
+        .unwrap()
+    {
+        Outcome::Proposal(p) => p,
+        o => panic!("{o:?}"),
+    }
+}
+
+fn approve(w: &mut World, by: &Principal, id: &str) -> ApplyResult {
+    w.propose(
+        by.clone(),
+        Intent::ApprovePolicy {
+            proposal_id: id.into(),
+        },
+    )
+}
+
+#[test]
+fn a_proposal_takes_effect_only_after_another_admin_approves() {
+    let mut w = World::new();
+    bootstrap(&mut w, 1);
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 1);
+    let (alice, bob) = (admin_svid("alice"), admin_svid("bob"));
+    let p = propose_policy(&mut w, &alice, "// version two");
+    assert_eq!(p.status(w.now), "pending");
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 1);
+    // Self-approval is refused and changes nothing; so is a workload's approval.
+    assert_eq!(
+        approve(&mut w, &alice, &p.id).unwrap_err(),
+        Error::SelfApproval {
+            id: p.id.clone(),
+            approver: alice.id.clone()
+        }
+    );
+    assert!(matches!(
+        approve(&mut w, &workload(), &p.id),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        approve(&mut w, &Principal::system(), &p.id),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 1);
+    assert!(state::policy_proposal(&w.kv, &p.id)
+        .unwrap()
+        .unwrap()
+        .approvals
+        .is_empty());
+    // Another administrator's approval activates it.
+    match approve(&mut w, &bob, &p.id).unwrap() {
+        Outcome::Proposal(p) => assert_eq!(p.status(w.now), "activated"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 2);
+    let v2 = state::policy_at(&w.kv, 2).unwrap().unwrap();
+    assert_eq!(v2.text, "// version two");
+    assert_eq!(v2.proposer, alice.id);
+    assert_eq!(v2.approvers, vec![bob.id.clone()]);
+    assert_eq!(state::policy_history(&w.kv).unwrap().len(), 2);
+    assert!(matches!(
+        approve(&mut w, &admin_svid("carol"), &p.id),
+        Err(Error::ProposalNotPending { .. })
+    ));
+    // Every step is in the audit chain, with the versions.
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    let steps: Vec<(&str, &str, Option<u64>)> = records
+        .iter()
+        .filter(|r| r.action.starts_with("policy."))
+        .map(|r| (r.action.as_str(), r.outcome.as_str(), r.policy_version))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("policy.propose", "ok", None),
+            ("policy.approve", "denied", None),
+            ("policy.approve", "denied", None),
+            ("policy.approve", "denied", None),
+            ("policy.approve", "ok", Some(2)),
+            ("policy.approve", "denied", None),
+        ]
+    );
+}
+
+#[test]
+fn approvals_must_come_from_distinct_admins_before_expiry_on_the_current_version() {
+    let mut w = World::new();
+    bootstrap(&mut w, 2);
+    let (alice, bob, carol) = (admin_svid("alice"), admin_svid("bob"), admin_svid("carol"));
+    let p = propose_policy(&mut w, &alice, "// two approvals");
+    approve(&mut w, &bob, &p.id).unwrap();
+    assert_eq!(
+        approve(&mut w, &bob, &p.id).unwrap_err(),
+        Error::AlreadyApproved {
+            id: p.id.clone(),
+            approver: bob.id.clone()
+        }
+    );
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 1);
+    approve(&mut w, &carol, &p.id).unwrap();
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 2);
+
+    // A proposal written against version 2 cannot activate over version 3.
+    let stale = propose_policy(&mut w, &alice, "// stale");
+    let fresh = propose_policy(&mut w, &bob, "// fresh");
+    approve(&mut w, &alice, &fresh.id).unwrap();
+    approve(&mut w, &carol, &fresh.id).unwrap();
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 3);
+    assert_eq!(
+        approve(&mut w, &bob, &stale.id).unwrap_err(),
+        Error::ProposalStale {
+            id: stale.id.clone(),
+            base: 2,
+            active: 3
+        }
+    );
+
+    // Expired proposals cannot be approved; rejected ones neither.
+    let late = propose_policy(&mut w, &alice, "// late");
+    w.now += 3_600_000;
+    assert_eq!(
+        approve(&mut w, &bob, &late.id).unwrap_err(),
+        Error::ProposalExpired(late.id.clone())
+    );
+    let rejected = propose_policy(&mut w, &alice, "// rejected");
+    w.propose(
+        carol.clone(),
+        Intent::RejectPolicy {
+            proposal_id: rejected.id.clone(),
+            reason: "too broad".into(),
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        approve(&mut w, &bob, &rejected.id),
+        Err(Error::ProposalNotPending { .. })
+    ));
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 3);
+}
+
+#[test]
+fn a_request_runs_only_under_the_policy_version_that_decided_it() {
+    let mut w = World::new();
+    bootstrap(&mut w, 1);
+    let own = IssueIntent {
+        subject: None,
+        ..web(None)
+    };
+    // No decision at all.
+    assert!(matches!(
+        w.propose_raw(workload(), Intent::Issue(own.clone())),
+        Err(Error::PolicyDenied(_))
+    ));
+    // A decision of another version.
+    let mut stale = w.permit(&workload());
+    stale.version = 0;
+    assert_eq!(
+        w.propose_raw(
+            workload(),
+            Intent::Issue(IssueIntent {
+                policy: Some(stale),
+                ..own.clone()
+            })
+        )
+        .unwrap_err(),
+        Error::PolicyChanged {
+            decided: 0,
+            active: 1
+        }
+    );
+    // Only the break-glass credential may carry a break-glass decision.
+    let mut forged = w.permit(&workload());
+    forged.determining = vec![PolicyStamp::BREAK_GLASS.into()];
+    assert!(matches!(
+        w.propose_raw(
+            workload(),
+            Intent::Issue(IssueIntent {
+                policy: Some(forged),
+                ..own.clone()
+            })
+        ),
+        Err(Error::PolicyDenied(_))
+    ));
+    assert!(w.leases().is_empty());
+    // A current decision issues, and the audit record names the version and the policies.
+    w.propose(workload(), Intent::Issue(own)).unwrap();
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    let issued = records
+        .iter()
+        .rfind(|r| r.action == "lease.issue")
+        .unwrap();
+    assert_eq!(issued.outcome, "ok");
+    assert_eq!(issued.policy_version, Some(1));
+    assert_eq!(issued.policy_ids, vec!["test-permit"]);
+}
+
+#[test]
+fn issued_scopes_and_ttl_are_the_intersection_of_request_role_and_policy() {
+    let mut w = World::new();
+    let mut decided = w.permit(&workload());
+    decided.scopes = Some(vec!["read".into(), "deploy".into()]);
+    decided.max_ttl_s = Some(30);
+    let lease = match w
+        .propose_raw(
+            workload(),
+            Intent::Issue(IssueIntent {
+                subject: None,
+                scopes: vec!["read".into(), "write".into(), "admin".into()],
+                ttl_s: Some(120),
+                context: RequestContext {
+                    source_ip: Some("10.0.0.7".into()),
+                    environment: Some("prod".into()),
+                    job_id: Some("run-9".into()),
+                },
+                policy: Some(decided.clone()),
+                ..web(None)
+            }),
+        )
+        .unwrap()
+    {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    // "write" is the role's but not the policy's; "admin" neither; "deploy" was not asked for.
+    assert_eq!(lease.scopes, vec!["read"]);
+    assert_eq!(lease.ttl_s, 30);
+    assert_eq!(lease.expires_at_ms, w.now + 30_000);
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    let rec = records.last().unwrap();
+    assert_eq!(rec.context.get("job_id").map(String::as_str), Some("run-9"));
+    assert_eq!(rec.context.get("source_ip").map(String::as_str), Some("10.0.0.7"));
+    // Renewal extensions are capped by the policy too.
+    w.now += 10_000;
+    let renewed = match w
+        .propose_raw(
+            workload(),
+            Intent::Renew(RenewIntent {
+                lease_id: lease.id.clone(),
+                increment_s: Some(200),
+                context: RequestContext::default(),
+                policy: Some(decided),
+            }),
+        )
+        .unwrap()
+    {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(renewed.expires_at_ms, w.now + 30_000);
+}
+
+#[test]
+fn a_renewal_refused_by_policy_revokes_the_lease_only_if_its_role_says_so() {
+    let mut w = World::new();
+    let mut revoking = state::get_role(&w.kv, "web").unwrap().unwrap();
+    revoking.name = "strict".into();
+    revoking.revoke_on_renewal_denied = true;
+    w.admin(Intent::PutRole(revoking)).unwrap();
+    let own = |role: &str| IssueIntent {
+        subject: None,
+        role: role.into(),
+        ..web(None)
+    };
+    let lenient = match w.propose(workload(), Intent::Issue(own("web"))).unwrap() {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    let strict = match w.propose(workload(), Intent::Issue(own("strict"))).unwrap() {
+        Outcome::Lease { lease, .. } => lease,
+        o => panic!("{o:?}"),
+    };
+    let denial = |lease: &Lease| {
+        Intent::PolicyDenied(PolicyDenial {
+            action: "renew".into(),
+            role: Some(lease.role.clone()),
+            lease_id: Some(lease.id.clone()),
+            version: 0,
+            determining: vec![],
+            reason: "no policy permits this request".into(),
+            context: RequestContext::default(),
+        })
+    };
+    // Someone else's refused renewal never revokes a lease.
+    let stranger = Principal::svid("spiffe://example.org/x".into(), "example.org".into(), false);
+    assert_eq!(w.propose(stranger, denial(&strict)).unwrap(), Outcome::Done);
+    assert!(w.lease(&strict.id).is_active_at(w.now));
+    assert_eq!(w.propose(workload(), denial(&lenient)).unwrap(), Outcome::Done);
+    assert!(w.lease(&lenient.id).is_active_at(w.now));
+    assert_eq!(
+        w.propose(workload(), denial(&strict)).unwrap(),
+        Outcome::Revoked { count: 1 }
+    );
+    assert!(!w.lease(&strict.id).is_active_at(w.now));
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    let last = records.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.outcome.as_str(), last.count),
+        ("policy.denied", "denied", Some(1))
+    );
 }

@@ -36,7 +36,7 @@ permit (principal is Ephemera::Admin, action, resource);
 /// grant more than meant.
 const KNOWN_ANNOTATIONS: &[&str] = &["id", "description", "max_ttl_s", "scopes"];
 /// An upper bound on a policy set's source, so one proposal cannot bloat the replicated state.
-pub const MAX_POLICY_TEXT_LEN: usize = 512 * 1024;
+pub use ephemera_core::policy::MAX_POLICY_TEXT_LEN;
 const MAX_ID_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
