@@ -179,6 +179,7 @@ fn issue_renew_and_bad_input_over_the_api() {
             .renew(pb::RenewRequest {
                 lease_id: l.lease_id.clone(),
                 increment_s: Some(3600),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -188,6 +189,7 @@ fn issue_renew_and_bad_input_over_the_api() {
             .renew(pb::RenewRequest {
                 lease_id: l.lease_id.clone(),
                 increment_s: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -205,6 +207,7 @@ fn issue_renew_and_bad_input_over_the_api() {
             .renew(pb::RenewRequest {
                 lease_id: v.lease_id.clone(),
                 increment_s: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -231,6 +234,7 @@ fn issue_renew_and_bad_input_over_the_api() {
             .renew(pb::RenewRequest {
                 lease_id: x.lease_id.clone(),
                 increment_s: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -336,6 +340,7 @@ fn issue_renew_and_bad_input_over_the_api() {
                 .renew(pb::RenewRequest {
                     lease_id: a.lease_id.clone(),
                     increment_s: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();

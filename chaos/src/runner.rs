@@ -337,7 +337,7 @@ async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
                 let r = client
                     .renew(pb::RenewRequest {
                         lease_id: lease_id.clone(),
-                        increment_s: None,
+                        ..Default::default()
                     })
                     .await;
                 let op = Op::Renew { lease_id };
@@ -603,6 +603,7 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
                     allowed_scopes: vec!["read".into(), "write".into()],
                     default_ttl_s: ROLE_TTL_S,
                     max_ttl_s: ROLE_MAX_TTL_S,
+                    ..Default::default()
                 }),
             },
             |mut a, r| async move { a.put_role(r).await },

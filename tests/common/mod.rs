@@ -307,6 +307,7 @@ pub fn role(name: &str, ttl_s: u64, max_ttl_s: u64) -> pb::PutRoleRequest {
             allowed_scopes: vec!["read".into(), "write".into()],
             default_ttl_s: ttl_s,
             max_ttl_s,
+            ..Default::default()
         }),
     }
 }

@@ -35,7 +35,7 @@ fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
     }
 }
 
-fn client(cli: &Cli) -> Result<Client> {
+pub(crate) fn client(cli: &Cli) -> Result<Client> {
     let addr = cli.addr.as_deref().context(
         "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
     )?;
@@ -47,7 +47,7 @@ fn client(cli: &Cli) -> Result<Client> {
     Ok(Client::with_tls(addr, bearer, tls_files(cli)?.as_ref())?)
 }
 
-fn print(out: crate::Output, value: Value, text: impl FnOnce() -> String) {
+pub(crate) fn print(out: crate::Output, value: Value, text: impl FnOnce() -> String) {
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value).expect("json")),
         Output::Text => println!("{}", text()),
@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Server { config } => server(config).await,
         Command::Cluster(c) => cluster(&cli, c).await,
         Command::Role(r) => role(&cli, r).await,
+        Command::Policy(p) => crate::policy::run(&cli, p).await,
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;
@@ -72,6 +73,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     purpose: a.purpose.clone(),
                     request_id: a.request_id.clone(),
                     subject: a.subject.clone(),
+                    environment: a.context.environment.clone(),
+                    job_id: a.context.job_id.clone(),
                 })
                 .await?;
             print_credential(cli.output, &cred);
@@ -80,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Renew {
             lease_id,
             increment,
+            context,
         } => {
             let c = client(&cli)?;
             let increment_s = increment.as_deref().map(parse_duration_s).transpose()?;
@@ -87,6 +91,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .renew(pb::RenewRequest {
                     lease_id: lease_id.clone(),
                     increment_s,
+                    environment: context.environment.clone(),
+                    job_id: context.job_id.clone(),
                 })
                 .await?;
             print_credential(cli.output, &cred);
@@ -375,11 +381,12 @@ fn lease_json(l: &pb::Lease) -> Value {
 
 fn role_json(r: &pb::Role) -> Value {
     json!({"name": r.name, "kind": r.kind, "audience": r.audience, "scopes": r.allowed_scopes,
-           "ttl_s": r.default_ttl_s, "max_ttl_s": r.max_ttl_s})
+           "ttl_s": r.default_ttl_s, "max_ttl_s": r.max_ttl_s, "environment": r.environment,
+           "target": r.target, "revoke_on_renewal_denied": r.revoke_on_renewal_denied})
 }
 
 fn role_text(r: &pb::Role) -> String {
-    format!(
+    let mut text = format!(
         "{}: kind={} audience={} scopes={} ttl={}s max_ttl={}s",
         r.name,
         r.kind,
@@ -387,7 +394,16 @@ fn role_text(r: &pb::Role) -> String {
         r.allowed_scopes.join(","),
         r.default_ttl_s,
         r.max_ttl_s
-    )
+    );
+    for (label, value) in [("environment", &r.environment), ("target", &r.target)] {
+        if let Some(v) = value {
+            text.push_str(&format!(" {label}={v}"));
+        }
+    }
+    if r.revoke_on_renewal_denied {
+        text.push_str(" revoke_on_renewal_denied");
+    }
+    text
 }
 
 pub fn status_json(s: &pb::ClusterStatus) -> Value {
@@ -422,6 +438,9 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             issuer,
             ca_cert,
             ca_key,
+            policy,
+            policy_approvals,
+            policy_proposal_ttl,
         } => {
             let read = |p: &Option<std::path::PathBuf>, what| {
                 p.as_deref().map(|p| read_file(what, p)).transpose()
@@ -430,6 +449,9 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
                 read(ca_cert, "--ca-cert")?.unwrap_or_default(),
                 read(ca_key, "--ca-key")?.unwrap_or_default(),
             );
+            let policy_text = read(policy, "--policy")?.unwrap_or_default();
+            let policy_proposal_ttl_s =
+                parse_duration_s(policy_proposal_ttl).context("--policy-proposal-ttl")?;
             // Initialisation targets one specific node: the first endpoint.
             let c = client(cli)?;
             let first = c.endpoints()[0].clone();
@@ -440,6 +462,9 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
                         issuer: issuer.clone(),
                         ca_cert_pem,
                         ca_key_pem,
+                        policy_text,
+                        policy_approvals: Some(*policy_approvals),
+                        policy_proposal_ttl_s: Some(policy_proposal_ttl_s),
                     },
                     |mut a, r| async move { a.init_cluster(r).await },
                 )
@@ -495,6 +520,9 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
             scopes,
             ttl,
             max_ttl,
+            environment,
+            target,
+            revoke_on_renewal_denied,
         } => {
             let role = pb::Role {
                 name: name.clone(),
@@ -503,6 +531,9 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
                 allowed_scopes: split_list(&Some(scopes.clone())),
                 default_ttl_s: parse_duration_s(ttl).context("--ttl")?,
                 max_ttl_s: parse_duration_s(max_ttl).context("--max-ttl")?,
+                environment: environment.clone(),
+                target: target.clone(),
+                revoke_on_renewal_denied: *revoke_on_renewal_denied,
             };
             let r = c
                 .admin_call(

@@ -60,6 +60,11 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
 /// The dev cluster's trust domain and its identities.
 pub const TRUST_DOMAIN: &str = "ephemera.dev";
 const ADMIN_ID: &str = "spiffe://ephemera.dev/admin";
+/// A second administrator, so that policy changes can be approved by someone other than their
+/// proposer (separation of duties).
+const APPROVER_ID: &str = "spiffe://ephemera.dev/approver";
+/// Policy version 1 of a dev cluster.
+const DEV_POLICY: &str = include_str!("../../../deploy/policies/dev.cedar");
 const DEMO_WORKLOAD_ID: &str = "spiffe://ephemera.dev/workload/demo";
 /// Dev certificates live a year; workload SVIDs issued by the cluster are short-lived.
 const DEV_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -73,7 +78,11 @@ fn create_pki(dir: &Path) -> Result<ephemera_pki::Ca> {
     let ca = Ca::generate(TRUST_DOMAIN, now, DEV_CERT_TTL)?;
     std::fs::write(pki.join("ca.crt"), ca.cert_pem())?;
     write_private(&pki.join("ca.key"), &ca.key_pem()?)?;
-    for (name, id) in [("admin", ADMIN_ID), ("workload", DEMO_WORKLOAD_ID)] {
+    for (name, id) in [
+        ("admin", ADMIN_ID),
+        ("approver", APPROVER_ID),
+        ("workload", DEMO_WORKLOAD_ID),
+    ] {
         let issued = ca.issue(
             &SpiffeId::parse(id)?,
             LeafUse::Client,
@@ -135,7 +144,7 @@ fn node_config(
         }
         text.push_str(&format!(
             "\n[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\
-             admin_ids = [\"{ADMIN_ID}\"]\n",
+             admin_ids = [\"{ADMIN_ID}\", \"{APPROVER_ID}\"]\n",
             ca = dir.join("pki").join("ca.crt"),
             cert = node_dir.join("tls.crt"),
             key = node_dir.join("tls.key"),
@@ -292,6 +301,9 @@ async fn setup(
                     issuer: String::new(),
                     ca_cert_pem: std::fs::read_to_string(dir.join("pki/ca.crt"))?,
                     ca_key_pem: std::fs::read_to_string(dir.join("pki/ca.key"))?,
+                    policy_text: DEV_POLICY.to_string(),
+                    policy_approvals: Some(1),
+                    policy_proposal_ttl_s: None,
                 },
                 |mut a, r| async move { a.init_cluster(r).await },
             )
@@ -325,6 +337,8 @@ async fn setup(
         "export EPHEMERA_ADDR={}\nexport EPHEMERA_HTTP={}\nexport EPHEMERA_PIDS={}\n\
          # mTLS identity of the cluster administrator:\n\
          export EPHEMERA_CA={pki}/ca.crt\nexport EPHEMERA_CERT={pki}/admin.crt\nexport EPHEMERA_KEY={pki}/admin.key\n\
+         # a second administrator, to approve policy changes (`EPHEMERA_CERT=$EPHEMERA_APPROVER_CERT ...`):\n\
+         export EPHEMERA_APPROVER_CERT={pki}/approver.crt\nexport EPHEMERA_APPROVER_KEY={pki}/approver.key\n\
          # break-glass credential (every use is audited):\nexport EPHEMERA_TOKEN={}\nexport EPHEMERA_DEV_DIR={}\n",
         all_api.join(","),
         nodes.iter().map(|n| format!("https://{}", n.http)).collect::<Vec<_>>().join(","),

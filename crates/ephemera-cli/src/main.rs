@@ -2,6 +2,7 @@
 
 mod commands;
 mod dev;
+mod policy;
 mod util;
 
 use std::path::PathBuf;
@@ -71,12 +72,15 @@ pub enum Command {
     Role(RoleCmd),
     /// Issue a credential.
     Issue(IssueArgs),
-    /// Extend a lease (never past its role's max TTL).
+    /// Extend a lease (never past its role's max TTL). Policy decides again, in the current
+    /// context.
     Renew {
         lease_id: String,
         /// How far to extend from now, e.g. 5m (default: the lease's TTL).
         #[arg(long)]
         increment: Option<String>,
+        #[command(flatten)]
+        context: ContextArgs,
     },
     /// Revoke one lease, or every lease of a subject, a role or a signing key.
     Revoke(RevokeArgs),
@@ -100,6 +104,65 @@ pub enum Command {
     /// X.509-SVIDs issued by the cluster CA.
     #[command(subcommand)]
     Svid(SvidCmd),
+    /// Cedar policies: who may obtain which role, in which context (see README, "Policy").
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+/// Runtime context a workload declares with a request, for policy and the audit record.
+#[derive(Args)]
+pub struct ContextArgs {
+    /// Environment the workload runs in (`context.environment`).
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// CI job, agent task or run id (`context.job_id`).
+    #[arg(long)]
+    pub job_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Propose FILE as the new policy set. It is validated against the schema first and takes
+    /// effect once other administrators approve it.
+    Propose {
+        file: PathBuf,
+        /// Why the change is made (shown to approvers, kept with the proposal).
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Approve a proposal (as an administrator other than its proposer).
+    Approve { proposal_id: String },
+    /// Reject (or, as its proposer, withdraw) a proposal.
+    Reject {
+        proposal_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Print the active policy set, or a committed version.
+    Show {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Committed versions, oldest first, with who proposed and approved each.
+    History,
+    /// Pending proposals (with --all, closed ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// What a proposal would change against the active version; or between two versions.
+    Diff {
+        /// A proposal id; without one, give --from and --to.
+        proposal_id: Option<String>,
+        #[arg(long, requires = "to", conflicts_with = "proposal_id")]
+        from: Option<u64>,
+        #[arg(long, requires = "from")]
+        to: Option<u64>,
+    },
+    /// Validate FILE against the schema locally, without a cluster.
+    Validate { file: PathBuf },
+    /// Print the Cedar schema policies are validated against.
+    Schema,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +237,15 @@ pub enum ClusterCmd {
         ca_cert: Option<PathBuf>,
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// Policy version 1, Cedar (default: administrators only; workloads get nothing).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Approvals by administrators other than the proposer a policy change needs.
+        #[arg(long, default_value_t = 1)]
+        policy_approvals: u32,
+        /// How long a policy proposal stays open, e.g. 7d.
+        #[arg(long, default_value = "7d")]
+        policy_proposal_ttl: String,
     },
     /// Add a running, uninitialised node (given by its API address) to the cluster.
     Join {
@@ -204,6 +276,15 @@ pub enum RoleCmd {
         /// Hard cap over all renewals, e.g. 1h.
         #[arg(long)]
         max_ttl: String,
+        /// Label for policies (`resource.environment`).
+        #[arg(long)]
+        environment: Option<String>,
+        /// Label for policies (`resource.target`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Revoke a lease when policy refuses its renewal (default: refuse, let it expire).
+        #[arg(long)]
+        revoke_on_renewal_denied: bool,
     },
     Get {
         name: String,
@@ -220,7 +301,8 @@ pub struct IssueArgs {
     pub role: String,
     #[arg(long)]
     pub ttl: Option<String>,
-    /// Requested scopes, comma-separated (default: all the role allows).
+    /// Requested scopes, comma-separated. The credential carries those the role and the
+    /// policy allow, and none that were not asked for.
     #[arg(long)]
     pub scopes: Option<String>,
     #[arg(long)]
@@ -233,6 +315,8 @@ pub struct IssueArgs {
     /// Issue on behalf of this workload identity (admin only).
     #[arg(long)]
     pub subject: Option<String>,
+    #[command(flatten)]
+    pub context: ContextArgs,
 }
 
 #[derive(Args)]

@@ -713,7 +713,7 @@ fn validate_policy_text(text: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn validate_governance(g: &PolicyGovernance) -> Result<(), Error> {
+pub fn validate_governance(g: &PolicyGovernance) -> Result<(), Error> {
     if g.approvals_required > crate::policy::MAX_APPROVALS_REQUIRED {
         return Err(invalid(format!(
             "policy approvals must be between 0 and {}",

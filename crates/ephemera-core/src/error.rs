@@ -85,7 +85,9 @@ pub enum Error {
     ProposalExpired(String),
     #[error("{approver} proposed {id:?} and cannot approve it; another administrator must")]
     SelfApproval { id: String, approver: String },
-    #[error("{approver} has already approved {id:?}; it needs approvals from distinct administrators")]
+    #[error(
+        "{approver} has already approved {id:?}; it needs approvals from distinct administrators"
+    )]
     AlreadyApproved { id: String, approver: String },
     #[error("policy proposal {id:?} replaces version {base}, but version {active} is now active; propose it again against the current policy")]
     ProposalStale { id: String, base: u64, active: u64 },

@@ -39,8 +39,15 @@ pub struct PolicyVersion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProposalState {
     Pending,
-    Activated { version: u64, at_ms: u64 },
-    Rejected { by: String, at_ms: u64, reason: String },
+    Activated {
+        version: u64,
+        at_ms: u64,
+    },
+    Rejected {
+        by: String,
+        at_ms: u64,
+        reason: String,
+    },
 }
 
 /// A proposed replacement of the whole policy set, waiting for approvals.

@@ -17,11 +17,9 @@ use crate::command::{
     intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, PolicyDenial,
     RenewIntent, RequestContext, RevokeTarget, SvidIntent,
 };
-use crate::policy::{
-    PolicyGovernance, PolicyProposal, PolicyStamp, PolicyVersion, ProposalState,
-};
 use crate::error::{Error, StorageError};
 use crate::kv::{prefix_end, KvRead, Overlay};
+use crate::policy::{PolicyGovernance, PolicyProposal, PolicyStamp, PolicyVersion, ProposalState};
 use crate::types::{
     ClusterCa, CredentialKind, JoinToken, KeyState, Lease, LeaseState, Principal, Role,
     SigningKeyRecord, SVID_DEFAULT_TTL_S, SVID_MAX_TTL_S, SVID_ROLE,
@@ -606,7 +604,12 @@ fn issue<R: KvRead + ?Sized>(
         .scopes
         .iter()
         .filter(|s| role.allowed_scopes.binary_search(s).is_ok())
-        .filter(|s| stamp.scopes.as_ref().is_none_or(|granted| granted.contains(s)))
+        .filter(|s| {
+            stamp
+                .scopes
+                .as_ref()
+                .is_none_or(|granted| granted.contains(s))
+        })
         .cloned()
         .collect();
     scopes.sort();
@@ -1096,8 +1099,8 @@ fn policy_denied<R: KvRead + ?Sized>(
     };
     audit.subject = Some(lease.subject.clone());
     let owner = lease.subject == actor.id || lease.client_id == actor.id;
-    let revoke_wanted = get::<Role>(kv, &role_key(&lease.role))?
-        .is_some_and(|r| r.revoke_on_renewal_denied);
+    let revoke_wanted =
+        get::<Role>(kv, &role_key(&lease.role))?.is_some_and(|r| r.revoke_on_renewal_denied);
     if owner
         && revoke_wanted
         && lease.state == LeaseState::Active

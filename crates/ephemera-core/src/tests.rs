@@ -773,11 +773,19 @@ fn join_tokens_are_single_use_and_expire() {
 // ---- policy: decisions in the log, downscoping, governance ----
 
 fn admin_svid(name: &str) -> Principal {
-    Principal::svid(format!("spiffe://example.org/admin/{name}"), "example.org".into(), true)
+    Principal::svid(
+        format!("spiffe://example.org/admin/{name}"),
+        "example.org".into(),
+        true,
+    )
 }
 
 fn workload() -> Principal {
-    Principal::svid("spiffe://example.org/web".into(), "example.org".into(), false)
+    Principal::svid(
+        "spiffe://example.org/web".into(),
+        "example.org".into(),
+        false,
+    )
 }
 
 fn bootstrap(w: &mut World, approvals_required: u32) {
@@ -990,10 +998,7 @@ fn a_request_runs_only_under_the_policy_version_that_decided_it() {
     // A current decision issues, and the audit record names the version and the policies.
     w.propose(workload(), Intent::Issue(own)).unwrap();
     let records = state::audit_records(&w.kv, 1, 1000).unwrap();
-    let issued = records
-        .iter()
-        .rfind(|r| r.action == "lease.issue")
-        .unwrap();
+    let issued = records.iter().rfind(|r| r.action == "lease.issue").unwrap();
     assert_eq!(issued.outcome, "ok");
     assert_eq!(issued.policy_version, Some(1));
     assert_eq!(issued.policy_ids, vec!["test-permit"]);
@@ -1033,7 +1038,10 @@ fn issued_scopes_and_ttl_are_the_intersection_of_request_role_and_policy() {
     let records = state::audit_records(&w.kv, 1, 1000).unwrap();
     let rec = records.last().unwrap();
     assert_eq!(rec.context.get("job_id").map(String::as_str), Some("run-9"));
-    assert_eq!(rec.context.get("source_ip").map(String::as_str), Some("10.0.0.7"));
+    assert_eq!(
+        rec.context.get("source_ip").map(String::as_str),
+        Some("10.0.0.7")
+    );
     // Renewal extensions are capped by the policy too.
     w.now += 10_000;
     let renewed = match w
@@ -1089,7 +1097,10 @@ fn a_renewal_refused_by_policy_revokes_the_lease_only_if_its_role_says_so() {
     let stranger = Principal::svid("spiffe://example.org/x".into(), "example.org".into(), false);
     assert_eq!(w.propose(stranger, denial(&strict)).unwrap(), Outcome::Done);
     assert!(w.lease(&strict.id).is_active_at(w.now));
-    assert_eq!(w.propose(workload(), denial(&lenient)).unwrap(), Outcome::Done);
+    assert_eq!(
+        w.propose(workload(), denial(&lenient)).unwrap(),
+        Outcome::Done
+    );
     assert!(w.lease(&lenient.id).is_active_at(w.now));
     assert_eq!(
         w.propose(workload(), denial(&strict)).unwrap(),

@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ephemera_core::command::{Intent, IssueIntent, Outcome, Proposal, RevokeTarget, SvidIntent};
+use ephemera_core::command::{
+    validate_intent, Intent, IssueIntent, Outcome, Proposal, RenewIntent, RevokeTarget, SvidIntent,
+};
 use ephemera_core::crypto::hash_secret;
+use ephemera_core::policy::{PolicyGovernance, PolicyProposal, PolicyVersion, ProposalState};
 use ephemera_core::state::{self, LeaseFilter};
 use ephemera_core::types::{AuthMethod, CredentialKind, Lease, LeaseState, Principal, Role};
 use ephemera_core::{Error, ErrorCode};
@@ -18,9 +21,11 @@ use ephemera_raft::{decode, encode, NodeInfo};
 use rand::RngCore;
 use tonic::{Request, Response, Status};
 
+use crate::authz::{CallerContext, POLICY_ATTEMPTS};
 use crate::conn::ConnInfo;
 use crate::metrics::Metrics;
 use crate::node::{Forwarded, Node, KEY_PUBLISH_GRACE_MS};
+use ephemera_policy::{Action, AdminAction, PolicyBook};
 
 /// The one place domain errors become gRPC statuses. Internal details are logged, not returned.
 pub fn to_status(e: Error) -> Status {
@@ -66,17 +71,50 @@ impl Api {
             .map_err(|e| self.fail(e))
     }
 
-    /// Authenticates and requires a configured administrator (or the break-glass credential).
-    async fn admin<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    /// Authenticates and authorizes an administrative action: a configured administrator the
+    /// active policy permits, or the break-glass credential.
+    async fn admin<T>(&self, req: &Request<T>, action: AdminAction) -> Result<Principal, Status> {
         let p = self.auth(req).await?;
-        if p.is_admin() {
-            Ok(p)
-        } else {
-            Err(self.fail(Error::PermissionDenied(format!(
-                "{} is not an administrator",
-                p.id
-            ))))
+        self.node
+            .authorize_admin(&p, action, &caller(req))
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(p)
+    }
+
+    /// Proposes the intent `decide` builds under a policy decision. If the policy changed
+    /// before the command committed, this node catches up and decides again.
+    async fn propose_decided<F, Fut>(&self, actor: &Principal, decide: F) -> Result<Outcome, Status>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Intent, Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let intent = decide().await.map_err(|e| self.fail(e))?;
+            let proposal = Proposal {
+                actor: actor.clone(),
+                intent,
+            };
+            match self.node.propose(proposal).await {
+                Err(Error::PolicyChanged { active, .. }) if attempt < POLICY_ATTEMPTS => {
+                    self.node.catch_up_policy(active).await;
+                    attempt += 1;
+                }
+                result => return result.map(|(o, _)| o).map_err(|e| self.fail(e)),
+            }
         }
+    }
+
+    /// A lease by id from this node's state; if it is not here yet, after a read barrier.
+    async fn lease(&self, id: &str) -> Result<Option<Lease>, Error> {
+        let read =
+            || state::get_lease(&self.node.view, id).map_err(|e| Error::Internal(e.to_string()));
+        if let Some(lease) = read()? {
+            return Ok(Some(lease));
+        }
+        self.node.read_barrier().await?;
+        read()
     }
 
     fn fail(&self, e: Error) -> Status {
@@ -111,6 +149,21 @@ impl Api {
         })
     }
 
+    fn proposal_reply(&self, outcome: Outcome) -> Result<Response<pb::PolicyProposal>, Status> {
+        let Outcome::Proposal(p) = outcome else {
+            return Err(to_status(Error::Internal(
+                "policy operation returned no proposal".into(),
+            )));
+        };
+        let governance = state::policy_governance(&self.node.view)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(proposal_to_pb(
+            p,
+            self.node.clock.now_ms(),
+            governance,
+        )))
+    }
+
     async fn propose(&self, actor: Principal, intent: Intent) -> Result<Outcome, Status> {
         self.node
             .propose(Proposal { actor, intent })
@@ -118,6 +171,11 @@ impl Api {
             .map(|(o, _)| o)
             .map_err(|e| self.fail(e))
     }
+}
+
+/// The caller's address as this node saw it.
+fn caller<T>(req: &Request<T>) -> CallerContext {
+    CallerContext::from_addr(req.extensions().get::<ConnInfo>().and_then(|c| c.remote))
 }
 
 pub fn lease_to_pb(l: Lease) -> pb::Lease {
@@ -148,7 +206,59 @@ fn role_to_pb(r: Role) -> pb::Role {
         allowed_scopes: r.allowed_scopes,
         default_ttl_s: r.default_ttl_s,
         max_ttl_s: r.max_ttl_s,
+        environment: r.environment,
+        target: r.target,
+        revoke_on_renewal_denied: r.revoke_on_renewal_denied,
     }
+}
+
+fn proposal_to_pb(
+    p: PolicyProposal,
+    now_ms: u64,
+    governance: PolicyGovernance,
+) -> pb::PolicyProposal {
+    let status = p.status(now_ms).to_string();
+    let (activated_version, rejected_by, reject_reason) = match p.state {
+        ProposalState::Activated { version, .. } => (version, String::new(), String::new()),
+        ProposalState::Rejected { by, reason, .. } => (0, by, reason),
+        ProposalState::Pending => (0, String::new(), String::new()),
+    };
+    pb::PolicyProposal {
+        id: p.id,
+        text: p.text,
+        sha256: p.sha256,
+        base_version: p.base_version,
+        proposer: p.proposer,
+        comment: p.comment.unwrap_or_default(),
+        created_at_ms: p.created_at_ms,
+        expires_at_ms: p.expires_at_ms,
+        approvals: p.approvals,
+        status,
+        approvals_required: governance.approvals_required,
+        activated_version,
+        rejected_by,
+        reject_reason,
+    }
+}
+
+fn policy_version_to_pb(v: PolicyVersion, active: u64, with_text: bool) -> pb::PolicyVersion {
+    pb::PolicyVersion {
+        active: v.version == active,
+        version: v.version,
+        text: if with_text { v.text } else { String::new() },
+        sha256: v.sha256,
+        activated_at_ms: v.activated_at_ms,
+        proposal_id: v.proposal_id.unwrap_or_default(),
+        proposer: v.proposer,
+        approvers: v.approvers,
+    }
+}
+
+/// Parses and validates a policy set the way every node will compile it.
+fn validate_policy(text: &str) -> Result<(), Error> {
+    PolicyBook::compile(text, 0)
+        .map(|_| ())
+        .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -182,8 +292,26 @@ impl pb::issuer_server::Issuer for Api {
                     Some(hash.to_vec()),
                 )
             }
-            None => (self.auth(&req).await?, None),
+            None => {
+                let actor = self.auth(&req).await?;
+                if csr
+                    .spiffe_id
+                    .as_ref()
+                    .is_some_and(|id| id.to_string() != actor.id)
+                {
+                    self.node
+                        .authorize_admin(&actor, AdminAction::SvidIssueFor, &caller(&req))
+                        .await
+                        .map_err(|e| self.fail(e))?;
+                }
+                (actor, None)
+            }
         };
+        if let Some(id) = &csr.spiffe_id {
+            self.node
+                .refuse_admin_identity(&id.to_string())
+                .map_err(|e| self.fail(e))?;
+        }
         let r = req.into_inner();
         let intent = Intent::IssueSvid(SvidIntent {
             spiffe_id: csr.spiffe_id.map(|id| id.to_string()),
@@ -211,14 +339,17 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.auth(&req).await?;
+        let mut caller = caller(&req);
         let r = req.into_inner();
+        caller.environment = r.environment;
+        caller.job_id = r.job_id;
         // Without a caller's id, the node assigns one, so its own retries cannot double-issue.
         let request_id = r.request_id.or_else(|| {
             let mut b = [0u8; 16];
             rand::rngs::OsRng.fill_bytes(&mut b);
             Some(format!("srv-{}", hex::encode(b)))
         });
-        let intent = Intent::Issue(IssueIntent {
+        let intent = IssueIntent {
             request_id,
             role: r.role,
             subject: r.subject,
@@ -226,8 +357,21 @@ impl pb::issuer_server::Issuer for Api {
             scopes: r.scopes,
             audience: r.audience,
             purpose: r.purpose,
-        });
-        let outcome = self.propose(actor, intent).await?;
+            context: caller.for_audit(),
+            policy: None,
+        };
+        // Bad input is refused before any policy work.
+        validate_intent(&Intent::Issue(intent.clone())).map_err(|e| self.fail(e))?;
+        let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
+        let outcome = self
+            .propose_decided(&actor, || async move {
+                let policy = node.decide_issue(actor_ref, intent_ref, caller_ref).await?;
+                Ok(Intent::Issue(IssueIntent {
+                    policy: Some(policy),
+                    ..intent_ref.clone()
+                }))
+            })
+            .await?;
         let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.issued, 1);
         Ok(Response::new(cred))
@@ -238,15 +382,44 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.auth(&req).await?;
+        let mut caller = caller(&req);
         let r = req.into_inner();
+        caller.environment = r.environment;
+        caller.job_id = r.job_id;
+        let intent = RenewIntent {
+            lease_id: r.lease_id,
+            increment_s: r.increment_s,
+            context: caller.for_audit(),
+            policy: None,
+        };
+        validate_intent(&Intent::Renew(intent.clone())).map_err(|e| self.fail(e))?;
+        let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
         let outcome = self
-            .propose(
-                actor,
-                Intent::Renew {
-                    lease_id: r.lease_id,
-                    increment_s: r.increment_s,
-                },
-            )
+            .propose_decided(&actor, || async move {
+                let lease = match self.lease(&intent_ref.lease_id).await? {
+                    Some(lease) => lease,
+                    None => return Err(Error::LeaseNotFound(intent_ref.lease_id.clone())),
+                };
+                // A dead lease is refused precisely by `apply` (revoked, expired), not by policy.
+                let policy = if lease.is_active_at(node.clock.now_ms()) {
+                    Some(
+                        node.decide_on_lease(
+                            actor_ref,
+                            Action::Renew,
+                            &lease,
+                            intent_ref.increment_s,
+                            caller_ref,
+                        )
+                        .await?,
+                    )
+                } else {
+                    None
+                };
+                Ok(Intent::Renew(RenewIntent {
+                    policy,
+                    ..intent_ref.clone()
+                }))
+            })
             .await?;
         let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.renewed, 1);
@@ -258,6 +431,7 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let actor = self.auth(&req).await?;
+        let caller = caller(&req);
         use pb::revoke_request::Target;
         let target = match req.into_inner().target {
             Some(Target::LeaseId(id)) => RevokeTarget::Lease(id),
@@ -271,6 +445,23 @@ impl pb::issuer_server::Issuer for Api {
             }
         };
         Metrics::inc(&self.node.metrics.revoke_calls, 1);
+        validate_intent(&Intent::Revoke(target.clone())).map_err(|e| self.fail(e))?;
+        match &target {
+            // An unknown lease is refused by `apply`, which has the last word on existence.
+            RevokeTarget::Lease(id) => {
+                if let Some(lease) = self.lease(id).await.map_err(|e| self.fail(e))? {
+                    self.node
+                        .decide_on_lease(&actor, Action::Revoke, &lease, None, &caller)
+                        .await
+                        .map_err(|e| self.fail(e))?;
+                }
+            }
+            _ => self
+                .node
+                .authorize_admin(&actor, AdminAction::LeaseRevokeBulk, &caller)
+                .await
+                .map_err(|e| self.fail(e))?,
+        }
         match self.propose(actor, Intent::Revoke(target)).await? {
             Outcome::Revoked { count } => {
                 Metrics::inc(&self.node.metrics.leases_revoked, count);
@@ -287,10 +478,11 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         let actor = self.auth(&req).await?;
+        let caller = caller(&req);
         let token = req.into_inner().token;
         let claims = self
             .node
-            .introspect(&actor, &token)
+            .introspect(&actor, &caller, &token)
             .await
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(match claims {
@@ -315,7 +507,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::LeaseList).await?;
         let r = req.into_inner();
         if let Some(s) = &r.state {
             if !matches!(s.as_str(), "active" | "revoked" | "expired") {
@@ -410,10 +602,28 @@ impl Api {
 
     async fn init_cluster(
         &self,
-        issuer: String,
-        ca_cert_pem: String,
-        ca_key_pem: String,
+        r: pb::InitClusterRequest,
     ) -> Result<pb::InitClusterResponse, Error> {
+        let pb::InitClusterRequest {
+            issuer,
+            ca_cert_pem,
+            ca_key_pem,
+            policy_text,
+            policy_approvals,
+            policy_proposal_ttl_s,
+        } = r;
+        let policy_text = if policy_text.is_empty() {
+            ephemera_policy::DEFAULT_POLICY.to_string()
+        } else {
+            policy_text
+        };
+        validate_policy(&policy_text)?;
+        let defaults = PolicyGovernance::default();
+        let governance = PolicyGovernance {
+            approvals_required: policy_approvals.unwrap_or(defaults.approvals_required),
+            proposal_ttl_s: policy_proposal_ttl_s.unwrap_or(defaults.proposal_ttl_s),
+        };
+        ephemera_core::command::validate_governance(&governance)?;
         let node = &self.node;
         let initialized = node
             .raft
@@ -452,6 +662,8 @@ impl Api {
         node.route_system(Intent::Bootstrap {
             admin_credential_hash: hash_secret(&admin_token).to_vec(),
             issuer,
+            policy_text,
+            governance,
         })
         .await?;
         if !ca_cert_pem.is_empty() || !ca_key_pem.is_empty() {
@@ -494,10 +706,13 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::JoinToken>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::JoinTokenCreate).await?;
         let r = req.into_inner();
         let id = ephemera_pki::SpiffeId::parse(&r.spiffe_id)
             .map_err(|e| self.fail(Error::InvalidArgument(e.to_string())))?;
+        self.node
+            .refuse_admin_identity(&id.to_string())
+            .map_err(|e| self.fail(e))?;
         let ttl_s = if r.ttl_s == 0 { 600 } else { r.ttl_s };
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
@@ -522,8 +737,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
-        let r = req.into_inner();
-        Api::init_cluster(self, r.issuer, r.ca_cert_pem, r.ca_key_pem)
+        Api::init_cluster(self, req.into_inner())
             .await
             .map(Response::new)
             .map_err(|e| self.fail(e))
@@ -546,7 +760,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::ClusterManage).await?;
         let (id, info) =
             node_info_from_pb(req.into_inner().node, self.plaintext).map_err(|e| self.fail(e))?;
         self.propose(
@@ -568,7 +782,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::ClusterManage).await?;
         let id = req.into_inner().id;
         self.propose(
             actor,
@@ -591,7 +805,7 @@ impl pb::admin_server::Admin for Api {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // An operational probe: authenticated, but not written to the audit chain, so that
         // monitoring does not grow the replicated state.
-        self.admin(&req).await?;
+        self.admin(&req, AdminAction::ClusterRead).await?;
         Ok(Response::new(self.status_pb().await))
     }
 
@@ -599,7 +813,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::PutRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::RoleWrite).await?;
         let r = req
             .into_inner()
             .role
@@ -617,6 +831,9 @@ impl pb::admin_server::Admin for Api {
             allowed_scopes: r.allowed_scopes,
             default_ttl_s: r.default_ttl_s,
             max_ttl_s: r.max_ttl_s,
+            environment: r.environment,
+            target: r.target,
+            revoke_on_renewal_denied: r.revoke_on_renewal_denied,
         };
         match self.propose(actor, Intent::PutRole(role)).await? {
             Outcome::Role(r) => Ok(Response::new(role_to_pb(r))),
@@ -630,7 +847,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::GetRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::RoleRead).await?;
         let name = req.into_inner().name;
         self.node
             .read_access(&actor, "role.get", &format!("role:{name}"))
@@ -648,7 +865,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListRolesRequest>,
     ) -> Result<Response<pb::ListRolesResponse>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::RoleRead).await?;
         self.node
             .read_access(&actor, "role.list", "")
             .await
@@ -664,7 +881,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::DeleteRoleRequest>,
     ) -> Result<Response<pb::DeleteRoleResponse>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::RoleWrite).await?;
         let name = req.into_inner().name;
         self.propose(actor, Intent::DeleteRole { name }).await?;
         Ok(Response::new(pb::DeleteRoleResponse {}))
@@ -674,7 +891,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::KeyRead).await?;
         self.node
             .read_access(&actor, "key.list", "")
             .await
@@ -700,7 +917,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::SigningKey>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::KeyRotate).await?;
         match self.propose(actor, Intent::RotateKey).await? {
             Outcome::KeyAdded { kid } => {
                 let rec = state::get_key(&self.node.view, &kid)
@@ -723,7 +940,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AuditTailRequest>,
     ) -> Result<Response<pb::AuditTailResponse>, Status> {
-        let actor = self.admin(&req).await?;
+        let actor = self.admin(&req, AdminAction::AuditRead).await?;
         let r = req.into_inner();
         self.node
             .read_access(&actor, "audit.read", "")
@@ -767,6 +984,9 @@ impl pb::admin_server::Admin for Api {
                     reason: a.reason,
                     prev_hash: a.prev_hash,
                     hash: a.hash,
+                    policy_version: a.policy_version,
+                    policy_ids: a.policy_ids,
+                    context: a.context.into_iter().collect(),
                 })
                 .collect(),
             head_seq,
@@ -774,12 +994,136 @@ impl pb::admin_server::Admin for Api {
         }))
     }
 
+    async fn propose_policy(
+        &self,
+        req: Request<pb::ProposePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyPropose).await?;
+        let r = req.into_inner();
+        // Refused here with the validator's message; nothing reaches the log.
+        validate_policy(&r.text).map_err(|e| self.fail(e))?;
+        let intent = Intent::ProposePolicy {
+            text: r.text,
+            comment: r.comment.filter(|c| !c.is_empty()),
+        };
+        self.proposal_reply(self.propose(actor, intent).await?)
+    }
+
+    async fn approve_policy(
+        &self,
+        req: Request<pb::ApprovePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyApprove).await?;
+        let proposal_id = req.into_inner().proposal_id;
+        let outcome = self
+            .propose(actor, Intent::ApprovePolicy { proposal_id })
+            .await?;
+        self.proposal_reply(outcome)
+    }
+
+    async fn reject_policy(
+        &self,
+        req: Request<pb::RejectPolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyReject).await?;
+        let r = req.into_inner();
+        let intent = Intent::RejectPolicy {
+            proposal_id: r.proposal_id,
+            reason: r.reason,
+        };
+        self.proposal_reply(self.propose(actor, intent).await?)
+    }
+
+    async fn get_policy_proposal(
+        &self,
+        req: Request<pb::GetPolicyProposalRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
+        let id = req.into_inner().proposal_id;
+        self.node
+            .read_access(&actor, "policy.read", &format!("policy-proposal:{id}"))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let view = &self.node.view;
+        let proposal = state::policy_proposal(view, &id)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?
+            .ok_or_else(|| self.fail(Error::ProposalNotFound(id)))?;
+        self.proposal_reply(Outcome::Proposal(proposal))
+    }
+
+    async fn list_policy_proposals(
+        &self,
+        req: Request<pb::ListPolicyProposalsRequest>,
+    ) -> Result<Response<pb::ListPolicyProposalsResponse>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
+        let include_closed = req.into_inner().include_closed;
+        self.node
+            .read_access(&actor, "policy.read", "policy-proposals")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let view = &self.node.view;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let governance = state::policy_governance(view).map_err(internal)?;
+        let now = self.node.clock.now_ms();
+        let proposals = state::policy_proposals(view)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|p| include_closed || p.status(now) == "pending")
+            .map(|p| proposal_to_pb(p, now, governance))
+            .collect();
+        Ok(Response::new(pb::ListPolicyProposalsResponse { proposals }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
+        let wanted = req.into_inner().version;
+        self.node
+            .read_access(&actor, "policy.read", "policy")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let view = &self.node.view;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let active = state::policy_version(view).map_err(internal)?;
+        let version = wanted.unwrap_or(active);
+        let v = state::policy_at(view, version)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                self.fail(Error::InvalidArgument(format!(
+                    "no policy version {version} (the active version is {active})"
+                )))
+            })?;
+        Ok(Response::new(policy_version_to_pb(v, active, true)))
+    }
+
+    async fn list_policy_history(
+        &self,
+        req: Request<pb::ListPolicyHistoryRequest>,
+    ) -> Result<Response<pb::ListPolicyHistoryResponse>, Status> {
+        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
+        self.node
+            .read_access(&actor, "policy.read", "policy-history")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let view = &self.node.view;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let active = state::policy_version(view).map_err(internal)?;
+        let versions = state::policy_history(view)
+            .map_err(internal)?
+            .into_iter()
+            .map(|v| policy_version_to_pb(v, active, false))
+            .collect();
+        Ok(Response::new(pb::ListPolicyHistoryResponse { versions }))
+    }
+
     async fn get_state_digest(
         &self,
         req: Request<pb::StateDigestRequest>,
     ) -> Result<Response<pb::StateDigest>, Status> {
         // Operational probe of this node's own copy; not audited (see get_cluster_status).
-        self.admin(&req).await?;
+        self.admin(&req, AdminAction::ClusterRead).await?;
         let node = self.node.clone();
         let digest = tokio::task::spawn_blocking(move || -> Result<pb::StateDigest, Error> {
             let view = &node.view;

@@ -160,7 +160,8 @@ async fn introspect(
             "expected an application/x-www-form-urlencoded body with a `token` field".into(),
         ));
     };
-    match node.introspect(&principal, &form.token).await {
+    let caller = crate::authz::CallerContext::from_addr(conn.remote);
+    match node.introspect(&principal, &caller, &form.token).await {
         Ok(Some(c)) => Json(json!({
             "active": true,
             "iss": c.iss, "sub": c.sub, "aud": c.aud, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,

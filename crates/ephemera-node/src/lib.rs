@@ -20,6 +20,7 @@ use ephemera_raft::{NodeInfo, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod grpc;

@@ -15,12 +15,23 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     pub auth_failures: AtomicU64,
     pub denials_unaudited: AtomicU64,
+    pub policy_allowed: AtomicU64,
+    pub policy_denied: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64, by: u64) {
         counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    pub fn policy_decision(&self, allowed: bool) {
+        let counter = if allowed {
+            &self.policy_allowed
+        } else {
+            &self.policy_denied
+        };
+        Self::inc(counter, 1);
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -72,7 +83,17 @@ impl Metrics {
             (
                 "ephemera_auth_denials_unaudited_total",
                 &self.denials_unaudited,
-                "Refused authentications not written to the audit chain (rate limit)",
+                "Refused authentications and policy denials not written to the audit chain (rate limit)",
+            ),
+            (
+                "ephemera_policy_allowed_total",
+                &self.policy_allowed,
+                "Workload requests policy permitted on this node",
+            ),
+            (
+                "ephemera_policy_denied_total",
+                &self.policy_denied,
+                "Workload requests policy refused on this node",
             ),
         ];
         for (name, c, help) in counters {

@@ -64,7 +64,9 @@ impl Entropy for OsEntropy {
     }
 }
 
-/// What a follower hands to the leader over the cluster listener.
+/// What a follower hands to the leader over the cluster listener. Built once per request and
+/// serialised at once, so the size of the largest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forwarded {
     Propose(Proposal),
@@ -127,6 +129,8 @@ pub struct Node {
     denial_audits: governor::DefaultDirectRateLimiter,
     /// Refusals not recorded since the last recorded one (stated in that next record).
     denials_unrecorded: std::sync::atomic::AtomicU64,
+    /// The compiled policy set of the latest committed version this node has used.
+    pub(crate) policy_cache: Mutex<Option<Arc<ephemera_policy::PolicyBook>>>,
 }
 
 /// Audit records of refused authentications per second and node, and the burst allowed.
@@ -178,6 +182,7 @@ impl Node {
                 .allow_burst(std::num::NonZeroU32::new(DENIAL_AUDIT_BURST).expect("non-zero")),
             ),
             denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
+            policy_cache: Mutex::new(None),
         }
     }
 
@@ -286,26 +291,74 @@ impl Node {
         Ok(verified.principal)
     }
 
-    /// Records a refused authentication. The refusal stands whether or not the record lands.
-    async fn audit_denial(&self, presented: String, mut reason: String) {
+    /// Takes a slot of the node's refusal-audit rate limit: `None` when the refusal is only
+    /// counted, else a note on how many earlier refusals went unrecorded (for its record).
+    fn refusal_audit_slot(&self) -> Option<String> {
         use std::sync::atomic::Ordering;
         if self.denial_audits.check().is_err() {
             self.denials_unrecorded.fetch_add(1, Ordering::Relaxed);
             Metrics::inc(&self.metrics.denials_unaudited, 1);
+            return None;
+        }
+        Some(match self.denials_unrecorded.swap(0, Ordering::Relaxed) {
+            0 => String::new(),
+            skipped => {
+                format!(" ({skipped} earlier refusals on this node were not recorded: rate limit)")
+            }
+        })
+    }
+
+    /// Records a refused authentication. The refusal stands whether or not the record lands.
+    async fn audit_denial(&self, presented: String, mut reason: String) {
+        let Some(note) = self.refusal_audit_slot() else {
             return;
-        }
-        let skipped = self.denials_unrecorded.swap(0, Ordering::Relaxed);
-        if skipped > 0 {
-            reason.push_str(&format!(
-                " ({skipped} earlier refusals on this node were not recorded: rate limit)"
-            ));
-        }
+        };
+        reason.push_str(&note);
         let audit = self.propose(Proposal {
             actor: Principal::unauthenticated(AuthMethod::X509Svid),
             intent: Intent::RecordDenial { presented, reason },
         });
         if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {
             tracing::warn!(error = %e, "could not audit a refused authentication");
+        }
+    }
+
+    /// Records a policy refusal (under the rate limit unless `always`). The refusal stands
+    /// whether or not the record lands; the outcome is the record's, when it landed.
+    pub(crate) async fn audit_refusal(
+        &self,
+        actor: Principal,
+        mut denial: ephemera_core::command::PolicyDenial,
+        always: bool,
+    ) -> Option<Outcome> {
+        if !always {
+            denial.reason.push_str(&self.refusal_audit_slot()?);
+        }
+        // Keep the record within the log's limits rather than lose it.
+        let max = ephemera_core::command::MAX_PURPOSE_LEN;
+        if denial.reason.len() > max {
+            let mut cut = max - 3;
+            while !denial.reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            denial.reason.truncate(cut);
+            denial.reason.push_str("...");
+        }
+        denial
+            .determining
+            .truncate(ephemera_core::command::MAX_SCOPES);
+        match self
+            .propose(Proposal {
+                actor,
+                intent: Intent::PolicyDenied(denial),
+            })
+            .await
+        {
+            Ok((outcome, _)) => Some(outcome),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not audit a policy refusal");
+                None
+            }
         }
     }
 
@@ -324,6 +377,22 @@ impl Node {
             // Fail closed: a certificate we cannot check is not accepted.
             Err(_) => true,
         }
+    }
+
+    /// Administrators' identities are never minted by the cluster CA (through a join token or
+    /// an SVID request): otherwise one administrator could mint a second and approve their own
+    /// policy change.
+    pub fn refuse_admin_identity(&self, spiffe_id: &str) -> Result<(), Error> {
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.admin_ids.contains(spiffe_id))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{spiffe_id} is an administrator identity; the cluster does not issue those"
+            )));
+        }
+        Ok(())
     }
 
     /// Seals the cluster CA's key under the KEK for replication.
@@ -776,6 +845,7 @@ impl Node {
     pub async fn introspect(
         &self,
         principal: &Principal,
+        caller: &crate::authz::CallerContext,
         token_text: &str,
     ) -> Result<Option<Claims>, Error> {
         Metrics::inc(&self.metrics.introspections, 1);
@@ -807,6 +877,15 @@ impl Node {
         if !lease.is_active_at(now) || parsed.claims.exp <= now_s || parsed.claims.nbf > now_s {
             return Ok(None);
         }
+        // Who may learn that a token is active is policy too (a resource server, its holder).
+        self.decide_on_lease(
+            principal,
+            ephemera_policy::Action::Introspect,
+            &lease,
+            None,
+            caller,
+        )
+        .await?;
         Ok(Some(parsed.claims))
     }
 

@@ -264,7 +264,9 @@ fn check_annotations(policy: &Policy, id: &str, problems: &mut String) -> Grant 
                 Some(n) => grant.max_ttl_s = Some(n),
                 None => at(
                     problems,
-                    format!("@max_ttl_s({value:?}) must be a whole number of seconds, 1 to ten years"),
+                    format!(
+                        "@max_ttl_s({value:?}) must be a whole number of seconds, 1 to ten years"
+                    ),
                 ),
             },
             "scopes" => {
@@ -401,7 +403,10 @@ impl PolicyBook {
             ("job_id", string(ctx.job_id)),
             ("time", time(ctx.now_ms)),
             ("delegation_depth", long(u64::from(ctx.delegation_depth))),
-            ("lease_owner", RestrictedExpression::new_bool(ctx.lease_owner)),
+            (
+                "lease_owner",
+                RestrictedExpression::new_bool(ctx.lease_owner),
+            ),
         ];
         let resource = role_entity(role);
         self.evaluate(principal, action.name(), resource, &context)
@@ -456,12 +461,13 @@ impl PolicyBook {
             // An unauthenticated or system principal has no entity type in the schema: deny.
             Err(e) => return deny(format!("request: {e}")),
         };
-        let entities = match Entities::from_entities([principal_entity, resource], Some(schema()))
-        {
+        let entities = match Entities::from_entities([principal_entity, resource], Some(schema())) {
             Ok(e) => e,
             Err(e) => return deny(format!("entities: {e}")),
         };
-        let response = self.authorizer.is_authorized(&request, &self.set, &entities);
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.set, &entities);
         let determining: Vec<&PolicyId> = {
             let mut ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
             ids.sort_by_key(|id| id.to_string());

@@ -150,12 +150,18 @@ fn allow_and_deny_by_time_window_and_environment() {
     assert!(d.allowed, "{d:?}");
     assert_eq!(d.determining, vec!["ci-api-deploy-production"]);
     let saturday = ctx(&scopes, SATURDAY_1030_MS, "10.0.0.1");
-    assert!(!b.decide(&release, Action::Issue, &deploy, &saturday).allowed);
+    assert!(
+        !b.decide(&release, Action::Issue, &deploy, &saturday)
+            .allowed
+    );
     let night = ctx(&scopes, MONDAY_1030_MS + 12 * 3_600_000, "10.0.0.1");
     assert!(!b.decide(&release, Action::Issue, &deploy, &night).allowed);
     // Without the protected environment claim, a tag alone does not deploy to production.
     let unprotected = github("acme/api", "refs/tags/v1.4.0", Some("staging"));
-    assert!(!b.decide(&unprotected, Action::Issue, &deploy, &monday).allowed);
+    assert!(
+        !b.decide(&unprotected, Action::Issue, &deploy, &monday)
+            .allowed
+    );
     // The caller-declared environment in the context, against the role's label.
     let env_policy = r#"
         @id("prod-callers-only")
@@ -166,15 +172,25 @@ fn allow_and_deny_by_time_window_and_environment() {
     let web = role("web", &[], Some("prod"));
     let mut c = ctx(&scopes, MONDAY_1030_MS, "10.0.0.1");
     c.environment = "prod";
-    assert!(b.decide(&svid("spiffe://a/b"), Action::Issue, &web, &c).allowed);
+    assert!(
+        b.decide(&svid("spiffe://a/b"), Action::Issue, &web, &c)
+            .allowed
+    );
     c.environment = "dev";
-    assert!(!b.decide(&svid("spiffe://a/b"), Action::Issue, &web, &c).allowed);
+    assert!(
+        !b.decide(&svid("spiffe://a/b"), Action::Issue, &web, &c)
+            .allowed
+    );
 }
 
 #[test]
 fn allow_and_deny_by_source_address_and_forbid_wins() {
     let b = book(SERVICES);
-    let payments = role("payments-api", &["payments:read", "payments:write"], Some("prod"));
+    let payments = role(
+        "payments-api",
+        &["payments:read", "payments:write"],
+        Some("prod"),
+    );
     let scopes = vec![];
     let checkout = svid("spiffe://acme.internal/ns/prod/sa/checkout");
     let inside = b.decide(
@@ -300,7 +316,9 @@ fn renewal_refused_after_attribute_change_and_after_policy_change() {
     assert!(v1.decide(&main, Action::Renew, &deploy, &c).allowed);
     // Same subject, re-authenticated with a token whose ref changed.
     let mut moved = main.clone();
-    moved.attributes.insert("ref".into(), "refs/heads/hack".into());
+    moved
+        .attributes
+        .insert("ref".into(), "refs/heads/hack".into());
     assert!(!v1.decide(&moved, Action::Renew, &deploy, &c).allowed);
     // The policy no longer lets main deploy to staging.
     let v2_text = CI.replace("refs/heads/main", "refs/heads/release");
