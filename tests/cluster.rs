@@ -282,11 +282,11 @@ fn issue_renew_and_bad_input_over_the_api() {
             ),
             (
                 pb::IssueRequest {
-                    scopes: vec!["read".into(), "admin".into()],
+                    scopes: vec!["admin".into()],
                     ..issue_req("web")
                 },
-                Code::InvalidArgument,
-                "scope \"admin\" is not allowed",
+                Code::PermissionDenied,
+                "none of the requested scopes (admin)",
             ),
             (
                 pb::IssueRequest {

@@ -129,6 +129,25 @@ impl DevCluster {
         Client::with_tls(&self.env["EPHEMERA_ADDR"], None, Some(&self.admin_tls())).unwrap()
     }
 
+    /// A client presenting one of dev's identities (`admin`, `approver`, `workload`), pinned to
+    /// one node (1-based) or talking to all.
+    pub fn client_as(&self, identity: &str, node: Option<u64>) -> Client {
+        let addr = match node {
+            Some(n) => self.apis()[n as usize - 1].clone(),
+            None => self.env["EPHEMERA_ADDR"].clone(),
+        };
+        let tls = TlsFiles {
+            ca_pem: self.pki("ca.crt"),
+            identity: Some((
+                self.pki(&format!("{identity}.crt")),
+                self.pki(&format!("{identity}.key")),
+            )),
+        };
+        Client::with_tls(&addr, None, Some(&tls))
+            .unwrap()
+            .with_timeout(Duration::from_secs(10))
+    }
+
     /// A client pinned to one node (1-based).
     pub fn node_client(&self, node: u64) -> Client {
         Client::with_tls(
@@ -160,14 +179,20 @@ impl DevCluster {
             .join("config.toml")
     }
 
-    /// Runs the CLI against the cluster.
+    /// Runs the CLI against the cluster, as the administrator.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as("admin", args)
+    }
+
+    /// Runs the CLI against the cluster as one of dev's identities (`admin`, `approver`, ...).
+    pub fn cli_as(&self, identity: &str, args: &[&str]) -> Output {
+        let pki = self.dir.path().join("pki");
         Command::new(BIN)
             .args(args)
             .env("EPHEMERA_ADDR", &self.env["EPHEMERA_ADDR"])
             .env("EPHEMERA_CA", &self.env["EPHEMERA_CA"])
-            .env("EPHEMERA_CERT", &self.env["EPHEMERA_CERT"])
-            .env("EPHEMERA_KEY", &self.env["EPHEMERA_KEY"])
+            .env("EPHEMERA_CERT", pki.join(format!("{identity}.crt")))
+            .env("EPHEMERA_KEY", pki.join(format!("{identity}.key")))
             .env_remove("EPHEMERA_TOKEN")
             .output()
             .expect("run ephemera")
@@ -324,6 +349,7 @@ pub fn issue_req(role: &str) -> pb::IssueRequest {
     pb::IssueRequest {
         role: role.into(),
         subject: Some("spiffe://example.org/ns/ci/sa/runner".into()),
+        scopes: vec!["read".into(), "write".into()],
         ..Default::default()
     }
 }

@@ -24,12 +24,6 @@ pub enum Error {
     InvalidArgument(String),
     #[error("unknown role {0:?}")]
     UnknownRole(String),
-    #[error("scope {scope:?} is not allowed by role {role:?} (allowed: {allowed})")]
-    ScopeNotAllowed {
-        scope: String,
-        role: String,
-        allowed: String,
-    },
     #[error("audience {requested:?} is not allowed by role {role:?} (allowed: {allowed:?})")]
     AudienceNotAllowed {
         requested: String,
@@ -97,10 +91,9 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         use Error::*;
         match self {
-            InvalidArgument(_)
-            | ScopeNotAllowed { .. }
-            | AudienceNotAllowed { .. }
-            | TtlAboveCap { .. } => ErrorCode::InvalidArgument,
+            InvalidArgument(_) | AudienceNotAllowed { .. } | TtlAboveCap { .. } => {
+                ErrorCode::InvalidArgument
+            }
             UnknownRole(_) | LeaseNotFound(_) | KeyNotFound(_) => ErrorCode::NotFound,
             AlreadyInitialized | RequestIdConflict(_) => ErrorCode::AlreadyExists,
             LeaseRevoked(_)
@@ -131,7 +124,6 @@ impl Error {
         match self {
             InvalidArgument(_) => "invalid_argument",
             UnknownRole(_) => "unknown_role",
-            ScopeNotAllowed { .. } => "scope_not_allowed",
             AudienceNotAllowed { .. } => "audience_not_allowed",
             TtlAboveCap { .. } => "ttl_above_cap",
             LeaseNotFound(_) => "lease_not_found",
