@@ -1,16 +1,15 @@
-//! The core must stay pure: no async runtime, storage engine, network or TLS stack may enter its
-//! dependency tree, so that it can be unit-tested and simulated deterministically.
+//! The pure crates must stay pure: no async runtime, storage engine, network or TLS stack may
+//! enter their dependency trees, so that they can be unit-tested and simulated deterministically.
 
 use std::process::Command;
 
-#[test]
-fn core_has_no_io_dependencies() {
+fn assert_pure(package: &str, expected_dependency: &str) {
     let out = Command::new(env!("CARGO"))
         .args([
             "tree",
             "--offline",
             "-p",
-            "ephemera-core",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -26,17 +25,24 @@ fn core_has_no_io_dependencies() {
     );
     let tree = String::from_utf8(out.stdout).unwrap();
     assert!(
-        tree.contains("ed25519-dalek"),
-        "unexpected cargo tree output: {tree}"
+        tree.contains(expected_dependency),
+        "unexpected cargo tree output for {package}: {tree}"
     );
     let forbidden = [
         "tokio", "sled", "tonic", "axum", "rustls", "openraft", "hyper", "mio",
     ];
     for line in tree.lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        assert!(
-            !forbidden.contains(&name),
-            "ephemera-core depends on {name}"
-        );
+        assert!(!forbidden.contains(&name), "{package} depends on {name}");
     }
+}
+
+#[test]
+fn core_has_no_io_dependencies() {
+    assert_pure("ephemera-core", "ed25519-dalek");
+}
+
+#[test]
+fn policy_has_no_io_dependencies() {
+    assert_pure("ephemera-policy", "cedar-policy");
 }

@@ -15,8 +15,9 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, Policy, PolicyId,
-    PolicySet, Request, RestrictedExpression, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
+    Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression, ValidationMode,
+    Validator,
 };
 use ephemera_core::types::{AuthMethod, Principal, Role};
 use miette::Diagnostic;
@@ -58,6 +59,14 @@ pub enum Action {
 }
 
 impl Action {
+    pub const ALL: [Action; 5] = [
+        Action::Issue,
+        Action::Renew,
+        Action::Revoke,
+        Action::Introspect,
+        Action::Exchange,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Action::Issue => "issue",
@@ -90,6 +99,24 @@ pub enum AdminAction {
 }
 
 impl AdminAction {
+    pub const ALL: [AdminAction; 15] = [
+        AdminAction::RoleWrite,
+        AdminAction::RoleRead,
+        AdminAction::KeyRotate,
+        AdminAction::KeyRead,
+        AdminAction::PolicyPropose,
+        AdminAction::PolicyApprove,
+        AdminAction::PolicyReject,
+        AdminAction::PolicyRead,
+        AdminAction::ClusterManage,
+        AdminAction::ClusterRead,
+        AdminAction::AuditRead,
+        AdminAction::LeaseList,
+        AdminAction::LeaseRevokeBulk,
+        AdminAction::JoinTokenCreate,
+        AdminAction::SvidIssueFor,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             AdminAction::RoleWrite => "role.write",
@@ -170,13 +197,83 @@ impl Decision {
     }
 }
 
+/// The group every administrative action belongs to (`action in Ephemera::Action::"admin"`).
+const ADMIN_GROUP: &str = "admin";
+
 /// A validated policy set, ready to decide. Build it once per committed version.
+///
+/// Cedar evaluates every policy of the set it is given. Most policies name one role and a few
+/// actions in their scope, so the book keeps, per (action, role), the slice of policies whose
+/// scope can match it; a decision evaluates only that slice (the answer is the same, because a
+/// policy whose scope cannot match never contributes).
 pub struct PolicyBook {
     version: u64,
     set: PolicySet,
     grants: HashMap<PolicyId, Grant>,
     ids: Vec<String>,
     authorizer: Authorizer,
+    /// (action, Some(role)) for roles some policy names; (action, None) for every other role.
+    slices: HashMap<(&'static str, Option<String>), PolicySet>,
+}
+
+fn all_action_names() -> impl Iterator<Item = &'static str> {
+    Action::ALL
+        .iter()
+        .map(|a| a.name())
+        .chain(AdminAction::ALL.iter().map(|a| a.name()))
+}
+
+fn is_admin_action(name: &str) -> bool {
+    AdminAction::ALL.iter().any(|a| a.name() == name)
+}
+
+/// Whether a policy's action scope can match `action`.
+fn scope_has_action(policy: &Policy, action: &str) -> bool {
+    let matches = |uid: &EntityUid| {
+        let id = uid.id().unescaped();
+        id == action || (id == ADMIN_GROUP && is_admin_action(action))
+    };
+    match policy.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(uid) => matches(&uid),
+        ActionConstraint::In(uids) => uids.iter().any(matches),
+    }
+}
+
+/// The role a policy's resource scope names exactly, if it does.
+fn scope_role(policy: &Policy) -> Option<String> {
+    match policy.resource_constraint() {
+        ResourceConstraint::Eq(uid) if uid.type_name().basename() == "Role" => {
+            Some(uid.id().unescaped().to_string())
+        }
+        _ => None,
+    }
+}
+
+fn build_slices(set: &PolicySet) -> HashMap<(&'static str, Option<String>), PolicySet> {
+    let scoped: Vec<(&Policy, Option<String>)> =
+        set.policies().map(|p| (p, scope_role(p))).collect();
+    let roles: BTreeSet<String> = scoped.iter().filter_map(|(_, r)| r.clone()).collect();
+    let mut slices = HashMap::new();
+    for action in all_action_names() {
+        let for_role = |role: Option<&String>| {
+            let mut slice = PolicySet::new();
+            for (policy, scope) in &scoped {
+                let role_matches = scope.is_none() || scope.as_ref() == role;
+                if role_matches && scope_has_action(policy, action) {
+                    slice
+                        .add((*policy).clone())
+                        .expect("ids are unique within the set");
+                }
+            }
+            slice
+        };
+        slices.insert((action, None), for_role(None));
+        for role in &roles {
+            slices.insert((action, Some(role.clone())), for_role(Some(role)));
+        }
+    }
+    slices
 }
 
 impl std::fmt::Debug for PolicyBook {
@@ -361,12 +458,14 @@ impl PolicyBook {
         if !problems.is_empty() {
             return Err(PolicyError::Invalid(problems));
         }
+        let slices = build_slices(&set);
         Ok(PolicyBook {
             version,
             set,
             grants,
             ids,
             authorizer: Authorizer::new(),
+            slices,
         })
     }
 
@@ -387,29 +486,15 @@ impl PolicyBook {
         role: &Role,
         ctx: &WorkloadContext<'_>,
     ) -> Decision {
-        let context = [
-            ("ttl_s", long(ctx.ttl_s)),
-            (
-                "scopes",
-                RestrictedExpression::new_set(
-                    ctx.scopes
-                        .iter()
-                        .map(|s| RestrictedExpression::new_string(s.clone())),
-                ),
-            ),
-            ("audience", string(ctx.audience)),
-            ("source_ip", ip(ctx.source_ip)),
-            ("environment", string(ctx.environment)),
-            ("job_id", string(ctx.job_id)),
-            ("time", time(ctx.now_ms)),
-            ("delegation_depth", long(u64::from(ctx.delegation_depth))),
-            (
-                "lease_owner",
-                RestrictedExpression::new_bool(ctx.lease_owner),
-            ),
-        ];
+        let context = workload_context(ctx);
         let resource = role_entity(role);
-        self.evaluate(principal, action.name(), resource, &context)
+        self.evaluate(
+            principal,
+            action.name(),
+            Some(&role.name),
+            resource,
+            &context,
+        )
     }
 
     /// Decides an administrative request.
@@ -422,15 +507,16 @@ impl PolicyBook {
     ) -> Decision {
         let context = [("source_ip", ip(source_ip)), ("time", time(now_ms))];
         let resource = Entity::with_uid(uid("Cluster", "cluster"));
-        self.evaluate(principal, action.name(), resource, &context)
+        self.evaluate(principal, action.name(), None, resource, &context)
     }
 
     fn evaluate(
         &self,
         principal: &Principal,
-        action: &str,
+        action: &'static str,
+        role: Option<&String>,
         resource: Entity,
-        context: &[(&str, RestrictedExpression)],
+        context: &[(&'static str, RestrictedExpression)],
     ) -> Decision {
         let deny = |why: String| Decision {
             allowed: false,
@@ -439,7 +525,11 @@ impl PolicyBook {
             grant: Grant::default(),
             errors: vec![why],
         };
-        let principal_entity = principal_entity(principal);
+        // Built-in principals (the system, the break-glass credential) have no type in the
+        // schema; policy never decides for them.
+        let Some(principal_entity) = principal_entity(principal) else {
+            return deny(format!("{} is not subject to policy", principal.id));
+        };
         let (principal_uid, resource_uid) = (principal_entity.uid(), resource.uid());
         let context = match Context::from_pairs(
             context
@@ -450,24 +540,36 @@ impl PolicyBook {
             Ok(c) => c,
             Err(e) => return deny(format!("context: {e}")),
         };
+        // The entities and the context are built by this crate to the schema's shape (a test
+        // checks them against it), and every policy was validated against it: checking each
+        // request against the schema again would only cost time.
+        let action_uid = uid("Action", action);
         let request = match Request::new(
             principal_uid,
-            uid("Action", action),
+            action_uid.clone(),
             resource_uid,
             context,
-            Some(schema()),
+            None,
         ) {
             Ok(r) => r,
-            // An unauthenticated or system principal has no entity type in the schema: deny.
             Err(e) => return deny(format!("request: {e}")),
         };
-        let entities = match Entities::from_entities([principal_entity, resource], Some(schema())) {
+        let mut entities = vec![principal_entity, resource];
+        if is_admin_action(action) {
+            let group = uid("Action", ADMIN_GROUP);
+            entities.push(Entity::new_no_attrs(action_uid, [group.clone()].into()));
+            entities.push(Entity::new_no_attrs(group, Default::default()));
+        }
+        let entities = match Entities::from_entities(entities, None) {
             Ok(e) => e,
             Err(e) => return deny(format!("entities: {e}")),
         };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.set, &entities);
+        let slice = self
+            .slices
+            .get(&(action, role.cloned()))
+            .or_else(|| self.slices.get(&(action, None)))
+            .unwrap_or(&self.set);
+        let response = self.authorizer.is_authorized(&request, slice, &entities);
         let determining: Vec<&PolicyId> = {
             let mut ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
             ids.sort_by_key(|id| id.to_string());
@@ -514,6 +616,31 @@ fn union_of_grants<'a>(grants: impl Iterator<Item = Option<&'a Grant>>) -> Grant
         };
     }
     Grant { scopes, max_ttl_s }
+}
+
+/// The `WorkloadContext` record of the schema.
+fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 9] {
+    [
+        ("ttl_s", long(ctx.ttl_s)),
+        (
+            "scopes",
+            RestrictedExpression::new_set(
+                ctx.scopes
+                    .iter()
+                    .map(|s| RestrictedExpression::new_string(s.clone())),
+            ),
+        ),
+        ("audience", string(ctx.audience)),
+        ("source_ip", ip(ctx.source_ip)),
+        ("environment", string(ctx.environment)),
+        ("job_id", string(ctx.job_id)),
+        ("time", time(ctx.now_ms)),
+        ("delegation_depth", long(u64::from(ctx.delegation_depth))),
+        (
+            "lease_owner",
+            RestrictedExpression::new_bool(ctx.lease_owner),
+        ),
+    ]
 }
 
 fn uid(kind: &str, id: &str) -> EntityUid {
@@ -563,16 +690,11 @@ fn time(now_ms: u64) -> RestrictedExpression {
     .expect("record keys are unique")
 }
 
-fn principal_entity(p: &Principal) -> Entity {
-    let kind = if p.is_admin() && p.auth_method != AuthMethod::System {
-        "Admin"
-    } else {
-        match p.auth_method {
-            AuthMethod::X509Svid | AuthMethod::JwtAssertion | AuthMethod::JoinToken => "Workload",
-            // Built-in principals have no type in the schema, so every request of theirs is
-            // refused by validation; the node never asks for them.
-            AuthMethod::BootstrapAdmin | AuthMethod::System => "Unknown",
-        }
+fn principal_entity(p: &Principal) -> Option<Entity> {
+    let kind = match p.auth_method {
+        AuthMethod::BootstrapAdmin | AuthMethod::System => return None,
+        _ if p.is_admin() => "Admin",
+        AuthMethod::X509Svid | AuthMethod::JwtAssertion | AuthMethod::JoinToken => "Workload",
     };
     let attrs = [
         ("id".to_string(), string(&p.id)),
@@ -590,8 +712,10 @@ fn principal_entity(p: &Principal) -> Entity {
     } else {
         BTreeMap::new()
     };
-    Entity::new_with_tags(uid(kind, &p.id), attrs, [], tags)
-        .expect("string attributes always evaluate")
+    Some(
+        Entity::new_with_tags(uid(kind, &p.id), attrs, [], tags)
+            .expect("string attributes always evaluate"),
+    )
 }
 
 fn role_entity(role: &Role) -> Entity {

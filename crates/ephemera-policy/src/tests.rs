@@ -427,3 +427,58 @@ fn policy_hash_is_stable() {
     assert_eq!(policy_hash("abc").len(), 64);
     assert_ne!(policy_hash("a"), policy_hash("b"));
 }
+
+/// Decisions skip per-request schema checks; this is what makes that safe: the entities and
+/// contexts this crate builds conform to the schema, for every kind of principal and action.
+#[test]
+fn built_entities_and_contexts_conform_to_the_schema() {
+    let scopes = vec!["read".to_string()];
+    let c = ctx(&scopes, MONDAY_1030_MS, "10.0.0.1");
+    let r = role("web", &["read"], Some("prod"));
+    for p in [
+        github("acme/api", "refs/heads/main", Some("production")),
+        svid("spiffe://acme.internal/ns/prod/sa/web"),
+        admin("spiffe://acme.internal/admin/alice"),
+    ] {
+        let entity = principal_entity(&p).unwrap();
+        let entities = Entities::from_entities([entity.clone(), role_entity(&r)], Some(schema()))
+            .unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        drop(entities);
+        for action in Action::ALL {
+            let context = Context::from_pairs(
+                workload_context(&c)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v)),
+            )
+            .unwrap();
+            Request::new(
+                entity.uid(),
+                uid("Action", action.name()),
+                uid("Role", "web"),
+                context,
+                Some(schema()),
+            )
+            .unwrap_or_else(|e| panic!("{action:?}: {e}"));
+        }
+        if p.is_admin() {
+            for action in AdminAction::ALL {
+                let context = Context::from_pairs(
+                    [("source_ip", ip(None)), ("time", time(MONDAY_1030_MS))]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v)),
+                )
+                .unwrap();
+                Request::new(
+                    entity.uid(),
+                    uid("Action", action.name()),
+                    uid("Cluster", "cluster"),
+                    context,
+                    Some(schema()),
+                )
+                .unwrap_or_else(|e| panic!("{action:?}: {e}"));
+            }
+        }
+    }
+    assert!(principal_entity(&Principal::system()).is_none());
+    assert!(principal_entity(&Principal::bootstrap_admin()).is_none());
+}
