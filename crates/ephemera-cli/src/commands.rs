@@ -662,7 +662,7 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                 Output::Text => {
                     for a in &records {
                         println!(
-                            "{:>6} {} {:<14} {:<8} actor={} {}{}{}{}",
+                            "{:>6} {} {:<14} {:<8} actor={} {}{}{}{}{}",
                             a.seq,
                             fmt_time(a.time_ms),
                             a.action,
@@ -679,6 +679,9 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                             a.target
                                 .as_ref()
                                 .map(|t| format!("target={t} "))
+                                .unwrap_or_default(),
+                            a.policy_version
+                                .map(|v| format!("policy=v{v}[{}] ", a.policy_ids.join(",")))
                                 .unwrap_or_default(),
                             a.reason
                                 .as_ref()

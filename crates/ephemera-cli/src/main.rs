@@ -122,10 +122,11 @@ pub struct ContextArgs {
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
-    /// Propose FILE as the new policy set. It is validated against the schema first and takes
-    /// effect once other administrators approve it.
+    /// Propose the policies in FILE... (concatenated) as the new policy set. It is validated
+    /// against the schema first and takes effect once other administrators approve it.
     Propose {
-        file: PathBuf,
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
         /// Why the change is made (shown to approvers, kept with the proposal).
         #[arg(long)]
         comment: Option<String>,
@@ -159,8 +160,11 @@ pub enum PolicyCmd {
         #[arg(long, requires = "from")]
         to: Option<u64>,
     },
-    /// Validate FILE against the schema locally, without a cluster.
-    Validate { file: PathBuf },
+    /// Validate the policies in FILE... against the schema locally, without a cluster.
+    Validate {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
     /// Print the Cedar schema policies are validated against.
     Schema,
 }

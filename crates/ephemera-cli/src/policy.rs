@@ -9,8 +9,19 @@ use crate::commands::{client, print};
 use crate::util::fmt_time;
 use crate::{Cli, PolicyCmd};
 
-fn read_policy(path: &std::path::Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+/// One policy set from several files: a deployment keeps, say, its administrators' policies and
+/// each team's in files of their own.
+fn read_policy(paths: &[std::path::PathBuf]) -> Result<String> {
+    let mut text = String::new();
+    for path in paths {
+        let part = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&part);
+    }
+    Ok(text)
 }
 
 fn proposal_json(p: &pb::PolicyProposal) -> Value {
@@ -122,8 +133,8 @@ fn review(old_label: &str, old: &str, new_label: &str, new: &str) -> Result<(Val
 
 pub async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
     match cmd {
-        PolicyCmd::Validate { file } => {
-            let text = read_policy(file)?;
+        PolicyCmd::Validate { files } => {
+            let text = read_policy(files)?;
             let book = PolicyBook::compile(&text, 0).map_err(|e| anyhow::anyhow!("{e}"))?;
             let ids = book.policy_ids().to_vec();
             print(cli.output, json!({"valid": true, "policies": ids}), || {
@@ -139,8 +150,8 @@ pub async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<()> {
     }
     let c = client(cli)?;
     match cmd {
-        PolicyCmd::Propose { file, comment } => {
-            let text = read_policy(file)?;
+        PolicyCmd::Propose { files, comment } => {
+            let text = read_policy(files)?;
             // The node validates too; checking here first gives the message without a round trip.
             PolicyBook::compile(&text, 0).map_err(|e| anyhow::anyhow!("{e}"))?;
             let p = c
