@@ -468,23 +468,9 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
     use base64::Engine;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let dir = tempfile::tempdir().unwrap();
-    let issuer_key = ephemera_pki::new_csr(None).unwrap().key_pem;
-    let seed = ephemera_pki::ed25519_seed(&issuer_key).unwrap();
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-        .verifying_key()
-        .to_bytes();
+    let issuer = TestIssuer::configure(dir.path(), &["repository"]);
+    let public = issuer.public_key;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64.encode(public), "kid": "ci-1", "alg": "EdDSA", "use": "sig"}]});
-    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
-    std::fs::write(
-        dir.path().join("oidc.toml"),
-        format!(
-            "[[oidc_issuers]]\nissuer = \"https://ci.example.test\"\naudience = \"ephemera\"\njwks_file = {:?}\n\
-             leeway_s = 30\nrefuse_replay = true\n[oidc_issuers.attributes]\nrepository = \"/repository\"\n",
-            dir.path().join("jwks.json")
-        ),
-    )
-    .unwrap();
     let cluster = DevCluster::start_in(dir, 3, &[]);
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -494,16 +480,7 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
         serde_json::json!({"iss": "https://ci.example.test", "aud": aud, "sub": "repo:acme/app:ref:refs/heads/main",
                            "exp": exp, "iat": now, "jti": jti, "repository": "acme/app"})
     };
-    let sign = |kid: &str, c: &serde_json::Value| {
-        let mut h = Header::new(Algorithm::EdDSA);
-        h.kid = Some(kid.into());
-        encode(
-            &h,
-            c,
-            &EncodingKey::from_ed_pem(issuer_key.as_bytes()).unwrap(),
-        )
-        .unwrap()
-    };
+    let sign = |kid: &str, c: &serde_json::Value| issuer.sign(kid, c);
     let with = |node: u64, assertion: &str| {
         Client::with_tls(
             &cluster.apis()[node as usize - 1],

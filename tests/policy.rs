@@ -271,43 +271,18 @@ fn policy_changes_need_a_second_admin_and_are_enforced_on_every_node() {
 /// match: the same subject presenting a different `ref` cannot renew.
 #[test]
 fn renewal_is_refused_when_the_workloads_attributes_change() {
-    use base64::Engine;
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let dir = tempfile::tempdir().unwrap();
-    let issuer_key = ephemera_pki::new_csr(None).unwrap().key_pem;
-    let seed = ephemera_pki::ed25519_seed(&issuer_key).unwrap();
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-        .verifying_key()
-        .to_bytes();
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64.encode(public), "kid": "ci-1", "alg": "EdDSA", "use": "sig"}]});
-    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
-    std::fs::write(
-        dir.path().join("oidc.toml"),
-        format!(
-            "[[oidc_issuers]]\nissuer = \"https://ci.example.test\"\naudience = \"ephemera\"\njwks_file = {:?}\n\
-             refuse_replay = true\n[oidc_issuers.attributes]\nrepository = \"/repository\"\nref = \"/ref\"\n",
-            dir.path().join("jwks.json")
-        ),
-    )
-    .unwrap();
+    let issuer = TestIssuer::configure(dir.path(), &["repository", "ref"]);
     let cluster = DevCluster::start_in(dir, 3, &[]);
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let assertion = |git_ref: &str, jti: &str| {
-        let claims = serde_json::json!({"iss": "https://ci.example.test", "aud": "ephemera",
+        let claims = serde_json::json!({"iss": TestIssuer::ISSUER, "aud": "ephemera",
             "sub": "repo:acme/app", "exp": now + 300, "iat": now, "jti": jti,
             "repository": "acme/app", "ref": git_ref});
-        let mut h = Header::new(Algorithm::EdDSA);
-        h.kid = Some("ci-1".into());
-        encode(
-            &h,
-            &claims,
-            &EncodingKey::from_ed_pem(issuer_key.as_bytes()).unwrap(),
-        )
-        .unwrap()
+        issuer.sign("ci-1", &claims)
     };
     let as_job = |git_ref: &str, jti: &str| {
         Client::with_tls(

@@ -7,25 +7,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::Criterion;
-use ephemera_benches::policy_fixture::{ci_job, deploy_role, realistic_policy_set};
-use ephemera_policy::{Action, PolicyBook, WorkloadContext};
+use ephemera_benches::policy_fixture::{ci_job, deploy_context, deploy_role, realistic_policy_set};
+use ephemera_policy::{Action, PolicyBook};
 
 const REPOSITORIES: usize = 40;
 const SERVICES: usize = 20;
-
-fn context(scopes: &[String]) -> WorkloadContext<'_> {
-    WorkloadContext {
-        ttl_s: 600,
-        scopes,
-        audience: "https://deploy.acme.internal",
-        source_ip: Some([10, 20, 1, 2].into()),
-        environment: "",
-        job_id: "",
-        now_ms: 1_795_429_800_000,
-        delegation_depth: 0,
-        lease_owner: false,
-    }
-}
 
 fn percentile(sorted_ns: &[u128], p: f64) -> f64 {
     let i = ((sorted_ns.len() - 1) as f64 * p).round() as usize;
@@ -35,7 +21,7 @@ fn percentile(sorted_ns: &[u128], p: f64) -> f64 {
 /// Times 20,000 decisions one by one (allowed and denied alternately) and prints the median.
 fn print_median(book: &PolicyBook) {
     let scopes = vec!["deploy:staging".to_string()];
-    let ctx = context(&scopes);
+    let ctx = deploy_context(&scopes);
     let (allowed, denied, role) = (
         ci_job(REPOSITORIES - 2),
         ci_job(REPOSITORIES - 1),
@@ -66,7 +52,7 @@ fn main() {
 
     let mut c = Criterion::default().configure_from_args();
     let scopes = vec!["deploy:staging".to_string()];
-    let ctx = context(&scopes);
+    let ctx = deploy_context(&scopes);
     let role = deploy_role();
     let allowed = ci_job(REPOSITORIES - 2);
     let denied = ci_job(REPOSITORIES - 1);

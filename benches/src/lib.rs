@@ -83,6 +83,21 @@ permit (principal is Ephemera::Admin, action, resource);
         }
     }
 
+    /// A deploy request's context: from the service network, Monday 2026-11-23 10:30 UTC.
+    pub fn deploy_context(scopes: &[String]) -> ephemera_policy::WorkloadContext<'_> {
+        ephemera_policy::WorkloadContext {
+            ttl_s: 600,
+            scopes,
+            audience: "https://deploy.acme.internal",
+            source_ip: Some([10, 20, 1, 2].into()),
+            environment: "",
+            job_id: "",
+            now_ms: 1_795_429_800_000,
+            delegation_depth: 0,
+            lease_owner: false,
+        }
+    }
+
     pub fn deploy_role() -> Role {
         Role {
             name: "ci-deploy".into(),
@@ -101,7 +116,7 @@ permit (principal is Ephemera::Admin, action, resource);
 #[cfg(test)]
 mod tests {
     use super::policy_fixture::*;
-    use ephemera_policy::{Action, PolicyBook, WorkloadContext};
+    use ephemera_policy::{Action, PolicyBook};
 
     /// The benchmarked requests decide the way the benchmark says, without evaluation errors.
     #[test]
@@ -109,18 +124,7 @@ mod tests {
         let book = PolicyBook::compile(&realistic_policy_set(40, 20), 1).unwrap();
         assert!(book.policy_ids().len() >= 50, "{}", book.policy_ids().len());
         let scopes = vec!["deploy:staging".to_string()];
-        let ctx = WorkloadContext {
-            ttl_s: 600,
-            scopes: &scopes,
-            audience: "https://deploy.acme.internal",
-            source_ip: Some([10, 20, 1, 2].into()),
-            environment: "",
-            job_id: "",
-            // Monday 2026-11-23 10:30 UTC
-            now_ms: 1_795_429_800_000,
-            delegation_depth: 0,
-            lease_owner: false,
-        };
+        let ctx = deploy_context(&scopes);
         let allowed = book.decide(&ci_job(38), Action::Issue, &deploy_role(), &ctx);
         assert!(allowed.allowed && allowed.errors.is_empty(), "{allowed:?}");
         assert_eq!(allowed.determining, vec!["ci-38-deploy"]);

@@ -418,3 +418,59 @@ pub async fn all_leases(c: &Client) -> Vec<pb::Lease> {
         token = r.next_page_token;
     }
 }
+
+/// A test OIDC issuer `https://ci.example.test` (audience `ephemera`, key id `ci-1`): an Ed25519
+/// key whose JWKS is written to `dir/jwks.json`, and a `dir/oidc.toml` that makes a dev cluster
+/// started in `dir` trust it, mapping the given claims to principal attributes.
+pub struct TestIssuer {
+    pub key_pem: String,
+    pub public_key: [u8; 32],
+}
+
+impl TestIssuer {
+    pub const ISSUER: &'static str = "https://ci.example.test";
+
+    pub fn configure(dir: &Path, attributes: &[&str]) -> Self {
+        use base64::Engine;
+        let key_pem = ephemera_pki::new_csr(None).unwrap().key_pem;
+        let seed = ephemera_pki::ed25519_seed(&key_pem).unwrap();
+        let public_key = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519",
+            "x": b64.encode(public_key), "kid": "ci-1", "alg": "EdDSA", "use": "sig"}]});
+        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+        let attributes: String = attributes
+            .iter()
+            .map(|a| format!("{a} = \"/{a}\"\n"))
+            .collect();
+        std::fs::write(
+            dir.join("oidc.toml"),
+            format!(
+                "[[oidc_issuers]]\nissuer = \"{}\"\naudience = \"ephemera\"\njwks_file = {:?}\n\
+                 leeway_s = 30\nrefuse_replay = true\n[oidc_issuers.attributes]\n{attributes}",
+                Self::ISSUER,
+                dir.join("jwks.json")
+            ),
+        )
+        .unwrap();
+        TestIssuer {
+            key_pem,
+            public_key,
+        }
+    }
+
+    /// Signs `claims` as an EdDSA JWT with key id `kid`.
+    pub fn sign(&self, kid: &str, claims: &serde_json::Value) -> String {
+        use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.into());
+        encode(
+            &h,
+            claims,
+            &EncodingKey::from_ed_pem(self.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+}
