@@ -5,6 +5,7 @@ pub mod audit;
 pub mod command;
 pub mod crypto;
 pub mod error;
+pub mod guard;
 pub mod kv;
 pub mod policy;
 pub mod state;

@@ -400,8 +400,8 @@ impl pb::issuer_server::Issuer for Api {
                     Some(lease) => lease,
                     None => return Err(Error::LeaseNotFound(intent_ref.lease_id.clone())),
                 };
-                // A dead lease is refused precisely by `apply` (revoked, expired), not by policy.
-                let policy = if lease.is_active_at(node.clock.now_ms()) {
+                // A revoked or expired lease is refused precisely by `apply`, not by policy.
+                let policy = if lease.state == LeaseState::Active {
                     Some(
                         node.decide_on_lease(
                             actor_ref,
