@@ -109,6 +109,10 @@ permit (principal is Ephemera::Admin, action, resource);
             environment: Some("prod".into()),
             target: None,
             revoke_on_renewal_denied: false,
+            issue_rate_per_identity: None,
+            issue_rate: None,
+            max_live_leases_per_identity: None,
+            max_live_leases: None,
         }
     }
 }

@@ -61,6 +61,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cluster(c) => cluster(&cli, c).await,
         Command::Role(r) => role(&cli, r).await,
         Command::Policy(p) => crate::policy::run(&cli, p).await,
+        Command::Quarantine(q) => quarantine(&cli, q).await,
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;
@@ -382,7 +383,63 @@ fn lease_json(l: &pb::Lease) -> Value {
 fn role_json(r: &pb::Role) -> Value {
     json!({"name": r.name, "kind": r.kind, "audience": r.audience, "scopes": r.allowed_scopes,
            "ttl_s": r.default_ttl_s, "max_ttl_s": r.max_ttl_s, "environment": r.environment,
-           "target": r.target, "revoke_on_renewal_denied": r.revoke_on_renewal_denied})
+           "target": r.target, "revoke_on_renewal_denied": r.revoke_on_renewal_denied,
+           "issue_rate_per_identity": r.issue_rate_per_identity, "issue_rate": r.issue_rate,
+           "max_live_leases_per_identity": r.max_live_leases_per_identity,
+           "max_live_leases": r.max_live_leases})
+}
+
+async fn quarantine(cli: &Cli, cmd: &crate::QuarantineCmd) -> Result<()> {
+    let c = client(cli)?;
+    match cmd {
+        crate::QuarantineCmd::List => {
+            let r = c
+                .admin_call(pb::ListQuarantinesRequest {}, |mut a, r| async move {
+                    a.list_quarantines(r).await
+                })
+                .await?;
+            let rows: Vec<Value> = r
+                .quarantines
+                .iter()
+                .map(|q| {
+                    json!({"identity": q.identity, "since": fmt_time(q.since_ms), "reason": q.reason,
+                           "detail": q.detail, "revoked": q.revoked})
+                })
+                .collect();
+            print(cli.output, json!(rows), || {
+                if r.quarantines.is_empty() {
+                    return "no quarantined identities".into();
+                }
+                r.quarantines
+                    .iter()
+                    .map(|q| {
+                        format!(
+                            "{} since {} ({}: {}; {} leases revoked)",
+                            q.identity,
+                            fmt_time(q.since_ms),
+                            q.reason,
+                            q.detail,
+                            q.revoked
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        crate::QuarantineCmd::Release { identity } => {
+            c.admin_call(
+                pb::ReleaseQuarantineRequest {
+                    identity: identity.clone(),
+                },
+                |mut a, r| async move { a.release_quarantine(r).await },
+            )
+            .await?;
+            print(cli.output, json!({"released": identity}), || {
+                format!("released {identity}")
+            });
+        }
+    }
+    Ok(())
 }
 
 fn role_text(r: &pb::Role) -> String {
@@ -413,20 +470,47 @@ pub fn status_json(s: &pb::ClusterStatus) -> Value {
         "nodes": s.nodes.iter().map(|n| json!({
             "id": n.id, "api_addr": n.api_addr, "http_addr": n.http_addr, "cluster_addr": n.cluster_addr,
             "role": n.role, "applied_index": n.applied_index, "voter": n.voter,
+            "clock_offset_ms": n.clock_offset_ms,
+            "clock_skewed": n.clock_offset_ms.unsigned_abs() > s.max_clock_skew_ms,
         })).collect::<Vec<_>>(),
+        "renewal_storm": s.renewal_storm,
+        "renewal_rate_per_s": s.renewal_rate_per_s,
+        "renewal_baseline_per_s": s.renewal_baseline_per_s,
     })
 }
 
 fn status_text(s: &pb::ClusterStatus) -> String {
-    let mut out = format!("leader: {}  term: {}\n", s.leader_id, s.term);
+    let mut out = format!(
+        "leader: {}  term: {}  renewals: {:.0}/s (baseline {:.1}/s){}\n",
+        s.leader_id,
+        s.term,
+        s.renewal_rate_per_s,
+        s.renewal_baseline_per_s,
+        if s.renewal_storm {
+            "  RENEWAL STORM: premature renewals deferred, issuance held back"
+        } else {
+            ""
+        }
+    );
     out.push_str(&format!(
-        "{:<4} {:<12} {:<8} {:<22} {:<22} {}",
-        "ID", "ROLE", "APPLIED", "API", "HTTP", "CLUSTER"
+        "{:<4} {:<12} {:<8} {:<22} {:<22} {:<22} {}",
+        "ID", "ROLE", "APPLIED", "API", "HTTP", "CLUSTER", "CLOCK"
     ));
     for n in &s.nodes {
+        let skew = if n.clock_offset_ms.unsigned_abs() > s.max_clock_skew_ms {
+            " SKEWED: not issuing"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "\n{:<4} {:<12} {:<8} {:<22} {:<22} {}",
-            n.id, n.role, n.applied_index, n.api_addr, n.http_addr, n.cluster_addr
+            "\n{:<4} {:<12} {:<8} {:<22} {:<22} {:<22} {:+}ms{skew}",
+            n.id,
+            n.role,
+            n.applied_index,
+            n.api_addr,
+            n.http_addr,
+            n.cluster_addr,
+            n.clock_offset_ms
         ));
     }
     out
@@ -523,6 +607,10 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
             environment,
             target,
             revoke_on_renewal_denied,
+            issue_rate_per_identity,
+            issue_rate,
+            max_live_leases_per_identity,
+            max_live_leases,
         } => {
             let role = pb::Role {
                 name: name.clone(),
@@ -534,6 +622,10 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
                 environment: environment.clone(),
                 target: target.clone(),
                 revoke_on_renewal_denied: *revoke_on_renewal_denied,
+                issue_rate_per_identity: *issue_rate_per_identity,
+                issue_rate: *issue_rate,
+                max_live_leases_per_identity: *max_live_leases_per_identity,
+                max_live_leases: *max_live_leases,
             };
             let r = c
                 .admin_call(

@@ -107,6 +107,18 @@ pub enum Command {
     /// Cedar policies: who may obtain which role, in which context (see README, "Policy").
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Identities the anomaly detector stopped (see README, "Guardrails").
+    #[command(subcommand)]
+    Quarantine(QuarantineCmd),
+}
+
+#[derive(Subcommand)]
+pub enum QuarantineCmd {
+    List,
+    /// Let a quarantined identity issue and renew again.
+    Release {
+        identity: String,
+    },
 }
 
 /// Runtime context a workload declares with a request, for policy and the audit record.
@@ -263,6 +275,8 @@ pub enum ClusterCmd {
     },
 }
 
+// Parsed once per process; boxing the largest variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum RoleCmd {
     Put {
@@ -289,6 +303,18 @@ pub enum RoleCmd {
         /// Revoke a lease when policy refuses its renewal (default: refuse, let it expire).
         #[arg(long)]
         revoke_on_renewal_denied: bool,
+        /// Issuances per second one identity may make from this role, cluster-wide.
+        #[arg(long)]
+        issue_rate_per_identity: Option<u32>,
+        /// Issuances per second of this role by everyone, cluster-wide.
+        #[arg(long)]
+        issue_rate: Option<u32>,
+        /// Live leases of this role one identity may hold.
+        #[arg(long)]
+        max_live_leases_per_identity: Option<u64>,
+        /// Live leases of this role in all.
+        #[arg(long)]
+        max_live_leases: Option<u64>,
     },
     Get {
         name: String,

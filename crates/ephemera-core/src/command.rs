@@ -48,6 +48,19 @@ pub struct RenewIntent {
     pub policy: Option<PolicyStamp>,
 }
 
+/// What a leader's guardrail detector saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardEvent {
+    /// `storm_started`, `storm_ended`, or an anomaly kind (`rate_spike`, ...).
+    pub kind: String,
+    pub identity: Option<String>,
+    pub detail: String,
+    /// Stop the identity: no issuance or renewal until an administrator releases it.
+    pub quarantine: bool,
+    /// With `quarantine`, also revoke every live lease of the identity.
+    pub revoke_leases: bool,
+}
+
 /// A request policy refused, for the audit chain. When the refused request is a renewal and
 /// the lease's role says so, `apply` also revokes the lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +137,12 @@ pub enum Intent {
         reason: String,
     },
     PolicyDenied(PolicyDenial),
+    /// A guardrail event from the leader's detectors (a storm, an anomaly), optionally
+    /// quarantining the identity.
+    GuardEvent(GuardEvent),
+    ReleaseQuarantine {
+        identity: String,
+    },
     /// Make a fresh signing key active; the leader generates it.
     RotateKey,
     /// Audit an access that changes no state (break-glass reads).
@@ -200,6 +219,10 @@ pub enum Op {
         reason: String,
     },
     PolicyDenied(PolicyDenial),
+    GuardEvent(GuardEvent),
+    ReleaseQuarantine {
+        identity: String,
+    },
     AddSigningKey {
         kid: String,
         public_key: [u8; 32],
@@ -357,6 +380,8 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
             reason,
         },
         Intent::PolicyDenied(d) => Op::PolicyDenied(d),
+        Intent::GuardEvent(e) => Op::GuardEvent(e),
+        Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::RecordAccess { action, target } => Op::RecordAccess { action, target },
         Intent::RecordDenial { presented, reason } => Op::RecordDenial { presented, reason },
@@ -619,6 +644,19 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             validate_name("proposal id", proposal_id)?;
             validate_text("reason", reason, MAX_COMMENT_LEN, true)
         }
+        Intent::GuardEvent(e) => {
+            validate_name("guard event kind", &e.kind)?;
+            if let Some(id) = &e.identity {
+                validate_text("identity", id, MAX_SUBJECT_LEN, false)?;
+            }
+            if e.detail.len() > MAX_PURPOSE_LEN {
+                return Err(invalid("guard event detail too long".into()));
+            }
+            Ok(())
+        }
+        Intent::ReleaseQuarantine { identity } => {
+            validate_text("identity", identity, MAX_SUBJECT_LEN, false)
+        }
         Intent::PolicyDenied(d) => {
             validate_text("action", &d.action, MAX_NAME_LEN, false)?;
             if d.reason.len() > MAX_PURPOSE_LEN || d.determining.len() > MAX_SCOPES {
@@ -776,6 +814,10 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             reason: reason.clone(),
         },
         Op::PolicyDenied(d) => Intent::PolicyDenied(d.clone()),
+        Op::GuardEvent(e) => Intent::GuardEvent(e.clone()),
+        Op::ReleaseQuarantine { identity } => Intent::ReleaseQuarantine {
+            identity: identity.clone(),
+        },
         Op::RecordAccess { action, target } => Intent::RecordAccess {
             action: action.clone(),
             target: target.clone(),

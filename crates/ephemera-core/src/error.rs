@@ -15,6 +15,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The request may or may not have taken effect (the reply was lost or came too late).
     OutcomeUnknown,
+    /// A rate limit, a budget or storm mitigation refused the request; retry later.
+    ResourceExhausted,
     Internal,
 }
 
@@ -85,9 +87,34 @@ pub enum Error {
     AlreadyApproved { id: String, approver: String },
     #[error("policy proposal {id:?} replaces version {base}, but version {active} is now active; propose it again against the current policy")]
     ProposalStale { id: String, base: u64, active: u64 },
+    #[error("rate limit: {limit}; retry in {retry_after_ms} ms")]
+    RateLimited { limit: String, retry_after_ms: u64 },
+    #[error("lease budget: {holder} already holds {live} live leases of role {role:?}, the maximum; renew or revoke one instead of issuing another")]
+    BudgetExceeded {
+        holder: String,
+        role: String,
+        live: u64,
+    },
+    #[error("renewal deferred during a renewal storm: this lease is not due until its renew_after; retry in {retry_after_ms} ms")]
+    RenewalDeferred { retry_after_ms: u64 },
+    #[error(
+        "{0} is quarantined; an administrator must release it (`ephemera quarantine release`)"
+    )]
+    Quarantined(String),
+    #[error("this node's clock is {offset_ms} ms off the leader's (bound {bound_ms} ms); it does not issue until that is fixed")]
+    ClockSkew { offset_ms: i64, bound_ms: u64 },
 }
 
 impl Error {
+    /// When the caller may retry, for a `retry-after` hint.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Error::RateLimited { retry_after_ms, .. }
+            | Error::RenewalDeferred { retry_after_ms } => Some(*retry_after_ms),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         use Error::*;
         match self {
@@ -110,6 +137,11 @@ impl Error {
                 ErrorCode::PermissionDenied
             }
             ProposalNotFound(_) => ErrorCode::NotFound,
+            RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
+                ErrorCode::ResourceExhausted
+            }
+            Quarantined(_) => ErrorCode::PermissionDenied,
+            ClockSkew { .. } => ErrorCode::Unavailable,
             AlreadyApproved { .. } => ErrorCode::AlreadyExists,
             PolicyChanged { .. }
             | ProposalNotPending { .. }
@@ -149,6 +181,11 @@ impl Error {
             SelfApproval { .. } => "self_approval",
             AlreadyApproved { .. } => "already_approved",
             ProposalStale { .. } => "proposal_stale",
+            RateLimited { .. } => "rate_limited",
+            BudgetExceeded { .. } => "budget_exceeded",
+            RenewalDeferred { .. } => "renewal_deferred",
+            Quarantined(_) => "quarantined",
+            ClockSkew { .. } => "clock_skew",
         }
     }
 }

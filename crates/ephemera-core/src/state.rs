@@ -35,6 +35,8 @@ const META_POLICY_VERSION: &[u8] = b"meta/policy_version";
 const META_POLICY_GOVERNANCE: &[u8] = b"meta/policy_governance";
 const PFX_POLICY_VERSION: &str = "pol/v/";
 const PFX_PROPOSAL: &str = "pol/p/";
+const PFX_LIVE_COUNT: &str = "cnt/";
+const PFX_QUARANTINE: &str = "quar/";
 const PFX_JOIN_TOKEN: &str = "jt/";
 const PFX_ASSERTION: &str = "aj/";
 const PFX_ROLE: &str = "role/";
@@ -50,7 +52,8 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "audit/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "req/", "role/",
+    "aj/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/", "req/",
+    "role/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -115,6 +118,16 @@ fn policy_version_key(version: u64) -> Vec<u8> {
 }
 fn proposal_key(id: &str) -> Vec<u8> {
     format!("{PFX_PROPOSAL}{id}").into_bytes()
+}
+/// Live leases of a role (`holder` None) or of one holder within a role.
+fn live_count_key(role: &str, holder: Option<&str>) -> Vec<u8> {
+    match holder {
+        None => format!("{PFX_LIVE_COUNT}role/{role}").into_bytes(),
+        Some(h) => format!("{PFX_LIVE_COUNT}holder/{role}\0{h}").into_bytes(),
+    }
+}
+fn quarantine_key(identity: &str) -> Vec<u8> {
+    format!("{PFX_QUARANTINE}{identity}").into_bytes()
 }
 fn audit_key(seq: u64) -> Vec<u8> {
     format!("{PFX_AUDIT}{seq:016x}").into_bytes()
@@ -220,6 +233,8 @@ fn action_name(op: &Op) -> &'static str {
         Op::ApprovePolicy { .. } => "policy.approve",
         Op::RejectPolicy { .. } => "policy.reject",
         Op::PolicyDenied(_) => "policy.denied",
+        Op::GuardEvent(_) => "guard.event",
+        Op::ReleaseQuarantine { .. } => "quarantine.release",
     }
 }
 
@@ -374,6 +389,20 @@ fn apply_op<R: KvRead + ?Sized>(
             Ok(Ok(Outcome::Proposal(p)))
         }
         Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
+        Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
+        Op::ReleaseQuarantine { identity } => {
+            audit.subject = Some(identity.clone());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&quarantine_key(identity))?.is_none() {
+                return Ok(Err(Error::InvalidArgument(format!(
+                    "{identity} is not quarantined"
+                ))));
+            }
+            kv.delete(quarantine_key(identity));
+            Ok(Ok(Outcome::Done))
+        }
         Op::Revoke(target) => {
             audit.target = Some(target.describe());
             if let RevokeTarget::Lease(id) = target {
@@ -444,6 +473,7 @@ fn apply_op<R: KvRead + ?Sized>(
                             at_ms: lease.expires_at_ms,
                         };
                         kv.put(lease_key(&id), enc(&lease));
+                        count_live(kv, &lease, false)?;
                         count += 1;
                     }
                 }
@@ -567,6 +597,9 @@ fn issue<R: KvRead + ?Sized>(
         Ok(stamp) => stamp,
         Err(e) => return Ok(Err(e)),
     };
+    if let Err(e) = check_quarantine(kv, [&actor.id, &subject])? {
+        return Ok(Err(e));
+    }
     let fp = fingerprint(intent, &subject);
     if let Some(request_id) = &intent.request_id {
         if let Some(prior) = get::<RequestRecord>(kv, &req_key(&actor.id, request_id))? {
@@ -620,6 +653,20 @@ fn issue<R: KvRead + ?Sized>(
             role: role.name.clone(),
         }));
     }
+    for (holder, max) in [
+        (Some(subject.as_str()), role.max_live_leases_per_identity),
+        (None, role.max_live_leases),
+    ] {
+        let Some(max) = max else { continue };
+        let live = live_leases(kv, &role.name, holder)?;
+        if live >= max {
+            return Ok(Err(Error::BudgetExceeded {
+                holder: holder.unwrap_or("the role").to_string(),
+                role: role.name.clone(),
+                live,
+            }));
+        }
+    }
     let requested_ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
     if requested_ttl_s > role.max_ttl_s {
         return Ok(Err(Error::TtlAboveCap {
@@ -660,7 +707,7 @@ fn issue<R: KvRead + ?Sized>(
         state: LeaseState::Active,
         csr_der: None,
     };
-    insert_lease(kv, &lease);
+    insert_lease(kv, &lease)?;
     note_key_use(kv, &kid, expires_at_ms)?;
     if let Some(request_id) = &intent.request_id {
         kv.put(
@@ -681,8 +728,111 @@ fn issue<R: KvRead + ?Sized>(
     }))
 }
 
+/// Counts a lease in or out of its role's and its holder's live-lease counts (the budgets).
+fn count_live<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+    live: bool,
+) -> Result<(), StorageError> {
+    for key in [
+        live_count_key(&lease.role, None),
+        live_count_key(&lease.role, Some(&lease.subject)),
+    ] {
+        let n: u64 = get(kv, &key)?.unwrap_or(0);
+        let n = if live { n + 1 } else { n.saturating_sub(1) };
+        if n == 0 {
+            kv.delete(key);
+        } else {
+            kv.put(key, enc(&n));
+        }
+    }
+    Ok(())
+}
+
+/// Live leases of `role`, of one holder or in all.
+pub fn live_leases(
+    kv: &(impl KvRead + ?Sized),
+    role: &str,
+    holder: Option<&str>,
+) -> Result<u64, StorageError> {
+    Ok(get(kv, &live_count_key(role, holder))?.unwrap_or(0))
+}
+
+pub fn quarantine(
+    kv: &(impl KvRead + ?Sized),
+    identity: &str,
+) -> Result<Option<crate::types::Quarantine>, StorageError> {
+    get(kv, &quarantine_key(identity))
+}
+
+pub fn quarantines(
+    kv: &(impl KvRead + ?Sized),
+) -> Result<Vec<crate::types::Quarantine>, StorageError> {
+    scan_values(kv, PFX_QUARANTINE.as_bytes(), usize::MAX)
+}
+
+/// Refuses a quarantined caller or subject.
+fn check_quarantine<R: KvRead + ?Sized>(
+    kv: &Overlay<'_, R>,
+    identities: [&str; 2],
+) -> Result<Result<(), Error>, StorageError> {
+    for id in identities {
+        if kv.get(&quarantine_key(id))?.is_some() {
+            return Ok(Err(Error::Quarantined(id.to_string())));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Records a detector's event; quarantines (and revokes) when it says so.
+fn guard_event<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    event: &crate::command::GuardEvent,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(event.kind.clone());
+    audit.subject = event.identity.clone();
+    audit.reason = Some(event.detail.clone());
+    if actor.auth_method != crate::types::AuthMethod::System {
+        return Ok(Err(Error::PermissionDenied(
+            "guard events come from the leader's detectors only".into(),
+        )));
+    }
+    let Some(identity) = event.identity.as_ref().filter(|_| event.quarantine) else {
+        return Ok(Ok(Outcome::Done));
+    };
+    if kv.get(&quarantine_key(identity))?.is_some() {
+        return Ok(Ok(Outcome::Done));
+    }
+    let revoked = if event.revoke_leases {
+        match revoke(kv, actor, now, &RevokeTarget::Subject(identity.clone()))? {
+            Ok(Outcome::Revoked { count }) => count,
+            _ => 0,
+        }
+    } else {
+        0
+    };
+    kv.put(
+        quarantine_key(identity),
+        enc(&crate::types::Quarantine {
+            identity: identity.clone(),
+            since_ms: now,
+            reason: event.kind.clone(),
+            detail: event.detail.clone(),
+            revoked,
+        }),
+    );
+    Ok(Ok(Outcome::Revoked { count: revoked }))
+}
+
 /// Writes a new active lease and its indexes.
-fn insert_lease<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, lease: &Lease) {
+fn insert_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+) -> Result<(), StorageError> {
+    count_live(kv, lease, true)?;
     let id = &lease.id;
     kv.put(lease_key(id), enc(lease));
     kv.put(deadline_key(lease.expires_at_ms, id), Vec::new());
@@ -691,6 +841,7 @@ fn insert_lease<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, lease: &Lease) {
     if !lease.kid.is_empty() {
         kv.put(ix_key(PFX_KID_IX, &lease.kid, id), Vec::new());
     }
+    Ok(())
 }
 
 fn issue_svid<R: KvRead + ?Sized>(
@@ -787,7 +938,7 @@ fn issue_svid<R: KvRead + ?Sized>(
         state: LeaseState::Active,
         csr_der: Some(intent.csr_der.clone()),
     };
-    insert_lease(kv, &lease);
+    insert_lease(kv, &lease)?;
     audit.lease_id = Some(lease.id.clone());
     audit.role = Some(SVID_ROLE.to_string());
     audit.ttl_s = Some(ttl_s);
@@ -849,6 +1000,9 @@ fn renew<R: KvRead + ?Sized>(
     }
     if lease.expires_at_ms >= lease.max_expires_at_ms {
         return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
+    }
+    if let Err(e) = check_quarantine(kv, [&actor.id, &lease.subject])? {
+        return Ok(Err(e));
     }
     let stamp = match check_policy(kv, actor, &intent.policy, audit)? {
         Ok(stamp) => stamp,
@@ -1131,6 +1285,7 @@ fn revoke<R: KvRead + ?Sized>(
         kv.delete(deadline_key(lease.expires_at_ms, id));
         lease.state = state.clone();
         kv.put(lease_key(id), enc(&lease));
+        count_live(kv, &lease, false)?;
         Ok(1)
     };
     let (pfx, value) = match target {

@@ -103,6 +103,10 @@ impl World {
             environment: None,
             target: None,
             revoke_on_renewal_denied: false,
+            issue_rate_per_identity: None,
+            issue_rate: None,
+            max_live_leases_per_identity: None,
+            max_live_leases: None,
         }))
         .unwrap();
     }

@@ -136,6 +136,28 @@ pub struct Role {
     /// When policy refuses a renewal (the holder's attributes or the policy changed), revoke
     /// the lease instead of letting it run out.
     pub revoke_on_renewal_denied: bool,
+    /// Issuances per second one identity may make from this role, cluster-wide (burst: the
+    /// same number); `None`: the cluster default.
+    pub issue_rate_per_identity: Option<u32>,
+    /// Issuances per second of this role by everyone together, cluster-wide.
+    pub issue_rate: Option<u32>,
+    /// Live leases of this role one identity may hold (re-issuing instead of renewing hits it).
+    pub max_live_leases_per_identity: Option<u64>,
+    /// Live leases of this role in all.
+    pub max_live_leases: Option<u64>,
+}
+
+/// An identity the anomaly detector (or an administrator) has stopped: it gets no issuance and
+/// no renewal until released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub identity: String,
+    pub since_ms: u64,
+    /// The anomaly kind that caused it (`rate_spike`, ...).
+    pub reason: String,
+    pub detail: String,
+    /// Leases revoked when it was quarantined.
+    pub revoked: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,6 +75,10 @@ fn role_of(view: &ephemera_raft::store::StateView, lease: &Lease) -> Result<Role
         environment: None,
         target: None,
         revoke_on_renewal_denied: false,
+        issue_rate_per_identity: None,
+        issue_rate: None,
+        max_live_leases_per_identity: None,
+        max_live_leases: None,
     })
 }
 

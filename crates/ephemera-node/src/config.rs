@@ -44,6 +44,9 @@ pub struct NodeConfig {
     /// TEST ONLY: shift this node's wall clock, to test clock skew. Never set in production.
     #[serde(default)]
     pub test_clock_offset_ms: i64,
+    /// Rate limits, renewal-storm and anomaly detection, quarantine, clock-skew bound.
+    #[serde(default)]
+    pub guard: crate::guard::GuardConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +146,7 @@ impl NodeConfig {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be non-zero".into()));
         }
+        self.guard.validate().map_err(ConfigError::Invalid)?;
         match (&self.tls, self.insecure_plaintext) {
             (Some(_), true) => {
                 return Err(ConfigError::Invalid(

@@ -39,13 +39,21 @@ pub fn to_status(e: Error) -> Status {
         ErrorCode::Unavailable => tonic::Code::Unavailable,
         // gRPC's code for "the operation may have completed".
         ErrorCode::OutcomeUnknown => tonic::Code::DeadlineExceeded,
+        ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
         ErrorCode::Internal => tonic::Code::Internal,
     };
     if code == tonic::Code::Internal {
         tracing::error!(error = %e, "internal error");
         return Status::internal("internal error; see the node's log");
     }
-    Status::new(code, e.to_string())
+    let mut status = Status::new(code, e.to_string());
+    if let Some(ms) = e.retry_after_ms() {
+        // Whole seconds, rounded up, as HTTP's Retry-After; clients may also read the message.
+        if let Ok(v) = ms.div_ceil(1000).max(1).to_string().parse() {
+            status.metadata_mut().insert("retry-after", v);
+        }
+    }
+    status
 }
 
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
@@ -209,6 +217,10 @@ fn role_to_pb(r: Role) -> pb::Role {
         environment: r.environment,
         target: r.target,
         revoke_on_renewal_denied: r.revoke_on_renewal_denied,
+        issue_rate_per_identity: r.issue_rate_per_identity,
+        issue_rate: r.issue_rate,
+        max_live_leases_per_identity: r.max_live_leases_per_identity,
+        max_live_leases: r.max_live_leases,
     }
 }
 
@@ -339,6 +351,7 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.auth(&req).await?;
+        self.node.check_clock().map_err(|e| self.fail(e))?;
         let mut caller = caller(&req);
         let r = req.into_inner();
         caller.environment = r.environment;
@@ -382,6 +395,7 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.auth(&req).await?;
+        self.node.check_clock().map_err(|e| self.fail(e))?;
         let mut caller = caller(&req);
         let r = req.into_inner();
         caller.environment = r.environment;
@@ -595,8 +609,13 @@ impl Api {
                     },
                     applied_index: m.applied_index,
                     voter: m.voter,
+                    clock_offset_ms: m.clock_offset_ms,
                 })
                 .collect(),
+            renewal_storm: v.storm.0,
+            renewal_rate_per_s: v.storm.1,
+            renewal_baseline_per_s: v.storm.2,
+            max_clock_skew_ms: self.node.guard.config.max_clock_skew_ms,
         }
     }
 
@@ -834,6 +853,10 @@ impl pb::admin_server::Admin for Api {
             environment: r.environment,
             target: r.target,
             revoke_on_renewal_denied: r.revoke_on_renewal_denied,
+            issue_rate_per_identity: r.issue_rate_per_identity,
+            issue_rate: r.issue_rate,
+            max_live_leases_per_identity: r.max_live_leases_per_identity,
+            max_live_leases: r.max_live_leases,
         };
         match self.propose(actor, Intent::PutRole(role)).await? {
             Outcome::Role(r) => Ok(Response::new(role_to_pb(r))),
@@ -1118,6 +1141,40 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::ListPolicyHistoryResponse { versions }))
     }
 
+    async fn list_quarantines(
+        &self,
+        req: Request<pb::ListQuarantinesRequest>,
+    ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
+        let actor = self.admin(&req, AdminAction::QuarantineRead).await?;
+        self.node
+            .read_access(&actor, "quarantine.list", "")
+            .await
+            .map_err(|e| self.fail(e))?;
+        let quarantines = state::quarantines(&self.node.view)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?
+            .into_iter()
+            .map(|q| pb::Quarantine {
+                identity: q.identity,
+                since_ms: q.since_ms,
+                reason: q.reason,
+                detail: q.detail,
+                revoked: q.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::ListQuarantinesResponse { quarantines }))
+    }
+
+    async fn release_quarantine(
+        &self,
+        req: Request<pb::ReleaseQuarantineRequest>,
+    ) -> Result<Response<pb::ReleaseQuarantineResponse>, Status> {
+        let actor = self.admin(&req, AdminAction::QuarantineRelease).await?;
+        let identity = req.into_inner().identity;
+        self.propose(actor, Intent::ReleaseQuarantine { identity })
+            .await?;
+        Ok(Response::new(pb::ReleaseQuarantineResponse {}))
+    }
+
     async fn get_state_digest(
         &self,
         req: Request<pb::StateDigestRequest>,
@@ -1214,11 +1271,18 @@ impl ipb::cluster_server::Cluster for ClusterService {
         _: Request<ipb::NodeStatusRequest>,
     ) -> Result<Response<ipb::NodeStatusResponse>, Status> {
         let (state, applied_index, leader) = self.node.local_status();
+        let (renewal_storm, renewal_rate_per_s, renewal_baseline_per_s) =
+            self.node.guard.storm_state();
         Ok(Response::new(ipb::NodeStatusResponse {
             id: self.node.id,
             state,
             applied_index,
             current_leader: leader.unwrap_or(0),
+            now_ms: self.node.clock.now_ms(),
+            clock_offset_ms: self.node.guard.clock_offset(),
+            renewal_storm,
+            renewal_rate_per_s,
+            renewal_baseline_per_s,
         }))
     }
 }

@@ -74,6 +74,7 @@ pub fn error_response(e: Error) -> Response {
         ErrorCode::PermissionDenied => (StatusCode::FORBIDDEN, "insufficient_scope"),
         ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         ErrorCode::OutcomeUnknown => (StatusCode::GATEWAY_TIMEOUT, "temporarily_unavailable"),
+        ErrorCode::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "slow_down"),
         ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     let description = if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -82,11 +83,16 @@ pub fn error_response(e: Error) -> Response {
     } else {
         e.to_string()
     };
+    let retry_after_s = e.retry_after_ms().map(|ms| ms.div_ceil(1000).max(1));
     let mut resp = (
         status,
         Json(json!({"error": oauth_error, "error_description": description})),
     )
         .into_response();
+    if let Some(s) = retry_after_s {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+    }
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -213,6 +219,32 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     for (name, v, help) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    let (storm, rate, baseline) = node.guard.storm_state();
+    let guard_gauges = [
+        (
+            "ephemera_clock_offset_ms",
+            node.guard.clock_offset() as f64,
+            "This node's clock minus the leader's, as last measured",
+        ),
+        (
+            "ephemera_renewal_storm",
+            f64::from(u8::from(storm)),
+            "1 while the leader mitigates a renewal storm",
+        ),
+        (
+            "ephemera_renewal_rate_per_s",
+            rate,
+            "Renewals per second seen by the leader (last second)",
+        ),
+        (
+            "ephemera_renewal_baseline_per_s",
+            baseline,
+            "The leader's moving baseline of renewals per second",
+        ),
+    ];
+    for (name, v, help) in guard_gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
     node.metrics.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
@@ -220,16 +252,18 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let m = node.raft.metrics().borrow().clone();
     let reason = if node.issuer().is_err() {
-        Some("not part of an initialised cluster")
+        Some("not part of an initialised cluster".to_string())
     } else if m.current_leader.is_none() {
-        Some("no leader")
+        Some("no leader".to_string())
     } else if m
         .membership_config
         .membership()
         .get_node(&node.id)
         .is_none()
     {
-        Some("not a member")
+        Some("not a member".to_string())
+    } else if let Err(e) = node.check_clock() {
+        Some(e.to_string())
     } else {
         None
     };

@@ -24,6 +24,7 @@ pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod grpc;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod node;
@@ -207,6 +208,7 @@ pub async fn run(
             admin_ids: t.admin_ids.clone(),
         }),
         oidc_verifier,
+        cfg.guard.clone(),
     ));
 
     let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
@@ -292,7 +294,10 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = async { let _ = worker_stop.wait_for(|s| *s).await; } => break,
-                _ = tick.tick() => worker_node.leader_tick().await,
+                _ = tick.tick() => {
+                    worker_node.leader_tick().await;
+                    worker_node.measure_clock_offset().await;
+                }
             }
         }
     });

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub denials_unaudited: AtomicU64,
     pub policy_allowed: AtomicU64,
     pub policy_denied: AtomicU64,
+    pub guard_refusals: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -94,6 +95,11 @@ impl Metrics {
                 "ephemera_policy_denied_total",
                 &self.policy_denied,
                 "Workload requests policy refused on this node",
+            ),
+            (
+                "ephemera_guard_refusals_total",
+                &self.guard_refusals,
+                "Requests the leader refused by a cluster-wide limit or storm mitigation",
             ),
         ];
         for (name, c, help) in counters {

@@ -131,6 +131,7 @@ pub struct Node {
     denials_unrecorded: std::sync::atomic::AtomicU64,
     /// The compiled policy set of the latest committed version this node has used.
     pub(crate) policy_cache: Mutex<Option<Arc<ephemera_policy::PolicyBook>>>,
+    pub guard: crate::guard::Guard,
 }
 
 /// Audit records of refused authentications per second and node, and the burst allowed.
@@ -160,7 +161,9 @@ impl Node {
         request_timeout: Duration,
         tls: Option<NodeTls>,
         oidc: crate::oidc::Verifier,
+        guard: crate::guard::GuardConfig,
     ) -> Self {
+        let guard = crate::guard::Guard::new(guard, clock.now_ms());
         Node {
             id,
             info,
@@ -183,6 +186,7 @@ impl Node {
             ),
             denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
             policy_cache: Mutex::new(None),
+            guard,
         }
     }
 
@@ -191,6 +195,19 @@ impl Node {
     /// Authenticates a caller: by the X.509-SVID it presented over mTLS, else by a bearer
     /// credential (the break-glass admin credential). A refused certificate is audited.
     pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        conn: Option<&ConnInfo>,
+    ) -> Result<Principal, Error> {
+        // A flood from one address is shed before any certificate or signature work.
+        self.guard
+            .ingress_source(conn.and_then(|c| c.remote).map(|a| a.ip()))?;
+        let principal = self.authenticate_caller(bearer, conn).await?;
+        self.guard.ingress_identity(&principal.id)?;
+        Ok(principal)
+    }
+
+    async fn authenticate_caller(
         &self,
         bearer: Option<&str>,
         conn: Option<&ConnInfo>,
@@ -605,6 +622,12 @@ impl Node {
     async fn execute_as_leader(&self, call: Forwarded) -> LeaderAttempt {
         match call {
             Forwarded::Propose(p) => {
+                if !self.is_leader() {
+                    return LeaderAttempt::NotLeader;
+                }
+                if let Err(e) = self.leader_guard(&p) {
+                    return LeaderAttempt::Done(Err(e));
+                }
                 let cmd = {
                     let mut entropy = self.entropy.lock().expect("entropy lock");
                     stamp(p, self.stamp_time(), entropy.as_mut(), &self.kek)
@@ -920,7 +943,12 @@ impl Node {
             async move {
                 let status = if id == self.id {
                     let (s, applied, _) = self.local_status();
-                    Some((s, applied))
+                    Some((
+                        s,
+                        applied,
+                        self.guard.clock_offset(),
+                        self.guard.storm_state(),
+                    ))
                 } else {
                     match self.peers.client(id, &info.cluster_addr) {
                         Ok(mut c) => tokio::time::timeout(
@@ -932,7 +960,16 @@ impl Node {
                         .and_then(|r| r.ok())
                         .map(|r| {
                             let r = r.into_inner();
-                            (r.state, r.applied_index)
+                            (
+                                r.state,
+                                r.applied_index,
+                                r.clock_offset_ms,
+                                (
+                                    r.renewal_storm,
+                                    r.renewal_rate_per_s,
+                                    r.renewal_baseline_per_s,
+                                ),
+                            )
                         }),
                         Err(_) => None,
                     }
@@ -940,10 +977,16 @@ impl Node {
                 (id, info, status)
             }
         });
+        let mut storm = (false, 0.0, 0.0);
         for (id, info, status) in futures::future::join_all(probes).await {
-            let (role, applied) = match status {
-                Some((s, a)) => (s, a),
-                None => ("unreachable".to_string(), 0),
+            let (role, applied, clock_offset_ms) = match status {
+                Some((s, a, offset, node_storm)) => {
+                    if Some(id) == m.current_leader {
+                        storm = node_storm;
+                    }
+                    (s, a, offset)
+                }
+                None => ("unreachable".to_string(), 0, 0),
             };
             nodes.push(MemberView {
                 id,
@@ -951,12 +994,14 @@ impl Node {
                 role,
                 applied_index: applied,
                 voter: voters.contains(&id),
+                clock_offset_ms,
             });
         }
         ClusterView {
             leader_id: m.current_leader,
             term: m.current_term,
             nodes,
+            storm,
         }
     }
 
@@ -972,6 +1017,11 @@ impl Node {
         if bootstrapped && matches!(state::active_kid(&self.view), Ok(None)) {
             if let Err(e) = self.route_system(Intent::RotateKey).await {
                 tracing::warn!(error = %e, "creating a signing key failed");
+            }
+        }
+        for intent in self.guard.tick(self.clock.now_ms()) {
+            if let Err(e) = self.route_system(intent).await {
+                tracing::warn!(error = %e, "recording a guardrail event failed");
             }
         }
         let now = self.stamp_time();
@@ -992,6 +1042,86 @@ impl Node {
         }
     }
 
+    /// Measures this node's clock against the leader's (half the round trip is the error bar).
+    pub async fn measure_clock_offset(&self) {
+        use std::sync::atomic::Ordering;
+        if self.is_leader() {
+            self.guard.clock_offset_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        let Some(leader) = self.current_leader() else {
+            return;
+        };
+        let Some(info) = self.member_info(leader) else {
+            return;
+        };
+        let Ok(mut client) = self.peers.client(leader, &info.cluster_addr) else {
+            return;
+        };
+        let sent = self.clock.now_ms();
+        let reply = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.node_status(NodeStatusRequest {}),
+        )
+        .await;
+        let received = self.clock.now_ms();
+        if let Ok(Ok(r)) = reply {
+            let leader_now = r.into_inner().now_ms;
+            if leader_now > 0 && received >= sent {
+                let local_mid = (sent + received) / 2;
+                let offset = local_mid as i64 - leader_now as i64;
+                self.guard.clock_offset_ms.store(offset, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Refuses to issue while this node's clock is further from the leader's than the bound:
+    /// its tokens' `iat`/`nbf` and its policy decisions' time would be wrong.
+    pub fn check_clock(&self) -> Result<(), Error> {
+        let offset_ms = self.guard.clock_offset();
+        let bound_ms = self.guard.config.max_clock_skew_ms;
+        if offset_ms.unsigned_abs() > bound_ms {
+            return Err(Error::ClockSkew {
+                offset_ms,
+                bound_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// The leader's guardrails for one proposal: cluster-wide limits and storm mitigation for
+    /// issuance and renewal, and what the anomaly detector learns from it.
+    fn leader_guard(&self, p: &Proposal) -> Result<(), Error> {
+        // The cluster's own work and the break-glass credential are not workloads to throttle.
+        if matches!(
+            p.actor.auth_method,
+            AuthMethod::System | AuthMethod::BootstrapAdmin
+        ) {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let refused = match &p.intent {
+            Intent::Issue(i) => {
+                let role = state::get_role(&self.view, &i.role).map_err(internal)?;
+                self.guard
+                    .admit_issue(now, &p.actor, role.as_ref(), &i.scopes, i.ttl_s)
+            }
+            Intent::Renew(r) => self.guard.admit_renewal(now, &self.view, &r.lease_id),
+            Intent::PolicyDenied(_) => {
+                self.guard.observe_denial(now, &p.actor.id);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = &refused {
+            Metrics::inc(&self.metrics.guard_refusals, 1);
+            if let Some(note) = self.refusal_audit_slot() {
+                self.guard.record_refusal(&p.actor.id, format!("{e}{note}"));
+            }
+        }
+        refused
+    }
+
     pub async fn route_system(&self, intent: Intent) -> Result<Outcome, Error> {
         Ok(self
             .propose(Proposal {
@@ -1009,10 +1139,13 @@ pub struct MemberView {
     pub role: String,
     pub applied_index: u64,
     pub voter: bool,
+    pub clock_offset_ms: i64,
 }
 
 pub struct ClusterView {
     pub leader_id: Option<NodeId>,
     pub term: u64,
     pub nodes: Vec<MemberView>,
+    /// The leader's renewal-storm state: (mitigating, renewals/s, baseline).
+    pub storm: (bool, f64, f64),
 }

@@ -96,10 +96,12 @@ pub enum AdminAction {
     LeaseRevokeBulk,
     JoinTokenCreate,
     SvidIssueFor,
+    QuarantineRead,
+    QuarantineRelease,
 }
 
 impl AdminAction {
-    pub const ALL: [AdminAction; 15] = [
+    pub const ALL: [AdminAction; 17] = [
         AdminAction::RoleWrite,
         AdminAction::RoleRead,
         AdminAction::KeyRotate,
@@ -115,6 +117,8 @@ impl AdminAction {
         AdminAction::LeaseRevokeBulk,
         AdminAction::JoinTokenCreate,
         AdminAction::SvidIssueFor,
+        AdminAction::QuarantineRead,
+        AdminAction::QuarantineRelease,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +138,8 @@ impl AdminAction {
             AdminAction::LeaseRevokeBulk => "lease.revoke_bulk",
             AdminAction::JoinTokenCreate => "jointoken.create",
             AdminAction::SvidIssueFor => "svid.issue_for",
+            AdminAction::QuarantineRead => "quarantine.read",
+            AdminAction::QuarantineRelease => "quarantine.release",
         }
     }
 }

@@ -27,6 +27,10 @@ fn role(name: &str, scopes: &[&str], env: Option<&str>) -> Role {
         environment: env.map(str::to_string),
         target: None,
         revoke_on_renewal_denied: false,
+        issue_rate_per_identity: None,
+        issue_rate: None,
+        max_live_leases_per_identity: None,
+        max_live_leases: None,
     }
 }
 
