@@ -215,9 +215,27 @@ impl DevCluster {
             let _ = c.kill();
             let _ = c.wait();
         } else {
+            let pid = self.pid(node);
             // SAFETY: signalling a process this test started (through `ephemera dev`).
             unsafe {
-                libc::kill(self.pid(node), libc::SIGKILL);
+                libc::kill(pid, libc::SIGKILL);
+            }
+            // Until it is gone (or a zombie), it holds its storage lock.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Ok(stat)
+                        if !stat
+                            .rsplit(')')
+                            .next()
+                            .unwrap_or("")
+                            .trim_start()
+                            .starts_with('Z') =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => break,
+                }
             }
         }
     }

@@ -149,10 +149,13 @@ fn node_config(
             cert = node_dir.join("tls.crt"),
             key = node_dir.join("tls.key"),
         ));
-        // OIDC issuers for development: `[[oidc_issuers]]` tables in DIR/oidc.toml.
-        if let Ok(oidc) = std::fs::read_to_string(dir.join("oidc.toml")) {
-            text.push_str("\n# from oidc.toml\n");
-            text.push_str(&oidc);
+        // Settings for every dev node: `[[oidc_issuers]]` tables in DIR/oidc.toml, and any
+        // other tables (e.g. `[guard]`) in DIR/node.toml.
+        for extra in ["oidc.toml", "node.toml"] {
+            if let Ok(more) = std::fs::read_to_string(dir.join(extra)) {
+                text.push_str(&format!("\n# from {extra}\n"));
+                text.push_str(&more);
+            }
         }
         std::fs::write(&config, text)?;
     }

@@ -58,6 +58,36 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server's `retry-after` hint on a RESOURCE_EXHAUSTED refusal (a rate limit, a
+    /// deferred renewal).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        let ClientError::Status(s) = self else {
+            return None;
+        };
+        if s.code() != Code::ResourceExhausted {
+            return None;
+        }
+        let secs: u64 = s
+            .metadata()
+            .get("retry-after")?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(std::time::Duration::from_secs(secs))
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long until a credential should be renewed: until its `renew_after` (never negative).
+pub fn renew_due_in(cred: &pb::Credential, now_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(cred.renew_after_ms.saturating_sub(now_ms))
 }
 
 /// When a failed call may be sent to the next endpoint.
@@ -260,6 +290,35 @@ impl Client {
             async move { Ok(Self::issuer(ch).renew(r).await?.into_inner()) }
         })
         .await
+    }
+
+    /// Renews a credential when the server says it is due (its `renew_after`, which the
+    /// cluster spreads over 50-70% of the TTL so that a fleet does not renew in lockstep), and
+    /// waits out a deferral (during a renewal storm, or a rate limit) as the server asks, at
+    /// most `max_deferrals` times.
+    pub async fn renew_when_due(
+        &self,
+        cred: &pb::Credential,
+        max_deferrals: u32,
+    ) -> Result<pb::Credential, ClientError> {
+        tokio::time::sleep(renew_due_in(cred, unix_now_ms())).await;
+        let mut deferrals = 0;
+        loop {
+            let req = pb::RenewRequest {
+                lease_id: cred.lease_id.clone(),
+                ..Default::default()
+            };
+            match self.renew(req).await {
+                Err(e) if deferrals < max_deferrals => match e.retry_after() {
+                    Some(wait) => {
+                        deferrals += 1;
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(e),
+                },
+                result => return result,
+            }
+        }
     }
 
     pub async fn revoke(&self, req: pb::RevokeRequest) -> Result<pb::RevokeResponse, ClientError> {

@@ -39,6 +39,7 @@ impl Ewma {
 // ---- renewal storms ------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StormConfig {
     /// Length of one measurement bucket.
     pub bucket_ms: u64,
@@ -266,6 +267,7 @@ impl StormDetector {
 // ---- anomalies ----------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AnomalyConfig {
     pub bucket_ms: u64,
     pub baseline_alpha: f64,
