@@ -375,7 +375,11 @@ fn a_node_with_a_skewed_clock_stops_issuing_and_says_why() {
             }
         };
         // UNAVAILABLE: "not executed here, try another node", which the client does.
-        assert!(e.to_string().contains("ms off the leader's (bound 1000 ms)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("ms off the leader's (bound 1000 ms)"),
+            "{e}"
+        );
         let apis = cluster.apis();
         workload(&cluster, "w", &format!("{},{}", apis[2], apis[0]))
             .issue(issue("skew"))
@@ -407,5 +411,123 @@ fn a_node_with_a_skewed_clock_stops_issuing_and_says_why() {
             .issue(issue("skew"))
             .await
             .unwrap();
+    });
+}
+
+/// A synthetic renewal storm (premature renewals at more than ten times the baseline) is
+/// detected by the leader; during it, premature renewals are deferred with a retry-after while a
+/// renewal close to expiry still succeeds; `cluster status` shows it; it ends when the rate
+/// returns to baseline, and both edges are in the audit chain.
+#[test]
+fn a_renewal_storm_is_mitigated_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[guard.storm]\nbucket_ms = 500\nwarmup_buckets = 4\nmin_storm_rate_per_s = 20.0\n",
+    )
+    .unwrap();
+    let cluster = DevCluster::start_in(dir, 3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        put(&admin, role("fleet")).await;
+        let w = Arc::new(workload(&cluster, "fleet", &cluster.env["EPHEMERA_ADDR"]));
+        let mut leases = Vec::new();
+        for _ in 0..20 {
+            leases.push(w.issue(issue("fleet")).await.unwrap().lease_id);
+        }
+        let renew = |w: Arc<Client>, id: String| async move {
+            w.renew(pb::RenewRequest {
+                lease_id: id,
+                ..Default::default()
+            })
+            .await
+        };
+        // Baseline: four renewals a second for three seconds.
+        for i in 0..12 {
+            renew(w.clone(), leases[i % leases.len()].clone())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let near_expiry = w
+            .issue(pb::IssueRequest {
+                ttl_s: Some(2),
+                ..issue("fleet")
+            })
+            .await
+            .unwrap();
+        // The storm: eight clients renewing as fast as they can for three seconds.
+        let start = Instant::now();
+        let deferred = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let (w, leases, deferred) = (w.clone(), leases.clone(), deferred.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = t;
+                while start.elapsed() < Duration::from_secs(3) {
+                    if let Err(e) = renew(w.clone(), leases[i % leases.len()].clone()).await {
+                        assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+                        assert!(e.to_string().contains("renewal deferred"), "{e}");
+                        assert!(e.retry_after().unwrap() > Duration::from_secs(60));
+                        deferred.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 8;
+                }
+            }));
+        }
+        // Mid-storm: the status says so, and a lease close to expiry still renews.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let status = cluster.cli_json(&["cluster", "status"]);
+        assert_eq!(status["renewal_storm"], true, "{status}");
+        let left_ms = near_expiry.expires_at_ms as i64
+            - SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+        assert!(
+            left_ms < 600,
+            "{left_ms} ms left: not close enough to expiry"
+        );
+        renew(w.clone(), near_expiry.lease_id.clone())
+            .await
+            .expect("a renewal near expiry goes first");
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(deferred.load(Ordering::Relaxed) > 100);
+        // Back to the baseline: mitigation ends within a few buckets.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut i = 0;
+        loop {
+            let _ = renew(w.clone(), leases[i % leases.len()].clone()).await;
+            i += 1;
+            let status = cluster.cli_json(&["cluster", "status"]);
+            if status["renewal_storm"] == false {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the storm never ended: {status}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Premature renewals go through again.
+        renew(w.clone(), leases[0].clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tail = admin
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: 0,
+                    limit: 1000,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        let edges: Vec<&str> = tail
+            .records
+            .iter()
+            .filter(|r| r.action == "guard.event")
+            .filter_map(|r| r.target.as_deref())
+            .filter(|t| t.starts_with("storm_"))
+            .collect();
+        assert_eq!(edges, vec!["storm_started", "storm_ended"]);
     });
 }

@@ -124,6 +124,8 @@ pub struct StormDetector {
     deferred_in_storm: u64,
     last_rate_per_s: f64,
     last_premature_share: f64,
+    /// Events from buckets closed by an observation, until the next `tick` hands them out.
+    events: Vec<StormEvent>,
 }
 
 impl StormDetector {
@@ -140,6 +142,7 @@ impl StormDetector {
             deferred_in_storm: 0,
             last_rate_per_s: 0.0,
             last_premature_share: 0.0,
+            events: Vec::new(),
         }
     }
 
@@ -156,9 +159,21 @@ impl StormDetector {
         count as f64 * 1000.0 / self.cfg.bucket_ms as f64
     }
 
-    /// Closes every bucket that ended by `now_ms`, updating the baseline and the storm state.
+    /// Closes every bucket that ended by `now_ms` and hands out the events since the last call.
     pub fn tick(&mut self, now_ms: u64) -> Vec<StormEvent> {
-        let mut events = Vec::new();
+        self.roll(now_ms);
+        std::mem::take(&mut self.events)
+    }
+
+    /// Closes every bucket that ended by `now_ms`, updating the baseline and the storm state.
+    /// Every observation rolls first, so a bucket holds exactly its own interval's traffic.
+    fn roll(&mut self, now_ms: u64) {
+        let mut events = std::mem::take(&mut self.events);
+        // After a long idle stretch, account the idle buckets in one step.
+        let idle_buckets = now_ms.saturating_sub(self.bucket.start_ms) / self.cfg.bucket_ms;
+        if idle_buckets > 1000 {
+            self.bucket.start_ms += (idle_buckets - 1000) * self.cfg.bucket_ms;
+        }
         while now_ms >= self.bucket.start_ms + self.cfg.bucket_ms {
             let b = std::mem::take(&mut self.bucket);
             self.bucket.start_ms = b.start_ms + self.cfg.bucket_ms;
@@ -195,9 +210,12 @@ impl StormDetector {
                     }
                 }
                 Some(since) => {
-                    let calm = rate <= self.cfg.exit_ratio * baseline.max(1.0)
-                        || rate < self.cfg.min_storm_rate_per_s;
-                    if calm && premature_share < self.cfg.premature_share_trigger {
+                    // Below the storm floor it is over, premature or not; above it, only
+                    // once the rate is near the baseline and renewals are mostly due.
+                    let quiet = rate < self.cfg.min_storm_rate_per_s;
+                    let normal = rate <= self.cfg.exit_ratio * baseline.max(1.0)
+                        && premature_share < self.cfg.premature_share_trigger;
+                    if quiet || normal {
                         self.storm_since_ms = None;
                         events.push(StormEvent::Ended {
                             at_ms: end,
@@ -208,7 +226,7 @@ impl StormDetector {
                 }
             }
         }
-        events
+        self.events = events;
     }
 
     /// Decides a renewal of a lease (`renew_after_ms`, `expires_at_ms`, `ttl_ms` as committed)
@@ -220,6 +238,7 @@ impl StormDetector {
         expires_at_ms: u64,
         ttl_ms: u64,
     ) -> RenewalAdmission {
+        self.roll(now_ms);
         let premature = now_ms < renew_after_ms;
         self.bucket.renewals += 1;
         if premature {
@@ -240,7 +259,8 @@ impl StormDetector {
 
     /// Decides a new issuance and counts it: during a storm, issuance is held to a share of the
     /// pre-storm write rate (at least one per bucket).
-    pub fn admit_issue(&mut self) -> bool {
+    pub fn admit_issue(&mut self, now_ms: u64) -> bool {
+        self.roll(now_ms);
         self.bucket.issues += 1;
         if !self.in_storm() {
             self.bucket.issues_admitted += 1;
@@ -602,6 +622,17 @@ mod tests {
     }
 
     #[test]
+    fn a_storm_ends_when_the_rate_drops_even_if_what_remains_is_premature() {
+        let mut d = StormDetector::new(StormConfig::default(), T0);
+        let mut events = Vec::new();
+        renewals(&mut d, T0, 30, 10, false, &mut events);
+        renewals(&mut d, T0 + 30_000, 3, 150, true, &mut events);
+        assert!(d.in_storm());
+        renewals(&mut d, T0 + 33_000, 3, 4, true, &mut events);
+        assert!(!d.in_storm(), "{events:?}");
+    }
+
+    #[test]
     fn slow_growth_and_small_numbers_are_not_storms() {
         let mut d = StormDetector::new(StormConfig::default(), T0);
         let mut events = Vec::new();
@@ -629,11 +660,11 @@ mod tests {
         let mut d = StormDetector::new(StormConfig::default(), T0);
         let mut events = Vec::new();
         renewals(&mut d, T0, 30, 10, false, &mut events);
-        assert!((0..50).all(|_| d.admit_issue()));
+        assert!((0..50).all(|_| d.admit_issue(T0 + 30_000)));
         renewals(&mut d, T0 + 30_000, 2, 200, true, &mut events);
         assert!(d.in_storm());
         // 20% of the normal ~10 writes/s: two issuances in this bucket.
-        let admitted = (0..50).filter(|_| d.admit_issue()).count();
+        let admitted = (0..50).filter(|_| d.admit_issue(T0 + 32_000)).count();
         assert_eq!(admitted, 2);
         assert!(d.bucket_ends_in_ms(T0 + 32_000) <= 1000);
     }

@@ -244,7 +244,7 @@ impl Guard {
         })?;
         {
             let mut storm = self.storm.lock().expect("guard lock");
-            if !storm.admit_issue() {
+            if !storm.admit_issue(now_ms) {
                 return Err(Error::RateLimited {
                     limit: "new issuance is held back during a renewal storm".into(),
                     retry_after_ms: storm.bucket_ends_in_ms(now_ms).max(1),
