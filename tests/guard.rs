@@ -524,3 +524,53 @@ fn a_renewal_storm_is_mitigated_and_ends() {
         assert_eq!(edges, vec!["storm_started", "storm_ended"]);
     });
 }
+
+/// A node sheds one identity's flood at its door: beyond the per-identity ingress rate the
+/// requests are refused before any policy work, with a retry-after hint, and sampled into the
+/// audit chain; another identity on the same node is served.
+#[test]
+fn a_node_sheds_an_identitys_flood_at_ingress() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[guard]\ningress_per_identity_per_s = 5\n",
+    )
+    .unwrap();
+    let cluster = DevCluster::start_in(dir, 1, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        put(&admin, role("door")).await;
+        let w = workload(&cluster, "noisy", &cluster.env["EPHEMERA_ADDR"]);
+        let mut refused = None;
+        for _ in 0..20 {
+            if let Err(e) = w.issue(issue("door")).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        let e = refused.expect("the flood was not shed");
+        assert_eq!(code(&e), Some(Code::ResourceExhausted), "{e}");
+        assert!(
+            e.to_string().contains("from one identity to this node"),
+            "{e}"
+        );
+        assert!(e.retry_after().is_some());
+        workload(&cluster, "quiet", &cluster.env["EPHEMERA_ADDR"])
+            .issue(issue("door"))
+            .await
+            .unwrap();
+        let tail = admin
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: 0,
+                    limit: 1000,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        assert!(tail.records.iter().any(|r| r.action == "guard.event"
+            && r.target.as_deref() == Some("refused")
+            && r.subject.as_deref() == Some("spiffe://ephemera.dev/workload/noisy")));
+    });
+}

@@ -200,11 +200,36 @@ impl Node {
         conn: Option<&ConnInfo>,
     ) -> Result<Principal, Error> {
         // A flood from one address is shed before any certificate or signature work.
-        self.guard
-            .ingress_source(conn.and_then(|c| c.remote).map(|a| a.ip()))?;
+        let source = conn.and_then(|c| c.remote).map(|a| a.ip());
+        if let Err(e) = self.guard.ingress_source(source) {
+            let who = source.map_or_else(|| "unknown address".to_string(), |ip| ip.to_string());
+            self.audit_ingress_refusal(who, &e).await;
+            return Err(e);
+        }
         let principal = self.authenticate_caller(bearer, conn).await?;
-        self.guard.ingress_identity(&principal.id)?;
+        if let Err(e) = self.guard.ingress_identity(&principal.id) {
+            self.audit_ingress_refusal(principal.id.clone(), &e).await;
+            return Err(e);
+        }
         Ok(principal)
+    }
+
+    /// Records an ingress refusal, sampled like every refusal (the count of the unrecorded ones
+    /// goes into the next record).
+    async fn audit_ingress_refusal(&self, who: String, e: &Error) {
+        let Some(note) = self.refusal_audit_slot() else {
+            return;
+        };
+        let event = ephemera_core::command::GuardEvent {
+            kind: "refused".into(),
+            identity: Some(who),
+            detail: format!("{e}{note}"),
+            quarantine: false,
+            revoke_leases: false,
+        };
+        if let Err(e) = self.route_system(Intent::GuardEvent(event)).await {
+            tracing::warn!(error = %e, "could not audit a refusal");
+        }
     }
 
     async fn authenticate_caller(
