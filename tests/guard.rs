@@ -304,7 +304,19 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
             .issue(issue("jobs"))
             .await
             .unwrap();
-        let list = cluster.cli_json(&["quarantine", "list"]);
+        // The leader refuses at once; the quarantine itself is committed on its next tick.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let list = loop {
+            let list = cluster.cli_json(&["quarantine", "list"]);
+            if !list.as_array().unwrap().is_empty() {
+                break list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the quarantine was never committed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let row = &list.as_array().unwrap()[0];
         assert_eq!(row["identity"], "spiffe://ephemera.dev/workload/spiky");
         assert_eq!(row["reason"], "rate_spike");

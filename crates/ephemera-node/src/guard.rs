@@ -137,6 +137,9 @@ pub struct Guard {
     storm: Mutex<StormDetector>,
     anomaly: Mutex<AnomalyDetector>,
     pending: Mutex<Vec<GuardEvent>>,
+    /// Identities flagged for quarantine whose quarantine is not yet committed: the leader
+    /// refuses them meanwhile, so a burst stops at once rather than at the next tick.
+    quarantining: Mutex<std::collections::HashSet<String>>,
     /// This node's clock minus the leader's, as last measured (0 on the leader).
     pub clock_offset_ms: std::sync::atomic::AtomicI64,
 }
@@ -155,6 +158,7 @@ impl Guard {
             storm: Mutex::new(StormDetector::new(config.storm, now_ms)),
             anomaly: Mutex::new(AnomalyDetector::new(config.anomaly)),
             pending: Mutex::new(Vec::new()),
+            quarantining: Mutex::new(std::collections::HashSet::new()),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             config,
         }
@@ -199,6 +203,7 @@ impl Guard {
         requested_scopes: &[String],
         requested_ttl_s: Option<u64>,
     ) -> Result<(), Error> {
+        self.refuse_if_quarantining(&actor.id)?;
         if let Some(role) = role {
             let per_identity = role
                 .issue_rate_per_identity
@@ -262,8 +267,30 @@ impl Guard {
             for a in found {
                 self.anomaly_found(a);
             }
+            self.refuse_if_quarantining(&actor.id)?;
         }
         Ok(())
+    }
+
+    fn refuse_if_quarantining(&self, identity: &str) -> Result<(), Error> {
+        if self
+            .quarantining
+            .lock()
+            .expect("guard lock")
+            .contains(identity)
+        {
+            return Err(Error::Quarantined(identity.to_string()));
+        }
+        Ok(())
+    }
+
+    /// These identities' quarantines have been written (or failed to be, and were logged):
+    /// from now on the replicated state decides.
+    pub fn quarantines_settled(&self, identities: &[String]) {
+        let mut q = self.quarantining.lock().expect("guard lock");
+        for id in identities {
+            q.remove(id);
+        }
     }
 
     /// On the leader, before a Renew is stamped: storm mitigation.
@@ -271,8 +298,10 @@ impl Guard {
         &self,
         now_ms: u64,
         view: &ephemera_raft::store::StateView,
+        actor: &Principal,
         lease_id: &str,
     ) -> Result<(), Error> {
+        self.refuse_if_quarantining(&actor.id)?;
         let Ok(Some(lease)) = state::get_lease(view, lease_id) else {
             return Ok(()); // `apply` refuses precisely
         };
@@ -309,6 +338,12 @@ impl Guard {
             .iter()
             .any(|k| k == a.kind.as_str());
         tracing::warn!(identity = %a.identity, kind = a.kind.as_str(), detail = %a.detail, quarantine, "anomaly");
+        if quarantine {
+            self.quarantining
+                .lock()
+                .expect("guard lock")
+                .insert(a.identity.clone());
+        }
         self.push(GuardEvent {
             kind: a.kind.as_str().to_string(),
             identity: Some(a.identity),

@@ -1044,11 +1044,16 @@ impl Node {
                 tracing::warn!(error = %e, "creating a signing key failed");
             }
         }
+        let mut settled = Vec::new();
         for intent in self.guard.tick(self.clock.now_ms()) {
+            if let Intent::GuardEvent(e) = &intent {
+                settled.extend(e.identity.clone().filter(|_| e.quarantine));
+            }
             if let Err(e) = self.route_system(intent).await {
                 tracing::warn!(error = %e, "recording a guardrail event failed");
             }
         }
+        self.guard.quarantines_settled(&settled);
         let now = self.stamp_time();
         if let Ok(Some(deadline)) = state::next_deadline(&self.view) {
             if deadline <= now {
@@ -1131,7 +1136,9 @@ impl Node {
                 self.guard
                     .admit_issue(now, &p.actor, role.as_ref(), &i.scopes, i.ttl_s)
             }
-            Intent::Renew(r) => self.guard.admit_renewal(now, &self.view, &r.lease_id),
+            Intent::Renew(r) => self
+                .guard
+                .admit_renewal(now, &self.view, &p.actor, &r.lease_id),
             Intent::PolicyDenied(_) => {
                 self.guard.observe_denial(now, &p.actor.id);
                 Ok(())
