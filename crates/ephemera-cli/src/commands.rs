@@ -62,6 +62,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Role(r) => role(&cli, r).await,
         Command::Policy(p) => crate::policy::run(&cli, p).await,
         Command::Quarantine(q) => quarantine(&cli, q).await,
+        Command::Bench(b) => crate::bench::run(&cli, b).await,
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;

@@ -1,5 +1,6 @@
 //! `ephemera`: the server, a local development cluster, and the operator CLI.
 
+mod bench;
 mod commands;
 mod dev;
 mod policy;
@@ -110,6 +111,46 @@ pub enum Command {
     /// Identities the anomaly detector stopped (see README, "Guardrails").
     #[command(subcommand)]
     Quarantine(QuarantineCmd),
+    /// Load a running cluster (EPHEMERA_ADDR) and report throughput and latency percentiles.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// issue, renew, revoke, introspect, or a weighted mix: issue=50,renew=30,introspect=20.
+    #[arg(long, default_value = "issue")]
+    pub workload: String,
+    /// Role to issue from (it must exist).
+    #[arg(long, default_value = "bench")]
+    pub role: String,
+    /// TTL of the issued credentials, seconds.
+    #[arg(long, default_value_t = 600)]
+    pub ttl_s: u64,
+    /// Closed loop: this many clients, each sending its next request when the last answers.
+    /// Open loop (with --rate): the cap on requests in flight is 16 times this.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+    /// Open loop: requests per second, whatever the answers (latency from the scheduled time).
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Measure for this long (after the warm-up), e.g. 30s.
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// Measure at most this many operations.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Run unmeasured for this long first.
+    #[arg(long, default_value = "3s")]
+    pub warmup: String,
+    /// Leases issued before measuring, for renew, revoke and introspect to use.
+    #[arg(long, default_value_t = 2000)]
+    pub pool: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Allow endpoints that are not on loopback.
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 #[derive(Subcommand)]
