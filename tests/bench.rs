@@ -13,7 +13,7 @@ fn the_load_generator_runs_a_bounded_mix_and_reports_it() {
     let out = cluster.cli_json(&[
         "bench",
         "--workload",
-        "issue=40,renew=20,revoke=10,introspect=30",
+        "issue=40,renew=20,revoke=10,introspect=20,introspect-http=10",
         "--concurrency",
         "4",
         "--duration",
@@ -24,12 +24,14 @@ fn the_load_generator_runs_a_bounded_mix_and_reports_it() {
         "200",
         "--report",
         report.to_str().unwrap(),
+        "--http",
+        &cluster.env["EPHEMERA_HTTP"],
     ]);
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(saved, out);
     assert_eq!(out["mode"], "closed");
-    for op in ["issue", "renew", "revoke", "introspect"] {
+    for op in ["issue", "renew", "revoke", "introspect", "introspect-http"] {
         let o = &out["operations"][op];
         assert!(o["ok"].as_u64().unwrap() > 0, "{op}: {o}");
         assert!(o["p50_ms"].as_f64().unwrap() > 0.0, "{op}: {o}");

@@ -23,40 +23,46 @@ enum OpKind {
     Renew,
     Revoke,
     Introspect,
+    /// RFC 7662 over HTTP (`POST /oauth2/introspect`), on the nodes of `EPHEMERA_HTTP`.
+    IntrospectHttp,
 }
 
 impl OpKind {
+    const ALL: [OpKind; 5] = [
+        OpKind::Issue,
+        OpKind::Renew,
+        OpKind::Revoke,
+        OpKind::Introspect,
+        OpKind::IntrospectHttp,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             OpKind::Issue => "issue",
             OpKind::Renew => "renew",
             OpKind::Revoke => "revoke",
             OpKind::Introspect => "introspect",
+            OpKind::IntrospectHttp => "introspect-http",
         }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
 /// Which operations, in which proportions (weights out of their sum).
 fn parse_mix(workload: &str) -> Result<Vec<(OpKind, u32)>> {
-    let single = |k| Ok(vec![(k, 1)]);
-    match workload {
-        "issue" => return single(OpKind::Issue),
-        "renew" => return single(OpKind::Renew),
-        "revoke" => return single(OpKind::Revoke),
-        "introspect" => return single(OpKind::Introspect),
-        _ => {}
+    if let Some(kind) = OpKind::parse(workload) {
+        return Ok(vec![(kind, 1)]);
     }
     let mut mix = Vec::new();
     for part in workload.split(',') {
         let (name, weight) = part
             .split_once('=')
-            .with_context(|| format!("--workload {workload:?}: expected issue, renew, revoke, introspect, or a mix like issue=50,renew=30,introspect=20"))?;
-        let kind = match name.trim() {
-            "issue" => OpKind::Issue,
-            "renew" => OpKind::Renew,
-            "revoke" => OpKind::Revoke,
-            "introspect" => OpKind::Introspect,
-            other => bail!("unknown operation {other:?} in --workload"),
+            .with_context(|| format!("--workload {workload:?}: expected issue, renew, revoke, introspect, introspect-http, or a mix like issue=50,renew=30,introspect=20"))?;
+        let Some(kind) = OpKind::parse(name.trim()) else {
+            bail!("unknown operation {:?} in --workload", name.trim());
         };
         let weight: u32 = weight
             .trim()
@@ -70,9 +76,11 @@ fn parse_mix(workload: &str) -> Result<Vec<(OpKind, u32)>> {
     Ok(mix)
 }
 
-/// Leases the workload renews, revokes and introspects, issued before measuring.
+/// Leases the workload renews, revokes and introspects, issued before measuring. Revocations
+/// consume leases of their own, so a renewal never races the revocation of its lease.
 struct Pool {
     creds: Mutex<Vec<pb::Credential>>,
+    revocable: Mutex<Vec<pb::Credential>>,
     next: AtomicU64,
 }
 
@@ -87,7 +95,7 @@ impl Pool {
     }
 
     fn take(&self) -> Option<pb::Credential> {
-        self.creds.lock().expect("pool lock").pop()
+        self.revocable.lock().expect("pool lock").pop()
     }
 }
 
@@ -98,7 +106,8 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn record(&mut self, kind: OpKind, micros: u64, result: &Result<(), ClientError>) {
+    /// `result`'s error is the failure's class (a gRPC code, an HTTP status, `unreachable`).
+    fn record(&mut self, kind: OpKind, micros: u64, result: &Result<(), String>) {
         match result {
             Ok(()) => {
                 let h = self.latencies.entry(kind).or_insert_with(|| {
@@ -106,12 +115,8 @@ impl Recorder {
                 });
                 let _ = h.record(micros.clamp(1, 60_000_000));
             }
-            Err(e) => {
-                let class = match e.code() {
-                    Some(code) => format!("{code:?}"),
-                    None => "unreachable".to_string(),
-                };
-                *self.errors.entry((kind, class)).or_default() += 1;
+            Err(class) => {
+                *self.errors.entry((kind, class.clone())).or_default() += 1;
             }
         }
     }
@@ -125,7 +130,86 @@ fn issue_request(role: &str, ttl_s: u64) -> pb::IssueRequest {
     }
 }
 
+fn class(e: &ClientError) -> String {
+    match e.code() {
+        Some(code) => format!("{code:?}"),
+        None => "unreachable".to_string(),
+    }
+}
+
+/// RFC 7662 introspection over HTTP, round-robin over the nodes' HTTP endpoints.
+struct HttpIntrospection {
+    client: reqwest::Client,
+    urls: Vec<String>,
+    bearer: Option<String>,
+    next: AtomicU64,
+}
+
+impl HttpIntrospection {
+    fn new(cli: &Cli, http: &str) -> Result<Self> {
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(tls) = crate::commands::tls_files(cli)? {
+            builder = builder
+                .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
+            if let Some((cert, key)) = &tls.identity {
+                builder = builder.identity(reqwest::Identity::from_pem(
+                    format!("{cert}\n{key}").as_bytes(),
+                )?);
+            }
+        }
+        Ok(HttpIntrospection {
+            client: builder.build()?,
+            urls: http
+                .split(',')
+                .map(|u| format!("{}/oauth2/introspect", u.trim_end_matches('/')))
+                .collect(),
+            bearer: cli.token.clone(),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    async fn introspect(&self, token: &str) -> Result<(), String> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.urls.len();
+        let mut req = self.client.post(&self.urls[i]).form(&[("token", token)]);
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        let resp = req.send().await.map_err(|_| "unreachable".to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("http_{}", resp.status().as_u16()));
+        }
+        let body: Value = resp.json().await.map_err(|_| "bad_response".to_string())?;
+        if body["active"] != true {
+            return Err("inactive".to_string());
+        }
+        Ok(())
+    }
+}
+
 async fn run_op(
+    client: &Client,
+    http: Option<&HttpIntrospection>,
+    kind: OpKind,
+    role: &str,
+    ttl_s: u64,
+    pool: &Pool,
+) -> Result<(), String> {
+    let done = |r: Result<(), ClientError>| r.map_err(|e| class(&e));
+    match kind {
+        OpKind::IntrospectHttp => {
+            let Some(c) = pool.pick() else {
+                return done(client.issue(issue_request(role, ttl_s)).await.map(|_| ()));
+            };
+            match http {
+                Some(h) => h.introspect(&c.token).await,
+                None => Err("no_http_endpoint".to_string()),
+            }
+        }
+        grpc => done(run_grpc_op(client, grpc, role, ttl_s, pool).await),
+    }
+}
+
+async fn run_grpc_op(
     client: &Client,
     kind: OpKind,
     role: &str,
@@ -166,7 +250,22 @@ async fn run_op(
             };
             client.introspect(&c.token).await.map(|_| ())
         }
+        OpKind::IntrospectHttp => unreachable!("run_op handles HTTP"),
     }
+}
+
+/// Whether `host:port` or a URL names a loopback address.
+fn is_loopback(endpoint: &str) -> bool {
+    let authority = endpoint.split("://").last().unwrap_or(endpoint);
+    let authority = authority.split('/').next().unwrap_or(authority);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn percentile_ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -187,20 +286,21 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     }
     let warmup = Duration::from_secs(parse_duration_s(&args.warmup).context("--warmup")?);
     let client = Arc::new(crate::commands::client(cli)?);
+    let http = if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
+        let urls = args.http.as_deref().context(
+            "introspect-http needs the nodes' HTTP endpoints: set EPHEMERA_HTTP or --http",
+        )?;
+        Some(Arc::new(HttpIntrospection::new(cli, urls)?))
+    } else {
+        None
+    };
     if !args.allow_remote {
-        for e in client.endpoints() {
-            let host = e
-                .split("://")
-                .last()
-                .unwrap_or(&e)
-                .rsplit_once(':')
-                .map_or(e.as_str(), |(h, _)| h)
-                .trim_matches(['[', ']']);
-            let loopback = host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if !loopback {
+        let http = args
+            .http
+            .iter()
+            .flat_map(|h| h.split(',').map(String::from));
+        for e in client.endpoints().into_iter().chain(http) {
+            if !is_loopback(&e) {
                 bail!(
                     "endpoint {e} is not on loopback; pass --allow-remote to load a remote cluster"
                 );
@@ -209,11 +309,15 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     }
     let pool = Arc::new(Pool {
         creds: Mutex::new(Vec::new()),
+        revocable: Mutex::new(Vec::new()),
         next: AtomicU64::new(0),
     });
     // Leases to renew, revoke and introspect, issued before the clock starts.
-    let needs_pool = mix.iter().any(|(k, _)| *k != OpKind::Issue);
-    if needs_pool {
+    let shared = mix
+        .iter()
+        .any(|(k, _)| !matches!(k, OpKind::Issue | OpKind::Revoke));
+    let revokes = mix.iter().any(|(k, _)| *k == OpKind::Revoke);
+    if shared || revokes {
         let want = args.pool.max(args.concurrency as usize);
         eprintln!("bench: issuing {want} leases for the workload to use");
         let mut tasks = Vec::new();
@@ -223,9 +327,15 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                 + usize::from((t as usize) < want % args.concurrency.max(1) as usize);
             let ttl = args.ttl_s;
             tasks.push(tokio::spawn(async move {
-                for _ in 0..n {
+                for i in 0..n {
                     let c = client.issue(issue_request(&role, ttl)).await?;
-                    pool.creds.lock().expect("pool lock").push(c);
+                    // Alternate when both are wanted.
+                    let target = if revokes && (!shared || i % 2 == 1) {
+                        &pool.revocable
+                    } else {
+                        &pool.creds
+                    };
+                    target.lock().expect("pool lock").push(c);
                 }
                 Ok::<(), ClientError>(())
             }));
@@ -296,12 +406,13 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     match args.rate {
         None => {
             for t in 0..args.concurrency.max(1) {
-                let (client, pool, recorder, done, role) = (
+                let (client, pool, recorder, done, role, http) = (
                     client.clone(),
                     pool.clone(),
                     recorder.clone(),
                     done.clone(),
                     args.role.clone(),
+                    http.clone(),
                 );
                 let (keep_going, choose, issued_ops, ttl) = (
                     keep_going.clone(),
@@ -319,7 +430,8 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                             issued_ops.fetch_add(1, Ordering::Relaxed);
                         }
                         let t0 = Instant::now();
-                        let result = run_op(&client, kind, &role, ttl, &pool).await;
+                        let result =
+                            run_op(&client, http.as_deref(), kind, &role, ttl, &pool).await;
                         if measured {
                             let micros = t0.elapsed().as_micros() as u64;
                             recorder
@@ -355,16 +467,17 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                 if measured {
                     issued_ops.fetch_add(1, Ordering::Relaxed);
                 }
-                let (client, pool, recorder, done, role, ttl) = (
+                let (client, pool, recorder, done, role, ttl, http) = (
                     client.clone(),
                     pool.clone(),
                     recorder.clone(),
                     done.clone(),
                     args.role.clone(),
                     args.ttl_s,
+                    http.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
-                    let result = run_op(&client, kind, &role, ttl, &pool).await;
+                    let result = run_op(&client, http.as_deref(), kind, &role, ttl, &pool).await;
                     drop(permit);
                     if measured {
                         let micros = scheduled.elapsed().as_micros() as u64;
@@ -475,5 +588,29 @@ mod tests {
         assert!(parse_mix("issue=0").is_err());
         assert!(parse_mix("fly=1").is_err());
         assert!(parse_mix("everything").is_err());
+        assert_eq!(
+            parse_mix("introspect-http").unwrap(),
+            vec![(OpKind::IntrospectHttp, 1)]
+        );
+    }
+
+    #[test]
+    fn only_loopback_endpoints_pass_without_allow_remote() {
+        for e in [
+            "127.0.0.1:7000",
+            "https://127.0.0.1:8443",
+            "localhost:1",
+            "[::1]:9",
+            "https://[::1]:9/x",
+        ] {
+            assert!(is_loopback(e), "{e}");
+        }
+        for e in [
+            "10.0.0.1:7000",
+            "https://example.com:443",
+            "https://10.1.1.1:80/oauth2",
+        ] {
+            assert!(!is_loopback(e), "{e}");
+        }
     }
 }

@@ -14,7 +14,7 @@ fn read_file(what: &str, path: &std::path::Path) -> Result<String> {
 }
 
 /// TLS settings from `EPHEMERA_CA`, `EPHEMERA_CERT` and `EPHEMERA_KEY` (or the flags).
-fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
+pub(crate) fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
     let identity = match (&cli.tls_cert, &cli.tls_key) {
         (Some(c), Some(k)) => Some((
             read_file("EPHEMERA_CERT", c)?,

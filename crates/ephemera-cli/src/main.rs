@@ -151,6 +151,9 @@ pub struct BenchArgs {
     /// Allow endpoints that are not on loopback.
     #[arg(long)]
     pub allow_remote: bool,
+    /// The nodes' HTTP endpoints, for introspect-http.
+    #[arg(long, env = "EPHEMERA_HTTP", hide_env_values = true)]
+    pub http: Option<String>,
 }
 
 #[derive(Subcommand)]
