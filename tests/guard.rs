@@ -334,6 +334,21 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
             .records
             .iter()
             .any(|r| r.action == "guard.event" && r.target.as_deref() == Some("rate_spike")));
+        // The leader counted it.
+        let mut counted = false;
+        for url in cluster.http_urls() {
+            let text = cluster
+                .https(None)
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            counted |= text.contains("ephemera_anomalies_total{kind=\"rate_spike\"} 1");
+        }
+        assert!(counted, "no node counted the anomaly");
         // Released by an administrator, it issues again.
         let out = cluster.cli(&[
             "quarantine",

@@ -159,9 +159,16 @@ impl Node {
         if principal.auth_method == AuthMethod::BootstrapAdmin {
             return self.break_glass_stamp();
         }
-        let role = state::get_role(&self.view, &intent.role)
-            .map_err(internal)?
-            .ok_or_else(|| Error::UnknownRole(intent.role.clone()))?;
+        // A role created through another node may not have reached this one yet: before
+        // calling it unknown, catch up to the leader's commit index.
+        let read = || state::get_role(&self.view, &intent.role).map_err(internal);
+        let role = match read()? {
+            Some(role) => role,
+            None => {
+                self.read_barrier().await?;
+                read()?.ok_or_else(|| Error::UnknownRole(intent.role.clone()))?
+            }
+        };
         let ctx = WorkloadContext {
             ttl_s: intent.ttl_s.unwrap_or(role.default_ttl_s),
             scopes: &intent.scopes,

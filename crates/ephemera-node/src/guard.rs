@@ -142,6 +142,8 @@ pub struct Guard {
     quarantining: Mutex<std::collections::HashSet<String>>,
     /// This node's clock minus the leader's, as last measured (0 on the leader).
     pub clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// Anomalies flagged on this node (while it led), by kind.
+    anomalies: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Guard {
@@ -160,6 +162,7 @@ impl Guard {
             pending: Mutex::new(Vec::new()),
             quarantining: Mutex::new(std::collections::HashSet::new()),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            anomalies: Mutex::new(std::collections::BTreeMap::new()),
             config,
         }
     }
@@ -338,6 +341,12 @@ impl Guard {
             .iter()
             .any(|k| k == a.kind.as_str());
         tracing::warn!(identity = %a.identity, kind = a.kind.as_str(), detail = %a.detail, quarantine, "anomaly");
+        *self
+            .anomalies
+            .lock()
+            .expect("guard lock")
+            .entry(a.kind.as_str())
+            .or_default() += 1;
         if quarantine {
             self.quarantining
                 .lock()
@@ -412,6 +421,16 @@ impl Guard {
         std::mem::take(&mut *self.pending.lock().expect("guard lock"))
             .into_iter()
             .map(Intent::GuardEvent)
+            .collect()
+    }
+
+    /// Anomalies flagged so far, by kind (for `/metrics`).
+    pub fn anomaly_counts(&self) -> Vec<(&'static str, u64)> {
+        self.anomalies
+            .lock()
+            .expect("guard lock")
+            .iter()
+            .map(|(k, n)| (*k, *n))
             .collect()
     }
 

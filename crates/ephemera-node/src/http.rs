@@ -245,6 +245,13 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     for (name, v, help) in guard_gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP ephemera_anomalies_total Anomalies the detector flagged while this node led\n# TYPE ephemera_anomalies_total counter"
+    );
+    for (kind, n) in node.guard.anomaly_counts() {
+        let _ = writeln!(out, "ephemera_anomalies_total{{kind=\"{kind}\"}} {n}");
+    }
     node.metrics.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
