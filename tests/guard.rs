@@ -320,16 +320,7 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
         let row = &list.as_array().unwrap()[0];
         assert_eq!(row["identity"], "spiffe://ephemera.dev/workload/spiky");
         assert_eq!(row["reason"], "rate_spike");
-        let tail = admin
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 1000,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&admin, 1000).await;
         assert!(tail
             .records
             .iter()
@@ -531,16 +522,7 @@ fn a_renewal_storm_is_mitigated_and_ends() {
         // Premature renewals go through again.
         renew(w.clone(), leases[0].clone()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let tail = admin
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 1000,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&admin, 1000).await;
         let edges: Vec<&str> = tail
             .records
             .iter()
@@ -586,16 +568,7 @@ fn a_node_sheds_an_identitys_flood_at_ingress() {
             .issue(issue("door"))
             .await
             .unwrap();
-        let tail = admin
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 1000,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&admin, 1000).await;
         assert!(tail.records.iter().any(|r| r.action == "guard.event"
             && r.target.as_deref() == Some("refused")
             && r.subject.as_deref() == Some("spiffe://ephemera.dev/workload/noisy")));

@@ -157,17 +157,7 @@ fn svids_authenticate_workloads_and_bad_certificates_are_refused_and_audited() {
                 "{what}: {e} should say {message:?}"
             );
         }
-        let tail = cluster
-            .client()
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 200,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&cluster.client(), 200).await;
         let denials: Vec<_> = tail
             .records
             .iter()
@@ -563,17 +553,7 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
                 "{what}: {e} should say {message:?}"
             );
         }
-        let tail = cluster
-            .client()
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 100,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&cluster.client(), 100).await;
         let denials = tail
             .records
             .iter()

@@ -225,16 +225,7 @@ fn policy_changes_need_a_second_admin_and_are_enforced_on_every_node() {
         }
 
         // The audit chain says who decided what, under which policy.
-        let tail = admin
-            .admin_call(
-                pb::AuditTailRequest {
-                    from_seq: 0,
-                    limit: 1000,
-                },
-                |mut a, r| async move { a.audit_tail(r).await },
-            )
-            .await
-            .unwrap();
+        let tail = audit_tail(&admin, 1000).await;
         let issued = tail
             .records
             .iter()

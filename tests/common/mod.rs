@@ -492,3 +492,13 @@ impl TestIssuer {
         .unwrap()
     }
 }
+
+/// The newest `limit` audit records (as the administrator).
+pub async fn audit_tail(c: &Client, limit: u32) -> pb::AuditTailResponse {
+    c.admin_call(
+        pb::AuditTailRequest { from_seq: 0, limit },
+        |mut a, r| async move { a.audit_tail(r).await },
+    )
+    .await
+    .expect("audit tail")
+}
