@@ -76,25 +76,33 @@ fn parse_mix(workload: &str) -> Result<Vec<(OpKind, u32)>> {
     Ok(mix)
 }
 
+/// A credential the workload renews, revokes or introspects: Ephemera's lease id, or OpenBao's
+/// token accessor, and the token itself.
+#[derive(Clone)]
+struct Lease {
+    id: String,
+    token: String,
+}
+
 /// Leases the workload renews, revokes and introspects, issued before measuring. Revocations
 /// consume leases of their own, so a renewal never races the revocation of its lease.
 struct Pool {
-    creds: Mutex<Vec<pb::Credential>>,
-    revocable: Mutex<Vec<pb::Credential>>,
+    leases: Mutex<Vec<Lease>>,
+    revocable: Mutex<Vec<Lease>>,
     next: AtomicU64,
 }
 
 impl Pool {
-    fn pick(&self) -> Option<pb::Credential> {
-        let creds = self.creds.lock().expect("pool lock");
-        if creds.is_empty() {
+    fn pick(&self) -> Option<Lease> {
+        let leases = self.leases.lock().expect("pool lock");
+        if leases.is_empty() {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % creds.len();
-        Some(creds[i].clone())
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % leases.len();
+        Some(leases[i].clone())
     }
 
-    fn take(&self) -> Option<pb::Credential> {
+    fn take(&self) -> Option<Lease> {
         self.revocable.lock().expect("pool lock").pop()
     }
 }
@@ -122,14 +130,6 @@ impl Recorder {
     }
 }
 
-fn issue_request(role: &str, ttl_s: u64) -> pb::IssueRequest {
-    pb::IssueRequest {
-        role: role.to_string(),
-        ttl_s: Some(ttl_s),
-        ..Default::default()
-    }
-}
-
 fn class(e: &ClientError) -> String {
     match e.code() {
         Some(code) => format!("{code:?}"),
@@ -137,120 +137,312 @@ fn class(e: &ClientError) -> String {
     }
 }
 
-/// RFC 7662 introspection over HTTP, round-robin over the nodes' HTTP endpoints.
-struct HttpIntrospection {
-    client: reqwest::Client,
-    urls: Vec<String>,
-    bearer: Option<String>,
-    next: AtomicU64,
+/// An HTTPS client trusting `ca_pem`, presenting `identity` (certificate and key, PEM) if given.
+fn https_client(
+    ca_pem: Option<&str>,
+    identity: Option<&(String, String)>,
+) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(ca) = ca_pem {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?);
+    }
+    if let Some((cert, key)) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(
+            format!("{cert}\n{key}").as_bytes(),
+        )?);
+    }
+    Ok(builder.build()?)
 }
 
-impl HttpIntrospection {
-    fn new(cli: &Cli, http: &str) -> Result<Self> {
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
-        if let Some(tls) = crate::commands::tls_files(cli)? {
-            builder = builder
-                .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
-            if let Some((cert, key)) = &tls.identity {
-                builder = builder.identity(reqwest::Identity::from_pem(
-                    format!("{cert}\n{key}").as_bytes(),
-                )?);
+/// The cluster under load. Each worker uses connection `worker % connections`; connection `i`
+/// starts at endpoint `i % nodes`, so the load spreads over the nodes as many independent
+/// workloads would spread it.
+enum Target {
+    Ephemera {
+        connections: Vec<Client>,
+        /// RFC 7662 endpoints (`POST /oauth2/introspect`) of the nodes, for introspect-http.
+        http: Option<(reqwest::Client, Vec<String>)>,
+        bearer: Option<String>,
+        role: String,
+        ttl_s: u64,
+    },
+    /// OpenBao (or Vault) token operations: create with a TTL, renew, revoke, lookup.
+    OpenBao {
+        http: reqwest::Client,
+        urls: Vec<String>,
+        root_token: String,
+        ttl_s: u64,
+    },
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Ephemera { .. } => "ephemera",
+            Target::OpenBao { .. } => "openbao",
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        match self {
+            Target::Ephemera { connections, .. } => connections[0].endpoints(),
+            Target::OpenBao { urls, .. } => urls.clone(),
+        }
+    }
+
+    async fn issue(&self, conn: usize) -> Result<Lease, String> {
+        match self {
+            Target::Ephemera {
+                connections,
+                role,
+                ttl_s,
+                ..
+            } => {
+                let c = connections[conn % connections.len()]
+                    .issue(pb::IssueRequest {
+                        role: role.clone(),
+                        ttl_s: Some(*ttl_s),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| class(&e))?;
+                Ok(Lease {
+                    id: c.lease_id,
+                    token: c.token,
+                })
+            }
+            Target::OpenBao { ttl_s, .. } => {
+                let body = self
+                    .bao_call(
+                        conn,
+                        "auth/token/create",
+                        json!({"ttl": format!("{ttl_s}s"), "renewable": true}),
+                    )
+                    .await?;
+                let auth = &body["auth"];
+                match (auth["accessor"].as_str(), auth["client_token"].as_str()) {
+                    (Some(id), Some(token)) => Ok(Lease {
+                        id: id.to_string(),
+                        token: token.to_string(),
+                    }),
+                    _ => Err("bad_response".to_string()),
+                }
             }
         }
-        Ok(HttpIntrospection {
-            client: builder.build()?,
-            urls: http
-                .split(',')
-                .map(|u| format!("{}/oauth2/introspect", u.trim_end_matches('/')))
-                .collect(),
-            bearer: cli.token.clone(),
-            next: AtomicU64::new(0),
-        })
     }
 
-    async fn introspect(&self, token: &str) -> Result<(), String> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.urls.len();
-        let mut req = self.client.post(&self.urls[i]).form(&[("token", token)]);
-        if let Some(b) = &self.bearer {
-            req = req.bearer_auth(b);
-        }
-        let resp = req.send().await.map_err(|_| "unreachable".to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("http_{}", resp.status().as_u16()));
-        }
-        let body: Value = resp.json().await.map_err(|_| "bad_response".to_string())?;
-        if body["active"] != true {
-            return Err("inactive".to_string());
-        }
-        Ok(())
-    }
-}
-
-async fn run_op(
-    client: &Client,
-    http: Option<&HttpIntrospection>,
-    kind: OpKind,
-    role: &str,
-    ttl_s: u64,
-    pool: &Pool,
-) -> Result<(), String> {
-    let done = |r: Result<(), ClientError>| r.map_err(|e| class(&e));
-    match kind {
-        OpKind::IntrospectHttp => {
-            let Some(c) = pool.pick() else {
-                return done(client.issue(issue_request(role, ttl_s)).await.map(|_| ()));
-            };
-            match http {
-                Some(h) => h.introspect(&c.token).await,
-                None => Err("no_http_endpoint".to_string()),
-            }
-        }
-        grpc => done(run_grpc_op(client, grpc, role, ttl_s, pool).await),
-    }
-}
-
-async fn run_grpc_op(
-    client: &Client,
-    kind: OpKind,
-    role: &str,
-    ttl_s: u64,
-    pool: &Pool,
-) -> Result<(), ClientError> {
-    match kind {
-        OpKind::Issue => client.issue(issue_request(role, ttl_s)).await.map(|_| ()),
-        OpKind::Renew => {
-            let Some(c) = pool.pick() else {
-                return client.issue(issue_request(role, ttl_s)).await.map(|_| ());
-            };
-            client
+    async fn renew(&self, conn: usize, lease: &Lease) -> Result<(), String> {
+        match self {
+            Target::Ephemera { connections, .. } => connections[conn % connections.len()]
                 .renew(pb::RenewRequest {
-                    lease_id: c.lease_id,
+                    lease_id: lease.id.clone(),
                     ..Default::default()
                 })
                 .await
-                .map(|_| ())
+                .map(drop)
+                .map_err(|e| class(&e)),
+            Target::OpenBao { ttl_s, .. } => self
+                .bao_call(
+                    conn,
+                    "auth/token/renew",
+                    json!({"token": lease.token, "increment": format!("{ttl_s}s")}),
+                )
+                .await
+                .map(drop),
         }
-        OpKind::Revoke => {
-            // Each revoke consumes a lease of the pool; an exhausted pool is refilled by one
-            // (untimed) issue first.
-            let c = match pool.take() {
-                Some(c) => c,
-                None => client.issue(issue_request(role, ttl_s)).await?,
-            };
-            client
+    }
+
+    async fn revoke(&self, conn: usize, lease: &Lease) -> Result<(), String> {
+        match self {
+            Target::Ephemera { connections, .. } => connections[conn % connections.len()]
                 .revoke(pb::RevokeRequest {
-                    target: Some(pb::revoke_request::Target::LeaseId(c.lease_id)),
+                    target: Some(pb::revoke_request::Target::LeaseId(lease.id.clone())),
                 })
                 .await
-                .map(|_| ())
+                .map(drop)
+                .map_err(|e| class(&e)),
+            Target::OpenBao { .. } => self
+                .bao_call(conn, "auth/token/revoke", json!({"token": lease.token}))
+                .await
+                .map(drop),
         }
-        OpKind::Introspect => {
-            let Some(c) = pool.pick() else {
-                return client.issue(issue_request(role, ttl_s)).await.map(|_| ());
+    }
+
+    /// gRPC introspection, RFC 7662 over HTTP (`over_http`), or OpenBao's token lookup; an
+    /// inactive answer is an error.
+    async fn introspect(&self, conn: usize, lease: &Lease, over_http: bool) -> Result<(), String> {
+        match self {
+            Target::Ephemera {
+                connections,
+                http,
+                bearer,
+                ..
+            } => {
+                if !over_http {
+                    let r = connections[conn % connections.len()]
+                        .introspect(&lease.token)
+                        .await
+                        .map_err(|e| class(&e))?;
+                    return if r.active {
+                        Ok(())
+                    } else {
+                        Err("inactive".to_string())
+                    };
+                }
+                let Some((client, urls)) = http else {
+                    return Err("no_http_endpoint".to_string());
+                };
+                let mut req = client
+                    .post(&urls[conn % urls.len()])
+                    .form(&[("token", lease.token.as_str())]);
+                if let Some(b) = bearer {
+                    req = req.bearer_auth(b);
+                }
+                let resp = req.send().await.map_err(|_| "unreachable".to_string())?;
+                if !resp.status().is_success() {
+                    return Err(format!("http_{}", resp.status().as_u16()));
+                }
+                let body: Value = resp.json().await.map_err(|_| "bad_response".to_string())?;
+                if body["active"] != true {
+                    return Err("inactive".to_string());
+                }
+                Ok(())
+            }
+            Target::OpenBao { .. } => self
+                .bao_call(conn, "auth/token/lookup", json!({"token": lease.token}))
+                .await
+                .map(drop),
+        }
+    }
+
+    /// `POST /v1/{path}` on connection `conn`'s node; the JSON answer (`null` for 204).
+    async fn bao_call(&self, conn: usize, path: &str, body: Value) -> Result<Value, String> {
+        let Target::OpenBao {
+            http,
+            urls,
+            root_token,
+            ..
+        } = self
+        else {
+            unreachable!("OpenBao call on another target");
+        };
+        let resp = http
+            .post(format!("{}/v1/{path}", urls[conn % urls.len()]))
+            .header("X-Vault-Token", root_token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|_| "unreachable".to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("http_{}", resp.status().as_u16()));
+        }
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        resp.json().await.map_err(|_| "bad_response".to_string())
+    }
+}
+
+async fn run_op(target: &Target, conn: usize, kind: OpKind, pool: &Pool) -> Result<(), String> {
+    // Operations on an empty pool issue instead, so a workload is never starved.
+    match kind {
+        OpKind::Issue => target.issue(conn).await.map(drop),
+        OpKind::Renew => match pool.pick() {
+            Some(l) => target.renew(conn, &l).await,
+            None => target.issue(conn).await.map(drop),
+        },
+        OpKind::Revoke => {
+            // Each revoke consumes a lease of the pool; an exhausted pool is refilled by one
+            // issue first.
+            let l = match pool.take() {
+                Some(l) => l,
+                None => target.issue(conn).await?,
             };
-            client.introspect(&c.token).await.map(|_| ())
+            target.revoke(conn, &l).await
         }
-        OpKind::IntrospectHttp => unreachable!("run_op handles HTTP"),
+        OpKind::Introspect | OpKind::IntrospectHttp => match pool.pick() {
+            Some(l) => {
+                target
+                    .introspect(conn, &l, kind == OpKind::IntrospectHttp)
+                    .await
+            }
+            None => target.issue(conn).await.map(drop),
+        },
+    }
+}
+
+fn build_target(cli: &Cli, args: &BenchArgs, mix: &[(OpKind, u32)]) -> Result<Target> {
+    let connections = args.connections.max(1) as usize;
+    match args.target.as_str() {
+        "ephemera" => {
+            let addr = cli.addr.as_deref().context(
+                "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
+            )?;
+            let nodes: Vec<&str> = addr
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let bearer = cli.token.clone();
+            let tls = crate::commands::tls_files(cli)?;
+            let mut clients = Vec::new();
+            for i in 0..connections {
+                let mut rotated = nodes.clone();
+                rotated.rotate_left(i % nodes.len().max(1));
+                clients.push(crate::commands::client_at(cli, &rotated.join(","))?);
+            }
+            let http = if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
+                let urls = args.http.as_deref().context(
+                    "introspect-http needs the nodes' HTTP endpoints: set EPHEMERA_HTTP or --http",
+                )?;
+                let client = https_client(
+                    tls.as_ref().map(|t| t.ca_pem.as_str()),
+                    tls.as_ref().and_then(|t| t.identity.as_ref()),
+                )?;
+                let urls = urls
+                    .split(',')
+                    .map(|u| format!("{}/oauth2/introspect", u.trim().trim_end_matches('/')))
+                    .collect();
+                Some((client, urls))
+            } else {
+                None
+            };
+            Ok(Target::Ephemera {
+                connections: clients,
+                http,
+                bearer,
+                role: args.role.clone(),
+                ttl_s: args.ttl_s,
+            })
+        }
+        "openbao" => {
+            if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
+                bail!("introspect-http is Ephemera's RFC 7662 endpoint; OpenBao's token lookup is `introspect`");
+            }
+            let addr = args.openbao_addr.as_deref().context(
+                "--target openbao needs the nodes' URLs: set BAO_ADDR or --openbao-addr",
+            )?;
+            let root_token = args.openbao_token.clone().context(
+                "--target openbao needs a token allowed to create tokens: set BAO_TOKEN",
+            )?;
+            let ca = match &args.openbao_ca {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                None => None,
+            };
+            Ok(Target::OpenBao {
+                http: https_client(ca.as_deref(), None)?,
+                urls: addr
+                    .split(',')
+                    .map(|u| u.trim().trim_end_matches('/').to_string())
+                    .collect(),
+                root_token,
+                ttl_s: args.ttl_s,
+            })
+        }
+        other => bail!("--target {other:?}: expected ephemera or openbao"),
     }
 }
 
@@ -285,21 +477,13 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         bail!("give --duration, --count or both: a benchmark must be bounded");
     }
     let warmup = Duration::from_secs(parse_duration_s(&args.warmup).context("--warmup")?);
-    let client = Arc::new(crate::commands::client(cli)?);
-    let http = if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
-        let urls = args.http.as_deref().context(
-            "introspect-http needs the nodes' HTTP endpoints: set EPHEMERA_HTTP or --http",
-        )?;
-        Some(Arc::new(HttpIntrospection::new(cli, urls)?))
-    } else {
-        None
-    };
+    let target = Arc::new(build_target(cli, args, &mix)?);
     if !args.allow_remote {
         let http = args
             .http
             .iter()
             .flat_map(|h| h.split(',').map(String::from));
-        for e in client.endpoints().into_iter().chain(http) {
+        for e in target.endpoints().into_iter().chain(http) {
             if !is_loopback(&e) {
                 bail!(
                     "endpoint {e} is not on loopback; pass --allow-remote to load a remote cluster"
@@ -308,7 +492,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         }
     }
     let pool = Arc::new(Pool {
-        creds: Mutex::new(Vec::new()),
+        leases: Mutex::new(Vec::new()),
         revocable: Mutex::new(Vec::new()),
         next: AtomicU64::new(0),
     });
@@ -320,28 +504,29 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     if shared || revokes {
         let want = args.pool.max(args.concurrency as usize);
         eprintln!("bench: issuing {want} leases for the workload to use");
+        let workers = args.concurrency.max(1) as usize;
         let mut tasks = Vec::new();
-        for t in 0..args.concurrency.max(1) {
-            let (client, pool, role) = (client.clone(), pool.clone(), args.role.clone());
-            let n = want / args.concurrency.max(1) as usize
-                + usize::from((t as usize) < want % args.concurrency.max(1) as usize);
-            let ttl = args.ttl_s;
+        for t in 0..workers {
+            let (target, pool) = (target.clone(), pool.clone());
+            let n = want / workers + usize::from(t < want % workers);
             tasks.push(tokio::spawn(async move {
                 for i in 0..n {
-                    let c = client.issue(issue_request(&role, ttl)).await?;
+                    let lease = target.issue(t).await?;
                     // Alternate when both are wanted.
-                    let target = if revokes && (!shared || i % 2 == 1) {
+                    let into = if revokes && (!shared || i % 2 == 1) {
                         &pool.revocable
                     } else {
-                        &pool.creds
+                        &pool.leases
                     };
-                    target.lock().expect("pool lock").push(c);
+                    into.lock().expect("pool lock").push(lease);
                 }
-                Ok::<(), ClientError>(())
+                Ok::<(), String>(())
             }));
         }
         for t in tasks {
-            t.await?.context("issuing the lease pool")?;
+            if let Err(class) = t.await? {
+                bail!("issuing the lease pool failed: {class}");
+            }
         }
     }
 
@@ -406,20 +591,10 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     match args.rate {
         None => {
             for t in 0..args.concurrency.max(1) {
-                let (client, pool, recorder, done, role, http) = (
-                    client.clone(),
-                    pool.clone(),
-                    recorder.clone(),
-                    done.clone(),
-                    args.role.clone(),
-                    http.clone(),
-                );
-                let (keep_going, choose, issued_ops, ttl) = (
-                    keep_going.clone(),
-                    choose.clone(),
-                    issued_ops.clone(),
-                    args.ttl_s,
-                );
+                let (target, pool, recorder, done) =
+                    (target.clone(), pool.clone(), recorder.clone(), done.clone());
+                let (keep_going, choose, issued_ops) =
+                    (keep_going.clone(), choose.clone(), issued_ops.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut n = u64::from(t) * 1_000_003;
                     while keep_going() {
@@ -430,8 +605,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                             issued_ops.fetch_add(1, Ordering::Relaxed);
                         }
                         let t0 = Instant::now();
-                        let result =
-                            run_op(&client, http.as_deref(), kind, &role, ttl, &pool).await;
+                        let result = run_op(&target, t as usize, kind, &pool).await;
                         if measured {
                             let micros = t0.elapsed().as_micros() as u64;
                             recorder
@@ -467,17 +641,10 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                 if measured {
                     issued_ops.fetch_add(1, Ordering::Relaxed);
                 }
-                let (client, pool, recorder, done, role, ttl, http) = (
-                    client.clone(),
-                    pool.clone(),
-                    recorder.clone(),
-                    done.clone(),
-                    args.role.clone(),
-                    args.ttl_s,
-                    http.clone(),
-                );
+                let (target, pool, recorder, done) =
+                    (target.clone(), pool.clone(), recorder.clone(), done.clone());
                 tasks.push(tokio::spawn(async move {
-                    let result = run_op(&client, http.as_deref(), kind, &role, ttl, &pool).await;
+                    let result = run_op(&target, n as usize, kind, &pool).await;
                     drop(permit);
                     if measured {
                         let micros = scheduled.elapsed().as_micros() as u64;
@@ -543,13 +710,15 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         );
     }
     let report = json!({
+        "target": target.name(),
         "workload": args.workload,
         "mode": if args.rate.is_some() { "open" } else { "closed" },
         "concurrency": args.concurrency,
         "rate_per_s": args.rate,
         "warmup_s": warmup.as_secs_f64(),
         "measured_s": measured_s,
-        "endpoints": client.endpoints(),
+        "connections": args.connections,
+        "endpoints": target.endpoints(),
         "operations": Value::Object(ops),
     });
     if let Some(path) = &args.report {
@@ -558,7 +727,8 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     }
     crate::commands::print(cli.output, report, || {
         format!(
-            "{} over {measured_s:.1}s ({} mode, {} clients{}):\n{text}",
+            "{} {} over {measured_s:.1}s ({} mode, {} clients{}):\n{text}",
+            target.name(),
             args.workload,
             if args.rate.is_some() {
                 "open"

@@ -39,6 +39,11 @@ pub(crate) fn client(cli: &Cli) -> Result<Client> {
     let addr = cli.addr.as_deref().context(
         "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
     )?;
+    client_at(cli, addr)
+}
+
+/// A client of `addr` (endpoints in the `EPHEMERA_ADDR` format) with `cli`'s credentials.
+pub(crate) fn client_at(cli: &Cli, addr: &str) -> Result<Client> {
     let bearer = match (&cli.assertion_file, &cli.assertion) {
         (Some(path), _) => Some(read_file("--assertion-file", path)?.trim().to_string()),
         (None, Some(a)) => Some(a.clone()),

@@ -154,6 +154,22 @@ pub struct BenchArgs {
     /// The nodes' HTTP endpoints, for introspect-http.
     #[arg(long, env = "EPHEMERA_HTTP", hide_env_values = true)]
     pub http: Option<String>,
+    /// Connections (each starting at a different node) the clients share.
+    #[arg(long, default_value_t = 8)]
+    pub connections: u32,
+    /// What to load: `ephemera`, or `openbao` for the same workloads as OpenBao (or Vault)
+    /// token operations: create with a TTL, renew, revoke, lookup.
+    #[arg(long, default_value = "ephemera")]
+    pub target: String,
+    /// OpenBao nodes' URLs, comma-separated.
+    #[arg(long, env = "BAO_ADDR", hide_env_values = true)]
+    pub openbao_addr: Option<String>,
+    /// OpenBao token allowed to create tokens.
+    #[arg(long, env = "BAO_TOKEN", hide_env_values = true)]
+    pub openbao_token: Option<String>,
+    /// CA certificate (PEM) that signed OpenBao's listener certificates.
+    #[arg(long, env = "BAO_CACERT")]
+    pub openbao_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

