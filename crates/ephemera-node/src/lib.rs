@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod authz;
+pub mod coalesce;
 pub mod config;
 pub mod conn;
 pub mod grpc;
@@ -210,6 +211,7 @@ pub async fn run(
         oidc_verifier,
         cfg.guard.clone(),
     ));
+    node.start_coalescing();
 
     let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
     let api_listener = bind(cfg.api_addr, "api").await?;

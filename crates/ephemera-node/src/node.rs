@@ -6,6 +6,7 @@
 //! the leader confirms leadership and names a log index, and this node waits until it has applied
 //! it before reading its own state.
 
+use crate::coalesce::Coalescer;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -132,7 +133,21 @@ pub struct Node {
     /// The compiled policy set of the latest committed version this node has used.
     pub(crate) policy_cache: Mutex<Option<Arc<ephemera_policy::PolicyBook>>>,
     pub guard: crate::guard::Guard,
+    /// Concurrent read barriers share rounds (see [`crate::coalesce`]); set by
+    /// [`Node::start_coalescing`].
+    barriers: std::sync::OnceLock<Coalescer<Result<(), Error>>>,
+    /// Followers' read-index requests, on the leader, share leadership confirmations.
+    read_indexes: std::sync::OnceLock<Coalescer<Result<u64, Error>>>,
+    /// Client certificates whose chain has been verified: leaf DER → (SPIFFE ID, valid until,
+    /// ms). Saves a chain verification per request; revocation is still checked every time.
+    verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
 }
+
+/// How long a verified client-certificate chain is trusted without verifying it again (never
+/// beyond the certificate's own expiry).
+const SVID_VERIFICATION_CACHE_MS: u64 = 60_000;
+/// Bound on the cache of verified client certificates (cleared when full).
+const SVID_VERIFICATION_CACHE_ENTRIES: usize = 10_000;
 
 /// Audit records of refused authentications per second and node, and the burst allowed.
 const DENIAL_AUDITS_PER_S: u32 = 20;
@@ -187,7 +202,34 @@ impl Node {
             denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
             policy_cache: Mutex::new(None),
             guard,
+            barriers: std::sync::OnceLock::new(),
+            read_indexes: std::sync::OnceLock::new(),
+            verified_svids: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Starts the tasks that coalesce read barriers. They hold the node weakly and stop with it.
+    pub fn start_coalescing(self: &Arc<Self>) {
+        let node = Arc::downgrade(self);
+        let _ = self.barriers.set(Coalescer::spawn(move || {
+            let node = node.clone();
+            async move {
+                match node.upgrade() {
+                    Some(n) => n.read_barrier_round().await,
+                    None => Err(Error::Unavailable("node stopped".into())),
+                }
+            }
+        }));
+        let node = Arc::downgrade(self);
+        let _ = self.read_indexes.set(Coalescer::spawn(move || {
+            let node = node.clone();
+            async move {
+                match node.upgrade() {
+                    Some(n) => n.read_index_round().await,
+                    None => Err(Error::Unavailable("node stopped".into())),
+                }
+            }
+        }));
     }
 
     // ---- authentication ------------------------------------------------------------------
@@ -273,13 +315,7 @@ impl Node {
                 "this node does not accept client certificates".into(),
             ));
         };
-        let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(
-            self.clock.now_ms(),
-        ));
-        match tls
-            .bundles
-            .verify_svid(certs, ephemera_pki::Usage::Client, now)
-        {
+        match self.verify_svid_cached(tls, certs) {
             Ok(id) if self.svid_revoked(&certs[0]) => {
                 Metrics::inc(&self.metrics.auth_failures, 1);
                 let reason =
@@ -302,6 +338,43 @@ impl Node {
                 Err(Error::Unauthenticated(reason))
             }
         }
+    }
+
+    /// The chain check of `verify_svid`, remembered per leaf certificate for a short while.
+    fn verify_svid_cached(
+        &self,
+        tls: &NodeTls,
+        certs: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<ephemera_pki::SpiffeId, ephemera_pki::PkiError> {
+        let now_ms = self.clock.now_ms();
+        let leaf = certs[0].as_ref();
+        if let Some((id, until)) = self
+            .verified_svids
+            .lock()
+            .expect("svid cache lock")
+            .get(leaf)
+        {
+            if now_ms < *until {
+                return Ok(id.clone());
+            }
+        }
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(now_ms));
+        let id = tls
+            .bundles
+            .verify_svid(certs, ephemera_pki::Usage::Client, now)?;
+        let not_after_ms = ephemera_pki::not_after_unix_s(&certs[0])?.saturating_mul(1000);
+        let mut cache = self.verified_svids.lock().expect("svid cache lock");
+        if cache.len() >= SVID_VERIFICATION_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            leaf.to_vec(),
+            (
+                id.clone(),
+                not_after_ms.min(now_ms + SVID_VERIFICATION_CACHE_MS),
+            ),
+        );
+        Ok(id)
     }
 
     async fn authenticate_assertion(&self, token: &str) -> Result<Principal, Error> {
@@ -795,7 +868,19 @@ impl Node {
 
     /// Linearizable read barrier: after it returns, this node's state reflects every write that
     /// was acknowledged (by any node) before the barrier started.
+    /// Waits until this node has applied everything committed before the call: a
+    /// linearizable read follows. Concurrent callers share rounds.
     pub async fn read_barrier(&self) -> Result<(), Error> {
+        match self.barriers.get() {
+            Some(c) => c
+                .next_round()
+                .await
+                .unwrap_or_else(|| Err(Error::Unavailable("node stopping".into()))),
+            None => self.read_barrier_round().await,
+        }
+    }
+
+    async fn read_barrier_round(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -845,8 +930,18 @@ impl Node {
         }
     }
 
-    /// Leader side of a follower's read barrier.
+    /// Leader side of a follower's read barrier (concurrent requests share rounds).
     pub async fn read_index(&self) -> Result<u64, Error> {
+        match self.read_indexes.get() {
+            Some(c) => c
+                .next_round()
+                .await
+                .unwrap_or_else(|| Err(Error::Unavailable("node stopping".into()))),
+            None => self.read_index_round().await,
+        }
+    }
+
+    async fn read_index_round(&self) -> Result<u64, Error> {
         match tokio::time::timeout(self.request_timeout, self.raft.get_read_log_id()).await {
             Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map_or(0, |l| l.index)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {

@@ -589,6 +589,13 @@ pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, PkiError> {
     Ok(raw[start..].to_vec())
 }
 
+/// When the certificate expires, seconds since the Unix epoch.
+pub fn not_after_unix_s(cert: &CertificateDer<'_>) -> Result<u64, PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    Ok(parsed.validity().not_after.timestamp().max(0) as u64)
+}
+
 /// The SPIFFE ID in a certificate's URI SAN; refuses none, several, or a CA certificate.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, PkiError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)

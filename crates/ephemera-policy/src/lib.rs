@@ -649,12 +649,24 @@ fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpr
     ]
 }
 
-fn uid(kind: &str, id: &str) -> EntityUid {
-    EntityUid::from_type_name_and_id(
-        cedar_policy::EntityTypeName::from_str(&format!("Ephemera::{kind}"))
-            .expect("entity type names are static"),
-        cedar_policy::EntityId::new(id),
-    )
+fn uid(kind: &'static str, id: &str) -> EntityUid {
+    // Parsing a type name runs Cedar's grammar; on the request path that was a measurable
+    // share of each decision, so each name is parsed once per thread.
+    thread_local! {
+        static TYPE_NAMES: std::cell::RefCell<HashMap<&'static str, cedar_policy::EntityTypeName>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    let type_name = TYPE_NAMES.with(|names| {
+        names
+            .borrow_mut()
+            .entry(kind)
+            .or_insert_with(|| {
+                cedar_policy::EntityTypeName::from_str(&format!("Ephemera::{kind}"))
+                    .expect("entity type names are static")
+            })
+            .clone()
+    });
+    EntityUid::from_type_name_and_id(type_name, cedar_policy::EntityId::new(id))
 }
 
 fn string(s: &str) -> RestrictedExpression {
@@ -672,7 +684,23 @@ fn ip(addr: Option<IpAddr>) -> RestrictedExpression {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,
     };
-    RestrictedExpression::new_ip(addr.to_string())
+    // `new_ip` parses the extension's name on every call; callers come from few addresses.
+    thread_local! {
+        static ADDRESSES: std::cell::RefCell<HashMap<IpAddr, RestrictedExpression>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    ADDRESSES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(e) = cache.get(&addr) {
+            return e.clone();
+        }
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        let e = RestrictedExpression::new_ip(addr.to_string());
+        cache.insert(addr, e.clone());
+        e
+    })
 }
 
 /// The fields of `Ephemera::Time` from a Unix time in milliseconds (UTC, no leap seconds).
