@@ -103,15 +103,15 @@ pub struct RaftTuning {
 
 impl Default for RaftTuning {
     fn default() -> Self {
-        // Failure detection within 300-600 ms plus one election round keeps failover well
-        // under 1.5 s on a LAN or loopback.
+        // openraft lets a follower start an election only after the leader's lease
+        // (election_timeout_max) plus a random election timeout (min..max) without a
+        // heartbeat: 600-800 ms here, so failover (detection, one vote round, the new leader's
+        // first commit) stays under 1 s on a LAN or loopback. Append-entries RPCs time out
+        // after one heartbeat interval, so that interval is kept above loaded round trips.
         RaftTuning {
             heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
-            // A snapshot copies the whole state: at one every 10,000 entries, building them
-            // took a fifth of a follower's CPU under sustained issuance (perf, issue 6).
-            // Log entries are well under 1 KiB, so the log stays under ~100 MiB.
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_logs_since_last: 100_000,
             max_in_snapshot_log_to_keep: 1_000,
         }
