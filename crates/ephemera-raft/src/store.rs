@@ -3,11 +3,12 @@
 //! id and membership, committed in the same atomic batch as the entries they describe). The
 //! current snapshot lives in `snapshot.bin` beside the database.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::{Cursor, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use ephemera_core::command::Outcome;
 use ephemera_core::kv::{KvPairs, KvRead, Overlay};
@@ -106,7 +107,7 @@ fn open_trees(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Erro
             tree: db.open_tree("state")?,
         },
         db,
-        apply_lock: Arc::new(RwLock::new(())),
+        copies: Arc::new(Copies::default()),
         snapshots: Arc::new(SnapshotSlot {
             path: dir.join(SNAPSHOT_FILE),
             current: Mutex::new(None),
@@ -301,10 +302,98 @@ impl StateView {
 pub struct SledStateMachine {
     view: StateView,
     db: sled::Db,
-    /// Held exclusively while a batch is committed, shared while a snapshot copies the state,
-    /// so the copy is a consistent cut.
-    apply_lock: Arc<RwLock<()>>,
+    copies: Arc<Copies>,
     snapshots: Arc<SnapshotSlot>,
+}
+
+/// Keys written since a copy began, each with the value it had then (`None`: absent).
+type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Lets a snapshot copy the state while apply goes on. sled has no point-in-time reads, and
+/// stopping apply for the whole copy stalls every write for seconds once the state holds a
+/// million leases (long enough for clients to time out). Instead, while a copy runs, every
+/// write first records the value its key had when the copy began (the first write to a key
+/// wins), and the copy puts those values back over what it read: the result is the state as of
+/// the copy's start, however long the copy takes.
+#[derive(Default)]
+struct Copies {
+    window: Mutex<CopyWindow>,
+    /// One copy at a time: a window records for one copy.
+    one_at_a_time: Mutex<()>,
+}
+
+#[derive(Default)]
+struct CopyWindow {
+    /// Some while a copy runs.
+    before: Option<PreImages>,
+    /// The whole state was replaced (a snapshot installed) while the copy ran: the copy is void.
+    replaced: bool,
+}
+
+impl Copies {
+    /// Opens the window and returns the applied state the copy will represent.
+    fn begin(&self, view: &StateView) -> StorageResult<AppliedState> {
+        let mut window = self.window.lock().expect("copy window");
+        let applied = view.applied_state()?;
+        window.before = Some(PreImages::new());
+        window.replaced = false;
+        Ok(applied)
+    }
+
+    /// Closes the window: the pre-images of every key written since it opened, or `None` if
+    /// the state was replaced meanwhile.
+    fn end(&self) -> Option<PreImages> {
+        let mut window = self.window.lock().expect("copy window");
+        let before = window.before.take().unwrap_or_default();
+        (!std::mem::take(&mut window.replaced)).then_some(before)
+    }
+
+    /// Commits one batch of writes (`None` deletes), recording pre-images for an open copy.
+    fn write(
+        &self,
+        tree: &sled::Tree,
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), sled::Error> {
+        let mut window = self.window.lock().expect("copy window");
+        if let Some(before) = window.before.as_mut() {
+            for (k, _) in &writes {
+                if !before.contains_key(k) {
+                    before.insert(k.clone(), tree.get(k)?.map(|v| v.to_vec()));
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        tree.apply_batch(batch)
+    }
+}
+
+/// The state as of a copy's start: what the copy read (in key order), with every key written
+/// since put back as it was then. Keeps key order.
+fn as_of_start(read: KvPairs, before: PreImages) -> KvPairs {
+    let mut out = Vec::with_capacity(read.len() + before.len());
+    let mut before = before.into_iter().peekable();
+    for (k, v) in read {
+        // Keys that sort before this one and were deleted since the copy began.
+        while let Some((bk, bv)) = before.next_if(|(bk, _)| *bk < k) {
+            if let Some(bv) = bv {
+                out.push((bk, bv));
+            }
+        }
+        match before.next_if(|(bk, _)| *bk == k) {
+            Some((_, Some(was))) => out.push((k, was)),
+            // Created since the copy began.
+            Some((_, None)) => {}
+            None => out.push((k, v)),
+        }
+    }
+    out.extend(before.filter_map(|(k, v)| v.map(|v| (k, v))));
+    out
 }
 
 /// The one snapshot file. Builds and installs may run at once (openraft spawns builds), so
@@ -358,7 +447,10 @@ impl SledStateMachine {
         let pairs: KvPairs = decode(&file.data).map_err(|e| snapshot_err(Some(&file.meta), e))?;
         let mut batch = sled::Batch::default();
         {
-            let _guard = self.apply_lock.write().expect("apply lock");
+            let mut window = self.copies.window.lock().expect("copy window");
+            if window.before.is_some() {
+                window.replaced = true;
+            }
             for k in self.view.tree.iter().keys() {
                 batch.remove(k.map_err(write_sm_err)?);
             }
@@ -392,30 +484,33 @@ struct SnapshotFile {
 pub struct SledSnapshotBuilder {
     db: sled::Db,
     view: StateView,
-    apply_lock: Arc<RwLock<()>>,
+    copies: Arc<Copies>,
     snapshots: Arc<SnapshotSlot>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let view = self.view.clone();
-        let lock = self.apply_lock.clone();
+        let copies = self.copies.clone();
         let seq = self.snapshots.next_id();
         let snapshots = self.snapshots.clone();
         let db = self.db.clone();
-        // The copy holds the apply lock only while reading; encoding and the fsync'd write
-        // happen after apply has resumed.
+        // Apply goes on while the state is copied (see `Copies`).
         tokio::task::spawn_blocking(move || -> StorageResult<Snapshot<TypeConfig>> {
-            let (pairs, applied, membership) = {
-                let _guard = lock.read().expect("apply lock");
-                let pairs: KvPairs = view
+            let _turn = copies.one_at_a_time.lock().expect("copy turn");
+            let (pairs, (applied, membership)) = loop {
+                let applied = copies.begin(&view)?;
+                let read: Result<KvPairs, _> = view
                     .tree
                     .iter()
                     .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-                    .collect::<Result<_, _>>()
-                    .map_err(read_err)?;
-                let (applied, membership) = view.applied_state()?;
-                (pairs, applied, membership)
+                    .collect();
+                let before = copies.end();
+                let read = read.map_err(read_err)?;
+                if let Some(before) = before {
+                    break (as_of_start(read, before), applied);
+                }
+                // A snapshot was installed under the copy; copy the new state instead.
             };
             // openraft purges the log up to the snapshot once it exists, so the applied state it
             // covers must be durable first; otherwise a crash could leave state behind the log.
@@ -476,21 +571,16 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             }
             overlay.into_writes()
         };
-        let mut batch = sled::Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
         if let Some(l) = last_applied {
-            batch.insert(KEY_LAST_APPLIED, encode(&Some(l)));
+            writes.push((KEY_LAST_APPLIED.to_vec(), Some(encode(&Some(l)))));
         }
         if let Some(m) = membership {
-            batch.insert(KEY_MEMBERSHIP, encode(&m));
+            writes.push((KEY_MEMBERSHIP.to_vec(), Some(encode(&m))));
         }
-        let _guard = self.apply_lock.write().expect("apply lock");
-        self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
+        self.copies
+            .write(&self.view.tree, writes)
+            .map_err(write_sm_err)?;
         Ok(results)
     }
 
@@ -498,7 +588,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         SledSnapshotBuilder {
             db: self.db.clone(),
             view: self.view.clone(),
-            apply_lock: self.apply_lock.clone(),
+            copies: self.copies.clone(),
             snapshots: self.snapshots.clone(),
         }
     }
@@ -582,6 +672,107 @@ mod tests {
         let (_log, sm) = open(dir.path()).unwrap();
         assert_eq!(sm.view.applied_state().unwrap().0, Some(log_id));
         assert_eq!(sm.view.get(b"role/web").unwrap(), Some(b"v".to_vec()));
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> KvPairs {
+        items
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn put(k: &str, v: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+        (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))
+    }
+
+    fn del(k: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+        (k.as_bytes().to_vec(), None)
+    }
+
+    /// Writes that land while a snapshot copies the state, before and after the copy's cursor,
+    /// including deletes and new keys, leave the copy equal to the state when it began.
+    #[test]
+    fn a_copy_taken_while_apply_goes_on_is_the_state_at_its_start() {
+        let dir = TempDir::new().unwrap();
+        let (_log, sm) = open(dir.path()).unwrap();
+        let tree = &sm.view.tree;
+        let start = pairs(&[("a", "1"), ("c", "3"), ("e", "5"), ("g", "7"), ("i", "9")]);
+        sm.copies
+            .write(
+                tree,
+                start
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .collect(),
+            )
+            .unwrap();
+
+        sm.copies.begin(&sm.view).unwrap();
+        let mut cursor = tree.iter();
+        let mut read = KvPairs::new();
+        for _ in 0..2 {
+            let (k, v) = cursor.next().unwrap().unwrap();
+            read.push((k.to_vec(), v.to_vec()));
+        }
+        // Behind the cursor, ahead of it, new keys on both sides, deletes on both sides, and a
+        // key written twice (its first pre-image must win).
+        sm.copies
+            .write(
+                tree,
+                vec![put("a", "x"), put("g", "x"), put("b", "new"), del("e")],
+            )
+            .unwrap();
+        sm.copies
+            .write(
+                tree,
+                vec![put("g", "y"), del("c"), put("z", "new"), del("i")],
+            )
+            .unwrap();
+        for r in cursor {
+            let (k, v) = r.unwrap();
+            read.push((k.to_vec(), v.to_vec()));
+        }
+        let before = sm.copies.end().expect("not replaced");
+        assert_eq!(as_of_start(read, before), start);
+
+        // With the window closed, writes record nothing.
+        sm.copies.write(tree, vec![put("q", "1")]).unwrap();
+        assert!(sm.copies.window.lock().unwrap().before.is_none());
+    }
+
+    /// A snapshot installed while a copy runs voids the copy (the builder starts over).
+    #[test]
+    fn an_install_during_a_copy_voids_it() {
+        let dir = TempDir::new().unwrap();
+        let (_log, sm) = open(dir.path()).unwrap();
+        sm.copies.begin(&sm.view).unwrap();
+        let file = SnapshotFile {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 7)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "1-7-1".into(),
+            },
+            data: encode(&pairs(&[("role/web", "v")])),
+        };
+        sm.restore(&file).unwrap();
+        assert!(sm.copies.end().is_none());
+        sm.copies.begin(&sm.view).unwrap();
+        assert_eq!(sm.copies.end(), Some(PreImages::new()));
+    }
+
+    #[test]
+    fn as_of_start_merges_in_key_order() {
+        let read = pairs(&[("b", "2"), ("d", "now"), ("f", "6")]);
+        let mut before = PreImages::new();
+        before.insert(b"a".to_vec(), Some(b"1".to_vec())); // deleted since
+        before.insert(b"d".to_vec(), Some(b"4".to_vec())); // changed since
+        before.insert(b"e".to_vec(), None); // created and deleted since
+        before.insert(b"f".to_vec(), None); // created since
+        before.insert(b"h".to_vec(), Some(b"8".to_vec())); // deleted since, after the last read
+        assert_eq!(
+            as_of_start(read, before),
+            pairs(&[("a", "1"), ("b", "2"), ("d", "4"), ("h", "8")])
+        );
     }
 
     /// openraft's conformance suite against the sled log store and state machine.
