@@ -73,7 +73,9 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
         election_timeout_max: r.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
-        install_snapshot_timeout: 10_000,
+        // Per snapshot chunk; the last one returns only once the follower has replaced its
+        // state, which takes tens of seconds for a million leases.
+        install_snapshot_timeout: 120_000,
         ..Default::default()
     };
     c.validate().map_err(|e| NodeError::Raft(e.to_string()))
@@ -148,11 +150,16 @@ pub async fn run(
         path: cfg.kek_file.display().to_string(),
         message: e.to_string(),
     })?;
+    let opening = std::time::Instant::now();
     let (log_store, sm) =
         ephemera_raft::store::open(&cfg.data_dir).map_err(|e| NodeError::Storage {
             path: cfg.data_dir.display().to_string(),
             message: e.to_string(),
         })?;
+    tracing::info!(
+        elapsed_ms = opening.elapsed().as_millis() as u64,
+        "storage opened"
+    );
     let view = sm.view();
     let tls = cfg
         .tls
@@ -186,6 +193,10 @@ pub async fn run(
     )
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
+    tracing::info!(
+        elapsed_ms = opening.elapsed().as_millis() as u64,
+        "raft started"
+    );
     let info = NodeInfo {
         api_addr: cfg.api_addr.to_string(),
         http_addr: cfg.http_addr.to_string(),
@@ -272,7 +283,9 @@ pub async fn run(
         plaintext: cfg.insecure_plaintext,
     };
     let api_server = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
+        // The backstop for every call; each has a tighter deadline of its own except a join,
+        // which waits for the new node to catch up.
+        .timeout(node::CATCH_UP_LIMIT + Duration::from_secs(30))
         .add_service(
             IssuerServer::new(api.clone()).max_decoding_message_size(MAX_API_MESSAGE_BYTES),
         )

@@ -6,7 +6,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +45,9 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // The snapshot file itself (header and state): sent and received in chunks, never held
+        // whole in memory just to be sent.
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::{Cursor, Write};
+use std::io::{Seek, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{decode, encode, Entry, NodeId, NodeInfo, Response, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type Meta = SnapshotMeta<NodeId, NodeInfo>;
 /// The last applied log id and the membership in force, as the state machine reports them.
 pub type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
 
@@ -75,18 +76,23 @@ pub struct OpenError(String);
 /// state (a crash while installing a snapshot), the state is restored from it first.
 pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), OpenError> {
     let (log, sm) = open_trees(dir).map_err(|e| OpenError(e.to_string()))?;
-    let file = read_snapshot_file(&sm.snapshot_path())
+    // Only the header: the file holds the whole state, and reading it all would add seconds to
+    // every start of a node with a large state.
+    let meta = read_snapshot_meta(&sm.snapshot_path())
         .map_err(|e| OpenError(format!("snapshot file: {e}")))?;
-    if let Some(file) = file {
+    if let Some(meta) = meta {
         let (applied, _) = sm
             .view
             .applied_state()
             .map_err(|e| OpenError(e.to_string()))?;
-        if file.meta.last_log_id > applied {
+        if meta.last_log_id > applied {
+            let file = read_snapshot_file(&sm.snapshot_path())
+                .map_err(|e| OpenError(format!("snapshot file: {e}")))?
+                .ok_or_else(|| OpenError("the snapshot file vanished".into()))?;
             sm.restore(&file)
                 .map_err(|e| OpenError(format!("restoring from the snapshot file: {e}")))?;
         }
-        *sm.snapshots.current.lock().expect("snapshot lock") = file.meta.last_log_id;
+        *sm.snapshots.current.lock().expect("snapshot lock") = meta.last_log_id;
     }
     Ok((log, sm))
 }
@@ -407,25 +413,67 @@ struct SnapshotSlot {
 }
 
 impl SnapshotSlot {
-    /// Durably replaces the snapshot file if `file` is newer; returns whether it did.
-    fn publish(&self, file: &SnapshotFile) -> std::io::Result<bool> {
+    /// Writes `file` durably and makes it the snapshot file if it is newer than the current one;
+    /// returns whether it did, and the written file (open for reading, even if it was not
+    /// kept).
+    fn publish(&self, file: &SnapshotFile) -> std::io::Result<(bool, std::fs::File)> {
         let mut seq = self.seq.lock().expect("snapshot writer lock");
         *seq += 1;
-        if *self.current.lock().expect("snapshot lock") >= file.meta.last_log_id {
-            return Ok(false);
-        }
         let tmp = self.path.with_extension(format!("{}.tmp", *seq));
+        let written = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&encode(file))?;
-            f.sync_all()?;
+            // Streamed: the state can be gigabytes, and a second in-memory copy of it is not
+            // needed to write it.
+            let mut w = std::io::BufWriter::new(&written);
+            bincode::serialize_into(&mut w, file).map_err(std::io::Error::other)?;
+            w.flush()?;
         }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+        written.sync_all()?;
+        let newer = *self.current.lock().expect("snapshot lock") < file.meta.last_log_id;
+        if newer {
+            std::fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            *self.current.lock().expect("snapshot lock") = file.meta.last_log_id;
+        } else {
+            std::fs::remove_file(&tmp)?;
         }
-        *self.current.lock().expect("snapshot lock") = file.meta.last_log_id;
-        Ok(true)
+        Ok((newer, written))
+    }
+
+    /// An anonymous file for a snapshot being received: its name is removed at once, so an
+    /// interrupted transfer leaves nothing behind.
+    fn receiving_file(&self) -> std::io::Result<std::fs::File> {
+        let mut seq = self.seq.lock().expect("snapshot writer lock");
+        *seq += 1;
+        let path = self.path.with_extension(format!("{}.recv", *seq));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(f)
+    }
+
+    /// The current snapshot: its header and the file, from one open so that the two agree.
+    fn current(&self) -> Result<Option<(Meta, std::fs::File)>, String> {
+        let mut f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let meta = read_header(&f)?;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| e.to_string())?;
+        Ok(Some((meta, f)))
     }
 
     fn next_id(&self) -> u64 {
@@ -467,6 +515,25 @@ impl SledStateMachine {
     }
 }
 
+/// The `meta` of a snapshot file, read without its data (bincode writes fields in order).
+fn read_header(f: &std::fs::File) -> Result<SnapshotMeta<NodeId, NodeInfo>, String> {
+    #[derive(Deserialize)]
+    struct Header {
+        meta: SnapshotMeta<NodeId, NodeInfo>,
+    }
+    bincode::deserialize_from::<_, Header>(std::io::BufReader::new(f))
+        .map(|h| h.meta)
+        .map_err(|e| e.to_string())
+}
+
+fn read_snapshot_meta(path: &Path) -> Result<Option<SnapshotMeta<NodeId, NodeInfo>>, String> {
+    match std::fs::File::open(path) {
+        Ok(f) => read_header(&f).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, String> {
     match std::fs::read(path) {
         Ok(bytes) => decode(&bytes).map(Some).map_err(|e| e.to_string()),
@@ -495,8 +562,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
         let seq = self.snapshots.next_id();
         let snapshots = self.snapshots.clone();
         let db = self.db.clone();
-        // Apply goes on while the state is copied (see `Copies`).
-        tokio::task::spawn_blocking(move || -> StorageResult<Snapshot<TypeConfig>> {
+        // Apply goes on while the state is copied (see `Copies`), and the build runs on a thread
+        // of its own at background priority: copying, encoding and writing millions of keys
+        // takes seconds of CPU, and on a busy machine it must not starve the heartbeats and
+        // appends that keep the leader in office.
+        let (done, result) = tokio::sync::oneshot::channel();
+        let build = move || -> StorageResult<Snapshot<TypeConfig>> {
+            lower_this_threads_priority();
             let _turn = copies.one_at_a_time.lock().expect("copy turn");
             let (pairs, (applied, membership)) = loop {
                 let applied = copies.begin(&view)?;
@@ -525,17 +597,38 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
                 snapshot_id,
             };
             let data = encode(&pairs);
+            drop(pairs);
             let file = SnapshotFile { meta, data };
-            snapshots
+            let (_, mut written) = snapshots
                 .publish(&file)
+                .map_err(|e| snapshot_err(Some(&file.meta), e))?;
+            written
+                .seek(std::io::SeekFrom::Start(0))
                 .map_err(|e| snapshot_err(Some(&file.meta), e))?;
             Ok(Snapshot {
                 meta: file.meta,
-                snapshot: Box::new(Cursor::new(file.data)),
+                snapshot: Box::new(tokio::fs::File::from_std(written)),
             })
-        })
-        .await
-        .map_err(read_err)?
+        };
+        std::thread::Builder::new()
+            .name("snapshot-build".into())
+            .spawn(move || done.send(build()))
+            .map_err(read_err)?;
+        result
+            .await
+            .map_err(|_| read_err(StoreError("the snapshot build thread died".into())))?
+    }
+}
+
+/// Background priority (nice 10) for the calling thread, which must be one that ends with its
+/// job: an unprivileged process cannot raise a thread's priority again.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::gettid();
+        // Failure only leaves the build at normal priority.
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
     }
 }
 
@@ -593,19 +686,43 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let f = self
+            .snapshots
+            .receiving_file()
+            .map_err(|e| snapshot_err(None, e))?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data: snapshot.into_inner(),
-        };
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        // The data is a whole snapshot file, as the leader's `get_current_snapshot` sent it.
+        let mut received = *snapshot;
+        let mut bytes = Vec::new();
+        received
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| snapshot_err(Some(meta), e))?;
+        received
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| snapshot_err(Some(meta), e))?;
+        drop(received);
+        let file: SnapshotFile = decode(&bytes).map_err(|e| snapshot_err(Some(meta), e))?;
+        drop(bytes);
+        if file.meta != *meta {
+            return Err(snapshot_err(
+                Some(meta),
+                StoreError(format!(
+                    "the received snapshot file is {}, not the announced {}",
+                    file.meta.snapshot_id, meta.snapshot_id
+                )),
+            ));
+        }
         // The file first: if we crash before the state is replaced, `open` restores the state
         // from the file, so the state never lags a log that openraft has purged.
         let snapshots = self.snapshots.clone();
@@ -617,11 +734,14 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let file = read_snapshot_file(&self.snapshot_path())
+        // Only the header is read; the state streams from the file as it is sent.
+        let current = self
+            .snapshots
+            .current()
             .map_err(|e| snapshot_err(None, StoreError(e)))?;
-        Ok(file.map(|file| Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(file.data)),
+        Ok(current.map(|(meta, f)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(f)),
         }))
     }
 }
@@ -659,14 +779,14 @@ mod tests {
                 },
                 data: encode(&vec![(b"role/web".to_vec(), b"v".to_vec())]),
             };
-            assert!(sm.snapshots.publish(&file).unwrap());
+            assert!(sm.snapshots.publish(&file).unwrap().0);
             // An older snapshot never replaces a newer one.
             let mut older = SnapshotFile {
                 meta: file.meta.clone(),
                 data: encode(&KvPairs::new()),
             };
             older.meta.last_log_id = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 41));
-            assert!(!sm.snapshots.publish(&older).unwrap());
+            assert!(!sm.snapshots.publish(&older).unwrap().0);
             assert_eq!(sm.view.applied_state().unwrap().0, None);
         }
         let (_log, sm) = open(dir.path()).unwrap();
