@@ -386,9 +386,15 @@ impl Client {
                 a.get_node_info(r).await
             })
             .await?;
+        // The cluster answers once the node has caught up: copying a large state takes
+        // minutes, not the default 30 s (the node allows up to 300 s).
+        let timeout = self.timeout.max(Duration::from_secs(330));
         self.admin_call(
             pb::AddNodeRequest { node: Some(info) },
-            |mut a, r| async move { a.add_node(r).await },
+            move |mut a, mut r| async move {
+                r.set_timeout(timeout);
+                a.add_node(r).await
+            },
         )
         .await
     }

@@ -65,6 +65,10 @@ impl Entropy for OsEntropy {
     }
 }
 
+/// How long a joining node may take to catch up (install a snapshot of the whole state and the
+/// log after it) before the join is refused. A million leases take tens of seconds here.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
+
 /// What a follower hands to the leader over the cluster listener. Built once per request and
 /// serialised at once, so the size of the largest variant costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
@@ -639,7 +643,13 @@ impl Node {
     /// A forward is retried only when it certainly did not execute (not the leader, or the
     /// connection was refused); any other failure is reported, since the write may have landed.
     pub async fn route(&self, call: Forwarded) -> Result<ForwardReply, Error> {
-        let deadline = Instant::now() + self.request_timeout;
+        let budget = match call {
+            // A join returns once the new node has caught up, which takes as long as copying
+            // the state to it.
+            Forwarded::AddNode { .. } => CATCH_UP_LIMIT + self.request_timeout,
+            _ => self.request_timeout,
+        };
+        let deadline = Instant::now() + budget;
         loop {
             match self.current_leader() {
                 Some(leader) if leader == self.id => {
@@ -792,13 +802,13 @@ impl Node {
             }
         }
         // Catch-up (from the log or a snapshot) happens here, before it may vote.
-        match tokio::time::timeout(
-            Duration::from_secs(120),
-            self.raft.add_learner(id, info, true),
-        )
-        .await
-        {
-            Err(_) => return fail(format!("node {id} did not catch up within 120 s")),
+        match tokio::time::timeout(CATCH_UP_LIMIT, self.raft.add_learner(id, info, true)).await {
+            Err(_) => {
+                return fail(format!(
+                    "node {id} did not catch up within {} s",
+                    CATCH_UP_LIMIT.as_secs()
+                ))
+            }
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                 return LeaderAttempt::NotLeader
             }

@@ -27,15 +27,18 @@ struct Settings {
 }
 
 impl Settings {
-    fn bench_args<'a>(&'a self, workload: &'a str, concurrency: &'a str) -> Vec<&'a str> {
-        vec![
+    /// `earlier`: this target's reports so far (issue runs first). A revocation consumes a
+    /// lease, so the revoke run gets a pool sized from the issue rate just measured: enough
+    /// that no revocation has to issue its own lease, whose time would count as its latency.
+    fn bench_args(&self, workload: &str, earlier: &[Value]) -> Vec<String> {
+        let mut args: Vec<String> = [
             "--output",
             "json",
             "bench",
             "--workload",
             workload,
             "--concurrency",
-            concurrency,
+            &self.concurrency.to_string(),
             "--duration",
             &self.duration,
             "--warmup",
@@ -43,6 +46,32 @@ impl Settings {
             "--ttl-s",
             "600",
         ]
+        .map(String::from)
+        .to_vec();
+        if workload == "revoke" {
+            let issue_per_s = earlier
+                .first()
+                .and_then(|r| r["operations"]["issue"]["throughput_per_s"].as_f64())
+                .unwrap_or(0.0);
+            let run_s = seconds(&self.duration) + seconds(&self.warmup);
+            let pool = (issue_per_s * run_s * 2.0).clamp(2_000.0, 300_000.0) as u64;
+            args.extend(["--pool".to_string(), pool.to_string()]);
+        }
+        args
+    }
+}
+
+/// Seconds in a duration flag such as `20s`, `2m` or `500ms` (60 if unreadable: the pool it
+/// sizes then errs on the large side).
+fn seconds(flag: &str) -> f64 {
+    let (number, unit) =
+        flag.split_at(flag.find(|c: char| c.is_alphabetic()).unwrap_or(flag.len()));
+    let n: f64 = number.trim().parse().unwrap_or(60.0);
+    match unit {
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => n,
     }
 }
 
@@ -61,15 +90,15 @@ pub async fn run(flags: &Flags) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let concurrency = settings.concurrency.to_string();
 
     eprintln!("harness: starting a 3-node OpenBao cluster ({bao_version})");
     let mut bao = OpenBaoCluster::start(&bao_bin, &dir.join("openbao"), 3).await?;
     let mut bao_results = Vec::new();
     for (workload, _) in WORKLOADS {
         eprintln!("harness: OpenBao {workload}");
-        let mut args = settings.bench_args(workload, &concurrency);
-        args.extend(["--target", "openbao"]);
+        let mut args = settings.bench_args(workload, &bao_results);
+        args.extend(["--target".to_string(), "openbao".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         bao_results.push(run_bench(&args, &bao)?);
     }
     let bao_failover = if flags.has("skip-failover") {
@@ -102,7 +131,9 @@ pub async fn run(flags: &Flags) -> Result<()> {
     let mut eph_results = Vec::new();
     for (workload, _) in WORKLOADS {
         eprintln!("harness: Ephemera {workload}");
-        let out = eph.cli("workload", &settings.bench_args(workload, &concurrency))?;
+        let args = settings.bench_args(workload, &eph_results);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = eph.cli("workload", &args)?;
         eph_results.push(serde_json::from_str::<Value>(&out).context("bench report")?);
     }
     let eph_failover = if flags.has("skip-failover") {
