@@ -89,6 +89,11 @@ pub async fn run(flags: &Flags) -> Result<()> {
                           "rss_mib": rss as f64 / MIB, "peak_rss_mib": peak as f64 / MIB}));
     }
 
+    eprintln!(
+        "harness: disk and memory per node: {}",
+        Value::Array(nodes.clone())
+    );
+
     // A follower killed with -9 and started again, until it answers an introspection itself.
     let leader = eph.leader().await?;
     let restarted_id = (1..=3u64).find(|id| *id != leader).expect("a follower");
