@@ -86,10 +86,7 @@ pub fn open(dir: &Path) -> Result<(SledLogStore, SledStateMachine), OpenError> {
             .applied_state()
             .map_err(|e| OpenError(e.to_string()))?;
         if meta.last_log_id > applied {
-            let file = read_snapshot_file(&sm.snapshot_path())
-                .map_err(|e| OpenError(format!("snapshot file: {e}")))?
-                .ok_or_else(|| OpenError("the snapshot file vanished".into()))?;
-            sm.restore(&file)
+            sm.restore_from(&sm.snapshot_path())
                 .map_err(|e| OpenError(format!("restoring from the snapshot file: {e}")))?;
         }
         *sm.snapshots.current.lock().expect("snapshot lock") = meta.last_log_id;
@@ -434,17 +431,67 @@ impl SnapshotSlot {
             w.flush()?;
         }
         written.sync_all()?;
-        let newer = *self.current.lock().expect("snapshot lock") < file.meta.last_log_id;
-        if newer {
-            std::fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            *self.current.lock().expect("snapshot lock") = file.meta.last_log_id;
-        } else {
+        let newer = self.adopt(&tmp, file.meta.last_log_id)?;
+        if !newer {
             std::fs::remove_file(&tmp)?;
         }
         Ok((newer, written))
+    }
+
+    /// Makes the durable file at `tmp` the snapshot file if it covers more of the log than the
+    /// current one; returns whether it did (if not, `tmp` is left in place).
+    fn adopt(&self, tmp: &Path, last_log_id: Option<LogId<NodeId>>) -> std::io::Result<bool> {
+        let mut current = self.current.lock().expect("snapshot lock");
+        if *current >= last_log_id {
+            return Ok(false);
+        }
+        std::fs::rename(tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *current = last_log_id;
+        Ok(true)
+    }
+
+    /// Copies a received snapshot file durably, checking that its header is `meta`, and adopts
+    /// it if newer. Returns the path now holding it: the snapshot file, or a temporary file the
+    /// caller removes.
+    fn publish_received(
+        &self,
+        received: &mut std::fs::File,
+        meta: &Meta,
+    ) -> Result<PathBuf, String> {
+        let tmp = {
+            let mut seq = self.seq.lock().expect("snapshot writer lock");
+            *seq += 1;
+            self.path.with_extension(format!("{}.tmp", *seq))
+        };
+        received
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| e.to_string())?;
+        let header = read_header(received)?;
+        if header != *meta {
+            return Err(format!(
+                "the received snapshot file is {}, not the announced {}",
+                header.snapshot_id, meta.snapshot_id
+            ));
+        }
+        received
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| e.to_string())?;
+        let io = |e: std::io::Error| e.to_string();
+        let copy = std::fs::File::create(&tmp).map_err(io)?;
+        {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &copy);
+            std::io::copy(received, &mut w).map_err(io)?;
+            w.flush().map_err(io)?;
+        }
+        copy.sync_all().map_err(io)?;
+        if self.adopt(&tmp, meta.last_log_id).map_err(io)? {
+            Ok(self.path.clone())
+        } else {
+            Ok(tmp)
+        }
     }
 
     /// An anonymous file for a snapshot being received: its name is removed at once, so an
@@ -490,27 +537,74 @@ impl SledStateMachine {
         self.snapshots.path.clone()
     }
 
-    /// Replaces the whole state with a snapshot's, atomically, and makes it durable.
-    fn restore(&self, file: &SnapshotFile) -> StorageResult<()> {
-        let pairs: KvPairs = decode(&file.data).map_err(|e| snapshot_err(Some(&file.meta), e))?;
-        let mut batch = sled::Batch::default();
-        {
-            let mut window = self.copies.window.lock().expect("copy window");
-            if window.before.is_some() {
-                window.replaced = true;
-            }
-            for k in self.view.tree.iter().keys() {
-                batch.remove(k.map_err(write_sm_err)?);
-            }
-            for (k, v) in pairs {
-                batch.insert(k, v);
-            }
-            // The snapshot's own bookkeeping is authoritative for what it covers.
-            batch.insert(KEY_LAST_APPLIED, encode(&file.meta.last_log_id));
-            batch.insert(KEY_MEMBERSHIP, encode(&file.meta.last_membership));
-            self.view.tree.apply_batch(batch).map_err(write_sm_err)?;
+    /// Replaces the whole state with the snapshot in the file at `path`, streaming it in
+    /// batches (a million leases do not fit in one batch's memory), and makes it durable. Not
+    /// atomic, but safe: the applied log id is removed first and written last, so a crash in
+    /// between leaves the state behind the snapshot file and `open` restores it again.
+    fn restore_from(&self, path: &Path) -> StorageResult<()> {
+        /// The snapshot file's layout (bincode): the meta, the length of the encoded state,
+        /// then the state: a count of pairs and the pairs.
+        #[derive(Deserialize)]
+        struct Header {
+            meta: Meta,
+            _encoded_len: u64,
+            pairs: u64,
         }
-        self.db.flush().map_err(write_sm_err)?;
+        const BATCH: usize = 10_000;
+        let f = std::fs::File::open(path).map_err(|e| snapshot_err(None, e))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, f);
+        let header: Header =
+            bincode::deserialize_from(&mut reader).map_err(|e| snapshot_err(None, e))?;
+        let meta = header.meta;
+        let failed =
+            |e: &dyn std::fmt::Display| snapshot_err(Some(&meta), StoreError(e.to_string()));
+        let tree = &self.view.tree;
+        let mut window = self.copies.window.lock().expect("copy window");
+        if window.before.is_some() {
+            window.replaced = true;
+        }
+        tree.remove(KEY_LAST_APPLIED).map_err(|e| failed(&e))?;
+        loop {
+            let keys: Vec<sled::IVec> = tree
+                .iter()
+                .keys()
+                .take(BATCH)
+                .collect::<Result<_, _>>()
+                .map_err(|e| failed(&e))?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for k in keys {
+                batch.remove(k);
+            }
+            tree.apply_batch(batch).map_err(|e| failed(&e))?;
+        }
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for _ in 0..header.pairs {
+            let (k, v): (Vec<u8>, Vec<u8>) =
+                bincode::deserialize_from(&mut reader).map_err(|e| failed(&e))?;
+            // The snapshot's own bookkeeping goes in last.
+            if k == KEY_LAST_APPLIED || k == KEY_MEMBERSHIP {
+                continue;
+            }
+            batch.insert(k, v);
+            in_batch += 1;
+            if in_batch == BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(|e| failed(&e))?;
+                in_batch = 0;
+            }
+        }
+        tree.apply_batch(batch).map_err(|e| failed(&e))?;
+        self.db.flush().map_err(|e| failed(&e))?;
+        let mut last = sled::Batch::default();
+        last.insert(KEY_LAST_APPLIED, encode(&meta.last_log_id));
+        last.insert(KEY_MEMBERSHIP, encode(&meta.last_membership));
+        tree.apply_batch(last).map_err(|e| failed(&e))?;
+        drop(window);
+        self.db.flush().map_err(|e| failed(&e))?;
         Ok(())
     }
 }
@@ -529,14 +623,6 @@ fn read_header(f: &std::fs::File) -> Result<SnapshotMeta<NodeId, NodeInfo>, Stri
 fn read_snapshot_meta(path: &Path) -> Result<Option<SnapshotMeta<NodeId, NodeInfo>>, String> {
     match std::fs::File::open(path) {
         Ok(f) => read_header(&f).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotFile>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => decode(&bytes).map(Some).map_err(|e| e.to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.to_string()),
     }
@@ -696,41 +782,26 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        meta: &Meta,
         snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         // The data is a whole snapshot file, as the leader's `get_current_snapshot` sent it.
-        let mut received = *snapshot;
-        let mut bytes = Vec::new();
-        received
-            .seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| snapshot_err(Some(meta), e))?;
-        received
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| snapshot_err(Some(meta), e))?;
-        drop(received);
-        let file: SnapshotFile = decode(&bytes).map_err(|e| snapshot_err(Some(meta), e))?;
-        drop(bytes);
-        if file.meta != *meta {
-            return Err(snapshot_err(
-                Some(meta),
-                StoreError(format!(
-                    "the received snapshot file is {}, not the announced {}",
-                    file.meta.snapshot_id, meta.snapshot_id
-                )),
-            ));
-        }
         // The file first: if we crash before the state is replaced, `open` restores the state
         // from the file, so the state never lags a log that openraft has purged.
+        let mut received = snapshot.into_std().await;
         let snapshots = self.snapshots.clone();
-        let file = tokio::task::spawn_blocking(move || snapshots.publish(&file).map(|_| file))
-            .await
-            .map_err(|e| snapshot_err(Some(meta), e))?
-            .map_err(|e| snapshot_err(Some(meta), e))?;
-        self.restore(&file)
+        let owned_meta = meta.clone();
+        let path = tokio::task::spawn_blocking(move || {
+            snapshots.publish_received(&mut received, &owned_meta)
+        })
+        .await
+        .map_err(|e| snapshot_err(Some(meta), e))?
+        .map_err(|e| snapshot_err(Some(meta), StoreError(e)))?;
+        let restored = self.restore_from(&path);
+        if path != self.snapshot_path() {
+            let _ = std::fs::remove_file(&path);
+        }
+        restored
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
@@ -865,6 +936,9 @@ mod tests {
     fn an_install_during_a_copy_voids_it() {
         let dir = TempDir::new().unwrap();
         let (_log, sm) = open(dir.path()).unwrap();
+        sm.copies
+            .write(&sm.view.tree, vec![put("old", "1")])
+            .unwrap();
         sm.copies.begin(&sm.view).unwrap();
         let file = SnapshotFile {
             meta: SnapshotMeta {
@@ -872,10 +946,20 @@ mod tests {
                 last_membership: StoredMembership::default(),
                 snapshot_id: "1-7-1".into(),
             },
-            data: encode(&pairs(&[("role/web", "v")])),
+            data: encode(&vec![
+                (b"role/web".to_vec(), b"v".to_vec()),
+                (KEY_LAST_APPLIED.to_vec(), encode(&None::<LogId<NodeId>>)),
+            ]),
         };
-        sm.restore(&file).unwrap();
+        let path = dir.path().join("incoming.bin");
+        std::fs::write(&path, encode(&file)).unwrap();
+        sm.restore_from(&path).unwrap();
         assert!(sm.copies.end().is_none());
+        // The state is the snapshot's: the key written before is gone, and the applied log id
+        // is the file's, not the stale one inside its pairs.
+        assert_eq!(sm.view.get(b"old").unwrap(), None);
+        assert_eq!(sm.view.get(b"role/web").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(sm.view.applied_state().unwrap().0, file.meta.last_log_id);
         sm.copies.begin(&sm.view).unwrap();
         assert_eq!(sm.copies.end(), Some(PreImages::new()));
     }
