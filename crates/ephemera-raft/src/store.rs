@@ -400,29 +400,37 @@ fn as_of_start(read: KvPairs, before: PreImages) -> KvPairs {
 }
 
 /// The one snapshot file. Builds and installs may run at once (openraft spawns builds), so
-/// writers take turns, each through its own temporary file, and an older snapshot never
-/// replaces a newer one.
+/// each writer works in its own temporary file, and an older snapshot never replaces a newer
+/// one (`adopt` decides under `current`).
 struct SnapshotSlot {
     path: PathBuf,
     current: Mutex<Option<LogId<NodeId>>>,
-    /// Serialises writers and names their temporary files.
+    /// Names temporary files (and numbers snapshot ids).
     seq: Mutex<u64>,
 }
 
 impl SnapshotSlot {
-    /// Writes `file` durably and makes it the snapshot file if it is newer than the current one;
-    /// returns whether it did, and the written file (open for reading, even if it was not
-    /// kept).
-    fn publish(&self, file: &SnapshotFile) -> std::io::Result<(bool, std::fs::File)> {
-        let mut seq = self.seq.lock().expect("snapshot writer lock");
-        *seq += 1;
-        let tmp = self.path.with_extension(format!("{}.tmp", *seq));
-        let written = std::fs::OpenOptions::new()
+    /// A new temporary file beside the snapshot file, open for reading and writing.
+    fn temp_file(&self, kind: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+        let path = {
+            let mut seq = self.seq.lock().expect("snapshot seq lock");
+            *seq += 1;
+            self.path.with_extension(format!("{}.{kind}", *seq))
+        };
+        let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
+            .open(&path)?;
+        Ok((path, f))
+    }
+
+    /// Writes `file` durably and makes it the snapshot file if it is newer than the current one;
+    /// returns whether it did, and the written file (open for reading, even if it was not
+    /// kept).
+    fn publish(&self, file: &SnapshotFile) -> std::io::Result<(bool, std::fs::File)> {
+        let (tmp, written) = self.temp_file("tmp")?;
         {
             // Streamed: the state can be gigabytes, and a second in-memory copy of it is not
             // needed to write it.
@@ -461,11 +469,6 @@ impl SnapshotSlot {
         received: &mut std::fs::File,
         meta: &Meta,
     ) -> Result<PathBuf, String> {
-        let tmp = {
-            let mut seq = self.seq.lock().expect("snapshot writer lock");
-            *seq += 1;
-            self.path.with_extension(format!("{}.tmp", *seq))
-        };
         received
             .seek(std::io::SeekFrom::Start(0))
             .map_err(|e| e.to_string())?;
@@ -480,7 +483,7 @@ impl SnapshotSlot {
             .seek(std::io::SeekFrom::Start(0))
             .map_err(|e| e.to_string())?;
         let io = |e: std::io::Error| e.to_string();
-        let copy = std::fs::File::create(&tmp).map_err(io)?;
+        let (tmp, copy) = self.temp_file("tmp").map_err(io)?;
         {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &copy);
             std::io::copy(received, &mut w).map_err(io)?;
@@ -497,15 +500,7 @@ impl SnapshotSlot {
     /// An anonymous file for a snapshot being received: its name is removed at once, so an
     /// interrupted transfer leaves nothing behind.
     fn receiving_file(&self) -> std::io::Result<std::fs::File> {
-        let mut seq = self.seq.lock().expect("snapshot writer lock");
-        *seq += 1;
-        let path = self.path.with_extension(format!("{}.recv", *seq));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let (path, f) = self.temp_file("recv")?;
         std::fs::remove_file(&path)?;
         Ok(f)
     }
@@ -524,7 +519,7 @@ impl SnapshotSlot {
     }
 
     fn next_id(&self) -> u64 {
-        *self.seq.lock().expect("snapshot writer lock") + 1
+        *self.seq.lock().expect("snapshot seq lock") + 1
     }
 }
 
@@ -610,17 +605,17 @@ impl SledStateMachine {
 }
 
 /// The `meta` of a snapshot file, read without its data (bincode writes fields in order).
-fn read_header(f: &std::fs::File) -> Result<SnapshotMeta<NodeId, NodeInfo>, String> {
+fn read_header(f: &std::fs::File) -> Result<Meta, String> {
     #[derive(Deserialize)]
     struct Header {
-        meta: SnapshotMeta<NodeId, NodeInfo>,
+        meta: Meta,
     }
     bincode::deserialize_from::<_, Header>(std::io::BufReader::new(f))
         .map(|h| h.meta)
         .map_err(|e| e.to_string())
 }
 
-fn read_snapshot_meta(path: &Path) -> Result<Option<SnapshotMeta<NodeId, NodeInfo>>, String> {
+fn read_snapshot_meta(path: &Path) -> Result<Option<Meta>, String> {
     match std::fs::File::open(path) {
         Ok(f) => read_header(&f).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -48,30 +48,17 @@ impl Settings {
         ]
         .map(String::from)
         .to_vec();
-        if workload == "revoke" {
-            let issue_per_s = earlier
-                .first()
-                .and_then(|r| r["operations"]["issue"]["throughput_per_s"].as_f64())
+        if let Some(issue) = earlier.first().filter(|_| workload == "revoke") {
+            // The issue run had the same duration and warm-up as this one will.
+            let run_s = issue["measured_s"].as_f64().unwrap_or(0.0)
+                + issue["warmup_s"].as_f64().unwrap_or(0.0);
+            let issue_per_s = issue["operations"]["issue"]["throughput_per_s"]
+                .as_f64()
                 .unwrap_or(0.0);
-            let run_s = seconds(&self.duration) + seconds(&self.warmup);
             let pool = (issue_per_s * run_s * 2.0).clamp(2_000.0, 300_000.0) as u64;
             args.extend(["--pool".to_string(), pool.to_string()]);
         }
         args
-    }
-}
-
-/// Seconds in a duration flag such as `20s`, `2m` or `500ms` (60 if unreadable: the pool it
-/// sizes then errs on the large side).
-fn seconds(flag: &str) -> f64 {
-    let (number, unit) =
-        flag.split_at(flag.find(|c: char| c.is_alphabetic()).unwrap_or(flag.len()));
-    let n: f64 = number.trim().parse().unwrap_or(60.0);
-    match unit {
-        "ms" => n / 1000.0,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => n,
     }
 }
 
