@@ -668,7 +668,7 @@ fn no_private_key_in_the_clear_in_any_data_directory() {
         let c = cluster.client();
         put_role(&c, "web", 600, 3600).await;
         for _ in 0..3 {
-            c.admin_call(pb::RotateKeyRequest {}, |mut a, r| async move {
+            c.admin_call(pb::RotateKeyRequest::default(), |mut a, r| async move {
                 a.rotate_key(r).await
             })
             .await

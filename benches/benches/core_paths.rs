@@ -10,11 +10,12 @@ use criterion::Criterion;
 use ephemera_core::audit::AuditRecord;
 use ephemera_core::command::{stamp, Command, Entropy, Intent, IssueIntent, Proposal};
 use ephemera_core::crypto::Kek;
+use ephemera_core::kind::{jwt, Grant, KindRequest, RoleSpec};
 use ephemera_core::kv::{MemKv, Overlay};
 use ephemera_core::policy::PolicyStamp;
 use ephemera_core::state;
 use ephemera_core::token::{self, Claims};
-use ephemera_core::types::{CredentialKind, Lease, LeaseState, Principal, Role};
+use ephemera_core::types::{Lease, LeaseState, Principal, Role};
 
 /// Deterministic entropy (a benchmark needs no real randomness).
 struct Counter(u64);
@@ -56,9 +57,10 @@ fn issue_fixture() -> (MemKv, Command) {
         Principal::bootstrap_admin(),
         Intent::PutRole(Role {
             name: "web".into(),
-            kind: CredentialKind::Jwt,
-            audience: "api".into(),
-            allowed_scopes: vec!["read".into(), "write".into()],
+            spec: RoleSpec::Jwt(jwt::Spec {
+                audience: "api".into(),
+                allowed_scopes: vec!["read".into(), "write".into()],
+            }),
             default_ttl_s: 600,
             max_ttl_s: 3600,
             environment: None,
@@ -80,8 +82,12 @@ fn issue_fixture() -> (MemKv, Command) {
         role: "web".into(),
         subject: None,
         ttl_s: Some(600),
-        scopes: vec!["read".into()],
-        audience: None,
+        request: KindRequest::Jwt(jwt::Request {
+            scopes: vec!["read".into()],
+            audience: None,
+        }),
+        join_token_hash: None,
+        supersedes: None,
         purpose: None,
         context: Default::default(),
         policy: Some(PolicyStamp {
@@ -107,12 +113,10 @@ fn lease() -> Lease {
     Lease {
         id: "l_0123456789abcdef0123456789abcdef".into(),
         role: "web".into(),
-        kind: CredentialKind::Jwt,
         subject: "spiffe://example.org/ns/prod/sa/web".into(),
         client_id: "spiffe://example.org/ns/prod/sa/web".into(),
-        audience: "api".into(),
-        scopes: vec!["read".into()],
         purpose: None,
+        parent: None,
         ttl_s: 600,
         issued_at_ms: NOW,
         minted_at_ms: NOW,
@@ -122,7 +126,10 @@ fn lease() -> Lease {
         kid: "k1".into(),
         renewals: 0,
         state: LeaseState::Active,
-        csr_der: None,
+        grant: Grant::Jwt(jwt::Grant {
+            audience: "api".into(),
+            scopes: vec!["read".into()],
+        }),
     }
 }
 

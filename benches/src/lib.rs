@@ -4,7 +4,7 @@
 pub mod policy_fixture {
     use std::collections::BTreeMap;
 
-    use ephemera_core::types::{AuthMethod, CredentialKind, Principal, Role};
+    use ephemera_core::types::{AuthMethod, Principal, Role};
 
     pub const GITHUB: &str = "https://token.actions.githubusercontent.com";
 
@@ -88,6 +88,7 @@ permit (principal is Ephemera::Admin, action, resource);
         ephemera_policy::WorkloadContext {
             ttl_s: 600,
             scopes,
+            principals: &[],
             audience: "https://deploy.acme.internal",
             source_ip: Some([10, 20, 1, 2].into()),
             environment: "",
@@ -101,9 +102,10 @@ permit (principal is Ephemera::Admin, action, resource);
     pub fn deploy_role() -> Role {
         Role {
             name: "ci-deploy".into(),
-            kind: CredentialKind::Jwt,
-            audience: "https://deploy.acme.internal".into(),
-            allowed_scopes: vec!["deploy:staging".into(), "deploy:production".into()],
+            spec: ephemera_core::kind::RoleSpec::Jwt(ephemera_core::kind::jwt::Spec {
+                audience: "https://deploy.acme.internal".into(),
+                allowed_scopes: vec!["deploy:staging".into(), "deploy:production".into()],
+            }),
             default_ttl_s: 600,
             max_ttl_s: 3600,
             environment: Some("prod".into()),

@@ -68,6 +68,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Policy(p) => crate::policy::run(&cli, p).await,
         Command::Quarantine(q) => quarantine(&cli, q).await,
         Command::Bench(b) => crate::bench::run(&cli, b).await,
+        Command::Ssh(s) => crate::ssh::run(&cli, s).await,
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;
@@ -82,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     subject: a.subject.clone(),
                     environment: a.context.environment.clone(),
                     job_id: a.context.job_id.clone(),
+                    kind: None,
                 })
                 .await?;
             print_credential(cli.output, &cred);
@@ -382,7 +384,8 @@ fn lease_json(l: &pb::Lease) -> Value {
         "issued_at": fmt_time(l.issued_at_ms), "expires_at": fmt_time(l.expires_at_ms),
         "expires_at_ms": l.expires_at_ms, "max_expires_at": fmt_time(l.max_expires_at_ms),
         "max_expires_at_ms": l.max_expires_at_ms, "renew_after": fmt_time(l.renew_after_ms),
-        "kid": l.kid, "renewals": l.renewals, "ttl_s": l.ttl_s,
+        "kid": l.kid, "renewals": l.renewals, "ttl_s": l.ttl_s, "kind": l.kind,
+        "principals": l.principals, "serial": l.serial,
     })
 }
 
@@ -392,7 +395,9 @@ fn role_json(r: &pb::Role) -> Value {
            "target": r.target, "revoke_on_renewal_denied": r.revoke_on_renewal_denied,
            "issue_rate_per_identity": r.issue_rate_per_identity, "issue_rate": r.issue_rate,
            "max_live_leases_per_identity": r.max_live_leases_per_identity,
-           "max_live_leases": r.max_live_leases})
+           "max_live_leases": r.max_live_leases, "principals": r.principals,
+           "extensions": r.extensions, "critical_options": r.critical_options,
+           "host_domains": r.host_domains, "allow_subdomains": r.allow_subdomains})
 }
 
 async fn quarantine(cli: &Cli, cmd: &crate::QuarantineCmd) -> Result<()> {
@@ -449,15 +454,29 @@ async fn quarantine(cli: &Cli, cmd: &crate::QuarantineCmd) -> Result<()> {
 }
 
 fn role_text(r: &pb::Role) -> String {
-    let mut text = format!(
-        "{}: kind={} audience={} scopes={} ttl={}s max_ttl={}s",
-        r.name,
-        r.kind,
-        r.audience,
-        r.allowed_scopes.join(","),
-        r.default_ttl_s,
-        r.max_ttl_s
-    );
+    let mut text = format!("{}: kind={}", r.name, r.kind);
+    // Each kind's own fields.
+    for (label, values) in [
+        ("scopes", &r.allowed_scopes),
+        ("principals", &r.principals),
+        ("extensions", &r.extensions),
+        ("critical_options", &r.critical_options),
+        ("host_domains", &r.host_domains),
+    ] {
+        if !values.is_empty() {
+            text.push_str(&format!(" {label}={}", values.join(",")));
+        }
+    }
+    if !r.audience.is_empty() {
+        text.push_str(&format!(" audience={}", r.audience));
+    }
+    if r.allow_subdomains {
+        text.push_str(" allow_subdomains");
+    }
+    text.push_str(&format!(
+        " ttl={}s max_ttl={}s",
+        r.default_ttl_s, r.max_ttl_s
+    ));
     for (label, value) in [("environment", &r.environment), ("target", &r.target)] {
         if let Some(v) = value {
             text.push_str(&format!(" {label}={v}"));
@@ -608,6 +627,11 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
             kind,
             audience,
             scopes,
+            principals,
+            extensions,
+            critical_options,
+            host_domains,
+            allow_subdomains,
             ttl,
             max_ttl,
             environment,
@@ -621,8 +645,13 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
             let role = pb::Role {
                 name: name.clone(),
                 kind: kind.clone(),
-                audience: audience.clone(),
-                allowed_scopes: split_list(&Some(scopes.clone())),
+                audience: audience.clone().unwrap_or_default(),
+                allowed_scopes: split_list(scopes),
+                principals: split_list(principals),
+                extensions: split_list(extensions),
+                critical_options: split_list(critical_options),
+                host_domains: split_list(host_domains),
+                allow_subdomains: *allow_subdomains,
                 default_ttl_s: parse_duration_s(ttl).context("--ttl")?,
                 max_ttl_s: parse_duration_s(max_ttl).context("--max-ttl")?,
                 environment: environment.clone(),
@@ -689,7 +718,8 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
                 .keys
                 .iter()
                 .map(|k| {
-                    json!({"kid": k.kid, "status": k.status, "published": k.published,
+                    json!({"kid": k.kid, "purpose": k.purpose, "status": k.status,
+                           "published": k.published, "public_key": k.public_key,
                            "created_at": fmt_time(k.created_at_ms),
                            "max_token_expiry": fmt_time(k.max_token_expiry_ms)})
                 })
@@ -712,16 +742,24 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
                 s
             });
         }
-        KeysCmd::Rotate => {
+        KeysCmd::Rotate { key } => {
             let k = c
-                .admin_call(pb::RotateKeyRequest {}, |mut a, r| async move {
-                    a.rotate_key(r).await
-                })
+                .admin_call(
+                    pb::RotateKeyRequest { key: key.clone() },
+                    |mut a, r| async move { a.rotate_key(r).await },
+                )
                 .await?;
             print(
                 cli.output,
-                json!({"kid": k.kid, "status": k.status}),
-                || format!("new active signing key {}", k.kid),
+                json!({"kid": k.kid, "status": k.status, "purpose": k.purpose,
+                       "public_key": k.public_key}),
+                || match k.purpose.as_str() {
+                    "ssh-ca" => format!(
+                        "new active SSH CA key {}; add it to TrustedUserCAKeys:\n{}",
+                        k.kid, k.public_key
+                    ),
+                    _ => format!("new active signing key {}", k.kid),
+                },
             );
         }
     }

@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod dev;
 mod policy;
+mod ssh;
 mod util;
 
 use std::path::PathBuf;
@@ -105,6 +106,9 @@ pub enum Command {
     /// X.509-SVIDs issued by the cluster CA.
     #[command(subcommand)]
     Svid(SvidCmd),
+    /// OpenSSH certificates signed by the cluster's SSH CA, and its revocation list.
+    #[command(subcommand)]
+    Ssh(SshCmd),
     /// Cedar policies: who may obtain which role, in which context (see README, "Policy").
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -339,15 +343,35 @@ pub enum ClusterCmd {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum RoleCmd {
+    /// Define a role; each kind takes its own flags (a flag of another kind is refused).
     Put {
         name: String,
+        /// jwt, x509-svid, ssh-user or ssh-host.
         #[arg(long, default_value = "jwt")]
         kind: String,
+        /// jwt: the audience of every token.
         #[arg(long)]
-        audience: String,
-        /// Allowed scopes, comma-separated.
+        audience: Option<String>,
+        /// jwt: allowed scopes, comma-separated.
         #[arg(long)]
-        scopes: String,
+        scopes: Option<String>,
+        /// ssh-user: the principals (login names) certificates may carry, comma-separated
+        /// (none: no one may log in with them).
+        #[arg(long)]
+        principals: Option<String>,
+        /// ssh-user: extensions certificates may carry, e.g. permit-pty,permit-port-forwarding.
+        #[arg(long)]
+        extensions: Option<String>,
+        /// ssh-user: critical options certificates may carry: force-command, source-address,
+        /// verify-required.
+        #[arg(long)]
+        critical_options: Option<String>,
+        /// ssh-host: the domains host names must be in, comma-separated.
+        #[arg(long)]
+        host_domains: Option<String>,
+        /// ssh-host: also names below the host domains.
+        #[arg(long)]
+        allow_subdomains: bool,
         /// Default TTL, e.g. 5m.
         #[arg(long)]
         ttl: String,
@@ -421,6 +445,55 @@ pub struct RevokeArgs {
 }
 
 #[derive(Subcommand)]
+pub enum SshCmd {
+    /// Have the cluster certify a public key (the private key never leaves this machine).
+    Sign {
+        /// An ssh-user or ssh-host role.
+        #[arg(long)]
+        role: String,
+        /// The OpenSSH public key file to certify (e.g. ~/.ssh/id_ed25519.pub).
+        #[arg(long)]
+        public_key: std::path::PathBuf,
+        /// Principals, comma-separated (ssh-user: default every principal of the role;
+        /// ssh-host: the host names, required).
+        #[arg(long)]
+        principals: Option<String>,
+        /// e.g. 5m; at most the role's max TTL.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Exactly these extensions, comma-separated (default: the role's).
+        #[arg(long)]
+        extensions: Option<String>,
+        /// NAME=VALUE, repeatable (force-command=..., source-address=10.0.0.0/8).
+        #[arg(long = "critical-option")]
+        critical_options: Vec<String>,
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Idempotency key: a retry with the same id returns the same certificate.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Where to write the certificate (default: beside the key, `NAME-cert.pub`).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Print the SSH CA public key line(s), for sshd's TrustedUserCAKeys or @cert-authority.
+    Ca {
+        /// The nodes' HTTP endpoints, comma-separated; tried in turn.
+        #[arg(long, env = "EPHEMERA_HTTP")]
+        http: String,
+    },
+    /// Fetch the current KRL (OpenSSH key revocation list) for sshd's RevokedKeys; the file is
+    /// replaced atomically.
+    Krl {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The nodes' HTTP endpoints, comma-separated; tried in turn.
+        #[arg(long, env = "EPHEMERA_HTTP")]
+        http: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum LeasesCmd {
     List {
         #[arg(long)]
@@ -441,7 +514,11 @@ pub enum LeasesCmd {
 pub enum KeysCmd {
     List,
     /// Make a new signing key active; old keys stay published until their tokens expire.
-    Rotate,
+    Rotate {
+        /// jwt (the token signing key) or ssh-ca (the SSH CA key).
+        #[arg(long, default_value = "jwt")]
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]

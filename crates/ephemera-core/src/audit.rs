@@ -41,6 +41,10 @@ pub struct AuditRecord {
     /// The runtime context the request was decided in (source address, environment, job id).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub context: std::collections::BTreeMap<String, String>,
+    /// What the credential's kind adds: its kind, an SSH certificate's principals, serial and
+    /// key id. Never secret.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub details: std::collections::BTreeMap<String, String>,
     pub prev_hash: String,
     pub hash: String,
 }

@@ -103,6 +103,14 @@ pub enum Error {
     Quarantined(String),
     #[error("this node's clock is {offset_ms} ms off the leader's (bound {bound_ms} ms); it does not issue until that is fixed")]
     ClockSkew { offset_ms: i64, bound_ms: u64 },
+    #[error("role {role:?} issues {role_kind} credentials, but the request is for {requested}")]
+    KindMismatch {
+        role: String,
+        role_kind: String,
+        requested: String,
+    },
+    #[error("lease {lease:?} cannot be renewed: {how}")]
+    NotRenewable { lease: String, how: String },
 }
 
 impl Error {
@@ -118,9 +126,11 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         use Error::*;
         match self {
-            InvalidArgument(_) | AudienceNotAllowed { .. } | TtlAboveCap { .. } => {
-                ErrorCode::InvalidArgument
-            }
+            InvalidArgument(_)
+            | AudienceNotAllowed { .. }
+            | TtlAboveCap { .. }
+            | KindMismatch { .. } => ErrorCode::InvalidArgument,
+            NotRenewable { .. } => ErrorCode::FailedPrecondition,
             UnknownRole(_) | LeaseNotFound(_) | KeyNotFound(_) => ErrorCode::NotFound,
             AlreadyInitialized | RequestIdConflict(_) => ErrorCode::AlreadyExists,
             LeaseRevoked(_)
@@ -186,6 +196,8 @@ impl Error {
             RenewalDeferred { .. } => "renewal_deferred",
             Quarantined(_) => "quarantined",
             ClockSkew { .. } => "clock_skew",
+            KindMismatch { .. } => "kind_mismatch",
+            NotRenewable { .. } => "not_renewable",
         }
     }
 }

@@ -535,18 +535,20 @@ impl AnomalyDetector {
     }
 }
 
-/// Whether a request asks for the most a role gives: all its scopes, or its maximum TTL.
+/// Whether a request asks for the most a role gives: everything it grants (all of a JWT
+/// role's scopes, all of an SSH role's principals), or its maximum TTL.
 pub fn is_widest_request(
-    requested_scopes: &[String],
+    request: &crate::kind::KindRequest,
     requested_ttl_s: Option<u64>,
     role: &crate::types::Role,
 ) -> bool {
-    let all_scopes = !role.allowed_scopes.is_empty()
-        && role
-            .allowed_scopes
-            .iter()
-            .all(|s| requested_scopes.contains(s));
-    all_scopes || requested_ttl_s == Some(role.max_ttl_s)
+    let (allowed, asked) = (role.spec.cedar(), role.spec.cedar_request(request));
+    let all_of = |allowed: &[String], asked: &[String]| {
+        !allowed.is_empty() && allowed.iter().all(|s| asked.contains(s))
+    };
+    all_of(allowed.scopes, asked.scopes)
+        || all_of(allowed.principals, asked.principals)
+        || requested_ttl_s == Some(role.max_ttl_s)
 }
 
 #[cfg(test)]

@@ -15,14 +15,15 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditRecord, GENESIS_HASH};
 use crate::command::{
     intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, PolicyDenial,
-    RenewIntent, RequestContext, RevokeTarget, SvidIntent,
+    RenewIntent, RequestContext, RevokeTarget,
 };
 use crate::error::{Error, StorageError};
+use crate::kind::{CredentialKind, GrantContext, KindStamp, Renewal, Signer, SignerKind};
 use crate::kv::{prefix_end, KvRead, Overlay};
 use crate::policy::{PolicyGovernance, PolicyProposal, PolicyStamp, PolicyVersion, ProposalState};
 use crate::types::{
-    ClusterCa, CredentialKind, JoinToken, KeyState, Lease, LeaseState, Principal, Role,
-    SigningKeyRecord, SVID_DEFAULT_TTL_S, SVID_MAX_TTL_S, SVID_ROLE,
+    AuthMethod, ClusterCa, JoinToken, KeyState, Lease, LeaseState, Principal, Role,
+    SigningKeyRecord, SVID_ROLE,
 };
 
 const META_TIME: &[u8] = b"meta/time";
@@ -31,6 +32,11 @@ const META_ISSUER: &[u8] = b"meta/issuer";
 const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
 const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
 const META_CA: &[u8] = b"meta/ca";
+const META_ACTIVE_SSH_CA: &[u8] = b"meta/active_ssh_ca";
+/// The last SSH certificate serial handed out (serials start at 1).
+const META_SSH_SERIAL: &[u8] = b"meta/ssh_serial";
+/// Bumped by every change of what the KRL says (`krl_version`).
+const META_KRL_VERSION: &[u8] = b"meta/krl_version";
 const META_POLICY_VERSION: &[u8] = b"meta/policy_version";
 const META_POLICY_GOVERNANCE: &[u8] = b"meta/policy_governance";
 const PFX_POLICY_VERSION: &str = "pol/v/";
@@ -42,6 +48,10 @@ const PFX_ASSERTION: &str = "aj/";
 const PFX_ROLE: &str = "role/";
 const PFX_LEASE: &str = "lease/";
 const PFX_KEY: &str = "key/";
+const PFX_SSH_CA: &str = "sshca/";
+/// Revoked SSH certificates not yet past `valid_before`: `ix/sshrev/{valid_before_s:016x}/
+/// {serial:016x}` → the CA key id. The KRL is built from it.
+const PFX_SSH_REVOKED: &str = "ix/sshrev/";
 const PFX_DEADLINE: &str = "ix/dl/";
 const PFX_SUBJECT: &str = "ix/sub/";
 const PFX_ROLE_IX: &str = "ix/role/";
@@ -53,7 +63,7 @@ const PFX_AUDIT: &str = "audit/r/";
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
     "aj/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/", "req/",
-    "role/",
+    "role/", "sshca/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -85,6 +95,29 @@ fn get<T: DeserializeOwned>(
     }
 }
 
+/// Leases and roles are stored in the versioned layout (see [`crate::legacy`]).
+fn load_lease(kv: &(impl KvRead + ?Sized), id: &str) -> Result<Option<Lease>, StorageError> {
+    let key = lease_key(id);
+    match kv.get(&key)? {
+        Some(b) => crate::legacy::decode(&key, &b, crate::legacy::lease_from_v1).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn store_lease<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, lease: &Lease) {
+    kv.put(lease_key(&lease.id), crate::legacy::encode(lease));
+}
+
+fn load_role(kv: &(impl KvRead + ?Sized), name: &str) -> Result<Option<Role>, StorageError> {
+    let key = role_key(name);
+    match kv.get(&key)? {
+        Some(b) => crate::legacy::decode(&key, &b, crate::legacy::role_from_v1).map(Some),
+        // The SVID role exists in every cluster, defined or not.
+        None if name == SVID_ROLE => Ok(Some(Role::builtin_svid())),
+        None => Ok(None),
+    }
+}
+
 fn lease_key(id: &str) -> Vec<u8> {
     format!("{PFX_LEASE}{id}").into_bytes()
 }
@@ -93,6 +126,12 @@ fn role_key(name: &str) -> Vec<u8> {
 }
 fn key_key(kid: &str) -> Vec<u8> {
     format!("{PFX_KEY}{kid}").into_bytes()
+}
+fn ssh_ca_key(kid: &str) -> Vec<u8> {
+    format!("{PFX_SSH_CA}{kid}").into_bytes()
+}
+fn ssh_revoked_key(valid_before_s: u64, serial: u64) -> Vec<u8> {
+    format!("{PFX_SSH_REVOKED}{valid_before_s:016x}/{serial:016x}").into_bytes()
 }
 fn deadline_key(deadline_ms: u64, id: &str) -> Vec<u8> {
     format!("{PFX_DEADLINE}{deadline_ms:016x}/{id}").into_bytes()
@@ -151,9 +190,9 @@ fn fingerprint(i: &IssueIntent, subject: &str) -> [u8; 32] {
         &i.role,
         subject,
         i.ttl_s,
-        &i.scopes,
-        &i.audience,
+        &i.request,
         &i.purpose,
+        &i.supersedes,
     )));
     h.finalize().into()
 }
@@ -222,12 +261,12 @@ fn action_name(op: &Op) -> &'static str {
         Op::Renew { .. } => "lease.renew",
         Op::Revoke(_) => "lease.revoke",
         Op::AddSigningKey { .. } => "key.add",
+        Op::AddSshCaKey { .. } => "sshca.add",
         Op::Expire { .. } => "lease.expire",
         Op::RecordAccess { .. } => "access",
         Op::RecordDenial { .. } => "auth.denied",
         Op::SetClusterCa { .. } => "ca.set",
         Op::CreateJoinToken { .. } => "jointoken.create",
-        Op::IssueSvid { .. } => "svid.issue",
         Op::ConsumeAssertion { .. } => "assertion.consume",
         Op::ProposePolicy { .. } => "policy.propose",
         Op::ApprovePolicy { .. } => "policy.approve",
@@ -316,15 +355,16 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::PutRole(role) => {
             audit.role = Some(role.name.clone());
             audit.ttl_s = Some(role.max_ttl_s);
-            audit.scopes = role.allowed_scopes.clone();
-            audit.audience = Some(role.audience.clone());
+            let view = role.spec.cedar();
+            audit.scopes = view.scopes.to_vec();
+            audit.audience = Some(view.audience.to_string()).filter(|a| !a.is_empty());
+            audit.details = kind_details(role.kind(), view.principals);
             if let Err(e) = require_admin(actor) {
                 return Ok(Err(e));
             }
             let mut role = role.clone();
-            role.allowed_scopes.sort();
-            role.allowed_scopes.dedup();
-            kv.put(role_key(&role.name), enc(&role));
+            role.spec.normalise();
+            kv.put(role_key(&role.name), crate::legacy::encode(&role));
             Ok(Ok(Outcome::Role(role)))
         }
         Op::DeleteRole { name } => {
@@ -343,13 +383,13 @@ fn apply_op<R: KvRead + ?Sized>(
             intent,
             lease_id,
             renew_after_permille,
+            kind_stamp,
         } => issue(
             kv,
             actor,
             now,
             intent,
-            lease_id,
-            *renew_after_permille,
+            (lease_id, *renew_after_permille, kind_stamp),
             audit,
         ),
         Op::Renew {
@@ -411,7 +451,7 @@ fn apply_op<R: KvRead + ?Sized>(
             // A workload may revoke its own leases (e.g. when its job ends); everything else,
             // bulk revocation included, is an administrator's.
             let own_lease = match target {
-                RevokeTarget::Lease(id) => get::<Lease>(kv, &lease_key(id))?
+                RevokeTarget::Lease(id) => load_lease(kv, id)?
                     .is_some_and(|l| l.subject == actor.id || l.client_id == actor.id),
                 _ => false,
             };
@@ -454,6 +494,38 @@ fn apply_op<R: KvRead + ?Sized>(
             kv.put(META_ACTIVE_KID.to_vec(), enc(kid));
             Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
         }
+        Op::AddSshCaKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            audit.target = Some(format!("ssh-ca:{kid}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&ssh_ca_key(kid))?.is_some() {
+                return Ok(Err(Error::Internal(format!(
+                    "SSH CA key {kid} already exists"
+                ))));
+            }
+            if let Some(prev) = active_ssh_ca(kv)? {
+                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &ssh_ca_key(&prev))? {
+                    rec.state = KeyState::Retiring { since_ms: now };
+                    kv.put(ssh_ca_key(&prev), enc(&rec));
+                }
+            }
+            let rec = SigningKeyRecord {
+                kid: kid.clone(),
+                public_key: *public_key,
+                sealed_private_key: sealed_private_key.clone(),
+                created_at_ms: now,
+                state: KeyState::Active,
+                max_token_expiry_ms: 0,
+            };
+            kv.put(ssh_ca_key(kid), enc(&rec));
+            kv.put(META_ACTIVE_SSH_CA.to_vec(), enc(kid));
+            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+        }
         Op::Expire { up_to_ms, limit } => {
             let up_to = (*up_to_ms).min(now);
             let due = kv.range(
@@ -467,16 +539,28 @@ fn apply_op<R: KvRead + ?Sized>(
                 let id = std::str::from_utf8(&k[PFX_DEADLINE.len() + 17..])
                     .map_err(|_| StorageError("corrupt deadline index key".into()))?
                     .to_string();
-                if let Some(mut lease) = get::<Lease>(kv, &lease_key(&id))? {
+                if let Some(mut lease) = load_lease(kv, &id)? {
                     if lease.state == LeaseState::Active {
                         lease.state = LeaseState::Expired {
                             at_ms: lease.expires_at_ms,
                         };
-                        kv.put(lease_key(&id), enc(&lease));
+                        store_lease(kv, &lease);
                         count_live(kv, &lease, false)?;
                         count += 1;
                     }
                 }
+            }
+            // Revoked certificates past `valid_before` leave the KRL.
+            let gone = kv.range(
+                PFX_SSH_REVOKED.as_bytes(),
+                ssh_revoked_key(up_to / 1000, 0).as_slice(),
+                *limit as usize,
+            )?;
+            if !gone.is_empty() {
+                bump_krl_version(kv)?;
+            }
+            for (k, _) in gone {
+                kv.delete(k);
             }
             audit.target = Some(format!("deadline<={up_to}"));
             Ok(Ok(Outcome::Expired { count }))
@@ -535,19 +619,6 @@ fn apply_op<R: KvRead + ?Sized>(
             kv.put(key, enc(&token));
             Ok(Ok(Outcome::Done))
         }
-        Op::IssueSvid {
-            intent,
-            lease_id,
-            renew_after_permille,
-        } => issue_svid(
-            kv,
-            actor,
-            now,
-            intent,
-            lease_id,
-            *renew_after_permille,
-            audit,
-        ),
         Op::ConsumeAssertion {
             issuer,
             jti,
@@ -572,19 +643,101 @@ fn apply_op<R: KvRead + ?Sized>(
     }
 }
 
+/// Kind-specific facts of a role or grant for its audit record.
+fn kind_details(
+    kind: CredentialKind,
+    principals: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("kind".to_string(), kind.as_str().to_string());
+    if !principals.is_empty() {
+        m.insert("principals".to_string(), principals.join(","));
+    }
+    m
+}
+
+/// The key that will sign a credential of `signer`'s kind, from the replicated state.
+fn resolve_signer<R: KvRead + ?Sized>(
+    kv: &Overlay<'_, R>,
+    signer: SignerKind,
+) -> Result<Result<Signer, Error>, StorageError> {
+    Ok(Ok(match signer {
+        SignerKind::JwtKey => {
+            let Some(kid) = active_kid(kv)? else {
+                return Ok(Err(Error::NoActiveSigningKey));
+            };
+            Signer {
+                kid,
+                trust_domain: None,
+                serial: 0,
+            }
+        }
+        SignerKind::ClusterCa => Signer {
+            kid: String::new(),
+            trust_domain: get::<ClusterCa>(kv, META_CA)?.map(|ca| ca.trust_domain),
+            serial: 0,
+        },
+        SignerKind::SshCa => {
+            let Some(kid) = active_ssh_ca(kv)? else {
+                return Ok(Err(Error::Unavailable(
+                    "the cluster has no SSH CA yet; the leader creates one shortly, retry".into(),
+                )));
+            };
+            let last: u64 = get(kv, META_SSH_SERIAL)?.unwrap_or(0);
+            Signer {
+                kid,
+                trust_domain: None,
+                serial: last + 1,
+            }
+        }
+    }))
+}
+
+/// Consumes a join token in the log's order: of two concurrent redemptions exactly one wins.
+fn consume_join_token<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    now: u64,
+    hash: &[u8],
+    subject: &str,
+) -> Result<Result<(), Error>, StorageError> {
+    let key = join_token_key(hash);
+    let Some(mut token) = get::<JoinToken>(kv, &key)? else {
+        return Ok(Err(Error::Unauthenticated("unknown join token".into())));
+    };
+    if token.used_at_ms.is_some() {
+        return Ok(Err(Error::Unauthenticated(
+            "join token already used".into(),
+        )));
+    }
+    if now >= token.expires_at_ms {
+        return Ok(Err(Error::Unauthenticated("join token expired".into())));
+    }
+    if token.spiffe_id != subject {
+        return Ok(Err(Error::PermissionDenied(format!(
+            "this join token is for {}",
+            token.spiffe_id
+        ))));
+    }
+    token.used_at_ms = Some(now);
+    kv.put(key, enc(&token));
+    Ok(Ok(()))
+}
+
+/// Issues a credential of any kind: the same checks in the same order for every kind, with
+/// the kind deciding only what its grant holds.
 fn issue<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
     now: u64,
     intent: &IssueIntent,
-    lease_id: &str,
-    renew_after_permille: u16,
+    (lease_id, renew_after_permille, kind_stamp): (&str, u16, &KindStamp),
     audit: &mut AuditRecord,
 ) -> Result<ApplyResult, StorageError> {
     audit.role = Some(intent.role.clone());
     audit.ttl_s = intent.ttl_s;
-    audit.scopes = intent.scopes.clone();
-    audit.audience = intent.audience.clone();
+    let asked = intent.request.asked();
+    audit.scopes = asked.scopes.to_vec();
+    audit.audience = asked.audience.map(str::to_string);
     let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
     audit.subject = Some(subject.clone());
     audit_context(audit, &intent.context);
@@ -606,7 +759,7 @@ fn issue<R: KvRead + ?Sized>(
             if prior.fingerprint != fp {
                 return Ok(Err(Error::RequestIdConflict(request_id.clone())));
             }
-            let lease: Lease = get(kv, &lease_key(&prior.lease_id))?.ok_or_else(|| {
+            let lease = load_lease(kv, &prior.lease_id)?.ok_or_else(|| {
                 StorageError(format!(
                     "request record points at missing lease {}",
                     prior.lease_id
@@ -620,38 +773,30 @@ fn issue<R: KvRead + ?Sized>(
             }));
         }
     }
-    let Some(role) = get::<Role>(kv, &role_key(&intent.role))? else {
+    let Some(role) = load_role(kv, &intent.role)? else {
         return Ok(Err(Error::UnknownRole(intent.role.clone())));
     };
-    if let Some(aud) = &intent.audience {
-        if *aud != role.audience {
-            return Ok(Err(Error::AudienceNotAllowed {
-                requested: aud.clone(),
-                role: role.name.clone(),
-                allowed: role.audience.clone(),
-            }));
+    // A join token authenticates a workload that has no identity yet, for its first SVID only.
+    match (
+        &intent.join_token_hash,
+        actor.auth_method == AuthMethod::JoinToken,
+    ) {
+        (Some(_), _) if role.kind() != CredentialKind::X509Svid => {
+            return Ok(Err(Error::InvalidArgument(
+                "a join token is redeemed only for an X.509-SVID".into(),
+            )))
         }
-    }
-    // Downscoping: requested ∩ role ∩ policy. Nothing beyond what was asked for.
-    let mut scopes: Vec<String> = intent
-        .scopes
-        .iter()
-        .filter(|s| role.allowed_scopes.binary_search(s).is_ok())
-        .filter(|s| {
-            stamp
-                .scopes
-                .as_ref()
-                .is_none_or(|granted| granted.contains(s))
-        })
-        .cloned()
-        .collect();
-    scopes.sort();
-    scopes.dedup();
-    if scopes.is_empty() && !intent.scopes.is_empty() {
-        return Ok(Err(Error::NoScopeGranted {
-            requested: intent.scopes.join(" "),
-            role: role.name.clone(),
-        }));
+        (Some(hash), true) => {
+            if let Err(e) = consume_join_token(kv, now, hash, &subject)? {
+                return Ok(Err(e));
+            }
+        }
+        (None, false) => {}
+        _ => {
+            return Ok(Err(Error::Unauthenticated(
+                "a join token and the join-token principal go together".into(),
+            )))
+        }
     }
     for (holder, max) in [
         (Some(subject.as_str()), role.max_live_leases_per_identity),
@@ -678,8 +823,10 @@ fn issue<R: KvRead + ?Sized>(
     let ttl_s = stamp
         .max_ttl_s
         .map_or(requested_ttl_s, |cap| requested_ttl_s.min(cap));
-    let Some(kid) = active_kid(kv)? else {
-        return Ok(Err(Error::NoActiveSigningKey));
+    let signer_kind = role.spec.signer();
+    let signer = match resolve_signer(kv, signer_kind)? {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
     };
     if kv.get(&lease_key(lease_id))?.is_some() {
         return Ok(Err(Error::Internal(format!(
@@ -687,28 +834,75 @@ fn issue<R: KvRead + ?Sized>(
         ))));
     }
     let expires_at_ms = now + ttl_s * 1000;
+    let grant = match role.spec.grant(
+        &intent.request,
+        &GrantContext {
+            lease_id,
+            role: &role.name,
+            subject: &subject,
+            now_ms: now,
+            expires_at_ms,
+            policy: stamp,
+            signer: &signer,
+            stamp: kind_stamp,
+        },
+    ) {
+        Ok(g) => g,
+        Err(e) => return Ok(Err(e)),
+    };
+    // A certificate cannot be extended: its lease ends with it.
+    let max_expires_at_ms = match role.spec.renewal() {
+        Renewal::Extend => now + role.max_ttl_s * 1000,
+        Renewal::Reissue { .. } => expires_at_ms,
+    };
     let lease = Lease {
         id: lease_id.to_string(),
         role: role.name.clone(),
-        kind: role.kind,
         subject: subject.clone(),
         client_id: actor.id.clone(),
-        audience: role.audience.clone(),
-        scopes,
         purpose: intent.purpose.clone(),
+        parent: None,
         ttl_s,
         issued_at_ms: now,
         minted_at_ms: now,
         expires_at_ms,
-        max_expires_at_ms: now + role.max_ttl_s * 1000,
+        max_expires_at_ms,
         renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
-        kid: kid.clone(),
+        kid: signer.kid.clone(),
         renewals: 0,
         state: LeaseState::Active,
-        csr_der: None,
+        grant,
     };
+    if let Some(old) = &intent.supersedes {
+        match load_lease(kv, old)? {
+            Some(o) if o.subject == subject && o.role == role.name => {
+                revoke_lease(
+                    kv,
+                    &o,
+                    &LeaseState::Revoked {
+                        at_ms: now,
+                        by: actor.id.clone(),
+                    },
+                )?;
+                audit.target = Some(format!("supersedes:{old}"));
+            }
+            _ => {
+                return Ok(Err(Error::PermissionDenied(format!(
+                    "lease {old} is not a lease of {subject} under role {}",
+                    role.name
+                ))))
+            }
+        }
+    }
     insert_lease(kv, &lease)?;
-    note_key_use(kv, &kid, expires_at_ms)?;
+    match signer_kind {
+        SignerKind::JwtKey => note_key_use(kv, &key_key(&lease.kid), expires_at_ms)?,
+        SignerKind::SshCa => {
+            note_key_use(kv, &ssh_ca_key(&lease.kid), expires_at_ms)?;
+            kv.put(META_SSH_SERIAL.to_vec(), enc(&signer.serial));
+        }
+        SignerKind::ClusterCa => {}
+    }
     if let Some(request_id) = &intent.request_id {
         kv.put(
             req_key(&actor.id, request_id),
@@ -720,8 +914,12 @@ fn issue<R: KvRead + ?Sized>(
     }
     audit.lease_id = Some(lease.id.clone());
     audit.ttl_s = Some(ttl_s);
-    audit.scopes = lease.scopes.clone();
-    audit.audience = Some(lease.audience.clone());
+    audit.scopes = lease.scopes().to_vec();
+    audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
+    audit.details = lease.grant.audit();
+    audit
+        .details
+        .insert("kind".into(), lease.kind().as_str().into());
     Ok(Ok(Outcome::Lease {
         lease,
         replayed: false,
@@ -834,7 +1032,7 @@ fn insert_lease<R: KvRead + ?Sized>(
 ) -> Result<(), StorageError> {
     count_live(kv, lease, true)?;
     let id = &lease.id;
-    kv.put(lease_key(id), enc(lease));
+    store_lease(kv, lease);
     kv.put(deadline_key(lease.expires_at_ms, id), Vec::new());
     kv.put(ix_key(PFX_SUBJECT, &lease.subject, id), Vec::new());
     kv.put(ix_key(PFX_ROLE_IX, &lease.role, id), Vec::new());
@@ -844,119 +1042,17 @@ fn insert_lease<R: KvRead + ?Sized>(
     Ok(())
 }
 
-fn issue_svid<R: KvRead + ?Sized>(
-    kv: &mut Overlay<'_, R>,
-    actor: &Principal,
-    now: u64,
-    intent: &SvidIntent,
-    lease_id: &str,
-    renew_after_permille: u16,
-    audit: &mut AuditRecord,
-) -> Result<ApplyResult, StorageError> {
-    let spiffe_id = match &intent.join_token_hash {
-        Some(hash) => {
-            // Consumed here, in the log's order: of two concurrent redemptions exactly one wins.
-            let key = join_token_key(hash);
-            let Some(mut token) = get::<JoinToken>(kv, &key)? else {
-                return Ok(Err(Error::Unauthenticated("unknown join token".into())));
-            };
-            audit.subject = Some(token.spiffe_id.clone());
-            if token.used_at_ms.is_some() {
-                return Ok(Err(Error::Unauthenticated(
-                    "join token already used".into(),
-                )));
-            }
-            if now >= token.expires_at_ms {
-                return Ok(Err(Error::Unauthenticated("join token expired".into())));
-            }
-            if intent
-                .spiffe_id
-                .as_ref()
-                .is_some_and(|id| *id != token.spiffe_id)
-            {
-                return Ok(Err(Error::PermissionDenied(format!(
-                    "this join token is for {}",
-                    token.spiffe_id
-                ))));
-            }
-            token.used_at_ms = Some(now);
-            kv.put(key, enc(&token));
-            token.spiffe_id
-        }
-        None => {
-            let id = intent.spiffe_id.clone().unwrap_or_else(|| actor.id.clone());
-            if id != actor.id && !actor.is_admin() {
-                return Ok(Err(Error::PermissionDenied(format!(
-                    "{} may obtain an SVID only for itself",
-                    actor.id
-                ))));
-            }
-            id
-        }
-    };
-    audit.subject = Some(spiffe_id.clone());
-    let Some(ca) = get::<ClusterCa>(kv, META_CA)? else {
-        return Ok(Err(Error::Unavailable(
-            "the cluster has no CA to issue X.509-SVIDs".into(),
-        )));
-    };
-    // Only identities of the CA's own trust domain (a break-glass caller has no SPIFFE ID).
-    if let Err(e) = crate::command::validate_spiffe_id(&spiffe_id)
-        .and_then(|()| crate::command::refuse_node_identity(&spiffe_id))
-    {
-        return Ok(Err(e));
-    }
-    if !spiffe_id.starts_with(&format!("spiffe://{}/", ca.trust_domain)) {
-        return Ok(Err(Error::InvalidArgument(format!(
-            "{spiffe_id} is not in the cluster's trust domain {}",
-            ca.trust_domain
-        ))));
-    }
-    let ttl_s = intent
-        .ttl_s
-        .unwrap_or(SVID_DEFAULT_TTL_S)
-        .min(SVID_MAX_TTL_S);
-    let expires_at_ms = now + ttl_s * 1000;
-    let lease = Lease {
-        id: lease_id.to_string(),
-        role: SVID_ROLE.to_string(),
-        kind: CredentialKind::X509Svid,
-        subject: spiffe_id,
-        client_id: actor.id.clone(),
-        audience: String::new(),
-        scopes: Vec::new(),
-        purpose: None,
-        ttl_s,
-        issued_at_ms: now,
-        minted_at_ms: now,
-        expires_at_ms,
-        // SVIDs are rotated by fetching a new one, never extended.
-        max_expires_at_ms: expires_at_ms,
-        renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
-        kid: String::new(),
-        renewals: 0,
-        state: LeaseState::Active,
-        csr_der: Some(intent.csr_der.clone()),
-    };
-    insert_lease(kv, &lease)?;
-    audit.lease_id = Some(lease.id.clone());
-    audit.role = Some(SVID_ROLE.to_string());
-    audit.ttl_s = Some(ttl_s);
-    Ok(Ok(Outcome::Lease {
-        lease,
-        replayed: false,
-    }))
-}
-
+/// Records that the key stored at `key` signed something valid until `exp_ms` (it stays
+/// published until then).
 fn note_key_use<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
-    kid: &str,
+    key: &[u8],
     exp_ms: u64,
 ) -> Result<(), StorageError> {
-    if let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(kid))? {
+    if let Some(mut rec) = get::<SigningKeyRecord>(kv, key)? {
         if exp_ms > rec.max_token_expiry_ms {
             rec.max_token_expiry_ms = exp_ms;
-            kv.put(key_key(kid), enc(&rec));
+            kv.put(key.to_vec(), enc(&rec));
         }
     }
     Ok(())
@@ -973,13 +1069,17 @@ fn renew<R: KvRead + ?Sized>(
     let lease_id = intent.lease_id.as_str();
     audit.lease_id = Some(lease_id.to_string());
     audit_context(audit, &intent.context);
-    let Some(mut lease) = get::<Lease>(kv, &lease_key(lease_id))? else {
+    let Some(mut lease) = load_lease(kv, lease_id)? else {
         return Ok(Err(Error::LeaseNotFound(lease_id.to_string())));
     };
     audit.role = Some(lease.role.clone());
     audit.subject = Some(lease.subject.clone());
-    audit.scopes = lease.scopes.clone();
-    audit.audience = Some(lease.audience.clone());
+    audit.scopes = lease.scopes().to_vec();
+    audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
+    audit.details = lease.grant.audit();
+    audit
+        .details
+        .insert("kind".into(), lease.kind().as_str().into());
     if lease.subject != actor.id && lease.client_id != actor.id && !actor.is_admin() {
         return Ok(Err(Error::PermissionDenied(format!(
             "lease {lease_id} belongs to another subject"
@@ -993,10 +1093,11 @@ fn renew<R: KvRead + ?Sized>(
         }
         LeaseState::Active => {}
     }
-    if lease.kind == CredentialKind::X509Svid {
-        return Ok(Err(Error::InvalidArgument(
-            "an X.509-SVID is rotated by fetching a new one, not renewed".into(),
-        )));
+    if let Renewal::Reissue { how } = crate::kind::renewal_of(lease.kind()) {
+        return Ok(Err(Error::NotRenewable {
+            lease: lease_id.to_string(),
+            how: how.to_string(),
+        }));
     }
     if lease.expires_at_ms >= lease.max_expires_at_ms {
         return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
@@ -1024,12 +1125,12 @@ fn renew<R: KvRead + ?Sized>(
         kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
         lease.kid = kid.clone();
     }
-    note_key_use(kv, &kid, new_exp)?;
+    note_key_use(kv, &key_key(&kid), new_exp)?;
     lease.minted_at_ms = now;
     lease.expires_at_ms = new_exp;
     lease.renew_after_ms = now + (new_exp - now) * u64::from(renew_after_permille) / 1000;
     lease.renewals += 1;
-    kv.put(lease_key(lease_id), enc(&lease));
+    store_lease(kv, &lease);
     audit.ttl_s = Some((new_exp - now) / 1000);
     Ok(Ok(Outcome::Lease {
         lease,
@@ -1248,13 +1349,12 @@ fn policy_denied<R: KvRead + ?Sized>(
     let (Some(lease_id), "renew") = (&denial.lease_id, denial.action.as_str()) else {
         return Ok(Ok(Outcome::Done));
     };
-    let Some(lease) = get::<Lease>(kv, &lease_key(lease_id))? else {
+    let Some(lease) = load_lease(kv, lease_id)? else {
         return Ok(Ok(Outcome::Done));
     };
     audit.subject = Some(lease.subject.clone());
     let owner = lease.subject == actor.id || lease.client_id == actor.id;
-    let revoke_wanted =
-        get::<Role>(kv, &role_key(&lease.role))?.is_some_and(|r| r.revoke_on_renewal_denied);
+    let revoke_wanted = load_role(kv, &lease.role)?.is_some_and(|r| r.revoke_on_renewal_denied);
     if owner
         && revoke_wanted
         && lease.state == LeaseState::Active
@@ -1276,17 +1376,10 @@ fn revoke<R: KvRead + ?Sized>(
         by: actor.id.clone(),
     };
     let revoke_one = |kv: &mut Overlay<'_, R>, id: &str| -> Result<u64, StorageError> {
-        let Some(mut lease) = get::<Lease>(kv, &lease_key(id))? else {
-            return Ok(0);
-        };
-        if lease.state != LeaseState::Active {
-            return Ok(0);
+        match load_lease(kv, id)? {
+            Some(lease) => revoke_lease(kv, &lease, &state),
+            None => Ok(0),
         }
-        kv.delete(deadline_key(lease.expires_at_ms, id));
-        lease.state = state.clone();
-        kv.put(lease_key(id), enc(&lease));
-        count_live(kv, &lease, false)?;
-        Ok(1)
     };
     let (pfx, value) = match target {
         RevokeTarget::Lease(id) => {
@@ -1300,13 +1393,23 @@ fn revoke<R: KvRead + ?Sized>(
         RevokeTarget::Subject(s) => (PFX_SUBJECT, s),
         RevokeTarget::Role(r) => (PFX_ROLE_IX, r),
         RevokeTarget::Key(kid) => {
-            let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(kid))? else {
+            // A JWT signing key or an SSH CA key: either leaves publication, and everything it
+            // signed is revoked.
+            let (key, active) = if kv.get(&key_key(kid))?.is_some() {
+                (key_key(kid), META_ACTIVE_KID)
+            } else {
+                (ssh_ca_key(kid), META_ACTIVE_SSH_CA)
+            };
+            let Some(mut rec) = get::<SigningKeyRecord>(kv, &key)? else {
                 return Ok(Err(Error::KeyNotFound(kid.clone())));
             };
             rec.state = KeyState::Revoked { at_ms: now };
-            kv.put(key_key(kid), enc(&rec));
-            if active_kid(kv)?.as_deref() == Some(kid.as_str()) {
-                kv.delete(META_ACTIVE_KID.to_vec());
+            kv.put(key, enc(&rec));
+            if active == META_ACTIVE_SSH_CA {
+                bump_krl_version(kv)?;
+            }
+            if get::<String>(kv, active)?.as_deref() == Some(kid.as_str()) {
+                kv.delete(active.to_vec());
             }
             (PFX_KID_IX, kid)
         }
@@ -1329,6 +1432,35 @@ fn revoke<R: KvRead + ?Sized>(
         }
     }
     Ok(Ok(Outcome::Revoked { count }))
+}
+
+/// Revokes one lease if it is active: its state, deadline entry, live counts, and the
+/// revocation artefacts of its kind (a revoked SSH certificate enters the KRL). Returns 1 if it
+/// was active.
+fn revoke_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+    state: &LeaseState,
+) -> Result<u64, StorageError> {
+    if lease.state != LeaseState::Active {
+        return Ok(0);
+    }
+    let mut lease = lease.clone();
+    kv.delete(deadline_key(lease.expires_at_ms, &lease.id));
+    lease.state = state.clone();
+    store_lease(kv, &lease);
+    count_live(kv, &lease, false)?;
+    if let Some((valid_before_s, serial)) = lease.grant.krl_entry() {
+        kv.put(ssh_revoked_key(valid_before_s, serial), enc(&lease.kid));
+        bump_krl_version(kv)?;
+    }
+    Ok(1)
+}
+
+fn bump_krl_version<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>) -> Result<(), StorageError> {
+    let v: u64 = get(kv, META_KRL_VERSION)?.unwrap_or(0);
+    kv.put(META_KRL_VERSION.to_vec(), enc(&(v + 1)));
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1395,16 +1527,109 @@ pub fn policy_governance(kv: &(impl KvRead + ?Sized)) -> Result<PolicyGovernance
     Ok(get(kv, META_POLICY_GOVERNANCE)?.unwrap_or_default())
 }
 
+/// A role by name (the built-in SVID role when `x509-svid` is not defined).
 pub fn get_role(kv: &(impl KvRead + ?Sized), name: &str) -> Result<Option<Role>, StorageError> {
-    get(kv, &role_key(name))
+    load_role(kv, name)
 }
 
+/// Every defined role, by name.
 pub fn list_roles(kv: &(impl KvRead + ?Sized)) -> Result<Vec<Role>, StorageError> {
-    scan_values(kv, PFX_ROLE.as_bytes(), usize::MAX)
+    let pfx = PFX_ROLE.as_bytes();
+    kv.range(pfx, &prefix_end(pfx), usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| crate::legacy::decode(&k, &v, crate::legacy::role_from_v1))
+        .collect()
 }
 
 pub fn get_lease(kv: &(impl KvRead + ?Sized), id: &str) -> Result<Option<Lease>, StorageError> {
-    get(kv, &lease_key(id))
+    load_lease(kv, id)
+}
+
+pub fn active_ssh_ca(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
+    get(kv, META_ACTIVE_SSH_CA)
+}
+
+pub fn get_ssh_ca(
+    kv: &(impl KvRead + ?Sized),
+    kid: &str,
+) -> Result<Option<SigningKeyRecord>, StorageError> {
+    get(kv, &ssh_ca_key(kid))
+}
+
+/// Every SSH CA key, oldest id order.
+pub fn list_ssh_cas(kv: &(impl KvRead + ?Sized)) -> Result<Vec<SigningKeyRecord>, StorageError> {
+    scan_values(kv, PFX_SSH_CA.as_bytes(), usize::MAX)
+}
+
+/// The SSH CA keys `sshd` should trust now (active, or retiring with certificates still
+/// valid), by the state's own clock: the same answer on every node at the same index.
+pub fn published_ssh_cas(
+    kv: &(impl KvRead + ?Sized),
+) -> Result<Vec<SigningKeyRecord>, StorageError> {
+    let now = last_time(kv)?;
+    Ok(list_ssh_cas(kv)?
+        .into_iter()
+        .filter(|k| k.is_published_at(now, KEY_PUBLISH_GRACE_MS))
+        .collect())
+}
+
+/// The content of the OpenSSH KRL at this state: a pure function of the replicated state, so
+/// every node serves the same bytes at the same applied index. `krl_version` counts the changes
+/// of its content; the date is the state's clock. Revoked certificates leave it when the
+/// leader's expiry round passes their `valid_before`; the certificates of a revoked CA key are
+/// left out, since the CA key itself is listed.
+pub fn ssh_krl(kv: &(impl KvRead + ?Sized)) -> Result<crate::kind::krl::Krl, StorageError> {
+    let now = last_time(kv)?;
+    let cas = list_ssh_cas(kv)?;
+    let blob_of = |kid: &str| {
+        cas.iter()
+            .find(|k| k.kid == kid)
+            .map(|k| crate::kind::ssh::ed25519_public_blob(&k.public_key))
+    };
+    let mut by_ca: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
+    let end = prefix_end(PFX_SSH_REVOKED.as_bytes());
+    let mut from = PFX_SSH_REVOKED.as_bytes().to_vec();
+    loop {
+        let page = kv.range(&from, &end, SCAN_PAGE)?;
+        for (k, v) in &page {
+            let kid: String = dec(k, v)?;
+            let serial = std::str::from_utf8(&k[k.len() - 16..])
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or_else(|| StorageError("corrupt KRL index key".into()))?;
+            if let Some(blob) = blob_of(&kid) {
+                by_ca.entry(blob).or_default().push(serial);
+            }
+        }
+        match page.last() {
+            Some((k, _)) if page.len() == SCAN_PAGE => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    let revoked_cas: Vec<Vec<u8>> = cas
+        .iter()
+        .filter(|k| matches!(k.state, KeyState::Revoked { .. }))
+        .map(|k| crate::kind::ssh::ed25519_public_blob(&k.public_key))
+        .collect();
+    for blob in &revoked_cas {
+        by_ca.remove(blob);
+    }
+    Ok(crate::kind::krl::Krl {
+        version: get(kv, META_KRL_VERSION)?.unwrap_or(0),
+        generated_s: now / 1000,
+        certificates: by_ca
+            .into_iter()
+            .map(|(ca, mut serials)| {
+                serials.sort_unstable();
+                serials.dedup();
+                (ca, serials)
+            })
+            .collect(),
+        revoked_keys: revoked_cas,
+    })
 }
 
 pub fn get_key(
@@ -1429,17 +1654,24 @@ fn scan_values<T: DeserializeOwned>(
         .collect()
 }
 
-/// The earliest deadline among active leases, for the leader's expiry worker.
+/// The earliest deadline the leader's expiry round must act on: an active lease's, or a
+/// revoked SSH certificate's `valid_before` (it then leaves the KRL).
 pub fn next_deadline(kv: &(impl KvRead + ?Sized)) -> Result<Option<u64>, StorageError> {
-    let first = kv.range(
-        PFX_DEADLINE.as_bytes(),
-        &prefix_end(PFX_DEADLINE.as_bytes()),
-        1,
-    )?;
-    Ok(first.first().and_then(|(k, _)| {
-        let hex = std::str::from_utf8(&k[PFX_DEADLINE.len()..PFX_DEADLINE.len() + 16]).ok()?;
-        u64::from_str_radix(hex, 16).ok()
-    }))
+    let head = |pfx: &str| -> Result<Option<u64>, StorageError> {
+        let first = kv.range(pfx.as_bytes(), &prefix_end(pfx.as_bytes()), 1)?;
+        Ok(first.first().and_then(|(k, _)| {
+            let hex = std::str::from_utf8(k.get(pfx.len()..pfx.len() + 16)?).ok()?;
+            u64::from_str_radix(hex, 16).ok()
+        }))
+    };
+    let leases = head(PFX_DEADLINE)?;
+    // A certificate is dead from its valid_before second on; the round after that second
+    // removes it.
+    let krl = head(PFX_SSH_REVOKED)?.map(|s| s.saturating_add(1).saturating_mul(1000));
+    Ok(match (leases, krl) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -4,6 +4,7 @@ use crate::audit::{ChainError, ChainVerifier};
 use crate::command::*;
 use crate::crypto::{unseal_private_key, Kek};
 use crate::error::Error;
+use crate::kind::{jwt, ssh, x509_svid, KindRequest, RoleSpec};
 use crate::kv::{KvRead, MemKv, Overlay};
 use crate::policy::{PolicyGovernance, PolicyStamp};
 use crate::state::{self, LeaseFilter};
@@ -95,9 +96,10 @@ impl World {
     fn put_role(&mut self, name: &str, ttl: u64, max: u64) {
         self.admin(Intent::PutRole(Role {
             name: name.into(),
-            kind: CredentialKind::Jwt,
-            audience: "api".into(),
-            allowed_scopes: vec!["read".into(), "write".into()],
+            spec: RoleSpec::Jwt(jwt::Spec {
+                audience: "api".into(),
+                allowed_scopes: vec!["read".into(), "write".into()],
+            }),
             default_ttl_s: ttl,
             max_ttl_s: max,
             environment: None,
@@ -141,6 +143,21 @@ impl World {
     }
 }
 
+impl World {
+    /// The leader's expiry round at the current time.
+    fn kv_apply_expire(&mut self) {
+        let cmd = Command {
+            now_ms: self.now,
+            actor: Principal::system(),
+            op: Op::Expire {
+                up_to_ms: self.now,
+                limit: 10_000,
+            },
+        };
+        apply_to(&mut self.kv, &cmd).unwrap();
+    }
+}
+
 fn apply_to(kv: &mut MemKv, cmd: &Command) -> ApplyResult {
     let (res, writes) = {
         let mut ov = Overlay::new(&*kv);
@@ -151,14 +168,22 @@ fn apply_to(kv: &mut MemKv, cmd: &Command) -> ApplyResult {
     res
 }
 
+fn jwt_req(scopes: &[&str], audience: Option<&str>) -> KindRequest {
+    KindRequest::Jwt(jwt::Request {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        audience: audience.map(str::to_string),
+    })
+}
+
 fn web(ttl: Option<u64>) -> IssueIntent {
     IssueIntent {
         request_id: None,
         role: "web".into(),
         subject: Some("spiffe://example.org/web".into()),
         ttl_s: ttl,
-        scopes: vec!["read".into()],
-        audience: None,
+        request: jwt_req(&["read"], None),
+        join_token_hash: None,
+        supersedes: None,
         purpose: Some("ci job 42".into()),
         context: RequestContext::default(),
         policy: None,
@@ -172,7 +197,7 @@ fn issue_defaults_to_role_ttl() {
     assert_eq!(l.ttl_s, 60);
     assert_eq!(l.expires_at_ms, T0 + 60_000);
     assert_eq!(l.max_expires_at_ms, T0 + 300_000);
-    assert_eq!(l.scopes, vec!["read"]);
+    assert_eq!(l.scopes(), ["read"]);
     assert_eq!(l.state, LeaseState::Active);
     assert!(l.renew_after_ms >= T0 + 30_000 && l.renew_after_ms <= T0 + 42_000);
     assert_eq!(state::next_deadline(&w.kv).unwrap(), Some(T0 + 60_000));
@@ -385,7 +410,7 @@ fn bad_input_is_refused_precisely_and_changes_no_lease_or_role() {
         ),
         (
             IssueIntent {
-                scopes: vec!["admin".into()],
+                request: jwt_req(&["admin"], None),
                 ..web(None)
             },
             Error::NoScopeGranted {
@@ -395,7 +420,7 @@ fn bad_input_is_refused_precisely_and_changes_no_lease_or_role() {
         ),
         (
             IssueIntent {
-                audience: Some("other".into()),
+                request: jwt_req(&["read"], Some("other")),
                 ..web(None)
             },
             Error::AudienceNotAllowed {
@@ -414,7 +439,7 @@ fn bad_input_is_refused_precisely_and_changes_no_lease_or_role() {
             ..web(None)
         },
         IssueIntent {
-            scopes: vec!["a b".into()],
+            request: jwt_req(&["a b"], None),
             ..web(None)
         },
         IssueIntent {
@@ -659,19 +684,44 @@ fn a_workload_issues_and_revokes_only_for_itself() {
     assert_eq!(last.target.as_deref(), Some("spiffe://evil.test/x"));
 }
 
+fn svid_request(hash: Option<[u8; 32]>) -> IssueIntent {
+    IssueIntent {
+        request_id: None,
+        role: SVID_ROLE.into(),
+        subject: None,
+        ttl_s: Some(600),
+        purpose: None,
+        request: KindRequest::X509Svid(x509_svid::Request {
+            public_key_der: vec![0x30, 1, 2],
+        }),
+        join_token_hash: hash.map(|h| h.to_vec()),
+        supersedes: None,
+        context: RequestContext::default(),
+        policy: None,
+    }
+}
+
+/// The principal of a workload presenting a join token (the node resolved its SPIFFE ID).
+fn joiner(spiffe_id: &str) -> Principal {
+    Principal {
+        id: spiffe_id.into(),
+        auth_method: AuthMethod::JoinToken,
+        issuer: Some("td".into()),
+        attributes: Default::default(),
+        admin: false,
+    }
+}
+
+fn lease_of(r: ApplyResult) -> Result<Lease, Error> {
+    match r? {
+        Outcome::Lease { lease, .. } => Ok(lease),
+        o => panic!("unexpected {o:?}"),
+    }
+}
+
 #[test]
 fn join_tokens_are_single_use_and_expire() {
     let mut w = World::new();
-    let svid = |hash: Option<[u8; 32]>| {
-        Intent::IssueSvid(SvidIntent {
-            spiffe_id: None,
-            csr_der: vec![1, 2, 3],
-            ttl_s: Some(600),
-            join_token_hash: hash.map(|h| h.to_vec()),
-        })
-    };
-    let joiner = Principal::unauthenticated(AuthMethod::JoinToken);
-    // No CA yet: SVIDs cannot be issued.
     let h = crate::crypto::hash_secret("t1");
     w.admin(Intent::CreateJoinToken {
         token_hash: h.to_vec(),
@@ -679,8 +729,12 @@ fn join_tokens_are_single_use_and_expire() {
         ttl_s: 60,
     })
     .unwrap();
+    let redeem = |w: &mut World, who: &str, h: [u8; 32]| {
+        lease_of(w.propose(joiner(who), Intent::Issue(svid_request(Some(h)))))
+    };
+    // No CA yet: SVIDs cannot be issued.
     assert!(matches!(
-        w.propose(joiner.clone(), svid(Some(h))),
+        redeem(&mut w, "spiffe://td/w/1", h),
         Err(Error::Unavailable(_))
     ));
     w.admin(Intent::SetClusterCa {
@@ -689,26 +743,55 @@ fn join_tokens_are_single_use_and_expire() {
         sealed_seed: vec![0; 60],
     })
     .unwrap();
-    // The failed attempt above did not consume the token (its writes were discarded).
-    let lease = match w.propose(joiner.clone(), svid(Some(h))).unwrap() {
-        Outcome::Lease { lease, .. } => lease,
-        o => panic!("{o:?}"),
-    };
+    // Presented as someone else's token: refused, and not consumed.
+    assert_eq!(
+        redeem(&mut w, "spiffe://td/w/2", h).unwrap_err(),
+        Error::PermissionDenied("this join token is for spiffe://td/w/1".into())
+    );
+    // The failed attempts above did not consume the token (their writes were discarded).
+    let lease = redeem(&mut w, "spiffe://td/w/1", h).unwrap();
     assert_eq!(lease.subject, "spiffe://td/w/1");
-    assert_eq!(lease.kind, CredentialKind::X509Svid);
+    assert_eq!(lease.role, SVID_ROLE);
+    assert_eq!(lease.kind(), CredentialKind::X509Svid);
     assert_eq!(lease.max_expires_at_ms, lease.expires_at_ms);
     assert_eq!(
-        w.propose(joiner.clone(), svid(Some(h))).unwrap_err(),
+        lease.grant,
+        crate::kind::Grant::X509Svid(x509_svid::Grant {
+            public_key_der: vec![0x30, 1, 2]
+        })
+    );
+    assert_eq!(
+        redeem(&mut w, "spiffe://td/w/1", h).unwrap_err(),
         Error::Unauthenticated("join token already used".into())
     );
     assert_eq!(
-        w.propose(
-            joiner.clone(),
-            svid(Some(crate::crypto::hash_secret("nope")))
+        redeem(
+            &mut w,
+            "spiffe://td/w/1",
+            crate::crypto::hash_secret("nope")
         )
         .unwrap_err(),
         Error::Unauthenticated("unknown join token".into())
     );
+    // A join token bootstraps an SVID and nothing else.
+    let h3 = crate::crypto::hash_secret("t3");
+    w.admin(Intent::CreateJoinToken {
+        token_hash: h3.to_vec(),
+        spiffe_id: "spiffe://td/w/3".into(),
+        ttl_s: 60,
+    })
+    .unwrap();
+    assert!(matches!(
+        w.propose(
+            joiner("spiffe://td/w/3"),
+            Intent::Issue(IssueIntent {
+                join_token_hash: Some(h3.to_vec()),
+                subject: None,
+                ..web(None)
+            })
+        ),
+        Err(Error::InvalidArgument(_))
+    ));
     // Node identities cannot be minted through the API.
     assert!(matches!(
         w.admin(Intent::CreateJoinToken {
@@ -718,14 +801,11 @@ fn join_tokens_are_single_use_and_expire() {
         }),
         Err(Error::InvalidArgument(_))
     ));
-    let node_svid = SvidIntent {
-        spiffe_id: Some("spiffe://td/ephemera/node/2".into()),
-        csr_der: vec![1],
-        ttl_s: None,
-        join_token_hash: None,
-    };
     assert!(matches!(
-        w.admin(Intent::IssueSvid(node_svid)),
+        lease_of(w.admin(Intent::Issue(IssueIntent {
+            subject: Some("spiffe://td/ephemera/node/2".into()),
+            ..svid_request(None)
+        }))),
         Err(Error::InvalidArgument(_))
     ));
     let h2 = crate::crypto::hash_secret("t2");
@@ -737,41 +817,527 @@ fn join_tokens_are_single_use_and_expire() {
     .unwrap();
     w.now += 60_000;
     assert_eq!(
-        w.propose(joiner, svid(Some(h2))).unwrap_err(),
+        redeem(&mut w, "spiffe://td/w/2", h2).unwrap_err(),
         Error::Unauthenticated("join token expired".into())
     );
-    // SVIDs are rotated, not renewed; a workload obtains SVIDs only for itself.
-    assert!(matches!(
-        w.renew(&lease.id, None),
-        Err(Error::InvalidArgument(_))
-    ));
-    let me = Principal::svid("spiffe://td/w/1".into(), "td".into(), false);
-    let mut other = SvidIntent {
-        spiffe_id: Some("spiffe://td/w/9".into()),
-        csr_der: vec![1],
-        ttl_s: None,
-        join_token_hash: None,
-    };
-    assert!(matches!(
-        w.propose(me.clone(), Intent::IssueSvid(other.clone())),
-        Err(Error::PermissionDenied(_))
-    ));
-    other.spiffe_id = None;
-    assert!(matches!(
-        w.propose(me, Intent::IssueSvid(other.clone())).unwrap(),
-        Outcome::Lease { .. }
-    ));
-    // Not for a principal without a SPIFFE ID, nor outside the CA's trust domain.
-    assert!(matches!(
-        w.admin(Intent::IssueSvid(other.clone())),
-        Err(Error::InvalidArgument(_))
-    ));
-    other.spiffe_id = Some("spiffe://elsewhere/w".into());
-    let e = w.admin(Intent::IssueSvid(other)).unwrap_err();
-    assert!(e.to_string().contains("trust domain"), "{e}");
     // Only the hash is stored; the audit names the identity, never the token.
     let audit = serde_json::to_string(&state::audit_records(&w.kv, 1, 10_000).unwrap()).unwrap();
     assert!(!audit.contains(&hex::encode(h)));
+}
+
+#[test]
+fn svids_are_rotated_not_renewed_and_go_through_the_pipeline() {
+    let mut w = World::new();
+    w.admin(Intent::SetClusterCa {
+        trust_domain: "td".into(),
+        cert_pem: "PEM".into(),
+        sealed_seed: vec![0; 60],
+    })
+    .unwrap();
+    let me = Principal::svid("spiffe://td/w/1".into(), "td".into(), false);
+    let first = lease_of(w.propose(me.clone(), Intent::Issue(svid_request(None)))).unwrap();
+    assert_eq!(first.subject, me.id);
+    assert_eq!(
+        w.renew(&first.id, None).unwrap_err(),
+        Error::NotRenewable {
+            lease: first.id.clone(),
+            how: "an X.509-SVID is rotated by fetching a new one (`ephemera svid fetch`), not renewed"
+                .into()
+        }
+    );
+    // A workload obtains SVIDs only for itself.
+    assert!(matches!(
+        lease_of(w.propose(
+            me.clone(),
+            Intent::Issue(IssueIntent {
+                subject: Some("spiffe://td/w/9".into()),
+                ..svid_request(None)
+            })
+        )),
+        Err(Error::PermissionDenied(_))
+    ));
+    // Rotation supersedes: the SVID it replaces is revoked in the same entry.
+    let second = lease_of(w.propose(
+        me.clone(),
+        Intent::Issue(IssueIntent {
+            supersedes: Some(first.id.clone()),
+            ..svid_request(None)
+        }),
+    ))
+    .unwrap();
+    assert!(matches!(
+        w.lease(&first.id).state,
+        LeaseState::Revoked { .. }
+    ));
+    assert_eq!(w.lease(&second.id).state, LeaseState::Active);
+    // Nobody supersedes another identity's SVID.
+    let other = Principal::svid("spiffe://td/w/2".into(), "td".into(), false);
+    assert!(matches!(
+        lease_of(w.propose(
+            other.clone(),
+            Intent::Issue(IssueIntent {
+                supersedes: Some(second.id.clone()),
+                ..svid_request(None)
+            })
+        )),
+        Err(Error::PermissionDenied(_))
+    ));
+    assert_eq!(w.lease(&second.id).state, LeaseState::Active);
+    // Not for a principal without a SPIFFE ID, nor outside the CA's trust domain.
+    assert!(matches!(
+        lease_of(w.admin(Intent::Issue(svid_request(None)))),
+        Err(Error::InvalidArgument(_))
+    ));
+    let e = lease_of(w.admin(Intent::Issue(IssueIntent {
+        subject: Some("spiffe://elsewhere/w".into()),
+        ..svid_request(None)
+    })))
+    .unwrap_err();
+    assert!(e.to_string().contains("trust domain"), "{e}");
+    // TTLs beyond the role's cap are refused precisely, not silently shortened.
+    assert_eq!(
+        lease_of(w.propose(
+            me.clone(),
+            Intent::Issue(IssueIntent {
+                ttl_s: Some(SVID_MAX_TTL_S + 1),
+                ..svid_request(None)
+            })
+        ))
+        .unwrap_err(),
+        Error::TtlAboveCap {
+            requested_s: SVID_MAX_TTL_S + 1,
+            max_s: SVID_MAX_TTL_S,
+            role: SVID_ROLE.into()
+        }
+    );
+    // A quarantined identity gets no SVID.
+    w.propose_raw(
+        Principal::system(),
+        Intent::GuardEvent(GuardEvent {
+            kind: "rate_spike".into(),
+            identity: Some(me.id.clone()),
+            detail: "test".into(),
+            quarantine: true,
+            revoke_leases: false,
+        }),
+    )
+    .unwrap();
+    assert_eq!(
+        lease_of(w.propose(me.clone(), Intent::Issue(svid_request(None)))).unwrap_err(),
+        Error::Quarantined(me.id.clone())
+    );
+    // The SVID role is a role like any other: its budget applies.
+    let mut role = Role::builtin_svid();
+    role.max_live_leases_per_identity = Some(1);
+    w.admin(Intent::PutRole(role)).unwrap();
+    lease_of(w.propose(other.clone(), Intent::Issue(svid_request(None)))).unwrap();
+    assert!(matches!(
+        lease_of(w.propose(other, Intent::Issue(svid_request(None)))),
+        Err(Error::BudgetExceeded { .. })
+    ));
+    // Only the SVID role issues SVIDs, and it issues nothing else.
+    let mut jwt_named_svid = Role::builtin_svid();
+    jwt_named_svid.spec = RoleSpec::Jwt(jwt::Spec {
+        audience: "a".into(),
+        allowed_scopes: vec!["r".into()],
+    });
+    assert!(matches!(
+        w.admin(Intent::PutRole(jwt_named_svid)),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+// ---- SSH certificates ----
+
+const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMwQ0bWm0vAi3C5Jpx5HqRAJdS9X3cZc7tEsbUWeeMwd me@host";
+
+fn ssh_user_role(name: &str) -> Role {
+    Role {
+        name: name.into(),
+        spec: RoleSpec::Ssh(ssh::Spec {
+            cert_type: ssh::CertType::User,
+            principals: vec!["deploy".into(), "alice".into()],
+            host_domains: vec![],
+            allow_subdomains: false,
+            extensions: vec!["permit-pty".into()],
+            critical_options: vec!["force-command".into()],
+        }),
+        default_ttl_s: 300,
+        max_ttl_s: 3600,
+        environment: None,
+        target: None,
+        revoke_on_renewal_denied: false,
+        issue_rate_per_identity: None,
+        issue_rate: None,
+        max_live_leases_per_identity: None,
+        max_live_leases: None,
+    }
+}
+
+fn ssh_sign(role: &str, principals: &[&str]) -> IssueIntent {
+    IssueIntent {
+        role: role.into(),
+        ttl_s: None,
+        request: KindRequest::Ssh(ssh::Request {
+            public_key: SSH_KEY.into(),
+            principals: principals.iter().map(|p| p.to_string()).collect(),
+            extensions: None,
+            critical_options: Default::default(),
+        }),
+        ..web(None)
+    }
+}
+
+fn ssh_grant(l: &Lease) -> &ssh::Grant {
+    match &l.grant {
+        crate::kind::Grant::Ssh(g) => g,
+        g => panic!("not an SSH grant: {g:?}"),
+    }
+}
+
+fn ssh_world() -> World {
+    let mut w = World::new();
+    w.propose_ok(Principal::system(), Intent::RotateSshCa);
+    w.admin(Intent::PutRole(ssh_user_role("ops"))).unwrap();
+    w
+}
+
+#[test]
+fn ssh_user_certificates_carry_only_what_the_role_allows() {
+    let mut w = ssh_world();
+    let ca = state::active_ssh_ca(&w.kv).unwrap().unwrap();
+    let a = w.issue(ssh_sign("ops", &["alice"])).unwrap();
+    let g = ssh_grant(&a);
+    assert_eq!(a.kind(), CredentialKind::SshUser);
+    assert_eq!(a.kid, ca);
+    assert_eq!(g.principals, ["alice"]);
+    // Extensions default to the role's; the key keeps no comment.
+    assert_eq!(g.extensions, ["permit-pty"]);
+    assert_eq!(g.public_key, SSH_KEY.rsplit_once(' ').unwrap().0);
+    assert_eq!(g.serial, 1);
+    assert!(
+        g.key_id.contains(&a.id) && g.key_id.contains(&a.subject),
+        "{}",
+        g.key_id
+    );
+    assert_eq!(g.valid_after, (w.now - 60_000) / 1000);
+    assert_eq!(g.valid_before, a.expires_at_ms / 1000);
+    assert_eq!(a.max_expires_at_ms, a.expires_at_ms);
+    // Every principal of the role when none is asked for; serials count up.
+    let b = w.issue(ssh_sign("ops", &[])).unwrap();
+    assert_eq!(ssh_grant(&b).principals, ["alice", "deploy"]);
+    assert_eq!(ssh_grant(&b).serial, 2);
+
+    let leases = w.leases();
+    let refused: Vec<(IssueIntent, &str)> = vec![
+        (
+            ssh_sign("ops", &["bob"]),
+            "principal \"bob\" is not allowed",
+        ),
+        (
+            {
+                let mut i = ssh_sign("ops", &["alice"]);
+                if let KindRequest::Ssh(r) = &mut i.request {
+                    r.extensions = Some(vec!["permit-port-forwarding".into()]);
+                }
+                i
+            },
+            "extension \"permit-port-forwarding\" is not allowed",
+        ),
+        (
+            {
+                let mut i = ssh_sign("ops", &["alice"]);
+                if let KindRequest::Ssh(r) = &mut i.request {
+                    r.critical_options
+                        .insert("source-address".into(), "10.0.0.0/8".into());
+                }
+                i
+            },
+            "critical option \"source-address\" is not allowed",
+        ),
+        (
+            IssueIntent {
+                ttl_s: Some(7200),
+                ..ssh_sign("ops", &["alice"])
+            },
+            "exceeds the maximum TTL",
+        ),
+        (
+            IssueIntent {
+                role: "web".into(),
+                ..ssh_sign("ops", &["alice"])
+            },
+            "role \"web\" issues jwt credentials, but the request is for ssh",
+        ),
+    ];
+    for (intent, want) in refused {
+        let e = w.issue(intent).unwrap_err();
+        assert!(e.to_string().contains(want), "{e} does not say {want:?}");
+    }
+    for bad_key in [
+        "",
+        "ssh-ed25519",
+        "ssh-dss AAAA",
+        "ssh-ed25519 !!!",
+        "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIMwQ0bWm0vAi3C5Jpx5HqRAJdS9X3cZc7tEsbUWeeMwd",
+    ] {
+        let mut i = ssh_sign("ops", &["alice"]);
+        if let KindRequest::Ssh(r) = &mut i.request {
+            r.public_key = bad_key.into();
+        }
+        assert!(
+            matches!(w.issue(i), Err(Error::InvalidArgument(_))),
+            "{bad_key:?} accepted"
+        );
+    }
+    // Nothing was issued by the refusals, and no serial was used up.
+    assert_eq!(w.leases(), leases);
+    let c = w.issue(ssh_sign("ops", &["deploy"])).unwrap();
+    assert_eq!(ssh_grant(&c).serial, 3);
+    // A certificate is re-issued, never extended.
+    let e = w.renew(&c.id, None).unwrap_err();
+    assert!(e.to_string().contains("ssh sign"), "{e}");
+    // The audit record names principals and serial.
+    let rec = state::audit_records(&w.kv, 1, 10_000)
+        .unwrap()
+        .into_iter()
+        .rfind(|r| r.action == "lease.issue" && r.outcome == "ok")
+        .unwrap();
+    assert_eq!(
+        rec.details.get("principals").map(String::as_str),
+        Some("deploy")
+    );
+    assert_eq!(rec.details.get("serial").map(String::as_str), Some("3"));
+    assert_eq!(
+        rec.details.get("kind").map(String::as_str),
+        Some("ssh-user")
+    );
+}
+
+#[test]
+fn ssh_roles_are_validated_by_their_kind() {
+    let mut w = ssh_world();
+    let bad = |f: &dyn Fn(&mut ssh::Spec)| {
+        let mut r = ssh_user_role("x");
+        if let RoleSpec::Ssh(s) = &mut r.spec {
+            f(s);
+        }
+        r
+    };
+    for (role, want) in [
+        (
+            bad(&|s| s.extensions.push("permit-everything".into())),
+            "unknown extension",
+        ),
+        (
+            bad(&|s| s.critical_options.push("no-such".into())),
+            "unknown critical option",
+        ),
+        (
+            bad(&|s| s.host_domains.push("example.internal".into())),
+            "host domains belong",
+        ),
+        (
+            bad(&|s| {
+                s.cert_type = ssh::CertType::Host;
+                s.principals.clear();
+                s.extensions.clear();
+                s.critical_options.clear();
+            }),
+            "needs at least one host domain",
+        ),
+        (
+            bad(&|s| s.principals.push("a,b".into())),
+            "must not contain ','",
+        ),
+    ] {
+        let e = w.admin(Intent::PutRole(role)).unwrap_err();
+        assert!(e.to_string().contains(want), "{e} does not say {want:?}");
+    }
+    // A role with no principals allows no one.
+    w.admin(Intent::PutRole(bad(&|s| s.principals.clear())))
+        .unwrap();
+    let e = w.issue(ssh_sign("x", &[])).unwrap_err();
+    assert!(e.to_string().contains("allows no principal"), "{e}");
+}
+
+#[test]
+fn ssh_host_certificates_name_hosts_within_the_role_domains() {
+    let mut w = ssh_world();
+    let host_role = |subdomains: bool| Role {
+        spec: RoleSpec::Ssh(ssh::Spec {
+            cert_type: ssh::CertType::Host,
+            principals: vec![],
+            host_domains: vec!["example.internal".into()],
+            allow_subdomains: subdomains,
+            extensions: vec![],
+            critical_options: vec![],
+        }),
+        ..ssh_user_role("hosts")
+    };
+    w.admin(Intent::PutRole(host_role(false))).unwrap();
+    let e = w
+        .issue(ssh_sign("hosts", &["web.example.internal"]))
+        .unwrap_err();
+    assert!(e.to_string().contains("subdomains not allowed"), "{e}");
+    assert!(matches!(
+        w.issue(ssh_sign("hosts", &[])),
+        Err(Error::InvalidArgument(_))
+    ));
+    let h = w.issue(ssh_sign("hosts", &["example.internal"])).unwrap();
+    assert_eq!(h.kind(), CredentialKind::SshHost);
+    w.admin(Intent::PutRole(host_role(true))).unwrap();
+    let h = w
+        .issue(ssh_sign("hosts", &["web.example.internal"]))
+        .unwrap();
+    assert_eq!(ssh_grant(&h).principals, ["web.example.internal"]);
+    assert!(w
+        .issue(ssh_sign("hosts", &["web.example.internal.evil"]))
+        .is_err());
+}
+
+#[test]
+fn the_krl_lists_revoked_certificates_until_they_expire() {
+    let mut w = ssh_world();
+    let ca_kid = state::active_ssh_ca(&w.kv).unwrap().unwrap();
+    let ca = state::get_ssh_ca(&w.kv, &ca_kid).unwrap().unwrap();
+    let blob = ssh::ed25519_public_blob(&ca.public_key);
+    let a = w.issue(ssh_sign("ops", &["alice"])).unwrap();
+    let b = w
+        .issue(IssueIntent {
+            ttl_s: Some(600),
+            ..ssh_sign("ops", &["alice"])
+        })
+        .unwrap();
+    let empty = state::ssh_krl(&w.kv).unwrap();
+    assert!(empty.certificates.is_empty() && empty.revoked_keys.is_empty());
+    w.admin(Intent::Revoke(RevokeTarget::Lease(b.id.clone())))
+        .unwrap();
+    w.admin(Intent::Revoke(RevokeTarget::Lease(a.id.clone())))
+        .unwrap();
+    let krl = state::ssh_krl(&w.kv).unwrap();
+    assert_eq!(krl.certificates, vec![(blob.clone(), vec![1, 2])]);
+    assert!(krl.version > empty.version);
+    // A pure function of the state: the same bytes from the same state, and they decode back.
+    let bytes = krl.encode();
+    assert_eq!(bytes, state::ssh_krl(&w.kv).unwrap().encode());
+    assert_eq!(crate::kind::krl::Krl::decode(&bytes).unwrap(), krl);
+    assert_eq!(&bytes[..8], b"SSHKRL\n\0");
+    // Past a certificate's valid_before, the expiry round takes it out of the KRL.
+    w.now = a.expires_at_ms + 1000;
+    assert_eq!(
+        state::next_deadline(&w.kv).unwrap(),
+        Some((a.expires_at_ms / 1000 + 1) * 1000)
+    );
+    w.kv_apply_expire();
+    let later = state::ssh_krl(&w.kv).unwrap();
+    assert_eq!(later.certificates, vec![(blob.clone(), vec![2])]);
+    assert!(later.version > krl.version);
+    // Retiring the CA (revoking its key) lists the key itself, which revokes all it signed.
+    let c = w.issue(ssh_sign("ops", &["alice"])).unwrap();
+    let r = w
+        .admin(Intent::Revoke(RevokeTarget::Key(ca_kid.clone())))
+        .unwrap();
+    assert_eq!(r, Outcome::Revoked { count: 1 });
+    assert!(matches!(w.lease(&c.id).state, LeaseState::Revoked { .. }));
+    let krl = state::ssh_krl(&w.kv).unwrap();
+    assert_eq!(krl.revoked_keys, vec![blob]);
+    assert!(krl.certificates.is_empty());
+    assert!(state::published_ssh_cas(&w.kv).unwrap().is_empty());
+    assert!(state::active_ssh_ca(&w.kv).unwrap().is_none());
+    let e = w.issue(ssh_sign("ops", &["alice"])).unwrap_err();
+    assert!(matches!(e, Error::Unavailable(_)), "{e}");
+}
+
+#[test]
+fn a_rotated_ssh_ca_stays_published_until_its_certificates_expire() {
+    let mut w = ssh_world();
+    let old = state::active_ssh_ca(&w.kv).unwrap().unwrap();
+    let cert = w.issue(ssh_sign("ops", &["alice"])).unwrap();
+    w.propose_ok(Principal::system(), Intent::RotateSshCa);
+    let new = state::active_ssh_ca(&w.kv).unwrap().unwrap();
+    assert_ne!(old, new);
+    let published = |w: &World| -> Vec<String> {
+        state::published_ssh_cas(&w.kv)
+            .unwrap()
+            .into_iter()
+            .map(|k| k.kid)
+            .collect()
+    };
+    let mut both = vec![old.clone(), new.clone()];
+    both.sort();
+    assert_eq!(published(&w), both);
+    assert_eq!(w.issue(ssh_sign("ops", &["alice"])).unwrap().kid, new);
+    w.now = cert.expires_at_ms + state::KEY_PUBLISH_GRACE_MS + 1;
+    w.propose_raw(
+        Principal::system(),
+        Intent::RecordAccess {
+            action: "tick".into(),
+            target: String::new(),
+        },
+    )
+    .unwrap();
+    assert_eq!(published(&w), vec![new]);
+}
+
+#[test]
+fn a_store_written_by_the_first_layout_is_read_and_served() {
+    let text = include_str!("../tests/fixtures/state-v1.kv");
+    let mut kv = MemKv::default();
+    for line in text.lines() {
+        let (k, v) = line.split_once(' ').unwrap();
+        kv.map
+            .insert(hex::decode(k).unwrap(), hex::decode(v).unwrap());
+    }
+    let digest = state::state_digest(&kv).unwrap();
+    let leases = state::list_leases(&kv, &LeaseFilter::default(), None, 100)
+        .unwrap()
+        .0;
+    assert_eq!(leases.len(), 3);
+    let by_state = |name: &str| leases.iter().filter(|l| l.state.name() == name).count();
+    assert_eq!((by_state("active"), by_state("revoked")), (2, 1));
+    let jwt = leases
+        .iter()
+        .find(|l| l.kind() == CredentialKind::Jwt && l.state == LeaseState::Active)
+        .unwrap();
+    assert_eq!(jwt.scopes(), ["read"]);
+    assert_eq!(jwt.audience(), "api");
+    assert_eq!(jwt.subject, "spiffe://example.org/web");
+    let svid = leases
+        .iter()
+        .find(|l| l.kind() == CredentialKind::X509Svid)
+        .unwrap();
+    assert_eq!(svid.subject, "spiffe://td/w/1");
+    let web_role = state::get_role(&kv, "web").unwrap().unwrap();
+    assert_eq!(
+        web_role.spec,
+        RoleSpec::Jwt(jwt::Spec {
+            audience: "api".into(),
+            allowed_scopes: vec!["read".into(), "write".into()]
+        })
+    );
+    // Reading changes nothing; the audit chain written by the old layout still verifies.
+    assert_eq!(state::state_digest(&kv).unwrap(), digest);
+    let mut v = ChainVerifier::default();
+    for r in state::audit_records(&kv, 1, 100_000).unwrap() {
+        v.push(&r).unwrap();
+    }
+    // The new code renews, revokes and issues on top of it.
+    let mut w = World {
+        kv,
+        rng: Counter(77),
+        kek: Kek::from_bytes([5; 32]),
+        now: T0 + 10_000,
+        log: Vec::new(),
+    };
+    let renewed = w.renew(&jwt.id, Some(30)).unwrap();
+    assert_eq!(renewed.renewals, 1);
+    assert_eq!(w.lease(&jwt.id), renewed);
+    w.admin(Intent::Revoke(RevokeTarget::Lease(svid.id.clone())))
+        .unwrap();
+    w.issue(web(None)).unwrap();
+    assert_eq!(w.leases().len(), 4);
 }
 
 // ---- policy: decisions in the log, downscoping, governance ----
@@ -1019,7 +1585,7 @@ fn issued_scopes_and_ttl_are_the_intersection_of_request_role_and_policy() {
             workload(),
             Intent::Issue(IssueIntent {
                 subject: None,
-                scopes: vec!["read".into(), "write".into(), "admin".into()],
+                request: jwt_req(&["read", "write", "admin"], None),
                 ttl_s: Some(120),
                 context: RequestContext {
                     source_ip: Some("10.0.0.7".into()),
@@ -1036,7 +1602,7 @@ fn issued_scopes_and_ttl_are_the_intersection_of_request_role_and_policy() {
         o => panic!("{o:?}"),
     };
     // "write" is the role's but not the policy's; "admin" neither; "deploy" was not asked for.
-    assert_eq!(lease.scopes, vec!["read"]);
+    assert_eq!(lease.scopes(), ["read"]);
     assert_eq!(lease.ttl_s, 30);
     assert_eq!(lease.expires_at_ms, w.now + 30_000);
     let records = state::audit_records(&w.kv, 1, 1000).unwrap();

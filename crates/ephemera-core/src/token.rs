@@ -39,12 +39,12 @@ impl Claims {
         Claims {
             iss: issuer.to_string(),
             sub: lease.subject.clone(),
-            aud: lease.audience.clone(),
+            aud: lease.audience().to_string(),
             exp: lease.expires_at_ms / 1000,
             iat,
             nbf: iat.saturating_sub(NBF_BACKDATE_S),
             jti: lease.id.clone(),
-            scope: lease.scopes.join(" "),
+            scope: lease.scopes().join(" "),
             client_id: lease.client_id.clone(),
         }
     }
@@ -161,18 +161,17 @@ pub fn jwk(kid: &str, public_key: &[u8; 32]) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{CredentialKind, LeaseState};
+    use crate::kind::{jwt, Grant};
+    use crate::types::LeaseState;
 
     fn lease() -> Lease {
         Lease {
             id: "l1".into(),
             role: "r".into(),
-            kind: CredentialKind::Jwt,
             subject: "spiffe://x/y".into(),
             client_id: "c".into(),
-            audience: "aud".into(),
-            scopes: vec!["a".into(), "b".into()],
             purpose: None,
+            parent: None,
             ttl_s: 60,
             issued_at_ms: 1_000_000,
             minted_at_ms: 1_000_000,
@@ -182,7 +181,10 @@ mod tests {
             kid: "k".into(),
             renewals: 0,
             state: LeaseState::Active,
-            csr_der: None,
+            grant: Grant::Jwt(jwt::Grant {
+                audience: "aud".into(),
+                scopes: vec!["a".into(), "b".into()],
+            }),
         }
     }
 

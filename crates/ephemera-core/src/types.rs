@@ -97,36 +97,16 @@ impl Principal {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CredentialKind {
-    Jwt,
-    /// An X.509-SVID signed by the cluster CA for a workload's own key.
-    X509Svid,
-}
-
-impl CredentialKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CredentialKind::Jwt => "jwt",
-            CredentialKind::X509Svid => "x509-svid",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "jwt" => Some(CredentialKind::Jwt),
-            _ => None,
-        }
-    }
-}
+pub use crate::kind::CredentialKind;
+use crate::kind::{Grant, RoleSpec};
 
 /// A credential template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Role {
     pub name: String,
-    pub kind: CredentialKind,
-    pub audience: String,
-    /// Scopes a credential of this role may carry, sorted and unique.
-    pub allowed_scopes: Vec<String>,
+    /// What the role's kind allows (a JWT's audience and scopes, an SSH certificate's
+    /// principals...); the kind is the spec's.
+    pub spec: RoleSpec,
     pub default_ttl_s: u64,
     /// Hard cap on a lease's lifetime, counted from its first issue over all renewals.
     pub max_ttl_s: u64,
@@ -145,6 +125,30 @@ pub struct Role {
     pub max_live_leases_per_identity: Option<u64>,
     /// Live leases of this role in all.
     pub max_live_leases: Option<u64>,
+}
+
+impl Role {
+    pub fn kind(&self) -> CredentialKind {
+        self.spec.kind()
+    }
+
+    /// The role X.509-SVIDs are issued under unless an administrator has defined it
+    /// differently (`role put x509-svid --kind x509-svid ...`).
+    pub fn builtin_svid() -> Role {
+        Role {
+            name: SVID_ROLE.into(),
+            spec: RoleSpec::X509Svid(crate::kind::x509_svid::Spec {}),
+            default_ttl_s: SVID_DEFAULT_TTL_S,
+            max_ttl_s: SVID_MAX_TTL_S,
+            environment: None,
+            target: None,
+            revoke_on_renewal_denied: false,
+            issue_rate_per_identity: None,
+            issue_rate: None,
+            max_live_leases_per_identity: None,
+            max_live_leases: None,
+        }
+    }
 }
 
 /// An identity the anomaly detector (or an administrator) has stopped: it gets no issuance and
@@ -177,18 +181,18 @@ impl LeaseState {
     }
 }
 
+/// A lease: a kind-agnostic header and the kind's grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: String,
     pub role: String,
-    pub kind: CredentialKind,
     /// The workload identity the credential is bound to (`sub`).
     pub subject: String,
     /// Who requested it (`client_id`).
     pub client_id: String,
-    pub audience: String,
-    pub scopes: Vec<String>,
     pub purpose: Option<String>,
+    /// The lease this one was derived from (token exchange); revoked with it.
+    pub parent: Option<String>,
     /// TTL granted at issue; the default renewal increment.
     pub ttl_s: u64,
     pub issued_at_ms: u64,
@@ -199,18 +203,33 @@ pub struct Lease {
     pub max_expires_at_ms: u64,
     /// Server-chosen time after which the holder should renew.
     pub renew_after_ms: u64,
-    /// Key that signs the current credential.
+    /// Key that signs the current credential (the JWT signing key, the SSH CA key); empty when
+    /// the cluster CA signs.
     pub kid: String,
     pub renewals: u32,
     pub state: LeaseState,
-    /// For an X.509-SVID: the verified CSR whose key the certificate certifies.
-    pub csr_der: Option<Vec<u8>>,
+    /// What the kind recorded: exactly what minting the credential needs.
+    pub grant: Grant,
 }
 
 impl Lease {
     /// Active at `now_ms`: not revoked, not marked expired, and before its deadline.
     pub fn is_active_at(&self, now_ms: u64) -> bool {
         self.state == LeaseState::Active && now_ms < self.expires_at_ms
+    }
+
+    pub fn kind(&self) -> CredentialKind {
+        self.grant.kind()
+    }
+
+    /// The audience a JWT carries; empty for other kinds.
+    pub fn audience(&self) -> &str {
+        self.grant.cedar().audience
+    }
+
+    /// The scopes a JWT carries; empty for other kinds.
+    pub fn scopes(&self) -> &[String] {
+        self.grant.cedar().scopes
     }
 }
 

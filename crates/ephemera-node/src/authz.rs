@@ -67,9 +67,7 @@ fn role_of(view: &ephemera_raft::store::StateView, lease: &Lease) -> Result<Role
     }
     Ok(Role {
         name: lease.role.clone(),
-        kind: lease.kind,
-        audience: lease.audience.clone(),
-        allowed_scopes: lease.scopes.clone(),
+        spec: lease.grant.implied_spec(),
         default_ttl_s: lease.ttl_s,
         max_ttl_s: lease.max_expires_at_ms.saturating_sub(lease.issued_at_ms) / 1000,
         environment: None,
@@ -169,10 +167,12 @@ impl Node {
                 read()?.ok_or_else(|| Error::UnknownRole(intent.role.clone()))?
             }
         };
+        let asked = role.spec.cedar_request(&intent.request);
         let ctx = WorkloadContext {
             ttl_s: intent.ttl_s.unwrap_or(role.default_ttl_s),
-            scopes: &intent.scopes,
-            audience: intent.audience.as_deref().unwrap_or(&role.audience),
+            scopes: asked.scopes,
+            principals: asked.principals,
+            audience: asked.audience,
             source_ip: caller.source_ip,
             environment: caller.environment.as_deref().unwrap_or(""),
             job_id: caller.job_id.as_deref().unwrap_or(""),
@@ -197,10 +197,12 @@ impl Node {
             return self.break_glass_stamp();
         }
         let role = role_of(&self.view, lease)?;
+        let carried = lease.grant.cedar();
         let ctx = WorkloadContext {
             ttl_s: ttl_s.unwrap_or(lease.ttl_s),
-            scopes: &lease.scopes,
-            audience: &lease.audience,
+            scopes: carried.scopes,
+            principals: carried.principals,
+            audience: carried.audience,
             source_ip: caller.source_ip,
             environment: caller.environment.as_deref().unwrap_or(""),
             job_id: caller.job_id.as_deref().unwrap_or(""),

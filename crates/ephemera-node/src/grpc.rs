@@ -7,12 +7,15 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ephemera_core::command::{
-    validate_intent, Intent, IssueIntent, Outcome, Proposal, RenewIntent, RevokeTarget, SvidIntent,
+    validate_intent, Intent, Outcome, Proposal, RenewIntent, RevokeTarget,
 };
 use ephemera_core::crypto::hash_secret;
+use ephemera_core::kind::{jwt, ssh, Grant, RoleSpec};
 use ephemera_core::policy::{PolicyGovernance, PolicyProposal, PolicyVersion, ProposalState};
 use ephemera_core::state::{self, LeaseFilter};
-use ephemera_core::types::{AuthMethod, CredentialKind, Lease, LeaseState, Principal, Role};
+use ephemera_core::types::{
+    AuthMethod, CredentialKind, Lease, LeaseState, Principal, Role, SVID_ROLE,
+};
 use ephemera_core::{Error, ErrorCode};
 use ephemera_proto::internal as ipb;
 use ephemera_proto::v1 as pb;
@@ -21,9 +24,11 @@ use ephemera_raft::{decode, encode, NodeInfo};
 use rand::RngCore;
 use tonic::{Request, Response, Status};
 
-use crate::authz::{CallerContext, POLICY_ATTEMPTS};
+use crate::authz::CallerContext;
 use crate::conn::ConnInfo;
+use crate::issue::{IssueInput, Issued, KindInput, Presented};
 use crate::metrics::Metrics;
+use crate::mint::Minted;
 use crate::node::{Forwarded, Node, KEY_PUBLISH_GRACE_MS};
 use ephemera_policy::{Action, AdminAction, PolicyBook};
 
@@ -71,12 +76,36 @@ pub struct Api {
 }
 
 impl Api {
+    /// Authenticates the caller of any method but issuance: a join token is good only for the
+    /// one Issue that redeems it.
     async fn auth<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let p = self.auth_any(req).await?;
+        if p.auth_method == AuthMethod::JoinToken {
+            return Err(self.fail(Error::Unauthenticated(
+                "a join token is redeemed only for an X.509-SVID (`ephemera svid fetch`)".into(),
+            )));
+        }
+        Ok(p)
+    }
+
+    async fn auth_any<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let conn = req.extensions().get::<ConnInfo>();
         self.node
             .authenticate(bearer(req), conn)
             .await
             .map_err(|e| self.fail(e))
+    }
+
+    /// How the caller of an Issue authenticated, beyond its principal.
+    fn presented<T>(&self, req: &Request<T>, actor: &Principal) -> Presented {
+        Presented {
+            join_token: bearer(req)
+                .filter(|_| actor.auth_method == AuthMethod::JoinToken)
+                .map(str::to_string),
+            svid_lease: self
+                .node
+                .presented_svid_lease(req.extensions().get::<ConnInfo>()),
+        }
     }
 
     /// Authenticates and authorizes an administrative action: a configured administrator the
@@ -88,30 +117,6 @@ impl Api {
             .await
             .map_err(|e| self.fail(e))?;
         Ok(p)
-    }
-
-    /// Proposes the intent `decide` builds under a policy decision. If the policy changed
-    /// before the command committed, this node catches up and decides again.
-    async fn propose_decided<F, Fut>(&self, actor: &Principal, decide: F) -> Result<Outcome, Status>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Intent, Error>>,
-    {
-        let mut attempt = 1;
-        loop {
-            let intent = decide().await.map_err(|e| self.fail(e))?;
-            let proposal = Proposal {
-                actor: actor.clone(),
-                intent,
-            };
-            match self.node.propose(proposal).await {
-                Err(Error::PolicyChanged { active, .. }) if attempt < POLICY_ATTEMPTS => {
-                    self.node.catch_up_policy(active).await;
-                    attempt += 1;
-                }
-                result => return result.map(|(o, _)| o).map_err(|e| self.fail(e)),
-            }
-        }
     }
 
     /// A lease by id from this node's state; if it is not here yet, after a read barrier.
@@ -130,18 +135,47 @@ impl Api {
         to_status(e)
     }
 
-    async fn credential(&self, outcome: Outcome) -> Result<pb::Credential, Error> {
-        let Outcome::Lease { lease, replayed } = outcome else {
-            return Err(Error::Internal("issue did not return a lease".into()));
+    fn credential(&self, issued: Issued) -> pb::Credential {
+        let Issued {
+            lease,
+            replayed,
+            credential,
+        } = issued;
+        let (token, body) = match credential {
+            Minted::Jwt(token) => (token, None),
+            Minted::X509Svid {
+                cert_pem,
+                bundle_pem,
+            } => (
+                String::new(),
+                Some(pb::credential::Body::X509Svid(pb::SvidBody {
+                    spiffe_id: lease.subject.clone(),
+                    cert_pem,
+                    bundle_pem,
+                })),
+            ),
+            Minted::Ssh(certificate) => {
+                let Grant::Ssh(g) = &lease.grant else {
+                    unreachable!("an SSH certificate is minted from an SSH grant")
+                };
+                (
+                    String::new(),
+                    Some(pb::credential::Body::Ssh(pb::SshCertificate {
+                        certificate,
+                        serial: g.serial,
+                        key_id: g.key_id.clone(),
+                        principals: g.principals.clone(),
+                        valid_after: g.valid_after,
+                        valid_before: g.valid_before,
+                        cert_type: match g.cert_type {
+                            ssh::CertType::User => "user".into(),
+                            ssh::CertType::Host => "host".into(),
+                        },
+                    })),
+                )
+            }
         };
-        // A replayed request id returns the lease as it is now; a dead lease gets no token.
-        match lease.state {
-            LeaseState::Revoked { .. } => return Err(Error::LeaseRevoked(lease.id)),
-            LeaseState::Expired { .. } => return Err(Error::LeaseExpired(lease.id)),
-            LeaseState::Active => {}
-        }
-        let token = self.node.sign(&lease)?;
-        Ok(pb::Credential {
+        pb::Credential {
             lease_id: lease.id.clone(),
             token,
             expires_at_ms: lease.expires_at_ms,
@@ -149,12 +183,14 @@ impl Api {
             issued_at_ms: lease.issued_at_ms,
             max_expires_at_ms: lease.max_expires_at_ms,
             kid: lease.kid.clone(),
-            scopes: lease.scopes.clone(),
-            audience: lease.audience.clone(),
+            scopes: lease.scopes().to_vec(),
+            audience: lease.audience().to_string(),
             subject: lease.subject.clone(),
             role: lease.role.clone(),
             replayed,
-        })
+            kind: lease.kind().as_str().to_string(),
+            body,
+        }
     }
 
     fn proposal_reply(&self, outcome: Outcome) -> Result<Response<pb::PolicyProposal>, Status> {
@@ -187,14 +223,21 @@ fn caller<T>(req: &Request<T>) -> CallerContext {
 }
 
 pub fn lease_to_pb(l: Lease) -> pb::Lease {
+    let (principals, serial) = match &l.grant {
+        Grant::Ssh(g) => (g.principals.clone(), g.serial),
+        Grant::Jwt(_) | Grant::X509Svid(_) => (Vec::new(), 0),
+    };
     pb::Lease {
         state: l.state.name().to_string(),
+        kind: l.kind().as_str().to_string(),
+        audience: l.audience().to_string(),
+        scopes: l.scopes().to_vec(),
+        principals,
+        serial,
         id: l.id,
         role: l.role,
         subject: l.subject,
         client_id: l.client_id,
-        audience: l.audience,
-        scopes: l.scopes,
         purpose: l.purpose.unwrap_or_default(),
         issued_at_ms: l.issued_at_ms,
         expires_at_ms: l.expires_at_ms,
@@ -207,11 +250,32 @@ pub fn lease_to_pb(l: Lease) -> pb::Lease {
 }
 
 fn role_to_pb(r: Role) -> pb::Role {
+    let kind = r.kind().as_str().to_string();
+    let (audience, allowed_scopes) = match &r.spec {
+        RoleSpec::Jwt(s) => (s.audience.clone(), s.allowed_scopes.clone()),
+        _ => (String::new(), Vec::new()),
+    };
+    let ssh = match &r.spec {
+        RoleSpec::Ssh(s) => s.clone(),
+        _ => ssh::Spec {
+            cert_type: ssh::CertType::User,
+            principals: vec![],
+            host_domains: vec![],
+            allow_subdomains: false,
+            extensions: vec![],
+            critical_options: vec![],
+        },
+    };
     pb::Role {
         name: r.name,
-        kind: r.kind.as_str().to_string(),
-        audience: r.audience,
-        allowed_scopes: r.allowed_scopes,
+        kind,
+        audience,
+        allowed_scopes,
+        principals: ssh.principals,
+        host_domains: ssh.host_domains,
+        allow_subdomains: ssh.allow_subdomains,
+        extensions: ssh.extensions,
+        critical_options: ssh.critical_options,
         default_ttl_s: r.default_ttl_s,
         max_ttl_s: r.max_ttl_s,
         environment: r.environment,
@@ -221,6 +285,93 @@ fn role_to_pb(r: Role) -> pb::Role {
         issue_rate: r.issue_rate,
         max_live_leases_per_identity: r.max_live_leases_per_identity,
         max_live_leases: r.max_live_leases,
+    }
+}
+
+/// A role's kind-specific part from the wire: each kind takes its own fields, and a field of
+/// another kind is refused rather than ignored.
+fn spec_from_pb(r: &pb::Role) -> Result<RoleSpec, Error> {
+    let kind = CredentialKind::parse(&r.kind).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "unknown credential kind {:?} (supported: {})",
+            r.kind,
+            CredentialKind::ALL.map(|k| k.as_str()).join(", ")
+        ))
+    })?;
+    let set: [(&str, bool); 7] = [
+        ("audience", !r.audience.is_empty()),
+        ("scopes", !r.allowed_scopes.is_empty()),
+        ("principals", !r.principals.is_empty()),
+        ("host domains", !r.host_domains.is_empty()),
+        ("allow subdomains", r.allow_subdomains),
+        ("extensions", !r.extensions.is_empty()),
+        ("critical options", !r.critical_options.is_empty()),
+    ];
+    let allowed: &[&str] = match kind {
+        CredentialKind::Jwt => &["audience", "scopes"],
+        CredentialKind::X509Svid => &[],
+        CredentialKind::SshUser => &["principals", "extensions", "critical options"],
+        CredentialKind::SshHost => &["host domains", "allow subdomains"],
+    };
+    if let Some((field, _)) = set.iter().find(|(f, on)| *on && !allowed.contains(f)) {
+        return Err(Error::InvalidArgument(format!(
+            "{field} do not apply to {kind} roles{}",
+            if allowed.is_empty() {
+                String::new()
+            } else {
+                format!(" (they take {})", allowed.join(", "))
+            }
+        )));
+    }
+    Ok(match kind {
+        CredentialKind::Jwt => RoleSpec::Jwt(jwt::Spec {
+            audience: r.audience.clone(),
+            allowed_scopes: r.allowed_scopes.clone(),
+        }),
+        CredentialKind::X509Svid => RoleSpec::X509Svid(ephemera_core::kind::x509_svid::Spec {}),
+        CredentialKind::SshUser | CredentialKind::SshHost => RoleSpec::Ssh(ssh::Spec {
+            cert_type: if kind == CredentialKind::SshUser {
+                ssh::CertType::User
+            } else {
+                ssh::CertType::Host
+            },
+            principals: r.principals.clone(),
+            host_domains: r.host_domains.clone(),
+            allow_subdomains: r.allow_subdomains,
+            extensions: r.extensions.clone(),
+            critical_options: r.critical_options.clone(),
+        }),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyPurpose {
+    Jwt,
+    SshCa,
+}
+
+fn key_to_pb(
+    k: ephemera_core::types::SigningKeyRecord,
+    purpose: KeyPurpose,
+    now: u64,
+) -> pb::SigningKey {
+    pb::SigningKey {
+        status: k.status_at(now, KEY_PUBLISH_GRACE_MS).to_string(),
+        published: k.is_published_at(now, KEY_PUBLISH_GRACE_MS),
+        purpose: match purpose {
+            KeyPurpose::Jwt => "jwt".into(),
+            KeyPurpose::SshCa => "ssh-ca".into(),
+        },
+        public_key: match purpose {
+            KeyPurpose::Jwt => String::new(),
+            KeyPurpose::SshCa => ephemera_core::kind::ssh::ed25519_public_line(
+                &k.public_key,
+                &format!("ephemera-ssh-ca-{}", k.kid),
+            ),
+        },
+        kid: k.kid,
+        created_at_ms: k.created_at_ms,
+        max_token_expiry_ms: k.max_token_expiry_ms,
     }
 }
 
@@ -277,66 +428,45 @@ fn validate_policy(text: &str) -> Result<(), Error> {
 impl pb::issuer_server::Issuer for Api {
     async fn issue_svid(
         &self,
-        req: Request<pb::IssueSvidRequest>,
+        mut req: Request<pb::IssueSvidRequest>,
     ) -> Result<Response<pb::Svid>, Status> {
-        let r = req.get_ref();
-        let csr = ephemera_pki::parse_csr(&r.csr_pem)
-            .map_err(|e| self.fail(Error::InvalidArgument(format!("invalid CSR: {e}"))))?;
-        // A join token is the credential of a workload that has no SVID yet; otherwise the
-        // caller authenticates as usual and may only rotate its own identity.
-        let (actor, join_token_hash) = match &r.join_token {
-            Some(token) => {
-                // Refuse unknown, used or expired tokens here, without a Raft write, so a
-                // stream of bogus tokens cannot grow the log; `apply` decides for the rest.
-                let hash = hash_secret(token);
-                let usable = state::join_token(&self.node.view, &hash)
-                    .map_err(|e| to_status(Error::Internal(e.to_string())))?
-                    .is_some_and(|t| {
-                        t.used_at_ms.is_none() && self.node.clock.now_ms() < t.expires_at_ms
-                    });
-                if !usable {
-                    return Err(self.fail(Error::Unauthenticated(
-                        "join token unknown, already used or expired".into(),
-                    )));
-                }
-                (
-                    Principal::unauthenticated(AuthMethod::JoinToken),
-                    Some(hash.to_vec()),
-                )
-            }
-            None => {
-                let actor = self.auth(&req).await?;
-                if csr
-                    .spiffe_id
-                    .as_ref()
-                    .is_some_and(|id| id.to_string() != actor.id)
-                {
-                    self.node
-                        .authorize_admin(&actor, AdminAction::SvidIssueFor, &caller(&req))
-                        .await
-                        .map_err(|e| self.fail(e))?;
-                }
-                (actor, None)
-            }
-        };
-        if let Some(id) = &csr.spiffe_id {
-            self.node
-                .refuse_admin_identity(&id.to_string())
-                .map_err(|e| self.fail(e))?;
+        // The compatibility path: the join token travels in the request body here; it is the
+        // same credential as an `eph_jt_` bearer on Issue.
+        if let Some(token) = req.get_ref().join_token.clone() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| self.fail(Error::Unauthenticated("malformed join token".into())))?;
+            req.metadata_mut().insert("authorization", value);
         }
-        let r = req.into_inner();
-        let intent = Intent::IssueSvid(SvidIntent {
-            spiffe_id: csr.spiffe_id.map(|id| id.to_string()),
-            csr_der: csr.der,
+        let actor = self.auth_any(&req).await?;
+        let presented = self.presented(&req, &actor);
+        let r = req.get_ref();
+        let input = IssueInput {
+            role: SVID_ROLE.into(),
             ttl_s: r.ttl_s,
-            join_token_hash,
-        });
-        let Outcome::Lease { lease, .. } = self.propose(actor, intent).await? else {
+            purpose: None,
+            request_id: None,
+            subject: None,
+            kind: KindInput::X509Svid {
+                csr_pem: r.csr_pem.clone(),
+            },
+        };
+        let issued = self
+            .node
+            .issue_credential(&actor, &presented, &caller(&req), input)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.issued, 1);
+        let (lease, credential) = (issued.lease, issued.credential);
+        let Minted::X509Svid {
+            cert_pem,
+            bundle_pem,
+        } = credential
+        else {
             return Err(to_status(Error::Internal(
-                "SVID issuance returned no lease".into(),
+                "the SVID role minted something else".into(),
             )));
         };
-        let (cert_pem, bundle_pem) = self.node.sign_svid(&lease).map_err(|e| self.fail(e))?;
         Ok(Response::new(pb::Svid {
             lease_id: lease.id,
             spiffe_id: lease.subject,
@@ -350,44 +480,48 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = self.auth(&req).await?;
-        self.node.check_clock().map_err(|e| self.fail(e))?;
+        let actor = self.auth_any(&req).await?;
+        let presented = self.presented(&req, &actor);
         let mut caller = caller(&req);
         let r = req.into_inner();
         caller.environment = r.environment;
         caller.job_id = r.job_id;
-        // Without a caller's id, the node assigns one, so its own retries cannot double-issue.
-        let request_id = r.request_id.or_else(|| {
-            let mut b = [0u8; 16];
-            rand::rngs::OsRng.fill_bytes(&mut b);
-            Some(format!("srv-{}", hex::encode(b)))
-        });
-        let intent = IssueIntent {
-            request_id,
-            role: r.role,
-            subject: r.subject,
-            ttl_s: r.ttl_s,
-            scopes: r.scopes,
-            audience: r.audience,
-            purpose: r.purpose,
-            context: caller.for_audit(),
-            policy: None,
+        let jwt_fields = !r.scopes.is_empty() || r.audience.is_some();
+        let kind = match r.kind {
+            None => KindInput::Jwt(jwt::Request {
+                scopes: r.scopes,
+                audience: r.audience,
+            }),
+            Some(_) if jwt_fields => {
+                return Err(self.fail(Error::InvalidArgument(
+                    "scopes and audience belong to JWT requests, not to this kind".into(),
+                )))
+            }
+            Some(pb::issue_request::Kind::X509Svid(s)) => {
+                KindInput::X509Svid { csr_pem: s.csr_pem }
+            }
+            Some(pb::issue_request::Kind::Ssh(s)) => KindInput::Ssh(ssh::Request {
+                public_key: s.public_key,
+                principals: s.principals,
+                extensions: s.set_extensions.then_some(s.extensions),
+                critical_options: s.critical_options.into_iter().collect(),
+            }),
         };
-        // Bad input is refused before any policy work.
-        validate_intent(&Intent::Issue(intent.clone())).map_err(|e| self.fail(e))?;
-        let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
-        let outcome = self
-            .propose_decided(&actor, || async move {
-                let policy = node.decide_issue(actor_ref, intent_ref, caller_ref).await?;
-                Ok(Intent::Issue(IssueIntent {
-                    policy: Some(policy),
-                    ..intent_ref.clone()
-                }))
-            })
-            .await?;
-        let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
+        let input = IssueInput {
+            role: r.role,
+            ttl_s: r.ttl_s,
+            purpose: r.purpose,
+            request_id: r.request_id,
+            subject: r.subject,
+            kind,
+        };
+        let issued = self
+            .node
+            .issue_credential(&actor, &presented, &caller, input)
+            .await
+            .map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.issued, 1);
-        Ok(Response::new(cred))
+        Ok(Response::new(self.credential(issued)))
     }
 
     async fn renew(
@@ -409,6 +543,7 @@ impl pb::issuer_server::Issuer for Api {
         validate_intent(&Intent::Renew(intent.clone())).map_err(|e| self.fail(e))?;
         let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
         let outcome = self
+            .node
             .propose_decided(&actor, || async move {
                 let lease = match self.lease(&intent_ref.lease_id).await? {
                     Some(lease) => lease,
@@ -434,10 +569,18 @@ impl pb::issuer_server::Issuer for Api {
                     ..intent_ref.clone()
                 }))
             })
-            .await?;
-        let cred = self.credential(outcome).await.map_err(|e| self.fail(e))?;
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Outcome::Lease { lease, replayed } = outcome else {
+            return Err(to_status(Error::Internal("renew returned no lease".into())));
+        };
+        let credential = self.node.credential_of(&lease).map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.renewed, 1);
-        Ok(Response::new(cred))
+        Ok(Response::new(self.credential(Issued {
+            lease,
+            replayed,
+            credential,
+        })))
     }
 
     async fn revoke(
@@ -837,17 +980,10 @@ impl pb::admin_server::Admin for Api {
             .into_inner()
             .role
             .ok_or_else(|| self.fail(Error::InvalidArgument("role is required".into())))?;
-        let kind = CredentialKind::parse(&r.kind).ok_or_else(|| {
-            self.fail(Error::InvalidArgument(format!(
-                "unknown credential kind {:?} (supported: jwt)",
-                r.kind
-            )))
-        })?;
+        let spec = spec_from_pb(&r).map_err(|e| self.fail(e))?;
         let role = Role {
             name: r.name,
-            kind,
-            audience: r.audience,
-            allowed_scopes: r.allowed_scopes,
+            spec,
             default_ttl_s: r.default_ttl_s,
             max_ttl_s: r.max_ttl_s,
             environment: r.environment,
@@ -920,18 +1056,18 @@ impl pb::admin_server::Admin for Api {
             .await
             .map_err(|e| self.fail(e))?;
         let now = self.node.clock.now_ms();
-        let keys = state::list_keys(&self.node.view)
-            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let jwt_keys = state::list_keys(&self.node.view).map_err(internal)?;
+        let ssh_cas = state::list_ssh_cas(&self.node.view).map_err(internal)?;
         Ok(Response::new(pb::ListKeysResponse {
-            keys: keys
+            keys: jwt_keys
                 .into_iter()
-                .map(|k| pb::SigningKey {
-                    status: k.status_at(now, KEY_PUBLISH_GRACE_MS).to_string(),
-                    published: k.is_published_at(now, KEY_PUBLISH_GRACE_MS),
-                    kid: k.kid,
-                    created_at_ms: k.created_at_ms,
-                    max_token_expiry_ms: k.max_token_expiry_ms,
-                })
+                .map(|k| key_to_pb(k, KeyPurpose::Jwt, now))
+                .chain(
+                    ssh_cas
+                        .into_iter()
+                        .map(|k| key_to_pb(k, KeyPurpose::SshCa, now)),
+                )
                 .collect(),
         }))
     }
@@ -941,19 +1077,28 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::SigningKey>, Status> {
         let actor = self.admin(&req, AdminAction::KeyRotate).await?;
-        match self.propose(actor, Intent::RotateKey).await? {
+        let (purpose, intent) = match req.get_ref().key.as_str() {
+            "" | "jwt" => (KeyPurpose::Jwt, Intent::RotateKey),
+            "ssh-ca" => (KeyPurpose::SshCa, Intent::RotateSshCa),
+            other => {
+                return Err(self.fail(Error::InvalidArgument(format!(
+                    "unknown key {other:?}: jwt or ssh-ca"
+                ))))
+            }
+        };
+        match self.propose(actor, intent).await? {
             Outcome::KeyAdded { kid } => {
-                let rec = state::get_key(&self.node.view, &kid)
-                    .map_err(|e| to_status(Error::Internal(e.to_string())))?
-                    .ok_or_else(|| to_status(Error::KeyNotFound(kid.clone())))?;
-                let now = self.node.clock.now_ms();
-                Ok(Response::new(pb::SigningKey {
-                    status: rec.status_at(now, KEY_PUBLISH_GRACE_MS).to_string(),
-                    published: rec.is_published_at(now, KEY_PUBLISH_GRACE_MS),
-                    kid,
-                    created_at_ms: rec.created_at_ms,
-                    max_token_expiry_ms: rec.max_token_expiry_ms,
-                }))
+                let rec = match purpose {
+                    KeyPurpose::Jwt => state::get_key(&self.node.view, &kid),
+                    KeyPurpose::SshCa => state::get_ssh_ca(&self.node.view, &kid),
+                }
+                .map_err(|e| to_status(Error::Internal(e.to_string())))?
+                .ok_or_else(|| to_status(Error::KeyNotFound(kid.clone())))?;
+                Ok(Response::new(key_to_pb(
+                    rec,
+                    purpose,
+                    self.node.clock.now_ms(),
+                )))
             }
             _ => Err(to_status(Error::Internal("rotate returned no key".into()))),
         }
@@ -1010,6 +1155,7 @@ impl pb::admin_server::Admin for Api {
                     policy_version: a.policy_version,
                     policy_ids: a.policy_ids,
                     context: a.context.into_iter().collect(),
+                    details: a.details.into_iter().collect(),
                 })
                 .collect(),
             head_seq,

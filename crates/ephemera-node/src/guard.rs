@@ -203,7 +203,7 @@ impl Guard {
         now_ms: u64,
         actor: &Principal,
         role: Option<&Role>,
-        requested_scopes: &[String],
+        request: &ephemera_core::kind::KindRequest,
         requested_ttl_s: Option<u64>,
     ) -> Result<(), Error> {
         self.refuse_if_quarantining(&actor.id)?;
@@ -260,8 +260,7 @@ impl Guard {
             }
         }
         if let Some(role) = role {
-            let widest =
-                ephemera_core::guard::is_widest_request(requested_scopes, requested_ttl_s, role);
+            let widest = ephemera_core::guard::is_widest_request(request, requested_ttl_s, role);
             let found = self
                 .anomaly
                 .lock()

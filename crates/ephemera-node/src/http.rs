@@ -56,6 +56,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/oauth2/introspect", post(introspect))
+        .route("/v1/ssh/ca.pub", get(ssh_ca))
+        .route("/v1/ssh/krl", get(ssh_krl))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -177,6 +179,45 @@ async fn introspect(
         // RFC 7662 §2.2: a token that is malformed, unknown or dead is simply not active.
         Ok(None) | Err(Error::InvalidArgument(_)) => Json(json!({"active": false})).into_response(),
         Err(e) => error_response(e),
+    }
+}
+
+/// The SSH CA public keys `sshd` should trust (`TrustedUserCAKeys`, `@cert-authority`): the
+/// active key and retired ones whose certificates are still valid. Public; no authentication.
+async fn ssh_ca(State(node): State<Arc<Node>>) -> Response {
+    match state::published_ssh_cas(&node.view) {
+        Ok(keys) if keys.is_empty() => error_response(Error::Unavailable(
+            "the cluster has no SSH CA yet; retry shortly".into(),
+        )),
+        Ok(keys) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            crate::mint::ssh_ca_lines(&keys),
+        )
+            .into_response(),
+        Err(e) => error_response(Error::Internal(e.to_string())),
+    }
+}
+
+/// The OpenSSH KRL for `RevokedKeys`. Linearizable: after a read barrier, so a revocation
+/// acknowledged by any node is in every KRL fetched afterwards; the bytes are a function of the
+/// applied state, the same on every node. Public, like the CA keys.
+async fn ssh_krl(State(node): State<Arc<Node>>) -> Response {
+    if let Err(e) = node.read_barrier().await {
+        return error_response(e);
+    }
+    match state::ssh_krl(&node.view) {
+        Ok(krl) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static("x-ephemera-krl-version"),
+                    krl.version.to_string(),
+                ),
+            ],
+            krl.encode(),
+        )
+            .into_response(),
+        Err(e) => error_response(Error::Internal(e.to_string())),
     }
 }
 

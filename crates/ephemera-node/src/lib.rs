@@ -27,7 +27,9 @@ pub mod conn;
 pub mod grpc;
 pub mod guard;
 pub mod http;
+pub mod issue;
 pub mod metrics;
+pub mod mint;
 pub mod node;
 pub mod oidc;
 

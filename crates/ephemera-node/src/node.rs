@@ -15,10 +15,10 @@ use ed25519_dalek::SigningKey;
 use ephemera_core::command::{
     stamp, validate_intent, ApplyResult, Command, Entropy, Intent, Op, Outcome, Proposal,
 };
-use ephemera_core::crypto::{unseal_private_key, verify_secret, Kek};
+use ephemera_core::crypto::{verify_secret, Kek};
 use ephemera_core::state;
 use ephemera_core::token::{self, Claims};
-use ephemera_core::types::{AuthMethod, Lease, Principal};
+use ephemera_core::types::{AuthMethod, Principal};
 use ephemera_core::{Clock, Error};
 use ephemera_proto::internal::{ForwardRequest, NodeStatusRequest, ReadIndexRequest};
 use ephemera_raft::network::Peers;
@@ -102,9 +102,10 @@ enum LeaderAttempt {
 /// How far past their expiry retired keys stay in the JWKS, for verifiers' clock skew.
 pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
 
-/// Bearer credentials with this prefix are the break-glass credential; any other bearer is a
-/// JWT assertion.
+/// Bearer credentials with this prefix are the break-glass credential, with [`JOIN_TOKEN_PREFIX`]
+/// one-time join tokens; any other bearer is a JWT assertion.
 pub const BREAK_GLASS_PREFIX: &str = "eph_admin_";
+pub const JOIN_TOKEN_PREFIX: &str = "eph_jt_";
 
 /// What the node needs to authenticate workloads by their X.509-SVIDs.
 pub struct NodeTls {
@@ -123,9 +124,10 @@ pub struct Node {
     pub peers: Peers,
     pub metrics: Metrics,
     pub clock: Arc<dyn Clock>,
-    kek: Kek,
+    pub(crate) kek: Kek,
     entropy: Mutex<Box<dyn Entropy + Send>>,
-    keys: Mutex<HashMap<String, Arc<SigningKey>>>,
+    /// Unsealed signing keys (JWT keys and SSH CA keys), by key id.
+    pub(crate) keys: Mutex<HashMap<String, Arc<SigningKey>>>,
     request_timeout: Duration,
     tls: Option<NodeTls>,
     oidc: crate::oidc::Verifier,
@@ -295,6 +297,9 @@ impl Node {
                 "present a client certificate (X.509-SVID) or a bearer credential".into(),
             ));
         };
+        if presented.starts_with(JOIN_TOKEN_PREFIX) {
+            return self.authenticate_join_token(presented);
+        }
         if !presented.starts_with(BREAK_GLASS_PREFIX) {
             return self.authenticate_assertion(presented).await;
         }
@@ -308,6 +313,37 @@ impl Node {
             Metrics::inc(&self.metrics.auth_failures, 1);
             Err(Error::Unauthenticated("invalid credential".into()))
         }
+    }
+
+    /// A one-time join token authenticates the identity it was created for, for the one
+    /// request that redeems it. Unknown, used and expired tokens are refused here, without a
+    /// Raft write, so a stream of bogus tokens cannot grow the log; `apply` consumes the token.
+    fn authenticate_join_token(&self, token: &str) -> Result<Principal, Error> {
+        let hash = ephemera_core::crypto::hash_secret(token);
+        let usable = state::join_token(&self.view, &hash)
+            .map_err(internal)?
+            .filter(|t| t.used_at_ms.is_none() && self.clock.now_ms() < t.expires_at_ms);
+        let Some(t) = usable else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated(
+                "join token unknown, already used or expired".into(),
+            ));
+        };
+        Ok(Principal {
+            issuer: self.tls.as_ref().map(|tls| tls.trust_domain.clone()),
+            id: t.spiffe_id,
+            auth_method: AuthMethod::JoinToken,
+            attributes: Default::default(),
+            admin: false,
+        })
+    }
+
+    /// The lease of the cluster-issued X.509-SVID a connection presented, if any.
+    pub fn presented_svid_lease(&self, conn: Option<&ConnInfo>) -> Option<String> {
+        let leaf = conn?.peer_certs.as_ref()?.first()?;
+        ephemera_pki::serial_of(leaf)
+            .ok()
+            .and_then(|s| svid_lease_id(&s))
     }
 
     async fn authenticate_svid(
@@ -532,41 +568,6 @@ impl Node {
 
     pub fn tls_trust_domain(&self) -> Option<&str> {
         self.tls.as_ref().map(|t| t.trust_domain.as_str())
-    }
-
-    /// Signs the X.509-SVID of a committed SVID lease: `(certificate PEM, bundle PEM)`. The
-    /// certificate is a pure function of the lease and the CA, so any node gives the same one.
-    pub fn sign_svid(&self, lease: &Lease) -> Result<(String, String), Error> {
-        let ca = state::cluster_ca(&self.view)
-            .map_err(internal)?
-            .ok_or_else(|| Error::Unavailable("the cluster has no CA".into()))?;
-        let seed = unseal_private_key(
-            &self.kek,
-            ephemera_core::types::CLUSTER_CA_KEY_ID,
-            &ca.sealed_seed,
-        )?;
-        let pki_err = |e: ephemera_pki::PkiError| Error::Internal(format!("signing an SVID: {e}"));
-        let signer =
-            ephemera_pki::Ca::from_seed(&ca.trust_domain, &ca.cert_pem, &seed).map_err(pki_err)?;
-        let id = ephemera_pki::SpiffeId::parse(&lease.subject).map_err(pki_err)?;
-        let csr = lease
-            .csr_der
-            .as_deref()
-            .ok_or_else(|| Error::Internal(format!("lease {} is not an SVID", lease.id)))?;
-        let mut serial = vec![0x01];
-        serial.extend(hex::decode(lease.id.trim_start_matches("l_")).map_err(internal)?);
-        let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
-        // Backdated a minute for verifiers whose clocks run behind.
-        let cert = signer
-            .sign_csr(
-                csr,
-                &id,
-                &serial,
-                at(lease.issued_at_ms.saturating_sub(60_000)),
-                at(lease.expires_at_ms),
-            )
-            .map_err(pki_err)?;
-        Ok((cert, ca.cert_pem))
     }
 
     /// Guards a read. A break-glass read is recorded in the audit chain first; that committed
@@ -964,33 +965,10 @@ impl Node {
 
     // ---- credentials ----------------------------------------------------------------------
 
-    fn signing_key(&self, kid: &str) -> Result<Arc<SigningKey>, Error> {
-        if let Some(k) = self.keys.lock().expect("key cache lock").get(kid) {
-            return Ok(k.clone());
-        }
-        let rec = state::get_key(&self.view, kid)
-            .map_err(internal)?
-            .ok_or_else(|| Error::KeyNotFound(kid.to_string()))?;
-        let seed = unseal_private_key(&self.kek, kid, &rec.sealed_private_key)?;
-        let key = Arc::new(SigningKey::from_bytes(&seed));
-        self.keys
-            .lock()
-            .expect("key cache lock")
-            .insert(kid.to_string(), key.clone());
-        Ok(key)
-    }
-
     pub fn issuer(&self) -> Result<String, Error> {
         state::issuer(&self.view)
             .map_err(internal)?
             .ok_or(Error::NotInitialized)
-    }
-
-    /// Signs the credential for a committed lease. Deterministic: any node gives the same token.
-    pub fn sign(&self, lease: &Lease) -> Result<String, Error> {
-        let key = self.signing_key(&lease.kid)?;
-        let claims = Claims::for_lease(lease, &self.issuer()?);
-        Ok(token::sign(&claims, &lease.kid, &key))
     }
 
     /// RFC 7662 semantics: `Ok(Some(claims))` for an active token, `Ok(None)` for any token that
@@ -1149,6 +1127,12 @@ impl Node {
                 tracing::warn!(error = %e, "creating a signing key failed");
             }
         }
+        // Every cluster has an SSH CA; a revoked one is replaced at once.
+        if bootstrapped && matches!(state::active_ssh_ca(&self.view), Ok(None)) {
+            if let Err(e) = self.route_system(Intent::RotateSshCa).await {
+                tracing::warn!(error = %e, "creating the SSH CA key failed");
+            }
+        }
         let mut settled = Vec::new();
         for intent in self.guard.tick(self.clock.now_ms()) {
             if let Intent::GuardEvent(e) = &intent {
@@ -1239,7 +1223,7 @@ impl Node {
             Intent::Issue(i) => {
                 let role = state::get_role(&self.view, &i.role).map_err(internal)?;
                 self.guard
-                    .admit_issue(now, &p.actor, role.as_ref(), &i.scopes, i.ttl_s)
+                    .admit_issue(now, &p.actor, role.as_ref(), &i.request, i.ttl_s)
             }
             Intent::Renew(r) => self
                 .guard

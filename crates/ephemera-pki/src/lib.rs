@@ -291,17 +291,18 @@ impl Ca {
     /// Signs an X.509-SVID for the key in a (verified) CSR. Everything but the key comes from
     /// the arguments, so the same inputs give the same certificate on every node (Ed25519
     /// signatures are deterministic).
-    pub fn sign_csr(
+    /// Certifies `spki_der` (a DER SubjectPublicKeyInfo, from a CSR whose signature was
+    /// verified when it was received) as the X.509-SVID of `id`.
+    pub fn sign_public_key(
         &self,
-        csr_der: &[u8],
+        spki_der: &[u8],
         id: &SpiffeId,
         serial: &[u8],
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, PkiError> {
-        let csr_der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
-        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der)
-            .map_err(|e| PkiError::Malformed(format!("CSR: {e}")))?;
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| PkiError::Malformed(format!("public key: {e}")))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Ephemera");
@@ -317,8 +318,9 @@ impl Ca {
         params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        csr.params = params;
-        let cert = csr.signed_by(&self.cert, &self.key).map_err(gen_err)?;
+        let cert = params
+            .signed_by(&public_key, &self.cert, &self.key)
+            .map_err(gen_err)?;
         Ok(cert.pem())
     }
 
@@ -411,6 +413,8 @@ impl Ca {
 #[derive(Debug, Clone)]
 pub struct ParsedCsr {
     pub der: Vec<u8>,
+    /// The requester's public key (DER SubjectPublicKeyInfo): what the certificate certifies.
+    pub spki_der: Vec<u8>,
     /// The SPIFFE ID it asks for, if it carries a URI SAN.
     pub spiffe_id: Option<SpiffeId>,
 }
@@ -444,8 +448,13 @@ pub fn parse_csr(pem: &str) -> Result<ParsedCsr, PkiError> {
         1 => Some(SpiffeId::parse(&uris[0])?),
         n => return Err(PkiError::SeveralUriSans(n)),
     };
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| PkiError::Malformed(format!("CSR: {e}")))?;
+    let spki_der = parsed.certification_request_info.subject_pki.raw.to_vec();
     Ok(ParsedCsr {
         der: der.to_vec(),
+        spki_der,
         spiffe_id,
     })
 }

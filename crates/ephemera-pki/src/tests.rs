@@ -199,14 +199,31 @@ fn csr_signing_is_deterministic_and_yields_a_verifiable_svid() {
     let req = new_csr(Some(&id)).unwrap();
     let parsed = parse_csr(&req.cert_pem).unwrap();
     assert_eq!(parsed.spiffe_id.as_ref(), Some(&id));
+    // The first layout stored whole CSRs; its decode path finds the same key in them.
+    assert_eq!(
+        ephemera_core::legacy::csr_public_key(&parsed.der).as_deref(),
+        Some(parsed.spki_der.as_slice())
+    );
     let serial = [0x01, 0xaa, 0xbb];
     let nb = SystemTime::UNIX_EPOCH
         + Duration::from_secs(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
     let a = ca
-        .sign_csr(&parsed.der, &id, &serial, nb, nb + Duration::from_secs(600))
+        .sign_public_key(
+            &parsed.spki_der,
+            &id,
+            &serial,
+            nb,
+            nb + Duration::from_secs(600),
+        )
         .unwrap();
     let b = rebuilt
-        .sign_csr(&parsed.der, &id, &serial, nb, nb + Duration::from_secs(600))
+        .sign_public_key(
+            &parsed.spki_der,
+            &id,
+            &serial,
+            nb,
+            nb + Duration::from_secs(600),
+        )
         .unwrap();
     assert_eq!(
         a, b,

@@ -149,6 +149,8 @@ impl AdminAction {
 pub struct WorkloadContext<'a> {
     pub ttl_s: u64,
     pub scopes: &'a [String],
+    /// SSH principals asked for (issue) or carried (renew, revoke, introspect).
+    pub principals: &'a [String],
     pub audience: &'a str,
     /// `None` when the transport has no address (policies on `source_ip` then do not match).
     pub source_ip: Option<IpAddr>,
@@ -625,17 +627,11 @@ fn union_of_grants<'a>(grants: impl Iterator<Item = Option<&'a Grant>>) -> Grant
 }
 
 /// The `WorkloadContext` record of the schema.
-fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 9] {
+fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 10] {
     [
         ("ttl_s", long(ctx.ttl_s)),
-        (
-            "scopes",
-            RestrictedExpression::new_set(
-                ctx.scopes
-                    .iter()
-                    .map(|s| RestrictedExpression::new_string(s.clone())),
-            ),
-        ),
+        ("scopes", string_set(ctx.scopes)),
+        ("principals", string_set(ctx.principals)),
         ("audience", string(ctx.audience)),
         ("source_ip", ip(ctx.source_ip)),
         ("environment", string(ctx.environment)),
@@ -752,18 +748,22 @@ fn principal_entity(p: &Principal) -> Option<Entity> {
     )
 }
 
+fn string_set(items: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(
+        items
+            .iter()
+            .map(|s| RestrictedExpression::new_string(s.clone())),
+    )
+}
+
 fn role_entity(role: &Role) -> Entity {
+    // What the role's kind exposes; empty where a kind has nothing of the sort.
+    let view = role.spec.cedar();
     let attrs = [
-        ("kind".to_string(), string(role.kind.as_str())),
-        ("audience".to_string(), string(&role.audience)),
-        (
-            "scopes".to_string(),
-            RestrictedExpression::new_set(
-                role.allowed_scopes
-                    .iter()
-                    .map(|s| RestrictedExpression::new_string(s.clone())),
-            ),
-        ),
+        ("kind".to_string(), string(role.kind().as_str())),
+        ("audience".to_string(), string(view.audience)),
+        ("scopes".to_string(), string_set(view.scopes)),
+        ("principals".to_string(), string_set(view.principals)),
         ("default_ttl_s".to_string(), long(role.default_ttl_s)),
         ("max_ttl_s".to_string(), long(role.max_ttl_s)),
         (

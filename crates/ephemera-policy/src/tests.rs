@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ephemera_core::types::{AuthMethod, CredentialKind, Principal, Role};
+use ephemera_core::types::{AuthMethod, Principal, Role};
 
 use super::*;
 
@@ -19,9 +19,10 @@ const SATURDAY_1030_MS: u64 = MONDAY_1030_MS + 5 * 86_400_000;
 fn role(name: &str, scopes: &[&str], env: Option<&str>) -> Role {
     Role {
         name: name.into(),
-        kind: CredentialKind::Jwt,
-        audience: "https://api.test".into(),
-        allowed_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        spec: ephemera_core::kind::RoleSpec::Jwt(ephemera_core::kind::jwt::Spec {
+            audience: "https://api.test".into(),
+            allowed_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        }),
         default_ttl_s: 900,
         max_ttl_s: 3600,
         environment: env.map(str::to_string),
@@ -63,6 +64,7 @@ fn ctx<'a>(scopes: &'a [String], now_ms: u64, ip: &str) -> WorkloadContext<'a> {
     WorkloadContext {
         ttl_s: 900,
         scopes,
+        principals: &[],
         audience: "https://api.test",
         source_ip: Some(ip.parse::<IpAddr>().unwrap()),
         environment: "",
@@ -445,9 +447,11 @@ fn built_entities_and_contexts_conform_to_the_schema() {
         admin("spiffe://acme.internal/admin/alice"),
     ] {
         let entity = principal_entity(&p).unwrap();
-        let entities = Entities::from_entities([entity.clone(), role_entity(&r)], Some(schema()))
-            .unwrap_or_else(|e| panic!("{p:?}: {e}"));
-        drop(entities);
+        // Every kind's role entity conforms.
+        for r in [r.clone(), ssh_role(&["alice"]), Role::builtin_svid()] {
+            Entities::from_entities([entity.clone(), role_entity(&r)], Some(schema()))
+                .unwrap_or_else(|e| panic!("{p:?}, {}: {e}", r.name));
+        }
         for action in Action::ALL {
             let context = Context::from_pairs(
                 workload_context(&c)
@@ -485,4 +489,54 @@ fn built_entities_and_contexts_conform_to_the_schema() {
     }
     assert!(principal_entity(&Principal::system()).is_none());
     assert!(principal_entity(&Principal::bootstrap_admin()).is_none());
+}
+
+fn ssh_role(principals: &[&str]) -> Role {
+    Role {
+        spec: ephemera_core::kind::RoleSpec::Ssh(ephemera_core::kind::ssh::Spec {
+            cert_type: ephemera_core::kind::ssh::CertType::User,
+            principals: principals.iter().map(|s| s.to_string()).collect(),
+            host_domains: vec![],
+            allow_subdomains: false,
+            extensions: vec![],
+            critical_options: vec![],
+        }),
+        ..role("ops", &[], None)
+    }
+}
+
+/// Policies see an SSH role's kind and principals, and the principals a request asks for.
+#[test]
+fn ssh_requests_are_decided_on_their_principals() {
+    let b = book(
+        r#"
+@id("ssh-users")
+permit (principal is Ephemera::Workload, action == Ephemera::Action::"issue", resource)
+when { resource.kind == "ssh-user" };
+
+@id("no-root")
+forbid (principal, action == Ephemera::Action::"issue", resource)
+when { context.principals.contains("root") };
+"#,
+    );
+    let r = ssh_role(&["alice", "root"]);
+    let p = svid("spiffe://acme.internal/ns/prod/sa/web");
+    let decide = |principals: &[String]| {
+        let c = WorkloadContext {
+            principals,
+            ..ctx(&[], MONDAY_1030_MS, "10.0.0.1")
+        };
+        b.decide(&p, Action::Issue, &r, &c)
+    };
+    let d = decide(&["alice".to_string()]);
+    assert!(d.allowed, "{d:?}");
+    let d = decide(&["alice".to_string(), "root".to_string()]);
+    assert!(!d.allowed);
+    assert_eq!(d.determining, ["no-root"]);
+    // A JWT role is not an SSH role.
+    let c = ctx(&[], MONDAY_1030_MS, "10.0.0.1");
+    assert!(
+        !b.decide(&p, Action::Issue, &role("web", &["read"], None), &c)
+            .allowed
+    );
 }
