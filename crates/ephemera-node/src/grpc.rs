@@ -851,6 +851,14 @@ impl Api {
         {
             node.route_system(Intent::RotateKey).await?;
         }
+        // The SSH CA is generated here too, so that a cluster answers SSH requests as soon as
+        // init returns (the leader's tick only replaces a revoked one).
+        if state::active_ssh_ca(&node.view)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .is_none()
+        {
+            node.route_system(Intent::RotateSshCa).await?;
+        }
         tracing::info!(
             node_id = node.id,
             "cluster initialised; the admin credential was returned to the caller"

@@ -1127,7 +1127,8 @@ impl Node {
                 tracing::warn!(error = %e, "creating a signing key failed");
             }
         }
-        // Every cluster has an SSH CA; a revoked one is replaced at once.
+        // Every cluster has an SSH CA (init creates it); a revoked one is replaced at once, and
+        // a cluster initialised before SSH certificates existed gets its first here.
         if bootstrapped && matches!(state::active_ssh_ca(&self.view), Ok(None)) {
             if let Err(e) = self.route_system(Intent::RotateSshCa).await {
                 tracing::warn!(error = %e, "creating the SSH CA key failed");
