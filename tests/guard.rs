@@ -304,6 +304,17 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
             .issue(issue("jobs"))
             .await
             .unwrap();
+        // Nor does it get an X.509-SVID: every kind goes through the same checks.
+        let csr = ephemera_pki::new_csr(None).unwrap();
+        let e = w
+            .issue_svid(pb::IssueSvidRequest {
+                csr_pem: csr.cert_pem,
+                join_token: None,
+                ttl_s: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("is quarantined"), "{e}");
         // The leader refuses at once; the quarantine itself is committed on its next tick.
         let deadline = Instant::now() + Duration::from_secs(5);
         let list = loop {

@@ -450,6 +450,115 @@ fn join_tokens_are_single_use_cluster_wide_and_yield_verifiable_svids() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("URI:spiffe://ephemera.dev/ci/runner"));
 }
 
+/// SVIDs go through the one pipeline: rotating an SVID revokes the one it replaces (which then
+/// no longer authenticates), and a policy that forbids the workload `issue` on the SVID role
+/// refuses the rotation, on every node.
+#[test]
+fn svid_rotation_supersedes_the_old_svid_and_obeys_policy() {
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        let token = admin
+            .admin_call(
+                pb::CreateJoinTokenRequest {
+                    spiffe_id: "spiffe://ephemera.dev/svc/rotator".into(),
+                    ttl_s: 600,
+                },
+                |mut a, r| async move { a.create_join_token(r).await },
+            )
+            .await
+            .unwrap()
+            .token;
+        let fetch = |client: Client, join_token: Option<String>| async move {
+            let csr = ephemera_pki::new_csr(None).unwrap();
+            client
+                .issue_svid(pb::IssueSvidRequest {
+                    csr_pem: csr.cert_pem.clone(),
+                    join_token,
+                    ttl_s: Some(600),
+                })
+                .await
+                .map(|s| (s, csr.key_pem))
+        };
+        let anonymous =
+            Client::with_tls(&cluster.apis()[0], None, Some(&cluster.anonymous_tls())).unwrap();
+        let (first, first_key) = fetch(anonymous, Some(token)).await.unwrap();
+        let holder = |node: usize, cert: &str, key: &str| {
+            Client::with_tls(
+                &cluster.apis()[node],
+                None,
+                Some(&tls_with(&cluster, cert, key)),
+            )
+            .unwrap()
+        };
+        let (second, second_key) = fetch(holder(1, &first.cert_pem, &first_key), None)
+            .await
+            .unwrap();
+        assert_eq!(second.spiffe_id, first.spiffe_id);
+        assert_ne!(second.lease_id, first.lease_id);
+        let leases = all_leases(&admin).await;
+        let state = |id: &str| {
+            leases
+                .iter()
+                .find(|l| l.id == id)
+                .map(|l| (l.state.clone(), l.kind.clone()))
+                .unwrap()
+        };
+        assert_eq!(state(&first.lease_id), ("revoked".into(), "x509-svid".into()));
+        assert_eq!(state(&second.lease_id), ("active".into(), "x509-svid".into()));
+        let e = fetch(holder(2, &first.cert_pem, &first_key), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}");
+        // Policy: workloads may no longer obtain SVIDs (everything else as before).
+        let policy = format!(
+            "{}\n@id(\"no-svids\")\nforbid (principal is Ephemera::Workload, action == Ephemera::Action::\"issue\", resource == Ephemera::Role::\"x509-svid\");\n",
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policies/dev.cedar")).unwrap()
+        );
+        let proposal = admin
+            .admin_call(
+                pb::ProposePolicyRequest {
+                    text: policy,
+                    comment: None,
+                },
+                |mut a, r| async move { a.propose_policy(r).await },
+            )
+            .await
+            .unwrap();
+        cluster
+            .client_as("approver", None)
+            .admin_call(
+                pb::ApprovePolicyRequest {
+                    proposal_id: proposal.id,
+                },
+                |mut a, r| async move { a.approve_policy(r).await },
+            )
+            .await
+            .unwrap();
+        for node in 0..3 {
+            let e = fetch(holder(node, &second.cert_pem, &second_key), None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+            assert!(e.to_string().contains("no-svids"), "{e}");
+        }
+        // The refused rotation left the current SVID alone.
+        let leases = all_leases(&admin).await;
+        let current = leases.iter().find(|l| l.id == second.lease_id).unwrap();
+        assert_eq!(current.state, "active");
+        put_role(&admin, "web", 300, 3600).await;
+        // It still authenticates, and JWTs are still allowed.
+        holder(0, &second.cert_pem, &second_key)
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                scopes: vec!["read".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+}
+
 /// JWT assertions from a configured issuer authenticate workloads; a wrong audience, an
 /// assertion expired beyond the leeway, an unknown kid, `alg: none`, HS256 signed with the
 /// issuer's public key, and a replayed jti are refused (the replay on another node).
