@@ -734,3 +734,67 @@ fn no_private_key_in_the_clear_in_any_data_directory() {
             .any(|(_, b)| b.windows(32).any(|w| w == k.public_key)));
     }
 }
+
+/// The method table fails closed: a gRPC method or an HTTP route without a row is refused by
+/// the gate before any handler runs, and a row's authentication holds for every caller.
+#[test]
+fn a_method_without_a_row_in_the_method_table_is_refused() {
+    let cluster = DevCluster::start(1, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        let e = admin
+            .call(|ch| async move {
+                let mut grpc = tonic::client::Grpc::new(ch);
+                grpc.ready()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                grpc.unary::<_, pb::Credential, _>(
+                    tonic::Request::new(pb::IssueRequest::default()),
+                    "/ephemera.v1.Issuer/IssueEverything".parse().unwrap(),
+                    tonic::codec::ProstCodec::default(),
+                )
+                .await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::Unimplemented), "{e}");
+        assert!(e.to_string().contains("no row in the method table"), "{e}");
+        // An admin method refuses a workload at the gate, whatever the handler would do.
+        let e = cluster
+            .client_as("workload", None)
+            .admin_call(pb::ListRolesRequest {}, |mut a, r| async move {
+                a.list_roles(r).await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e}");
+        // HTTP: an unknown route, and a known path with a method it has no row for.
+        let http = cluster.https(None);
+        let url = &cluster.http_urls()[0];
+        for (method, path) in [
+            (reqwest::Method::GET, "/v1/secrets"),
+            (reqwest::Method::GET, "/oauth2/introspect"),
+            (reqwest::Method::DELETE, "/v1/ssh/krl"),
+        ] {
+            let r = http
+                .request(method.clone(), format!("{url}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                reqwest::StatusCode::NOT_FOUND,
+                "{method} {path}"
+            );
+            let body = r.text().await.unwrap();
+            assert!(body.contains("no row in the method table"), "{body}");
+        }
+        // The public rows need no credential.
+        let r = http
+            .get(format!("{url}/v1/ssh/ca.pub"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    });
+}

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     /// A rate limit, a budget or storm mitigation refused the request; retry later.
     ResourceExhausted,
     Internal,
+    /// The method or route does not exist (or has no row in the method table).
+    Unimplemented,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -111,6 +113,8 @@ pub enum Error {
     },
     #[error("lease {lease:?} cannot be renewed: {how}")]
     NotRenewable { lease: String, how: String },
+    #[error("{0} has no row in the method table; refused")]
+    UnknownMethod(String),
 }
 
 impl Error {
@@ -131,6 +135,7 @@ impl Error {
             | TtlAboveCap { .. }
             | KindMismatch { .. } => ErrorCode::InvalidArgument,
             NotRenewable { .. } => ErrorCode::FailedPrecondition,
+            UnknownMethod(_) => ErrorCode::Unimplemented,
             UnknownRole(_) | LeaseNotFound(_) | KeyNotFound(_) => ErrorCode::NotFound,
             AlreadyInitialized | RequestIdConflict(_) => ErrorCode::AlreadyExists,
             LeaseRevoked(_)
@@ -198,6 +203,7 @@ impl Error {
             ClockSkew { .. } => "clock_skew",
             KindMismatch { .. } => "kind_mismatch",
             NotRenewable { .. } => "not_renewable",
+            UnknownMethod(_) => "unknown_method",
         }
     }
 }

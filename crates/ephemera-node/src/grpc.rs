@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::authz::CallerContext;
 use crate::conn::ConnInfo;
 use crate::issue::{IssueInput, Issued, KindInput, Presented};
+use crate::methods;
 use crate::metrics::Metrics;
 use crate::mint::Minted;
 use crate::node::{Forwarded, Node, KEY_PUBLISH_GRACE_MS};
@@ -46,6 +47,7 @@ pub fn to_status(e: Error) -> Status {
         ErrorCode::OutcomeUnknown => tonic::Code::DeadlineExceeded,
         ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
         ErrorCode::Internal => tonic::Code::Internal,
+        ErrorCode::Unimplemented => tonic::Code::Unimplemented,
     };
     if code == tonic::Code::Internal {
         tracing::error!(error = %e, "internal error");
@@ -76,22 +78,24 @@ pub struct Api {
 }
 
 impl Api {
-    /// Authenticates the caller of any method but issuance: a join token is good only for the
-    /// one Issue that redeems it.
-    async fn auth<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
-        let p = self.auth_any(req).await?;
-        if p.auth_method == AuthMethod::JoinToken {
-            return Err(self.fail(Error::Unauthenticated(
-                "a join token is redeemed only for an X.509-SVID (`ephemera svid fetch`)".into(),
-            )));
-        }
-        Ok(p)
+    /// The caller the method table's gate authenticated (see [`crate::methods`]).
+    fn caller_of<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        methods::principal(req).map_err(|e| self.fail(e))
     }
 
-    async fn auth_any<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
-        let conn = req.extensions().get::<ConnInfo>();
+    /// A read, audited under the method's action name (see [`Node::read_access`]).
+    async fn read_audit<T>(
+        &self,
+        req: &Request<T>,
+        actor: &Principal,
+        target: &str,
+    ) -> Result<(), Status> {
+        let action = methods::gated(req)
+            .map_err(|e| self.fail(e))?
+            .method
+            .action();
         self.node
-            .authenticate(bearer(req), conn)
+            .read_access(actor, action, target)
             .await
             .map_err(|e| self.fail(e))
     }
@@ -106,17 +110,6 @@ impl Api {
                 .node
                 .presented_svid_lease(req.extensions().get::<ConnInfo>()),
         }
-    }
-
-    /// Authenticates and authorizes an administrative action: a configured administrator the
-    /// active policy permits, or the break-glass credential.
-    async fn admin<T>(&self, req: &Request<T>, action: AdminAction) -> Result<Principal, Status> {
-        let p = self.auth(req).await?;
-        self.node
-            .authorize_admin(&p, action, &caller(req))
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(p)
     }
 
     /// A lease by id from this node's state; if it is not here yet, after a read barrier.
@@ -438,7 +431,12 @@ impl pb::issuer_server::Issuer for Api {
                 .map_err(|_| self.fail(Error::Unauthenticated("malformed join token".into())))?;
             req.metadata_mut().insert("authorization", value);
         }
-        let actor = self.auth_any(&req).await?;
+        // `InBody` in the method table: authenticated here, by the same code as everywhere.
+        let actor = self
+            .node
+            .authenticate(bearer(&req), req.extensions().get::<ConnInfo>())
+            .await
+            .map_err(|e| self.fail(e))?;
         let presented = self.presented(&req, &actor);
         let r = req.get_ref();
         let input = IssueInput {
@@ -480,7 +478,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = self.auth_any(&req).await?;
+        let actor = self.caller_of(&req)?;
         let presented = self.presented(&req, &actor);
         let mut caller = caller(&req);
         let r = req.into_inner();
@@ -528,8 +526,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
-        let actor = self.auth(&req).await?;
-        self.node.check_clock().map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
         let mut caller = caller(&req);
         let r = req.into_inner();
         caller.environment = r.environment;
@@ -587,7 +584,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let actor = self.auth(&req).await?;
+        let actor = self.caller_of(&req)?;
         let caller = caller(&req);
         use pb::revoke_request::Target;
         let target = match req.into_inner().target {
@@ -634,7 +631,7 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let actor = self.auth(&req).await?;
+        let actor = self.caller_of(&req)?;
         let caller = caller(&req);
         let token = req.into_inner().token;
         let claims = self
@@ -664,8 +661,8 @@ impl pb::issuer_server::Issuer for Api {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::LeaseList).await?;
-        let r = req.into_inner();
+        let actor = self.caller_of(&req)?;
+        let r = req.get_ref().clone();
         if let Some(s) = &r.state {
             if !matches!(s.as_str(), "active" | "revoked" | "expired") {
                 return Err(self.fail(Error::InvalidArgument(format!(
@@ -673,10 +670,7 @@ impl pb::issuer_server::Issuer for Api {
                 ))));
             }
         }
-        self.node
-            .read_access(&actor, "leases.list", "")
-            .await
-            .map_err(|e| self.fail(e))?;
+        self.read_audit(&req, &actor, "").await?;
         let filter = LeaseFilter {
             subject: r.subject,
             role: r.role,
@@ -876,7 +870,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::JoinToken>, Status> {
-        let actor = self.admin(&req, AdminAction::JoinTokenCreate).await?;
+        let actor = self.caller_of(&req)?;
         let r = req.into_inner();
         let id = ephemera_pki::SpiffeId::parse(&r.spiffe_id)
             .map_err(|e| self.fail(Error::InvalidArgument(e.to_string())))?;
@@ -930,7 +924,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.admin(&req, AdminAction::ClusterManage).await?;
+        let actor = self.caller_of(&req)?;
         let (id, info) =
             node_info_from_pb(req.into_inner().node, self.plaintext).map_err(|e| self.fail(e))?;
         self.propose(
@@ -952,7 +946,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = self.admin(&req, AdminAction::ClusterManage).await?;
+        let actor = self.caller_of(&req)?;
         let id = req.into_inner().id;
         self.propose(
             actor,
@@ -975,7 +969,7 @@ impl pb::admin_server::Admin for Api {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // An operational probe: authenticated, but not written to the audit chain, so that
         // monitoring does not grow the replicated state.
-        self.admin(&req, AdminAction::ClusterRead).await?;
+        self.caller_of(&req)?;
         Ok(Response::new(self.status_pb().await))
     }
 
@@ -983,7 +977,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::PutRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.admin(&req, AdminAction::RoleWrite).await?;
+        let actor = self.caller_of(&req)?;
         let r = req
             .into_inner()
             .role
@@ -1014,12 +1008,10 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::GetRoleRequest>,
     ) -> Result<Response<pb::Role>, Status> {
-        let actor = self.admin(&req, AdminAction::RoleRead).await?;
-        let name = req.into_inner().name;
-        self.node
-            .read_access(&actor, "role.get", &format!("role:{name}"))
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        let name = req.get_ref().name.clone();
+        self.read_audit(&req, &actor, &format!("role:{name}"))
+            .await?;
         match state::get_role(&self.node.view, &name)
             .map_err(|e| to_status(Error::Internal(e.to_string())))?
         {
@@ -1032,11 +1024,8 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListRolesRequest>,
     ) -> Result<Response<pb::ListRolesResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::RoleRead).await?;
-        self.node
-            .read_access(&actor, "role.list", "")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        self.read_audit(&req, &actor, "").await?;
         let roles = state::list_roles(&self.node.view)
             .map_err(|e| to_status(Error::Internal(e.to_string())))?;
         Ok(Response::new(pb::ListRolesResponse {
@@ -1048,7 +1037,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::DeleteRoleRequest>,
     ) -> Result<Response<pb::DeleteRoleResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::RoleWrite).await?;
+        let actor = self.caller_of(&req)?;
         let name = req.into_inner().name;
         self.propose(actor, Intent::DeleteRole { name }).await?;
         Ok(Response::new(pb::DeleteRoleResponse {}))
@@ -1058,11 +1047,8 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::KeyRead).await?;
-        self.node
-            .read_access(&actor, "key.list", "")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        self.read_audit(&req, &actor, "").await?;
         let now = self.node.clock.now_ms();
         let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
         let jwt_keys = state::list_keys(&self.node.view).map_err(internal)?;
@@ -1084,7 +1070,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::SigningKey>, Status> {
-        let actor = self.admin(&req, AdminAction::KeyRotate).await?;
+        let actor = self.caller_of(&req)?;
         let (purpose, intent) = match req.get_ref().key.as_str() {
             "" | "jwt" => (KeyPurpose::Jwt, Intent::RotateKey),
             "ssh-ca" => (KeyPurpose::SshCa, Intent::RotateSshCa),
@@ -1116,12 +1102,9 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::AuditTailRequest>,
     ) -> Result<Response<pb::AuditTailResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::AuditRead).await?;
-        let r = req.into_inner();
-        self.node
-            .read_access(&actor, "audit.read", "")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        let r = *req.get_ref();
+        self.read_audit(&req, &actor, "").await?;
         let limit = if r.limit == 0 { 20 } else { r.limit.min(1000) } as usize;
         let view = &self.node.view;
         let (head_seq, head_hash) =
@@ -1175,7 +1158,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ProposePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyPropose).await?;
+        let actor = self.caller_of(&req)?;
         let r = req.into_inner();
         // Refused here with the validator's message; nothing reaches the log.
         validate_policy(&r.text).map_err(|e| self.fail(e))?;
@@ -1190,7 +1173,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ApprovePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyApprove).await?;
+        let actor = self.caller_of(&req)?;
         let proposal_id = req.into_inner().proposal_id;
         let outcome = self
             .propose(actor, Intent::ApprovePolicy { proposal_id })
@@ -1202,7 +1185,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::RejectPolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyReject).await?;
+        let actor = self.caller_of(&req)?;
         let r = req.into_inner();
         let intent = Intent::RejectPolicy {
             proposal_id: r.proposal_id,
@@ -1215,12 +1198,10 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::GetPolicyProposalRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
-        let id = req.into_inner().proposal_id;
-        self.node
-            .read_access(&actor, "policy.read", &format!("policy-proposal:{id}"))
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        let id = req.get_ref().proposal_id.clone();
+        self.read_audit(&req, &actor, &format!("policy-proposal:{id}"))
+            .await?;
         let view = &self.node.view;
         let proposal = state::policy_proposal(view, &id)
             .map_err(|e| to_status(Error::Internal(e.to_string())))?
@@ -1232,12 +1213,9 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListPolicyProposalsRequest>,
     ) -> Result<Response<pb::ListPolicyProposalsResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
-        let include_closed = req.into_inner().include_closed;
-        self.node
-            .read_access(&actor, "policy.read", "policy-proposals")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        let include_closed = req.get_ref().include_closed;
+        self.read_audit(&req, &actor, "policy-proposals").await?;
         let view = &self.node.view;
         let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
         let governance = state::policy_governance(view).map_err(internal)?;
@@ -1255,12 +1233,9 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::PolicyVersion>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
-        let wanted = req.into_inner().version;
-        self.node
-            .read_access(&actor, "policy.read", "policy")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        let wanted = req.get_ref().version;
+        self.read_audit(&req, &actor, "policy").await?;
         let view = &self.node.view;
         let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
         let active = state::policy_version(view).map_err(internal)?;
@@ -1279,11 +1254,8 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListPolicyHistoryRequest>,
     ) -> Result<Response<pb::ListPolicyHistoryResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::PolicyRead).await?;
-        self.node
-            .read_access(&actor, "policy.read", "policy-history")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        self.read_audit(&req, &actor, "policy-history").await?;
         let view = &self.node.view;
         let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
         let active = state::policy_version(view).map_err(internal)?;
@@ -1299,11 +1271,8 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ListQuarantinesRequest>,
     ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::QuarantineRead).await?;
-        self.node
-            .read_access(&actor, "quarantine.list", "")
-            .await
-            .map_err(|e| self.fail(e))?;
+        let actor = self.caller_of(&req)?;
+        self.read_audit(&req, &actor, "").await?;
         let quarantines = state::quarantines(&self.node.view)
             .map_err(|e| to_status(Error::Internal(e.to_string())))?
             .into_iter()
@@ -1322,7 +1291,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         req: Request<pb::ReleaseQuarantineRequest>,
     ) -> Result<Response<pb::ReleaseQuarantineResponse>, Status> {
-        let actor = self.admin(&req, AdminAction::QuarantineRelease).await?;
+        let actor = self.caller_of(&req)?;
         let identity = req.into_inner().identity;
         self.propose(actor, Intent::ReleaseQuarantine { identity })
             .await?;
@@ -1334,7 +1303,7 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::StateDigestRequest>,
     ) -> Result<Response<pb::StateDigest>, Status> {
         // Operational probe of this node's own copy; not audited (see get_cluster_status).
-        self.admin(&req, AdminAction::ClusterRead).await?;
+        self.caller_of(&req)?;
         let node = self.node.clone();
         let digest = tokio::task::spawn_blocking(move || -> Result<pb::StateDigest, Error> {
             let view = &node.view;

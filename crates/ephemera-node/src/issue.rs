@@ -1,6 +1,6 @@
 //! The one issuance pipeline, for every credential kind:
 //!
-//! authenticate (the transport did) → ingress limits (in authentication) → the clock check →
+//! authenticate, ingress limits, the clock check (the method table's gate did these) →
 //! the kind's request prepared (a CSR's signature verified, an SSH key parsed) → validation →
 //! the Cedar decision on the role, with the kind's attributes → (leader) cluster-wide limits
 //! and anomaly detection → commit, where `apply` checks quarantine, budgets, TTL caps and the
@@ -65,7 +65,6 @@ impl Node {
         caller: &CallerContext,
         input: IssueInput,
     ) -> Result<Issued, Error> {
-        self.check_clock()?;
         let (request, subject, supersedes) = self
             .prepare_request(actor, presented, caller, &input)
             .await?;

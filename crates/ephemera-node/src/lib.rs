@@ -28,6 +28,7 @@ pub mod grpc;
 pub mod guard;
 pub mod http;
 pub mod issue;
+pub mod methods;
 pub mod metrics;
 pub mod mint;
 pub mod node;
@@ -288,6 +289,8 @@ pub async fn run(
         // The backstop for every call; each has a tighter deadline of its own except a join,
         // which waits for the new node to catch up.
         .timeout(node::CATCH_UP_LIMIT + Duration::from_secs(30))
+        // The method table: every call is admitted by its row, or refused.
+        .layer(methods::GrpcGateLayer { node: node.clone() })
         .add_service(
             IssuerServer::new(api.clone()).max_decoding_message_size(MAX_API_MESSAGE_BYTES),
         )
