@@ -797,8 +797,14 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                 }
                 Output::Text => {
                     for a in &records {
+                        // What the kind added and what a refusal named, as key=value pairs.
+                        let mut pairs: Vec<(&String, &String)> =
+                            a.details.iter().chain(a.error_fields.iter()).collect();
+                        pairs.sort();
+                        let extra: String =
+                            pairs.iter().map(|(k, v)| format!(" {k}={v:?}")).collect();
                         println!(
-                            "{:>6} {} {:<14} {:<8} actor={} {}{}{}{}{}",
+                            "{:>6} {} {:<14} {:<8} actor={} {}{}{}{}{}{extra}",
                             a.seq,
                             fmt_time(a.time_ms),
                             a.action,

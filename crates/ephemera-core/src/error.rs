@@ -115,6 +115,14 @@ pub enum Error {
     NotRenewable { lease: String, how: String },
     #[error("{0} has no row in the method table; refused")]
     UnknownMethod(String),
+    #[error("{what} {value:?} is not allowed by role {role:?} (allowed: {allowed})")]
+    NotAllowedByRole {
+        /// `principal`, `extension`, `critical option`, `host name`.
+        what: String,
+        value: String,
+        role: String,
+        allowed: String,
+    },
 }
 
 impl Error {
@@ -136,6 +144,7 @@ impl Error {
             | KindMismatch { .. } => ErrorCode::InvalidArgument,
             NotRenewable { .. } => ErrorCode::FailedPrecondition,
             UnknownMethod(_) => ErrorCode::Unimplemented,
+            NotAllowedByRole { .. } => ErrorCode::PermissionDenied,
             UnknownRole(_) | LeaseNotFound(_) | KeyNotFound(_) => ErrorCode::NotFound,
             AlreadyInitialized | RequestIdConflict(_) => ErrorCode::AlreadyExists,
             LeaseRevoked(_)
@@ -204,7 +213,106 @@ impl Error {
             KindMismatch { .. } => "kind_mismatch",
             NotRenewable { .. } => "not_renewable",
             UnknownMethod(_) => "unknown_method",
+            NotAllowedByRole { .. } => "not_allowed_by_role",
         }
+    }
+}
+
+impl Error {
+    /// The error as the audit chain records it: its kind and its structured fields (names,
+    /// ids, numbers), never its prose. A reworded message in a newer release must not change
+    /// the hash of a record that an older node computes for the same entry (a rolling upgrade
+    /// would fork the audit head). Errors whose only content is prose record their kind alone;
+    /// the caller received the full message.
+    pub fn audit_fields(&self) -> std::collections::BTreeMap<String, String> {
+        use Error::*;
+        let pairs: Vec<(&str, String)> = match self {
+            UnknownRole(r) => vec![("role", r.clone())],
+            AudienceNotAllowed {
+                requested,
+                role,
+                allowed,
+            } => vec![
+                ("requested", requested.clone()),
+                ("role", role.clone()),
+                ("allowed", allowed.clone()),
+            ],
+            TtlAboveCap {
+                requested_s,
+                max_s,
+                role,
+            } => vec![
+                ("requested_s", requested_s.to_string()),
+                ("max_s", max_s.to_string()),
+                ("role", role.clone()),
+            ],
+            LeaseNotFound(l) | LeaseRevoked(l) | LeaseExpired(l) | LeaseAtMaxLifetime(l) => {
+                vec![("lease", l.clone())]
+            }
+            NotRenewable { lease, .. } => vec![("lease", lease.clone())],
+            RequestIdConflict(r) => vec![("request_id", r.clone())],
+            KeyNotFound(k) => vec![("kid", k.clone())],
+            PolicyChanged { decided, active } => vec![
+                ("decided", decided.to_string()),
+                ("active", active.to_string()),
+            ],
+            NoScopeGranted { requested, role } => {
+                vec![("requested", requested.clone()), ("role", role.clone())]
+            }
+            ProposalNotFound(id) | ProposalExpired(id) => vec![("proposal", id.clone())],
+            ProposalNotPending { id, state } => {
+                vec![("proposal", id.clone()), ("state", state.clone())]
+            }
+            SelfApproval { id, approver } | AlreadyApproved { id, approver } => {
+                vec![("proposal", id.clone()), ("approver", approver.clone())]
+            }
+            ProposalStale { id, base, active } => vec![
+                ("proposal", id.clone()),
+                ("base", base.to_string()),
+                ("active", active.to_string()),
+            ],
+            RateLimited { retry_after_ms, .. } | RenewalDeferred { retry_after_ms } => {
+                vec![("retry_after_ms", retry_after_ms.to_string())]
+            }
+            BudgetExceeded { holder, role, live } => vec![
+                ("holder", holder.clone()),
+                ("role", role.clone()),
+                ("live", live.to_string()),
+            ],
+            Quarantined(id) => vec![("identity", id.clone())],
+            ClockSkew {
+                offset_ms,
+                bound_ms,
+            } => vec![
+                ("offset_ms", offset_ms.to_string()),
+                ("bound_ms", bound_ms.to_string()),
+            ],
+            KindMismatch {
+                role,
+                role_kind,
+                requested,
+            } => vec![
+                ("role", role.clone()),
+                ("role_kind", role_kind.clone()),
+                ("requested", requested.clone()),
+            ],
+            NotAllowedByRole {
+                what,
+                value,
+                role,
+                allowed,
+            } => vec![
+                ("what", what.clone()),
+                ("value", value.clone()),
+                ("role", role.clone()),
+                ("allowed", allowed.clone()),
+            ],
+            UnknownMethod(m) => vec![("method", m.clone())],
+            InvalidArgument(_) | Unauthenticated(_) | PermissionDenied(_) | Unavailable(_)
+            | OutcomeUnknown(_) | Internal(_) | PolicyDenied(_) | NoActiveSigningKey
+            | AlreadyInitialized | NotInitialized => vec![],
+        };
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 }
 

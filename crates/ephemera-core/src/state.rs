@@ -244,8 +244,10 @@ pub fn apply<R: KvRead + ?Sized>(
             }
         }
         Err(e) => {
+            // The kind and structured fields, never apply's prose (see `Error::audit_fields`).
             audit.outcome = "denied".into();
-            audit.reason = Some(format!("{}: {e}", e.kind()));
+            audit.reason = Some(e.kind().to_string());
+            audit.error_fields.extend(e.audit_fields());
         }
     }
     append_audit(kv, audit)?;
@@ -570,8 +572,10 @@ fn apply_op<R: KvRead + ?Sized>(
             Ok(Ok(Outcome::Done))
         }
         Op::RecordDenial { presented, reason } => {
-            // Recorded as a denial; nothing else changes.
+            // Recorded as a denial; nothing else changes. The reason came in the command (the
+            // receiving node's words), so it is the log's, not this release's.
             audit.target = Some(presented.clone());
+            audit.error_fields.insert("reason".into(), reason.clone());
             Ok(Err(Error::Unauthenticated(reason.clone())))
         }
         Op::SetClusterCa {

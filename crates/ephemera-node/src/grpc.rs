@@ -1147,6 +1147,7 @@ impl pb::admin_server::Admin for Api {
                     policy_ids: a.policy_ids,
                     context: a.context.into_iter().collect(),
                     details: a.details.into_iter().collect(),
+                    error_fields: a.error_fields.into_iter().collect(),
                 })
                 .collect(),
             head_seq,

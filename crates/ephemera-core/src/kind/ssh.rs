@@ -119,6 +119,20 @@ pub struct Grant {
 
 pub struct Ssh;
 
+/// A refusal of something the role does not list (structured, so its audit record is too).
+fn not_allowed(what: &str, value: &str, role: &str, allowed: &[String]) -> Error {
+    Error::NotAllowedByRole {
+        what: what.into(),
+        value: value.into(),
+        role: role.into(),
+        allowed: if allowed.is_empty() {
+            "none".into()
+        } else {
+            allowed.join(", ")
+        },
+    }
+}
+
 /// The SSH wire encoding of a string (`uint32` length, then the bytes).
 pub fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
@@ -338,11 +352,7 @@ impl Kind for Ssh {
                     )));
                 }
                 if let Some(p) = principals.iter().find(|p| !spec.principals.contains(p)) {
-                    return Err(Error::PermissionDenied(format!(
-                        "principal {p:?} is not allowed by role {:?} (allowed: {})",
-                        ctx.role,
-                        spec.principals.join(", ")
-                    )));
+                    return Err(not_allowed("principal", p, ctx.role, &spec.principals));
                 }
                 principals
             }
@@ -377,15 +387,7 @@ impl Kind for Ssh {
             (None, _) => spec.extensions.clone(),
             (Some(asked), _) => {
                 if let Some(e) = asked.iter().find(|e| !spec.extensions.contains(e)) {
-                    return Err(Error::PermissionDenied(format!(
-                        "extension {e:?} is not allowed by role {:?} (allowed: {})",
-                        ctx.role,
-                        if spec.extensions.is_empty() {
-                            "none".to_string()
-                        } else {
-                            spec.extensions.join(", ")
-                        }
-                    )));
+                    return Err(not_allowed("extension", e, ctx.role, &spec.extensions));
                 }
                 asked.clone()
             }
@@ -397,15 +399,12 @@ impl Kind for Ssh {
             .keys()
             .find(|o| !spec.critical_options.contains(o))
         {
-            return Err(Error::PermissionDenied(format!(
-                "critical option {o:?} is not allowed by role {:?} (allowed: {})",
+            return Err(not_allowed(
+                "critical option",
+                o,
                 ctx.role,
-                if spec.critical_options.is_empty() {
-                    "none".to_string()
-                } else {
-                    spec.critical_options.join(", ")
-                }
-            )));
+                &spec.critical_options,
+            ));
         }
         Ok(Grant {
             cert_type: spec.cert_type,
