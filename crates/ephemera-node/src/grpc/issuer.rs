@@ -1,0 +1,277 @@
+//! The `Issuer` service: credentials of every kind, through the one pipeline.
+
+use super::*;
+
+#[tonic::async_trait]
+impl pb::issuer_server::Issuer for Api {
+    async fn issue_svid(
+        &self,
+        mut req: Request<pb::IssueSvidRequest>,
+    ) -> Result<Response<pb::Svid>, Status> {
+        // The compatibility path: the join token travels in the request body here; it is the
+        // same credential as an `eph_jt_` bearer on Issue.
+        if let Some(token) = req.get_ref().join_token.clone() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| self.fail(Error::Unauthenticated("malformed join token".into())))?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        // `InBody` in the method table: authenticated here, by the same code as everywhere.
+        let actor = self
+            .node
+            .authenticate(bearer(&req), req.extensions().get::<ConnInfo>())
+            .await
+            .map_err(|e| self.fail(e))?;
+        let presented = self.presented(&req, &actor);
+        let r = req.get_ref();
+        let input = IssueInput {
+            role: SVID_ROLE.into(),
+            ttl_s: r.ttl_s,
+            purpose: None,
+            request_id: None,
+            subject: None,
+            kind: KindInput::X509Svid {
+                csr_pem: r.csr_pem.clone(),
+            },
+        };
+        let issued = self
+            .node
+            .issue_credential(&actor, &presented, &caller(&req), input)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.issued, 1);
+        let (lease, credential) = (issued.lease, issued.credential);
+        let Minted::X509Svid {
+            cert_pem,
+            bundle_pem,
+        } = credential
+        else {
+            return Err(to_status(Error::Internal(
+                "the SVID role minted something else".into(),
+            )));
+        };
+        Ok(Response::new(pb::Svid {
+            lease_id: lease.id,
+            spiffe_id: lease.subject,
+            cert_pem,
+            bundle_pem,
+            expires_at_ms: lease.expires_at_ms,
+        }))
+    }
+
+    async fn issue(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let actor = self.caller_of(&req)?;
+        let presented = self.presented(&req, &actor);
+        let mut caller = caller(&req);
+        let r = req.into_inner();
+        caller.environment = r.environment;
+        caller.job_id = r.job_id;
+        let jwt_fields = !r.scopes.is_empty() || r.audience.is_some();
+        let kind = match r.kind {
+            None => KindInput::Jwt(jwt::Request {
+                scopes: r.scopes,
+                audience: r.audience,
+            }),
+            Some(_) if jwt_fields => {
+                return Err(self.fail(Error::InvalidArgument(
+                    "scopes and audience belong to JWT requests, not to this kind".into(),
+                )))
+            }
+            Some(pb::issue_request::Kind::X509Svid(s)) => {
+                KindInput::X509Svid { csr_pem: s.csr_pem }
+            }
+            Some(pb::issue_request::Kind::Ssh(s)) => KindInput::Ssh(ssh::Request {
+                public_key: s.public_key,
+                principals: s.principals,
+                extensions: s.set_extensions.then_some(s.extensions),
+                critical_options: s.critical_options.into_iter().collect(),
+            }),
+        };
+        let input = IssueInput {
+            role: r.role,
+            ttl_s: r.ttl_s,
+            purpose: r.purpose,
+            request_id: r.request_id,
+            subject: r.subject,
+            kind,
+        };
+        let issued = self
+            .node
+            .issue_credential(&actor, &presented, &caller, input)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.issued, 1);
+        Ok(Response::new(self.credential(issued)))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let actor = self.caller_of(&req)?;
+        let mut caller = caller(&req);
+        let r = req.into_inner();
+        caller.environment = r.environment;
+        caller.job_id = r.job_id;
+        let intent = RenewIntent {
+            lease_id: r.lease_id,
+            increment_s: r.increment_s,
+            context: caller.for_audit(),
+            policy: None,
+        };
+        validate_intent(&Intent::Renew(intent.clone())).map_err(|e| self.fail(e))?;
+        let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
+        let outcome = self
+            .node
+            .propose_decided(&actor, || async move {
+                let lease = match self.lease(&intent_ref.lease_id).await? {
+                    Some(lease) => lease,
+                    None => return Err(Error::LeaseNotFound(intent_ref.lease_id.clone())),
+                };
+                // A revoked or expired lease is refused precisely by `apply`, not by policy.
+                let policy = if lease.state == LeaseState::Active {
+                    Some(
+                        node.decide_on_lease(
+                            actor_ref,
+                            Action::Renew,
+                            &lease,
+                            intent_ref.increment_s,
+                            caller_ref,
+                        )
+                        .await?,
+                    )
+                } else {
+                    None
+                };
+                Ok(Intent::Renew(RenewIntent {
+                    policy,
+                    ..intent_ref.clone()
+                }))
+            })
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Outcome::Lease { lease, replayed } = outcome else {
+            return Err(to_status(Error::Internal("renew returned no lease".into())));
+        };
+        let credential = self.node.credential_of(&lease).map_err(|e| self.fail(e))?;
+        Metrics::inc(&self.node.metrics.renewed, 1);
+        Ok(Response::new(self.credential(Issued {
+            lease,
+            replayed,
+            credential,
+        })))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let actor = self.caller_of(&req)?;
+        let caller = caller(&req);
+        use pb::revoke_request::Target;
+        let target = match req.into_inner().target {
+            Some(Target::LeaseId(id)) => RevokeTarget::Lease(id),
+            Some(Target::Subject(s)) => RevokeTarget::Subject(s),
+            Some(Target::Role(r)) => RevokeTarget::Role(r),
+            Some(Target::Kid(k)) => RevokeTarget::Key(k),
+            None => {
+                return Err(self.fail(Error::InvalidArgument(
+                    "one of lease_id, subject, role or kid is required".into(),
+                )))
+            }
+        };
+        Metrics::inc(&self.node.metrics.revoke_calls, 1);
+        validate_intent(&Intent::Revoke(target.clone())).map_err(|e| self.fail(e))?;
+        match &target {
+            // An unknown lease is refused by `apply`, which has the last word on existence.
+            RevokeTarget::Lease(id) => {
+                if let Some(lease) = self.lease(id).await.map_err(|e| self.fail(e))? {
+                    self.node
+                        .decide_on_lease(&actor, Action::Revoke, &lease, None, &caller)
+                        .await
+                        .map_err(|e| self.fail(e))?;
+                }
+            }
+            _ => self
+                .node
+                .authorize_admin(&actor, AdminAction::LeaseRevokeBulk, &caller)
+                .await
+                .map_err(|e| self.fail(e))?,
+        }
+        match self.propose(actor, Intent::Revoke(target)).await? {
+            Outcome::Revoked { count } => {
+                Metrics::inc(&self.node.metrics.leases_revoked, count);
+                Ok(Response::new(pb::RevokeResponse { revoked: count }))
+            }
+            _ => Err(to_status(Error::Internal(
+                "revoke returned no count".into(),
+            ))),
+        }
+    }
+
+    async fn introspect(
+        &self,
+        req: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let actor = self.caller_of(&req)?;
+        let caller = caller(&req);
+        let token = req.into_inner().token;
+        let claims = self
+            .node
+            .introspect(&actor, &caller, &token)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(match claims {
+            None => pb::IntrospectResponse::default(),
+            Some(c) => pb::IntrospectResponse {
+                active: true,
+                sub: c.sub,
+                aud: c.aud,
+                scope: c.scope,
+                client_id: c.client_id,
+                exp: c.exp,
+                iat: c.iat,
+                nbf: c.nbf,
+                jti: c.jti,
+                iss: c.iss,
+                token_type: "Bearer".into(),
+            },
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let actor = self.caller_of(&req)?;
+        let r = req.get_ref().clone();
+        if let Some(s) = &r.state {
+            if !matches!(s.as_str(), "active" | "revoked" | "expired") {
+                return Err(self.fail(Error::InvalidArgument(format!(
+                    "state {s:?} must be one of active, revoked, expired"
+                ))));
+            }
+        }
+        self.read_audit(&req, &actor, "").await?;
+        let filter = LeaseFilter {
+            subject: r.subject,
+            role: r.role,
+            state: r.state,
+        };
+        let page_size = if r.page_size == 0 {
+            100
+        } else {
+            r.page_size as usize
+        };
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let (leases, next) = state::list_leases(&self.node.view, &filter, after, page_size)
+            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.into_iter().map(lease_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,338 @@
+//! Authentication: X.509-SVIDs, JWT assertions, join tokens and the break-glass credential, with
+//! their ingress limits and the sampled audit of refusals.
+
+use super::*;
+
+impl Node {
+    // ---- authentication ------------------------------------------------------------------
+
+    /// Authenticates a caller: by the X.509-SVID it presented over mTLS, else by a bearer
+    /// credential (the break-glass admin credential). A refused certificate is audited.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        conn: Option<&ConnInfo>,
+    ) -> Result<Principal, Error> {
+        // A flood from one address is shed before any certificate or signature work.
+        let source = conn.and_then(|c| c.remote).map(|a| a.ip());
+        if let Err(e) = self.guard.ingress_source(source) {
+            let who = source.map_or_else(|| "unknown address".to_string(), |ip| ip.to_string());
+            self.audit_ingress_refusal(who, &e).await;
+            return Err(e);
+        }
+        let principal = self.authenticate_caller(bearer, conn).await?;
+        if let Err(e) = self.guard.ingress_identity(&principal.id) {
+            self.audit_ingress_refusal(principal.id.clone(), &e).await;
+            return Err(e);
+        }
+        Ok(principal)
+    }
+
+    /// Records an ingress refusal, sampled like every refusal (the count of the unrecorded ones
+    /// goes into the next record).
+    pub(super) async fn audit_ingress_refusal(&self, who: String, e: &Error) {
+        let Some(note) = self.refusal_audit_slot() else {
+            return;
+        };
+        let event = ephemera_core::command::GuardEvent {
+            kind: "refused".into(),
+            identity: Some(who),
+            detail: format!("{e}{note}"),
+            quarantine: false,
+            revoke_leases: false,
+        };
+        if let Err(e) = self.route_system(Intent::GuardEvent(event)).await {
+            tracing::warn!(error = %e, "could not audit a refusal");
+        }
+    }
+
+    pub(super) async fn authenticate_caller(
+        &self,
+        bearer: Option<&str>,
+        conn: Option<&ConnInfo>,
+    ) -> Result<Principal, Error> {
+        if let Some(certs) = conn
+            .and_then(|c| c.peer_certs.as_ref())
+            .filter(|c| !c.is_empty())
+        {
+            return self.authenticate_svid(certs).await;
+        }
+        let Some(presented) = bearer.filter(|b| !b.is_empty()) else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated(
+                "present a client certificate (X.509-SVID) or a bearer credential".into(),
+            ));
+        };
+        if presented.starts_with(JOIN_TOKEN_PREFIX) {
+            return self.authenticate_join_token(presented);
+        }
+        if !presented.starts_with(BREAK_GLASS_PREFIX) {
+            return self.authenticate_assertion(presented).await;
+        }
+        let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
+        let Some(stored) = stored else {
+            return Err(Error::NotInitialized);
+        };
+        if verify_secret(presented, &stored) {
+            Ok(Principal::bootstrap_admin())
+        } else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            Err(Error::Unauthenticated("invalid credential".into()))
+        }
+    }
+
+    /// A one-time join token authenticates the identity it was created for, for the one
+    /// request that redeems it. Unknown, used and expired tokens are refused here, without a
+    /// Raft write, so a stream of bogus tokens cannot grow the log; `apply` consumes the token.
+    pub(super) fn authenticate_join_token(&self, token: &str) -> Result<Principal, Error> {
+        let hash = ephemera_core::crypto::hash_secret(token);
+        let usable = state::join_token(&self.view, &hash)
+            .map_err(internal)?
+            .filter(|t| t.used_at_ms.is_none() && self.clock.now_ms() < t.expires_at_ms);
+        let Some(t) = usable else {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated(
+                "join token unknown, already used or expired".into(),
+            ));
+        };
+        Ok(Principal {
+            issuer: self.tls.as_ref().map(|tls| tls.trust_domain.clone()),
+            id: t.spiffe_id,
+            auth_method: AuthMethod::JoinToken,
+            attributes: Default::default(),
+            admin: false,
+        })
+    }
+
+    /// The lease of the cluster-issued X.509-SVID a connection presented, if any.
+    pub fn presented_svid_lease(&self, conn: Option<&ConnInfo>) -> Option<String> {
+        let leaf = conn?.peer_certs.as_ref()?.first()?;
+        ephemera_pki::serial_of(leaf)
+            .ok()
+            .and_then(|s| svid_lease_id(&s))
+    }
+
+    pub(super) async fn authenticate_svid(
+        &self,
+        certs: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Principal, Error> {
+        let Some(tls) = &self.tls else {
+            return Err(Error::Unauthenticated(
+                "this node does not accept client certificates".into(),
+            ));
+        };
+        match self.verify_svid_cached(tls, certs) {
+            Ok(id) if self.svid_revoked(&certs[0]) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                let reason =
+                    "client certificate refused: its X.509-SVID has been revoked or has expired"
+                        .to_string();
+                self.audit_denial(id.to_string(), reason.clone()).await;
+                Err(Error::Unauthenticated(reason))
+            }
+            Ok(id) => {
+                let admin = tls.admin_ids.contains(&id.to_string());
+                Ok(Principal::svid(id.to_string(), id.trust_domain, admin))
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                let presented = ephemera_pki::spiffe_id_of(&certs[0])
+                    .map(|id| id.to_string())
+                    .unwrap_or_else(|_| "a certificate without a valid SPIFFE ID".into());
+                let reason = format!("client certificate refused: {e}");
+                self.audit_denial(presented, reason.clone()).await;
+                Err(Error::Unauthenticated(reason))
+            }
+        }
+    }
+
+    /// The chain check of `verify_svid`, remembered per leaf certificate for a short while.
+    pub(super) fn verify_svid_cached(
+        &self,
+        tls: &NodeTls,
+        certs: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<ephemera_pki::SpiffeId, ephemera_pki::PkiError> {
+        let now_ms = self.clock.now_ms();
+        let leaf = certs[0].as_ref();
+        if let Some((id, until)) = self
+            .verified_svids
+            .lock()
+            .expect("svid cache lock")
+            .get(leaf)
+        {
+            if now_ms < *until {
+                return Ok(id.clone());
+            }
+        }
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(now_ms));
+        let id = tls
+            .bundles
+            .verify_svid(certs, ephemera_pki::Usage::Client, now)?;
+        let not_after_ms = ephemera_pki::not_after_unix_s(&certs[0])?.saturating_mul(1000);
+        let mut cache = self.verified_svids.lock().expect("svid cache lock");
+        if cache.len() >= SVID_VERIFICATION_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            leaf.to_vec(),
+            (
+                id.clone(),
+                not_after_ms.min(now_ms + SVID_VERIFICATION_CACHE_MS),
+            ),
+        );
+        Ok(id)
+    }
+
+    pub(super) async fn authenticate_assertion(&self, token: &str) -> Result<Principal, Error> {
+        if self.oidc.is_empty() {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            return Err(Error::Unauthenticated("invalid credential".into()));
+        }
+        let verified = match self.oidc.verify(token, self.clock.now_ms() / 1000).await {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::inc(&self.metrics.auth_failures, 1);
+                self.audit_denial("a JWT assertion".into(), e.to_string())
+                    .await;
+                return Err(e);
+            }
+        };
+        if let Some((jti, exp_s)) = verified.jti {
+            // Consumed through Raft, so a replay is refused on every node.
+            self.propose(Proposal {
+                actor: verified.principal.clone(),
+                intent: Intent::ConsumeAssertion {
+                    issuer: verified.principal.issuer.clone().unwrap_or_default(),
+                    jti,
+                    expires_at_ms: exp_s.saturating_mul(1000),
+                },
+            })
+            .await?;
+        }
+        Ok(verified.principal)
+    }
+
+    /// Takes a slot of the node's refusal-audit rate limit: `None` when the refusal is only
+    /// counted, else a note on how many earlier refusals went unrecorded (for its record).
+    pub(super) fn refusal_audit_slot(&self) -> Option<String> {
+        use std::sync::atomic::Ordering;
+        if self.denial_audits.check().is_err() {
+            self.denials_unrecorded.fetch_add(1, Ordering::Relaxed);
+            Metrics::inc(&self.metrics.denials_unaudited, 1);
+            return None;
+        }
+        Some(match self.denials_unrecorded.swap(0, Ordering::Relaxed) {
+            0 => String::new(),
+            skipped => {
+                format!(" ({skipped} earlier refusals on this node were not recorded: rate limit)")
+            }
+        })
+    }
+
+    /// Records a refused authentication. The refusal stands whether or not the record lands.
+    pub(super) async fn audit_denial(&self, presented: String, mut reason: String) {
+        let Some(note) = self.refusal_audit_slot() else {
+            return;
+        };
+        reason.push_str(&note);
+        let audit = self.propose(Proposal {
+            actor: Principal::unauthenticated(AuthMethod::X509Svid),
+            intent: Intent::RecordDenial { presented, reason },
+        });
+        if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {
+            tracing::warn!(error = %e, "could not audit a refused authentication");
+        }
+    }
+
+    /// Records a policy refusal (under the rate limit unless `always`). The refusal stands
+    /// whether or not the record lands; the outcome is the record's, when it landed.
+    pub(crate) async fn audit_refusal(
+        &self,
+        actor: Principal,
+        mut denial: ephemera_core::command::PolicyDenial,
+        always: bool,
+    ) -> Option<Outcome> {
+        if !always {
+            denial.reason.push_str(&self.refusal_audit_slot()?);
+        }
+        // Keep the record within the log's limits rather than lose it.
+        let max = ephemera_core::command::MAX_PURPOSE_LEN;
+        if denial.reason.len() > max {
+            let mut cut = max - 3;
+            while !denial.reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            denial.reason.truncate(cut);
+            denial.reason.push_str("...");
+        }
+        denial
+            .determining
+            .truncate(ephemera_core::command::MAX_SCOPES);
+        match self
+            .propose(Proposal {
+                actor,
+                intent: Intent::PolicyDenied(denial),
+            })
+            .await
+        {
+            Ok((outcome, _)) => Some(outcome),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not audit a policy refusal");
+                None
+            }
+        }
+    }
+
+    /// Whether a certificate is an X.509-SVID this cluster issued whose lease is no longer
+    /// active. (Certificates issued outside the cluster, like `dev`'s, have no lease.)
+    pub(super) fn svid_revoked(&self, leaf: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        let Some(lease_id) = ephemera_pki::serial_of(leaf)
+            .ok()
+            .and_then(|s| svid_lease_id(&s))
+        else {
+            return false;
+        };
+        match state::get_lease(&self.view, &lease_id) {
+            Ok(Some(lease)) => !lease.is_active_at(self.clock.now_ms()),
+            Ok(None) => false,
+            // Fail closed: a certificate we cannot check is not accepted.
+            Err(_) => true,
+        }
+    }
+
+    /// Administrators' identities are never minted by the cluster CA (through a join token or
+    /// an SVID request): otherwise one administrator could mint a second and approve their own
+    /// policy change.
+    pub fn refuse_admin_identity(&self, spiffe_id: &str) -> Result<(), Error> {
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.admin_ids.contains(spiffe_id))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{spiffe_id} is an administrator identity; the cluster does not issue those"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Seals the cluster CA's key under the KEK for replication.
+    pub fn seal_ca_key(&self, key_pem: &str) -> Result<Vec<u8>, Error> {
+        let seed = zeroize::Zeroizing::new(
+            ephemera_pki::ed25519_seed(key_pem)
+                .map_err(|e| Error::InvalidArgument(format!("CA key: {e}")))?,
+        );
+        let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
+        self.entropy.lock().expect("entropy lock").fill(&mut nonce);
+        Ok(ephemera_core::crypto::seal_private_key(
+            &self.kek,
+            ephemera_core::types::CLUSTER_CA_KEY_ID,
+            &seed,
+            nonce,
+        ))
+    }
+
+    pub fn tls_trust_domain(&self) -> Option<&str> {
+        self.tls.as_ref().map(|t| t.trust_domain.as_str())
+    }
+}

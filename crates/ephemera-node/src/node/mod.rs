@@ -1,0 +1,414 @@
+//! A running node: the request path shared by the gRPC and HTTP front ends. Authentication is
+//! in [`authn`], leadership, forwarding and read barriers in [`routing`], the leader's
+//! housekeeping in [`workers`]; minting and authorization are their own modules
+//! ([`crate::mint`], [`crate::authz`]).
+//!
+//! Writes: authenticate → validate → route to the leader (locally, or one forwarding hop) → the
+//! leader stamps time, ids and key material and proposes → wait until this node has applied the
+//! entry → sign the credential here. Reads that must be linearizable go through a read barrier:
+//! the leader confirms leadership and names a log index, and this node waits until it has applied
+//! it before reading its own state.
+
+mod authn;
+mod routing;
+mod workers;
+
+use crate::coalesce::Coalescer;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use ephemera_core::command::{
+    stamp, validate_intent, ApplyResult, Command, Entropy, Intent, Op, Outcome, Proposal,
+};
+use ephemera_core::crypto::{verify_secret, Kek};
+use ephemera_core::state;
+use ephemera_core::token::{self, Claims};
+use ephemera_core::types::{AuthMethod, Principal};
+use ephemera_core::{Clock, Error};
+use ephemera_proto::internal::{ForwardRequest, NodeStatusRequest, ReadIndexRequest};
+use ephemera_raft::network::Peers;
+use ephemera_raft::store::StateView;
+use ephemera_raft::{decode, encode, ClientWriteError, NodeId, NodeInfo, Raft, RaftError};
+use openraft::error::CheckIsLeaderError;
+use openraft::ServerState;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::conn::ConnInfo;
+use crate::metrics::Metrics;
+
+/// The lease of an X.509-SVID this cluster issued: its serial is 0x01 followed by the lease
+/// id's 16 bytes.
+fn svid_lease_id(serial: &[u8]) -> Option<String> {
+    match serial {
+        [0x01, rest @ ..] if rest.len() == 16 => Some(format!("l_{}", hex::encode(rest))),
+        _ => None,
+    }
+}
+
+/// Wall clock, optionally shifted (a test-only knob for clock-skew testing).
+pub struct SystemClock {
+    pub offset_ms: i64,
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        now.saturating_add_signed(self.offset_ms)
+    }
+}
+
+/// The operating system's CSPRNG.
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        rand::rngs::OsRng.fill_bytes(buf);
+    }
+}
+
+/// How long a joining node may take to catch up (install a snapshot of the whole state and the
+/// log after it) before the join is refused. A million leases took 110 s on a 2-core machine.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
+
+/// What a follower hands to the leader over the cluster listener. Built once per request and
+/// serialised at once, so the size of the largest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forwarded {
+    Propose(Proposal),
+    AddNode { id: NodeId, info: NodeInfo },
+    RemoveNode { id: NodeId },
+}
+
+// One short-lived value per request; boxing the lease would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Applied {
+        result: ApplyResult,
+        log_index: u64,
+    },
+    MembershipChanged,
+    /// The receiving node is not the leader; nothing was executed.
+    NotLeader,
+}
+
+/// Outcome of trying to act as leader.
+#[allow(clippy::large_enum_variant)]
+enum LeaderAttempt {
+    Done(Result<ForwardReply, Error>),
+    NotLeader,
+}
+
+/// How far past their expiry retired keys stay in the JWKS, for verifiers' clock skew.
+pub use ephemera_core::state::KEY_PUBLISH_GRACE_MS;
+
+/// Bearer credentials with this prefix are the break-glass credential, with [`JOIN_TOKEN_PREFIX`]
+/// one-time join tokens; any other bearer is a JWT assertion.
+pub const BREAK_GLASS_PREFIX: &str = "eph_admin_";
+pub const JOIN_TOKEN_PREFIX: &str = "eph_jt_";
+
+/// What the node needs to authenticate workloads by their X.509-SVIDs.
+pub struct NodeTls {
+    pub trust_domain: String,
+    /// The cluster CA and every configured external trust bundle.
+    pub bundles: Arc<ephemera_pki::TrustBundles>,
+    /// SPIFFE IDs that administer the cluster.
+    pub admin_ids: std::collections::HashSet<String>,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub raft: Raft,
+    pub view: StateView,
+    pub peers: Peers,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    pub(crate) kek: Kek,
+    entropy: Mutex<Box<dyn Entropy + Send>>,
+    /// Unsealed signing keys (JWT keys and SSH CA keys), by key id.
+    pub(crate) keys: Mutex<HashMap<String, Arc<SigningKey>>>,
+    request_timeout: Duration,
+    tls: Option<NodeTls>,
+    oidc: crate::oidc::Verifier,
+    /// Refused authentications are audited through Raft; under a flood only this many per
+    /// second are, so unauthenticated traffic cannot be turned into unbounded Raft writes.
+    denial_audits: governor::DefaultDirectRateLimiter,
+    /// Refusals not recorded since the last recorded one (stated in that next record).
+    denials_unrecorded: std::sync::atomic::AtomicU64,
+    /// The compiled policy set of the latest committed version this node has used.
+    pub(crate) policy_cache: Mutex<Option<Arc<ephemera_policy::PolicyBook>>>,
+    pub guard: crate::guard::Guard,
+    /// Concurrent read barriers share rounds (see [`crate::coalesce`]); set by
+    /// [`Node::start_coalescing`].
+    barriers: std::sync::OnceLock<Coalescer<Result<(), Error>>>,
+    /// Followers' read-index requests, on the leader, share leadership confirmations.
+    read_indexes: std::sync::OnceLock<Coalescer<Result<u64, Error>>>,
+    /// Client certificates whose chain has been verified: leaf DER → (SPIFFE ID, valid until,
+    /// ms). Saves a chain verification per request; revocation is still checked every time.
+    verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
+}
+
+/// How long a verified client-certificate chain is trusted without verifying it again (never
+/// beyond the certificate's own expiry).
+const SVID_VERIFICATION_CACHE_MS: u64 = 60_000;
+/// Bound on the cache of verified client certificates (cleared when full).
+const SVID_VERIFICATION_CACHE_ENTRIES: usize = 10_000;
+
+/// Audit records of refused authentications per second and node, and the burst allowed.
+const DENIAL_AUDITS_PER_S: u32 = 20;
+const DENIAL_AUDIT_BURST: u32 = 100;
+
+/// Whether a gRPC failure happened while connecting, before the request could be sent.
+pub fn is_connect_failure(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+}
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: NodeId,
+        info: NodeInfo,
+        raft: Raft,
+        view: StateView,
+        peers: Peers,
+        kek: Kek,
+        clock: Arc<dyn Clock>,
+        entropy: Box<dyn Entropy + Send>,
+        request_timeout: Duration,
+        tls: Option<NodeTls>,
+        oidc: crate::oidc::Verifier,
+        guard: crate::guard::GuardConfig,
+    ) -> Self {
+        let guard = crate::guard::Guard::new(guard, clock.now_ms());
+        Node {
+            id,
+            info,
+            raft,
+            view,
+            peers,
+            metrics: Metrics::default(),
+            clock,
+            kek,
+            entropy: Mutex::new(entropy),
+            keys: Mutex::new(HashMap::new()),
+            request_timeout,
+            tls,
+            oidc,
+            denial_audits: governor::RateLimiter::direct(
+                governor::Quota::per_second(
+                    std::num::NonZeroU32::new(DENIAL_AUDITS_PER_S).expect("non-zero"),
+                )
+                .allow_burst(std::num::NonZeroU32::new(DENIAL_AUDIT_BURST).expect("non-zero")),
+            ),
+            denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
+            policy_cache: Mutex::new(None),
+            guard,
+            barriers: std::sync::OnceLock::new(),
+            read_indexes: std::sync::OnceLock::new(),
+            verified_svids: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts the tasks that coalesce read barriers. They hold the node weakly and stop with it.
+    pub fn start_coalescing(self: &Arc<Self>) {
+        let node = Arc::downgrade(self);
+        let _ = self.barriers.set(Coalescer::spawn(move || {
+            let node = node.clone();
+            async move {
+                match node.upgrade() {
+                    Some(n) => n.read_barrier_round().await,
+                    None => Err(Error::Unavailable("node stopped".into())),
+                }
+            }
+        }));
+        let node = Arc::downgrade(self);
+        let _ = self.read_indexes.set(Coalescer::spawn(move || {
+            let node = node.clone();
+            async move {
+                match node.upgrade() {
+                    Some(n) => n.read_index_round().await,
+                    None => Err(Error::Unavailable("node stopped".into())),
+                }
+            }
+        }));
+    }
+
+    // ---- credentials ----------------------------------------------------------------------
+
+    pub fn issuer(&self) -> Result<String, Error> {
+        state::issuer(&self.view)
+            .map_err(internal)?
+            .ok_or(Error::NotInitialized)
+    }
+
+    /// RFC 7662 semantics: `Ok(Some(claims))` for an active token, `Ok(None)` for any token that
+    /// is not (unknown key, bad signature, revoked, expired). Malformed input is an error.
+    pub async fn introspect(
+        &self,
+        principal: &Principal,
+        caller: &crate::authz::CallerContext,
+        token_text: &str,
+    ) -> Result<Option<Claims>, Error> {
+        Metrics::inc(&self.metrics.introspections, 1);
+        let parsed = token::parse(token_text)
+            .map_err(|e| Error::InvalidArgument(format!("malformed token: {e}")))?;
+        self.read_access(
+            principal,
+            "introspect",
+            &format!("lease:{}", parsed.claims.jti),
+        )
+        .await?;
+        let now = self.clock.now_ms();
+        let Some(key) = state::get_key(&self.view, &parsed.header.kid).map_err(internal)? else {
+            return Ok(None);
+        };
+        if !key.is_published_at(now, KEY_PUBLISH_GRACE_MS)
+            || parsed.verify(&key.public_key).is_err()
+        {
+            return Ok(None);
+        }
+        if parsed.claims.iss != self.issuer()? {
+            return Ok(None);
+        }
+        let Some(lease) = state::get_lease(&self.view, &parsed.claims.jti).map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let now_s = now / 1000;
+        if !lease.is_active_at(now) || parsed.claims.exp <= now_s || parsed.claims.nbf > now_s {
+            return Ok(None);
+        }
+        // Who may learn that a token is active is policy too (a resource server, its holder).
+        self.decide_on_lease(
+            principal,
+            ephemera_policy::Action::Introspect,
+            &lease,
+            None,
+            caller,
+        )
+        .await?;
+        Ok(Some(parsed.claims))
+    }
+
+    // ---- cluster --------------------------------------------------------------------------
+
+    /// This node's own state (for `cluster status` and the cluster listener).
+    pub fn local_status(&self) -> (String, u64, Option<NodeId>) {
+        let m = self.raft.metrics().borrow().clone();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        (
+            state.to_string(),
+            m.last_applied.map_or(0, |l| l.index),
+            m.current_leader,
+        )
+    }
+
+    /// Status of every member, asking each over the cluster listener (bounded by a short timeout).
+    pub async fn cluster_status(&self) -> ClusterView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut nodes = Vec::new();
+        let probes = membership.nodes().map(|(id, info)| {
+            let id = *id;
+            let info = info.clone();
+            async move {
+                let status = if id == self.id {
+                    let (s, applied, _) = self.local_status();
+                    Some((
+                        s,
+                        applied,
+                        self.guard.clock_offset(),
+                        self.guard.storm_state(),
+                    ))
+                } else {
+                    match self.peers.client(id, &info.cluster_addr) {
+                        Ok(mut c) => tokio::time::timeout(
+                            Duration::from_millis(500),
+                            c.node_status(NodeStatusRequest {}),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .map(|r| {
+                            let r = r.into_inner();
+                            (
+                                r.state,
+                                r.applied_index,
+                                r.clock_offset_ms,
+                                (
+                                    r.renewal_storm,
+                                    r.renewal_rate_per_s,
+                                    r.renewal_baseline_per_s,
+                                ),
+                            )
+                        }),
+                        Err(_) => None,
+                    }
+                };
+                (id, info, status)
+            }
+        });
+        let mut storm = (false, 0.0, 0.0);
+        for (id, info, status) in futures::future::join_all(probes).await {
+            let (role, applied, clock_offset_ms) = match status {
+                Some((s, a, offset, node_storm)) => {
+                    if Some(id) == m.current_leader {
+                        storm = node_storm;
+                    }
+                    (s, a, offset)
+                }
+                None => ("unreachable".to_string(), 0, 0),
+            };
+            nodes.push(MemberView {
+                id,
+                info,
+                role,
+                applied_index: applied,
+                voter: voters.contains(&id),
+                clock_offset_ms,
+            });
+        }
+        ClusterView {
+            leader_id: m.current_leader,
+            term: m.current_term,
+            nodes,
+            storm,
+        }
+    }
+}
+
+pub struct MemberView {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub role: String,
+    pub applied_index: u64,
+    pub voter: bool,
+    pub clock_offset_ms: i64,
+}
+
+pub struct ClusterView {
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub nodes: Vec<MemberView>,
+    /// The leader's renewal-storm state: (mitigating, renewals/s, baseline).
+    pub storm: (bool, f64, f64),
+}

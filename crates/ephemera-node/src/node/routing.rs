@@ -1,0 +1,399 @@
+//! Leadership and routing: proposals executed on the leader or forwarded once, membership
+//! changes, and the linearizable read barriers.
+
+use super::*;
+
+impl Node {
+    /// Guards a read. A break-glass read is recorded in the audit chain first; that committed
+    /// write, applied here, also serves as the read barrier. Other reads take a plain barrier.
+    pub async fn read_access(
+        &self,
+        principal: &Principal,
+        action: &str,
+        target: &str,
+    ) -> Result<(), Error> {
+        if principal.auth_method == AuthMethod::BootstrapAdmin {
+            self.propose(Proposal {
+                actor: principal.clone(),
+                intent: Intent::RecordAccess {
+                    action: action.to_string(),
+                    target: target.to_string(),
+                },
+            })
+            .await?;
+            Ok(())
+        } else {
+            self.read_barrier().await
+        }
+    }
+
+    // ---- leadership and routing -----------------------------------------------------------
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.id) && m.state == ServerState::Leader
+    }
+
+    pub(super) fn member_info(&self, id: NodeId) -> Option<NodeInfo> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// The time the leader stamps: its clock, but never behind what is already applied.
+    pub(super) fn stamp_time(&self) -> u64 {
+        let applied = state::last_time(&self.view).unwrap_or(0);
+        self.clock.now_ms().max(applied)
+    }
+
+    /// Proposes on behalf of a caller from any node and waits until this node has applied it.
+    pub async fn propose(&self, proposal: Proposal) -> Result<(Outcome, u64), Error> {
+        validate_intent(&proposal.intent)?;
+        match self.route(Forwarded::Propose(proposal)).await? {
+            ForwardReply::Applied { result, log_index } => {
+                // Committed, with a known result; this node must apply it before it can sign or
+                // serve reads that include it.
+                self.wait_applied(log_index).await.map_err(|_| {
+                    Error::OutcomeUnknown(
+                        "the write was committed but this node has not applied it yet".into(),
+                    )
+                })?;
+                Ok((result?, log_index))
+            }
+            ForwardReply::MembershipChanged | ForwardReply::NotLeader => {
+                Err(internal("unexpected reply to a proposal"))
+            }
+        }
+    }
+
+    /// Sends a call to the leader: executed here if this node leads, otherwise forwarded once.
+    /// A forward is retried only when it certainly did not execute (not the leader, or the
+    /// connection was refused); any other failure is reported, since the write may have landed.
+    pub async fn route(&self, call: Forwarded) -> Result<ForwardReply, Error> {
+        let budget = match call {
+            // A join returns once the new node has caught up, which takes as long as copying
+            // the state to it.
+            Forwarded::AddNode { .. } => CATCH_UP_LIMIT + self.request_timeout,
+            _ => self.request_timeout,
+        };
+        let deadline = Instant::now() + budget;
+        loop {
+            match self.current_leader() {
+                Some(leader) if leader == self.id => {
+                    match self.execute_as_leader(call.clone()).await {
+                        LeaderAttempt::Done(r) => return r,
+                        LeaderAttempt::NotLeader => {}
+                    }
+                }
+                Some(leader) => {
+                    if let Some(info) = self.member_info(leader) {
+                        match self.forward(leader, &info, &call, deadline).await {
+                            Ok(Some(reply)) => {
+                                Metrics::inc(&self.metrics.forwarded, 1);
+                                return reply;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "no leader reachable within the request deadline; retry".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Ok(None)` means "did not execute, try again".
+    pub(super) async fn forward(
+        &self,
+        leader: NodeId,
+        info: &NodeInfo,
+        call: &Forwarded,
+        deadline: Instant,
+    ) -> Result<Option<Result<ForwardReply, Error>>, Error> {
+        let mut client = self
+            .peers
+            .client(leader, &info.cluster_addr)
+            .map_err(internal)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let req = ForwardRequest {
+            proposal: encode(call),
+        };
+        match tokio::time::timeout(remaining, client.forward(req)).await {
+            Err(_) => Err(Error::OutcomeUnknown(
+                "the leader did not answer in time".into(),
+            )),
+            // Only a failure to connect proves the request was never sent.
+            Ok(Err(status)) if is_connect_failure(&status) => Ok(None),
+            Ok(Err(status)) => Err(Error::OutcomeUnknown(format!(
+                "forwarding to the leader failed: {}",
+                status.message()
+            ))),
+            Ok(Ok(resp)) => {
+                let reply: Result<ForwardReply, Error> =
+                    decode(&resp.into_inner().result).map_err(internal)?;
+                match reply {
+                    Ok(ForwardReply::NotLeader) => Ok(None),
+                    other => Ok(Some(other)),
+                }
+            }
+        }
+    }
+
+    /// Executes a call if this node is the leader. Used for local calls and for forwarded ones
+    /// (which are never forwarded again: the hop budget is one).
+    pub async fn handle_forwarded(&self, call: Forwarded) -> Result<ForwardReply, Error> {
+        match self.execute_as_leader(call).await {
+            LeaderAttempt::Done(r) => r,
+            LeaderAttempt::NotLeader => Ok(ForwardReply::NotLeader),
+        }
+    }
+
+    pub(super) async fn execute_as_leader(&self, call: Forwarded) -> LeaderAttempt {
+        match call {
+            Forwarded::Propose(p) => {
+                if !self.is_leader() {
+                    return LeaderAttempt::NotLeader;
+                }
+                if let Err(e) = self.leader_guard(&p) {
+                    return LeaderAttempt::Done(Err(e));
+                }
+                let cmd = {
+                    let mut entropy = self.entropy.lock().expect("entropy lock");
+                    stamp(p, self.stamp_time(), entropy.as_mut(), &self.kek)
+                };
+                self.write_as_leader(cmd).await
+            }
+            Forwarded::AddNode { id, info } => self.add_node(id, info).await,
+            Forwarded::RemoveNode { id } => self.remove_node(id).await,
+        }
+    }
+
+    pub(super) async fn write_as_leader(&self, cmd: Command) -> LeaderAttempt {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => LeaderAttempt::Done(Ok(ForwardReply::Applied {
+                result: resp.data,
+                log_index: resp.log_id.index,
+            })),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            // The entry may have been appended before the failure.
+            Err(e) => LeaderAttempt::Done(Err(Error::OutcomeUnknown(format!("raft: {e}")))),
+        }
+    }
+
+    pub(super) async fn add_node(&self, id: NodeId, info: NodeInfo) -> LeaderAttempt {
+        let fail = |e: String| LeaderAttempt::Done(Err(Error::Unavailable(e)));
+        if !self.is_leader() {
+            return LeaderAttempt::NotLeader;
+        }
+        // Refuse before touching the membership unless the address answers as node `id`: over
+        // mTLS the peer must prove that identity, so a node holding another id's certificate is
+        // never added and never receives Raft traffic.
+        let probe = async {
+            let mut client = self
+                .peers
+                .client(id, &info.cluster_addr)
+                .map_err(|e| e.to_string())?;
+            client
+                .node_status(NodeStatusRequest {})
+                .await
+                .map_err(|s| s.message().to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(r)) if r.get_ref().id == id => {}
+            Ok(Ok(r)) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "the node at {} says it is node {}, not {id}",
+                    info.cluster_addr,
+                    r.get_ref().id
+                ))))
+            }
+            Ok(Err(e)) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "cannot reach node {id} at {} with its expected identity: {e}",
+                    info.cluster_addr
+                ))))
+            }
+            Err(_) => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "node {id} at {} did not answer within 5 s",
+                    info.cluster_addr
+                ))))
+            }
+        }
+        // Catch-up (from the log or a snapshot) happens here, before it may vote.
+        match tokio::time::timeout(CATCH_UP_LIMIT, self.raft.add_learner(id, info, true)).await {
+            Err(_) => {
+                return fail(format!(
+                    "node {id} did not catch up within {} s",
+                    CATCH_UP_LIMIT.as_secs()
+                ))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return LeaderAttempt::NotLeader
+            }
+            Ok(Err(e)) => return fail(format!("adding node {id}: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        let mut voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        match self.raft.change_membership(voters, false).await {
+            Ok(_) => LeaderAttempt::Done(Ok(ForwardReply::MembershipChanged)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            Err(e) => fail(format!("promoting node {id}: {e}")),
+        }
+    }
+
+    pub(super) async fn remove_node(&self, id: NodeId) -> LeaderAttempt {
+        if !self.is_leader() {
+            return LeaderAttempt::NotLeader;
+        }
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        if membership.get_node(&id).is_none() {
+            return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                "node {id} is not a member"
+            ))));
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+        if voters.is_empty() {
+            return LeaderAttempt::Done(Err(Error::InvalidArgument(
+                "cannot remove the last voter".into(),
+            )));
+        }
+        match self.raft.change_membership(voters, false).await {
+            Ok(_) => LeaderAttempt::Done(Ok(ForwardReply::MembershipChanged)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                LeaderAttempt::NotLeader
+            }
+            Err(e) => {
+                LeaderAttempt::Done(Err(Error::Unavailable(format!("removing node {id}: {e}"))))
+            }
+        }
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+        self.raft
+            .wait(Some(self.request_timeout))
+            .applied_index_at_least(Some(index), "wait for local apply")
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Unavailable(format!("this node is behind the leader: {e}")))
+    }
+
+    /// Linearizable read barrier: after it returns, this node's state reflects every write that
+    /// was acknowledged (by any node) before the barrier started.
+    /// Waits until this node has applied everything committed before the call: a
+    /// linearizable read follows. Concurrent callers share rounds.
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        match self.barriers.get() {
+            Some(c) => c
+                .next_round()
+                .await
+                .unwrap_or_else(|| Err(Error::Unavailable("node stopping".into()))),
+            None => self.read_barrier_round().await,
+        }
+    }
+
+    pub(super) async fn read_barrier_round(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.current_leader() {
+                Some(leader) if leader == self.id => {
+                    match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {}
+                        Ok(Err(e)) => return Err(Error::Unavailable(format!("read barrier: {e}"))),
+                        Err(_) => return Err(Error::Unavailable("read barrier timed out".into())),
+                    }
+                }
+                Some(leader) => {
+                    if let Some(info) = self.member_info(leader) {
+                        let mut client = self
+                            .peers
+                            .client(leader, &info.cluster_addr)
+                            .map_err(internal)?;
+                        match tokio::time::timeout(
+                            remaining,
+                            client.read_index(ReadIndexRequest {}),
+                        )
+                        .await
+                        {
+                            Ok(Ok(r)) => return self.wait_applied(r.into_inner().index).await,
+                            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {}
+                            Ok(Err(s)) => {
+                                return Err(Error::Unavailable(format!(
+                                    "read barrier: {}",
+                                    s.message()
+                                )))
+                            }
+                            Err(_) => {
+                                return Err(Error::Unavailable("read barrier timed out".into()))
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(
+                    "no leader reachable for a linearizable read".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Leader side of a follower's read barrier (concurrent requests share rounds).
+    pub async fn read_index(&self) -> Result<u64, Error> {
+        match self.read_indexes.get() {
+            Some(c) => c
+                .next_round()
+                .await
+                .unwrap_or_else(|| Err(Error::Unavailable("node stopping".into()))),
+            None => self.read_index_round().await,
+        }
+    }
+
+    pub(super) async fn read_index_round(&self) -> Result<u64, Error> {
+        match tokio::time::timeout(self.request_timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(Error::Unavailable("not the leader".into()))
+            }
+            Ok(Err(e)) => Err(Error::Unavailable(format!("read index: {e}"))),
+            Err(_) => Err(Error::Unavailable("read index timed out".into())),
+        }
+    }
+}
