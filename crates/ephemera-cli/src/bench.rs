@@ -395,12 +395,12 @@ fn build_target(cli: &Cli, args: &BenchArgs, mix: &[(OpKind, u32)]) -> Result<Ta
                 .filter(|s| !s.is_empty())
                 .collect();
             let bearer = cli.token.clone();
-            let tls = crate::commands::tls_files(cli)?;
+            let tls = crate::connect::tls_files(cli)?;
             let mut clients = Vec::new();
             for i in 0..connections {
                 let mut rotated = nodes.clone();
                 rotated.rotate_left(i % nodes.len().max(1));
-                clients.push(crate::commands::client_at(cli, &rotated.join(","))?);
+                clients.push(crate::connect::client_at(cli, &rotated.join(","))?);
             }
             let http = if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
                 let urls = args.http.as_deref().context(
@@ -745,7 +745,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    crate::commands::print(cli.output, report, || {
+    crate::output::print(cli.output, report, || {
         format!(
             "{} {} over {measured_s:.1}s ({} mode, {} clients{}):\n{text}",
             target.name(),

@@ -2,62 +2,14 @@
 //! text or JSON.
 
 use anyhow::{bail, Context, Result};
-use ephemera_client::{pb, Client, TlsFiles};
+use ephemera_client::{pb, Client};
 use ephemera_core::audit::{AuditRecord, ChainVerifier};
 use serde_json::{json, Value};
 
-use crate::util::{fmt_time, parse_duration_s, split_list};
+use crate::connect::{client, read_file, tls_files};
+use crate::output::print;
+use crate::util::{fmt_time, parse_duration_s, shutdown_signal, split_list};
 use crate::{AuditCmd, Cli, ClusterCmd, Command, KeysCmd, LeasesCmd, Output, RoleCmd};
-
-fn read_file(what: &str, path: &std::path::Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
-}
-
-/// TLS settings from `EPHEMERA_CA`, `EPHEMERA_CERT` and `EPHEMERA_KEY` (or the flags).
-pub(crate) fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>> {
-    let identity = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(c), Some(k)) => Some((
-            read_file("EPHEMERA_CERT", c)?,
-            read_file("EPHEMERA_KEY", k)?,
-        )),
-        (None, None) => None,
-        _ => bail!("set both EPHEMERA_CERT and EPHEMERA_KEY, or neither"),
-    };
-    match &cli.tls_ca {
-        Some(ca) => Ok(Some(TlsFiles {
-            ca_pem: read_file("EPHEMERA_CA", ca)?,
-            identity,
-        })),
-        None if identity.is_some() => {
-            bail!("EPHEMERA_CERT and EPHEMERA_KEY need EPHEMERA_CA, the CA that signed the nodes' certificates")
-        }
-        None => Ok(None),
-    }
-}
-
-pub(crate) fn client(cli: &Cli) -> Result<Client> {
-    let addr = cli.addr.as_deref().context(
-        "no endpoints: set EPHEMERA_ADDR (e.g. `source .ephemera-dev/dev.env`) or pass --addr",
-    )?;
-    client_at(cli, addr)
-}
-
-/// A client of `addr` (endpoints in the `EPHEMERA_ADDR` format) with `cli`'s credentials.
-pub(crate) fn client_at(cli: &Cli, addr: &str) -> Result<Client> {
-    let bearer = match (&cli.assertion_file, &cli.assertion) {
-        (Some(path), _) => Some(read_file("--assertion-file", path)?.trim().to_string()),
-        (None, Some(a)) => Some(a.clone()),
-        (None, None) => cli.token.clone(),
-    };
-    Ok(Client::with_tls(addr, bearer, tls_files(cli)?.as_ref())?)
-}
-
-pub(crate) fn print(out: crate::Output, value: Value, text: impl FnOnce() -> String) {
-    match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&value).expect("json")),
-        Output::Text => println!("{}", text()),
-    }
-}
 
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
@@ -329,22 +281,6 @@ async fn server(config: &std::path::Path) -> Result<()> {
     let cfg = ephemera_node::NodeConfig::load(config)?;
     ephemera_node::run(cfg, shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn print_credential(out: Output, c: &pb::Credential) {

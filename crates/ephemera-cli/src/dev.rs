@@ -278,7 +278,7 @@ pub async fn run(args: &DevArgs) -> Result<()> {
         "ephemera dev: {} node(s) running; Ctrl-C stops them",
         nodes.len()
     );
-    crate::commands::shutdown_signal().await;
+    crate::util::shutdown_signal().await;
     eprintln!("ephemera dev: stopping");
     stop_all(&mut children).await;
     Ok(())

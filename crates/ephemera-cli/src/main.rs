@@ -2,7 +2,9 @@
 
 mod bench;
 mod commands;
+mod connect;
 mod dev;
+mod output;
 mod policy;
 mod ssh;
 mod util;

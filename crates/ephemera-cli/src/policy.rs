@@ -5,7 +5,8 @@ use ephemera_client::pb;
 use ephemera_policy::{PolicyBook, SCHEMA_TEXT};
 use serde_json::{json, Value};
 
-use crate::commands::{client, print};
+use crate::connect::client;
+use crate::output::print;
 use crate::util::fmt_time;
 use crate::{Cli, PolicyCmd};
 

@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use ephemera_client::pb;
 use serde_json::json;
 
-use crate::commands::{client, print, tls_files};
+use crate::connect::{client, tls_files};
+use crate::output::print;
 use crate::util::{fmt_time, parse_duration_s, split_list};
 use crate::{Cli, SshCmd};
 

@@ -1,4 +1,4 @@
-//! Small helpers shared by the commands: durations, times, output.
+//! Small helpers shared by the commands: durations, times, lists, signals.
 
 use anyhow::{bail, Context, Result};
 
@@ -74,6 +74,22 @@ pub fn split_list(s: &Option<String>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
 }
 
 #[cfg(test)]

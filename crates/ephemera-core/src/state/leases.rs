@@ -1,0 +1,500 @@
+//! Leases of every kind: issue through the one pipeline, renew, revoke (with the kinds' revocation
+//! artefacts), live counts and key use.
+
+use super::*;
+
+/// Kind-specific facts of a role or grant for its audit record.
+pub(super) fn kind_details(
+    kind: CredentialKind,
+    principals: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("kind".to_string(), kind.as_str().to_string());
+    if !principals.is_empty() {
+        m.insert("principals".to_string(), principals.join(","));
+    }
+    m
+}
+
+/// The key that will sign a credential of `signer`'s kind, from the replicated state.
+pub(super) fn resolve_signer<R: KvRead + ?Sized>(
+    kv: &Overlay<'_, R>,
+    signer: SignerKind,
+) -> Result<Result<Signer, Error>, StorageError> {
+    Ok(Ok(match signer {
+        SignerKind::JwtKey => {
+            let Some(kid) = active_kid(kv)? else {
+                return Ok(Err(Error::NoActiveSigningKey));
+            };
+            Signer {
+                kid,
+                trust_domain: None,
+                serial: 0,
+            }
+        }
+        SignerKind::ClusterCa => Signer {
+            kid: String::new(),
+            trust_domain: get::<ClusterCa>(kv, META_CA)?.map(|ca| ca.trust_domain),
+            serial: 0,
+        },
+        SignerKind::SshCa => {
+            let Some(kid) = active_ssh_ca(kv)? else {
+                return Ok(Err(Error::Unavailable(
+                    "the cluster has no SSH CA yet; the leader creates one shortly, retry".into(),
+                )));
+            };
+            let last: u64 = get(kv, META_SSH_SERIAL)?.unwrap_or(0);
+            Signer {
+                kid,
+                trust_domain: None,
+                serial: last + 1,
+            }
+        }
+    }))
+}
+
+/// Issues a credential of any kind: the same checks in the same order for every kind, with
+/// the kind deciding only what its grant holds.
+pub(super) fn issue<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    intent: &IssueIntent,
+    (lease_id, renew_after_permille, kind_stamp): (&str, u16, &KindStamp),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.role = Some(intent.role.clone());
+    audit.ttl_s = intent.ttl_s;
+    let asked = intent.request.asked();
+    audit.scopes = asked.scopes.to_vec();
+    audit.audience = asked.audience.map(str::to_string);
+    let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
+    audit.subject = Some(subject.clone());
+    audit_context(audit, &intent.context);
+    if subject != actor.id && !actor.is_admin() {
+        return Ok(Err(Error::PermissionDenied(
+            "only an administrator may issue on behalf of another subject".into(),
+        )));
+    }
+    let stamp = match check_policy(kv, actor, &intent.policy, audit)? {
+        Ok(stamp) => stamp,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Err(e) = check_quarantine(kv, [&actor.id, &subject])? {
+        return Ok(Err(e));
+    }
+    let fp = fingerprint(intent, &subject);
+    if let Some(request_id) = &intent.request_id {
+        if let Some(prior) = get::<RequestRecord>(kv, &req_key(&actor.id, request_id))? {
+            if prior.fingerprint != fp {
+                return Ok(Err(Error::RequestIdConflict(request_id.clone())));
+            }
+            let lease = load_lease(kv, &prior.lease_id)?.ok_or_else(|| {
+                StorageError(format!(
+                    "request record points at missing lease {}",
+                    prior.lease_id
+                ))
+            })?;
+            audit.lease_id = Some(lease.id.clone());
+            audit.reason = Some("idempotent replay".into());
+            return Ok(Ok(Outcome::Lease {
+                lease,
+                replayed: true,
+            }));
+        }
+    }
+    let Some(role) = load_role(kv, &intent.role)? else {
+        return Ok(Err(Error::UnknownRole(intent.role.clone())));
+    };
+    // A join token authenticates a workload that has no identity yet, for its first SVID only.
+    match (
+        &intent.join_token_hash,
+        actor.auth_method == AuthMethod::JoinToken,
+    ) {
+        (Some(_), _) if role.kind() != CredentialKind::X509Svid => {
+            return Ok(Err(Error::InvalidArgument(
+                "a join token is redeemed only for an X.509-SVID".into(),
+            )))
+        }
+        (Some(hash), true) => {
+            if let Err(e) = consume_join_token(kv, now, hash, &subject)? {
+                return Ok(Err(e));
+            }
+        }
+        (None, false) => {}
+        _ => {
+            return Ok(Err(Error::Unauthenticated(
+                "a join token and the join-token principal go together".into(),
+            )))
+        }
+    }
+    for (holder, max) in [
+        (Some(subject.as_str()), role.max_live_leases_per_identity),
+        (None, role.max_live_leases),
+    ] {
+        let Some(max) = max else { continue };
+        let live = live_leases(kv, &role.name, holder)?;
+        if live >= max {
+            return Ok(Err(Error::BudgetExceeded {
+                holder: holder.unwrap_or("the role").to_string(),
+                role: role.name.clone(),
+                live,
+            }));
+        }
+    }
+    let requested_ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
+    if requested_ttl_s > role.max_ttl_s {
+        return Ok(Err(Error::TtlAboveCap {
+            requested_s: requested_ttl_s,
+            max_s: role.max_ttl_s,
+            role: role.name.clone(),
+        }));
+    }
+    let ttl_s = stamp
+        .max_ttl_s
+        .map_or(requested_ttl_s, |cap| requested_ttl_s.min(cap));
+    let signer_kind = role.spec.signer();
+    let signer = match resolve_signer(kv, signer_kind)? {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    if kv.get(&lease_key(lease_id))?.is_some() {
+        return Ok(Err(Error::Internal(format!(
+            "lease id {lease_id} collides"
+        ))));
+    }
+    let expires_at_ms = now + ttl_s * 1000;
+    let grant = match role.spec.grant(
+        &intent.request,
+        &GrantContext {
+            lease_id,
+            role: &role.name,
+            subject: &subject,
+            now_ms: now,
+            expires_at_ms,
+            policy: stamp,
+            signer: &signer,
+            stamp: kind_stamp,
+        },
+    ) {
+        Ok(g) => g,
+        Err(e) => return Ok(Err(e)),
+    };
+    // A certificate cannot be extended: its lease ends with it.
+    let max_expires_at_ms = match role.spec.renewal() {
+        Renewal::Extend => now + role.max_ttl_s * 1000,
+        Renewal::Reissue { .. } => expires_at_ms,
+    };
+    let lease = Lease {
+        id: lease_id.to_string(),
+        role: role.name.clone(),
+        subject: subject.clone(),
+        client_id: actor.id.clone(),
+        purpose: intent.purpose.clone(),
+        parent: None,
+        ttl_s,
+        issued_at_ms: now,
+        minted_at_ms: now,
+        expires_at_ms,
+        max_expires_at_ms,
+        renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
+        kid: signer.kid.clone(),
+        renewals: 0,
+        state: LeaseState::Active,
+        grant,
+    };
+    if let Some(old) = &intent.supersedes {
+        match load_lease(kv, old)? {
+            Some(o) if o.subject == subject && o.role == role.name => {
+                revoke_lease(
+                    kv,
+                    &o,
+                    &LeaseState::Revoked {
+                        at_ms: now,
+                        by: actor.id.clone(),
+                    },
+                )?;
+                audit.target = Some(format!("supersedes:{old}"));
+            }
+            _ => {
+                return Ok(Err(Error::PermissionDenied(format!(
+                    "lease {old} is not a lease of {subject} under role {}",
+                    role.name
+                ))))
+            }
+        }
+    }
+    insert_lease(kv, &lease)?;
+    match signer_kind {
+        SignerKind::JwtKey => note_key_use(kv, &key_key(&lease.kid), expires_at_ms)?,
+        SignerKind::SshCa => {
+            note_key_use(kv, &ssh_ca_key(&lease.kid), expires_at_ms)?;
+            kv.put(META_SSH_SERIAL.to_vec(), enc(&signer.serial));
+        }
+        SignerKind::ClusterCa => {}
+    }
+    if let Some(request_id) = &intent.request_id {
+        kv.put(
+            req_key(&actor.id, request_id),
+            enc(&RequestRecord {
+                lease_id: lease_id.to_string(),
+                fingerprint: fp,
+            }),
+        );
+    }
+    audit.lease_id = Some(lease.id.clone());
+    audit.ttl_s = Some(ttl_s);
+    audit.scopes = lease.scopes().to_vec();
+    audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
+    audit.details = lease.grant.audit();
+    audit
+        .details
+        .insert("kind".into(), lease.kind().as_str().into());
+    Ok(Ok(Outcome::Lease {
+        lease,
+        replayed: false,
+    }))
+}
+
+/// Counts a lease in or out of its role's and its holder's live-lease counts (the budgets).
+pub(super) fn count_live<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+    live: bool,
+) -> Result<(), StorageError> {
+    for key in [
+        live_count_key(&lease.role, None),
+        live_count_key(&lease.role, Some(&lease.subject)),
+    ] {
+        let n: u64 = get(kv, &key)?.unwrap_or(0);
+        let n = if live { n + 1 } else { n.saturating_sub(1) };
+        if n == 0 {
+            kv.delete(key);
+        } else {
+            kv.put(key, enc(&n));
+        }
+    }
+    Ok(())
+}
+
+/// Live leases of `role`, of one holder or in all.
+pub fn live_leases(
+    kv: &(impl KvRead + ?Sized),
+    role: &str,
+    holder: Option<&str>,
+) -> Result<u64, StorageError> {
+    Ok(get(kv, &live_count_key(role, holder))?.unwrap_or(0))
+}
+
+/// Writes a new active lease and its indexes.
+pub(super) fn insert_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+) -> Result<(), StorageError> {
+    count_live(kv, lease, true)?;
+    let id = &lease.id;
+    store_lease(kv, lease);
+    kv.put(deadline_key(lease.expires_at_ms, id), Vec::new());
+    kv.put(ix_key(PFX_SUBJECT, &lease.subject, id), Vec::new());
+    kv.put(ix_key(PFX_ROLE_IX, &lease.role, id), Vec::new());
+    if !lease.kid.is_empty() {
+        kv.put(ix_key(PFX_KID_IX, &lease.kid, id), Vec::new());
+    }
+    Ok(())
+}
+
+/// Records that the key stored at `key` signed something valid until `exp_ms` (it stays
+/// published until then).
+pub(super) fn note_key_use<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    key: &[u8],
+    exp_ms: u64,
+) -> Result<(), StorageError> {
+    if let Some(mut rec) = get::<SigningKeyRecord>(kv, key)? {
+        if exp_ms > rec.max_token_expiry_ms {
+            rec.max_token_expiry_ms = exp_ms;
+            kv.put(key.to_vec(), enc(&rec));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn renew<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    intent: &RenewIntent,
+    renew_after_permille: u16,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    let lease_id = intent.lease_id.as_str();
+    audit.lease_id = Some(lease_id.to_string());
+    audit_context(audit, &intent.context);
+    let Some(mut lease) = load_lease(kv, lease_id)? else {
+        return Ok(Err(Error::LeaseNotFound(lease_id.to_string())));
+    };
+    audit.role = Some(lease.role.clone());
+    audit.subject = Some(lease.subject.clone());
+    audit.scopes = lease.scopes().to_vec();
+    audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
+    audit.details = lease.grant.audit();
+    audit
+        .details
+        .insert("kind".into(), lease.kind().as_str().into());
+    if lease.subject != actor.id && lease.client_id != actor.id && !actor.is_admin() {
+        return Ok(Err(Error::PermissionDenied(format!(
+            "lease {lease_id} belongs to another subject"
+        ))));
+    }
+    match lease.state {
+        LeaseState::Revoked { .. } => return Ok(Err(Error::LeaseRevoked(lease_id.to_string()))),
+        LeaseState::Expired { .. } => return Ok(Err(Error::LeaseExpired(lease_id.to_string()))),
+        LeaseState::Active if now >= lease.expires_at_ms => {
+            return Ok(Err(Error::LeaseExpired(lease_id.to_string())))
+        }
+        LeaseState::Active => {}
+    }
+    if let Renewal::Reissue { how } = crate::kind::renewal_of(lease.kind()) {
+        return Ok(Err(Error::NotRenewable {
+            lease: lease_id.to_string(),
+            how: how.to_string(),
+        }));
+    }
+    if lease.expires_at_ms >= lease.max_expires_at_ms {
+        return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
+    }
+    if let Err(e) = check_quarantine(kv, [&actor.id, &lease.subject])? {
+        return Ok(Err(e));
+    }
+    let stamp = match check_policy(kv, actor, &intent.policy, audit)? {
+        Ok(stamp) => stamp,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(kid) = active_kid(kv)? else {
+        return Ok(Err(Error::NoActiveSigningKey));
+    };
+    let increment = intent.increment_s.unwrap_or(lease.ttl_s);
+    let increment = stamp.max_ttl_s.map_or(increment, |cap| increment.min(cap));
+    // Never past the cap, never shorter than what the holder already has.
+    let new_exp = (now + increment * 1000)
+        .min(lease.max_expires_at_ms)
+        .max(lease.expires_at_ms);
+    kv.delete(deadline_key(lease.expires_at_ms, lease_id));
+    kv.put(deadline_key(new_exp, lease_id), Vec::new());
+    if kid != lease.kid {
+        kv.delete(ix_key(PFX_KID_IX, &lease.kid, lease_id));
+        kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
+        lease.kid = kid.clone();
+    }
+    note_key_use(kv, &key_key(&kid), new_exp)?;
+    lease.minted_at_ms = now;
+    lease.expires_at_ms = new_exp;
+    lease.renew_after_ms = now + (new_exp - now) * u64::from(renew_after_permille) / 1000;
+    lease.renewals += 1;
+    store_lease(kv, &lease);
+    audit.ttl_s = Some((new_exp - now) / 1000);
+    Ok(Ok(Outcome::Lease {
+        lease,
+        replayed: false,
+    }))
+}
+
+pub(super) fn revoke<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    target: &RevokeTarget,
+) -> Result<ApplyResult, StorageError> {
+    let state = LeaseState::Revoked {
+        at_ms: now,
+        by: actor.id.clone(),
+    };
+    let revoke_one = |kv: &mut Overlay<'_, R>, id: &str| -> Result<u64, StorageError> {
+        match load_lease(kv, id)? {
+            Some(lease) => revoke_lease(kv, &lease, &state),
+            None => Ok(0),
+        }
+    };
+    let (pfx, value) = match target {
+        RevokeTarget::Lease(id) => {
+            if kv.get(&lease_key(id))?.is_none() {
+                return Ok(Err(Error::LeaseNotFound(id.clone())));
+            }
+            // Revoking an inactive lease is a no-op that succeeds: revocation is idempotent.
+            let count = revoke_one(kv, id)?;
+            return Ok(Ok(Outcome::Revoked { count }));
+        }
+        RevokeTarget::Subject(s) => (PFX_SUBJECT, s),
+        RevokeTarget::Role(r) => (PFX_ROLE_IX, r),
+        RevokeTarget::Key(kid) => {
+            // A JWT signing key or an SSH CA key: either leaves publication, and everything it
+            // signed is revoked.
+            let (key, active) = if kv.get(&key_key(kid))?.is_some() {
+                (key_key(kid), META_ACTIVE_KID)
+            } else {
+                (ssh_ca_key(kid), META_ACTIVE_SSH_CA)
+            };
+            let Some(mut rec) = get::<SigningKeyRecord>(kv, &key)? else {
+                return Ok(Err(Error::KeyNotFound(kid.clone())));
+            };
+            rec.state = KeyState::Revoked { at_ms: now };
+            kv.put(key, enc(&rec));
+            if active == META_ACTIVE_SSH_CA {
+                bump_krl_version(kv)?;
+            }
+            if get::<String>(kv, active)?.as_deref() == Some(kid.as_str()) {
+                kv.delete(active.to_vec());
+            }
+            (PFX_KID_IX, kid)
+        }
+    };
+    let prefix = ix_prefix(pfx, value);
+    let end = prefix_end(&prefix);
+    let mut start = prefix.clone();
+    let mut count = 0;
+    loop {
+        let page = kv.range(&start, &end, SCAN_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last.clone();
+        start.push(0);
+        for (k, _) in &page {
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            count += revoke_one(kv, &id)?;
+        }
+        if page.len() < SCAN_PAGE {
+            break;
+        }
+    }
+    Ok(Ok(Outcome::Revoked { count }))
+}
+
+/// Revokes one lease if it is active: its state, deadline entry, live counts, and the
+/// revocation artefacts of its kind (a revoked SSH certificate enters the KRL). Returns 1 if it
+/// was active.
+pub(super) fn revoke_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease: &Lease,
+    state: &LeaseState,
+) -> Result<u64, StorageError> {
+    if lease.state != LeaseState::Active {
+        return Ok(0);
+    }
+    let mut lease = lease.clone();
+    kv.delete(deadline_key(lease.expires_at_ms, &lease.id));
+    lease.state = state.clone();
+    store_lease(kv, &lease);
+    count_live(kv, &lease, false)?;
+    if let Some((valid_before_s, serial)) = lease.grant.krl_entry() {
+        kv.put(ssh_revoked_key(valid_before_s, serial), enc(&lease.kid));
+        bump_krl_version(kv)?;
+    }
+    Ok(1)
+}
+
+pub(super) fn bump_krl_version<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+) -> Result<(), StorageError> {
+    let v: u64 = get(kv, META_KRL_VERSION)?.unwrap_or(0);
+    kv.put(META_KRL_VERSION.to_vec(), enc(&(v + 1)));
+    Ok(())
+}

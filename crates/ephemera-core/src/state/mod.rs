@@ -1,0 +1,706 @@
+//! The replicated state machine: deterministic `apply` of stamped commands over a key-value view,
+//! and the read queries the node serves from it.
+//!
+//! Key layout (all in one ordered keyspace so that one atomic batch commits a whole command):
+//! `meta/*` cluster metadata, `role/{name}`, `lease/{id}`, `key/{kid}`,
+//! `ix/dl/{deadline:016x}/{id}` deadline index of active leases (expiry reads only the due head),
+//! `ix/sub/{subject}\0{id}`, `ix/role/{role}\0{id}`, `ix/kid/{kid}\0{id}` secondary indexes,
+//! `req/{client}\0{request_id}` idempotency records, `audit/r/{seq:016x}` the audit chain,
+//! `pol/v/{version:016x}` committed policy set versions, `pol/p/{id}` policy proposals.
+
+mod governance;
+mod identity;
+mod leases;
+mod queries;
+
+use governance::*;
+use identity::*;
+pub use identity::{quarantine, quarantines};
+pub use leases::live_leases;
+use leases::*;
+pub use queries::*;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditRecord, GENESIS_HASH};
+use crate::command::{
+    intent_of, validate_intent, ApplyResult, Command, IssueIntent, Op, Outcome, PolicyDenial,
+    RenewIntent, RequestContext, RevokeTarget,
+};
+use crate::error::{Error, StorageError};
+use crate::kind::{CredentialKind, GrantContext, KindStamp, Renewal, Signer, SignerKind};
+use crate::kv::{prefix_end, KvRead, Overlay};
+use crate::policy::{PolicyGovernance, PolicyProposal, PolicyStamp, PolicyVersion, ProposalState};
+use crate::types::{
+    AuthMethod, ClusterCa, JoinToken, KeyState, Lease, LeaseState, Principal, Role,
+    SigningKeyRecord, SVID_ROLE,
+};
+
+const META_TIME: &[u8] = b"meta/time";
+const META_ADMIN_HASH: &[u8] = b"meta/admin_hash";
+const META_ISSUER: &[u8] = b"meta/issuer";
+const META_ACTIVE_KID: &[u8] = b"meta/active_kid";
+const META_AUDIT_HEAD: &[u8] = b"meta/audit_head";
+const META_CA: &[u8] = b"meta/ca";
+const META_ACTIVE_SSH_CA: &[u8] = b"meta/active_ssh_ca";
+/// The last SSH certificate serial handed out (serials start at 1).
+const META_SSH_SERIAL: &[u8] = b"meta/ssh_serial";
+/// Bumped by every change of what the KRL says (`krl_version`).
+const META_KRL_VERSION: &[u8] = b"meta/krl_version";
+const META_POLICY_VERSION: &[u8] = b"meta/policy_version";
+const META_POLICY_GOVERNANCE: &[u8] = b"meta/policy_governance";
+const PFX_POLICY_VERSION: &str = "pol/v/";
+const PFX_PROPOSAL: &str = "pol/p/";
+const PFX_LIVE_COUNT: &str = "cnt/";
+const PFX_QUARANTINE: &str = "quar/";
+const PFX_JOIN_TOKEN: &str = "jt/";
+const PFX_ASSERTION: &str = "aj/";
+const PFX_ROLE: &str = "role/";
+const PFX_LEASE: &str = "lease/";
+const PFX_KEY: &str = "key/";
+const PFX_SSH_CA: &str = "sshca/";
+/// Revoked SSH certificates not yet past `valid_before`: `ix/sshrev/{valid_before_s:016x}/
+/// {serial:016x}` → the CA key id. The KRL is built from it.
+const PFX_SSH_REVOKED: &str = "ix/sshrev/";
+const PFX_DEADLINE: &str = "ix/dl/";
+const PFX_SUBJECT: &str = "ix/sub/";
+const PFX_ROLE_IX: &str = "ix/role/";
+const PFX_KID_IX: &str = "ix/kid/";
+const PFX_REQ: &str = "req/";
+const PFX_AUDIT: &str = "audit/r/";
+
+/// Every key the domain state owns starts with one of these; the Raft layer keeps its own
+/// bookkeeping outside them.
+pub const STATE_PREFIXES: &[&str] = &[
+    "aj/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/", "req/",
+    "role/", "sshca/",
+];
+
+/// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
+pub const KEY_PUBLISH_GRACE_MS: u64 = 60_000;
+
+/// Leases touched by a bulk revocation are processed in pages of this size.
+const SCAN_PAGE: usize = 4096;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("state values serialise")
+}
+
+fn dec<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|e| {
+        StorageError(format!(
+            "corrupt value at {}: {e}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+fn get<T: DeserializeOwned>(
+    kv: &(impl KvRead + ?Sized),
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    match kv.get(key)? {
+        Some(b) => Ok(Some(dec(key, &b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Leases and roles are stored in the versioned layout (see [`crate::legacy`]).
+fn load_lease(kv: &(impl KvRead + ?Sized), id: &str) -> Result<Option<Lease>, StorageError> {
+    let key = lease_key(id);
+    match kv.get(&key)? {
+        Some(b) => crate::legacy::decode(&key, &b, crate::legacy::lease_from_v1).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn store_lease<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, lease: &Lease) {
+    kv.put(lease_key(&lease.id), crate::legacy::encode(lease));
+}
+
+fn load_role(kv: &(impl KvRead + ?Sized), name: &str) -> Result<Option<Role>, StorageError> {
+    let key = role_key(name);
+    match kv.get(&key)? {
+        Some(b) => crate::legacy::decode(&key, &b, crate::legacy::role_from_v1).map(Some),
+        // The SVID role exists in every cluster, defined or not.
+        None if name == SVID_ROLE => Ok(Some(Role::builtin_svid())),
+        None => Ok(None),
+    }
+}
+
+fn lease_key(id: &str) -> Vec<u8> {
+    format!("{PFX_LEASE}{id}").into_bytes()
+}
+fn role_key(name: &str) -> Vec<u8> {
+    format!("{PFX_ROLE}{name}").into_bytes()
+}
+fn key_key(kid: &str) -> Vec<u8> {
+    format!("{PFX_KEY}{kid}").into_bytes()
+}
+fn ssh_ca_key(kid: &str) -> Vec<u8> {
+    format!("{PFX_SSH_CA}{kid}").into_bytes()
+}
+fn ssh_revoked_key(valid_before_s: u64, serial: u64) -> Vec<u8> {
+    format!("{PFX_SSH_REVOKED}{valid_before_s:016x}/{serial:016x}").into_bytes()
+}
+fn deadline_key(deadline_ms: u64, id: &str) -> Vec<u8> {
+    format!("{PFX_DEADLINE}{deadline_ms:016x}/{id}").into_bytes()
+}
+fn ix_prefix(pfx: &str, value: &str) -> Vec<u8> {
+    let mut k = format!("{pfx}{value}").into_bytes();
+    k.push(0);
+    k
+}
+fn ix_key(pfx: &str, value: &str, id: &str) -> Vec<u8> {
+    let mut k = ix_prefix(pfx, value);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+fn req_key(client: &str, request_id: &str) -> Vec<u8> {
+    ix_key(PFX_REQ, client, request_id)
+}
+fn join_token_key(hash: &[u8]) -> Vec<u8> {
+    format!("{PFX_JOIN_TOKEN}{}", hex::encode(hash)).into_bytes()
+}
+fn policy_version_key(version: u64) -> Vec<u8> {
+    format!("{PFX_POLICY_VERSION}{version:016x}").into_bytes()
+}
+fn proposal_key(id: &str) -> Vec<u8> {
+    format!("{PFX_PROPOSAL}{id}").into_bytes()
+}
+/// Live leases of a role (`holder` None) or of one holder within a role.
+fn live_count_key(role: &str, holder: Option<&str>) -> Vec<u8> {
+    match holder {
+        None => format!("{PFX_LIVE_COUNT}role/{role}").into_bytes(),
+        Some(h) => format!("{PFX_LIVE_COUNT}holder/{role}\0{h}").into_bytes(),
+    }
+}
+fn quarantine_key(identity: &str) -> Vec<u8> {
+    format!("{PFX_QUARANTINE}{identity}").into_bytes()
+}
+fn audit_key(seq: u64) -> Vec<u8> {
+    format!("{PFX_AUDIT}{seq:016x}").into_bytes()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct AuditHead {
+    seq: u64,
+    hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestRecord {
+    lease_id: String,
+    fingerprint: [u8; 32],
+}
+
+fn fingerprint(i: &IssueIntent, subject: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(enc(&(
+        &i.role,
+        subject,
+        i.ttl_s,
+        &i.request,
+        &i.purpose,
+        &i.supersedes,
+    )));
+    h.finalize().into()
+}
+
+// ------------------------------------------------------------------------------------------
+// apply
+// ------------------------------------------------------------------------------------------
+
+/// Applies one stamped command. Domain errors are outcomes (committed, audited, identical on every
+/// node) and leave lease and role state untouched; only a storage failure is an `Err`.
+pub fn apply<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    cmd: &Command,
+) -> Result<ApplyResult, StorageError> {
+    let last: u64 = get(kv, META_TIME)?.unwrap_or(0);
+    let now = cmd.now_ms.max(last);
+    kv.put(META_TIME.to_vec(), enc(&now));
+
+    let mut audit = AuditRecord {
+        time_ms: now,
+        actor: cmd.actor.id.clone(),
+        auth_method: cmd.actor.auth_method.as_str().to_string(),
+        actor_issuer: cmd.actor.issuer.clone(),
+        actor_attributes: cmd.actor.attributes.clone(),
+        action: action_name(&cmd.op).to_string(),
+        ..Default::default()
+    };
+
+    // Run the op against a nested overlay, so a denial discards its partial writes.
+    let (result, writes) = {
+        let mut inner = Overlay::new(&*kv);
+        let result = apply_op(&mut inner, cmd, now, &mut audit)?;
+        (result, inner.into_writes())
+    };
+    match &result {
+        Ok(outcome) => {
+            for (k, v) in writes {
+                match v {
+                    Some(v) => kv.put(k, v),
+                    None => kv.delete(k),
+                }
+            }
+            // An op that records a refusal (a policy denial) marks its record itself.
+            if audit.outcome.is_empty() {
+                audit.outcome = "ok".into();
+            }
+            if let Outcome::Revoked { count } | Outcome::Expired { count } = outcome {
+                audit.count = Some(*count);
+            }
+        }
+        Err(e) => {
+            // The kind and structured fields, never apply's prose (see `Error::audit_fields`).
+            audit.outcome = "denied".into();
+            audit.reason = Some(e.kind().to_string());
+            audit.error_fields.extend(e.audit_fields());
+        }
+    }
+    append_audit(kv, audit)?;
+    Ok(result)
+}
+
+fn action_name(op: &Op) -> &'static str {
+    match op {
+        Op::Bootstrap { .. } => "cluster.init",
+        Op::PutRole(_) => "role.put",
+        Op::DeleteRole { .. } => "role.delete",
+        Op::Issue { .. } => "lease.issue",
+        Op::Renew { .. } => "lease.renew",
+        Op::Revoke(_) => "lease.revoke",
+        Op::AddSigningKey { .. } => "key.add",
+        Op::AddSshCaKey { .. } => "sshca.add",
+        Op::Expire { .. } => "lease.expire",
+        Op::RecordAccess { .. } => "access",
+        Op::RecordDenial { .. } => "auth.denied",
+        Op::SetClusterCa { .. } => "ca.set",
+        Op::CreateJoinToken { .. } => "jointoken.create",
+        Op::ConsumeAssertion { .. } => "assertion.consume",
+        Op::ProposePolicy { .. } => "policy.propose",
+        Op::ApprovePolicy { .. } => "policy.approve",
+        Op::RejectPolicy { .. } => "policy.reject",
+        Op::PolicyDenied(_) => "policy.denied",
+        Op::GuardEvent(_) => "guard.event",
+        Op::ReleaseQuarantine { .. } => "quarantine.release",
+    }
+}
+
+fn append_audit<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    mut rec: AuditRecord,
+) -> Result<(), StorageError> {
+    let head: AuditHead = get(kv, META_AUDIT_HEAD)?.unwrap_or(AuditHead {
+        seq: 0,
+        hash: GENESIS_HASH.into(),
+    });
+    rec.seq = head.seq + 1;
+    rec.prev_hash = head.hash;
+    rec.hash = rec.compute_hash();
+    kv.put(
+        audit_key(rec.seq),
+        serde_json::to_vec(&rec).expect("audit record serialises"),
+    );
+    kv.put(
+        META_AUDIT_HEAD.to_vec(),
+        enc(&AuditHead {
+            seq: rec.seq,
+            hash: rec.hash,
+        }),
+    );
+    Ok(())
+}
+
+fn require_admin(actor: &Principal) -> Result<(), Error> {
+    if actor.is_admin() {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "{} is not an administrator",
+            actor.id
+        )))
+    }
+}
+
+fn apply_op<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    cmd: &Command,
+    now: u64,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    if let Some(intent) = intent_of(&cmd.op) {
+        if let Err(e) = validate_intent(&intent) {
+            return Ok(Err(e));
+        }
+    }
+    let actor = &cmd.actor;
+    match &cmd.op {
+        Op::Bootstrap {
+            admin_credential_hash,
+            issuer,
+            policy_text,
+            governance,
+        } => {
+            if kv.get(META_ADMIN_HASH)?.is_some() {
+                return Ok(Err(Error::AlreadyInitialized));
+            }
+            kv.put(META_ADMIN_HASH.to_vec(), admin_credential_hash.clone());
+            kv.put(META_ISSUER.to_vec(), enc(issuer));
+            kv.put(META_POLICY_GOVERNANCE.to_vec(), enc(governance));
+            let first = PolicyVersion {
+                version: 1,
+                text: policy_text.clone(),
+                sha256: text_hash(policy_text),
+                activated_at_ms: now,
+                proposal_id: None,
+                proposer: actor.id.clone(),
+                approvers: Vec::new(),
+            };
+            audit.target = Some(format!("issuer:{issuer} policy:{}", first.sha256));
+            audit.policy_version = Some(1);
+            activate_policy(kv, &first);
+            Ok(Ok(Outcome::Done))
+        }
+        Op::PutRole(role) => {
+            audit.role = Some(role.name.clone());
+            audit.ttl_s = Some(role.max_ttl_s);
+            let view = role.spec.cedar();
+            audit.scopes = view.scopes.to_vec();
+            audit.audience = Some(view.audience.to_string()).filter(|a| !a.is_empty());
+            audit.details = kind_details(role.kind(), view.principals);
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            let mut role = role.clone();
+            role.spec.normalise();
+            kv.put(role_key(&role.name), crate::legacy::encode(&role));
+            Ok(Ok(Outcome::Role(role)))
+        }
+        Op::DeleteRole { name } => {
+            audit.role = Some(name.clone());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&role_key(name))?.is_none() {
+                return Ok(Err(Error::UnknownRole(name.clone())));
+            }
+            // Leases of a deleted role live on until they expire or are revoked.
+            kv.delete(role_key(name));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::Issue {
+            intent,
+            lease_id,
+            renew_after_permille,
+            kind_stamp,
+        } => issue(
+            kv,
+            actor,
+            now,
+            intent,
+            (lease_id, *renew_after_permille, kind_stamp),
+            audit,
+        ),
+        Op::Renew {
+            intent,
+            renew_after_permille,
+        } => renew(kv, actor, now, intent, *renew_after_permille, audit),
+        Op::ProposePolicy {
+            proposal_id,
+            text,
+            comment,
+        } => propose_policy(kv, actor, now, proposal_id, text, comment, audit),
+        Op::ApprovePolicy { proposal_id } => approve_policy(kv, actor, now, proposal_id, audit),
+        Op::RejectPolicy {
+            proposal_id,
+            reason,
+        } => {
+            audit.target = Some(format!("policy-proposal:{proposal_id}"));
+            if let Err(e) = require_policy_admin(actor) {
+                return Ok(Err(e));
+            }
+            let Some(mut p) = get::<PolicyProposal>(kv, &proposal_key(proposal_id))? else {
+                return Ok(Err(Error::ProposalNotFound(proposal_id.clone())));
+            };
+            if p.status(now) != "pending" {
+                return Ok(Err(Error::ProposalNotPending {
+                    id: p.id.clone(),
+                    state: p.status(now).into(),
+                }));
+            }
+            audit.reason = Some(reason.clone());
+            p.state = ProposalState::Rejected {
+                by: actor.id.clone(),
+                at_ms: now,
+                reason: reason.clone(),
+            };
+            kv.put(proposal_key(proposal_id), enc(&p));
+            Ok(Ok(Outcome::Proposal(p)))
+        }
+        Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
+        Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
+        Op::ReleaseQuarantine { identity } => {
+            audit.subject = Some(identity.clone());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&quarantine_key(identity))?.is_none() {
+                return Ok(Err(Error::InvalidArgument(format!(
+                    "{identity} is not quarantined"
+                ))));
+            }
+            kv.delete(quarantine_key(identity));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::Revoke(target) => {
+            audit.target = Some(target.describe());
+            if let RevokeTarget::Lease(id) = target {
+                audit.lease_id = Some(id.clone());
+            }
+            // A workload may revoke its own leases (e.g. when its job ends); everything else,
+            // bulk revocation included, is an administrator's.
+            let own_lease = match target {
+                RevokeTarget::Lease(id) => load_lease(kv, id)?
+                    .is_some_and(|l| l.subject == actor.id || l.client_id == actor.id),
+                _ => false,
+            };
+            if !own_lease {
+                if let Err(e) = require_admin(actor) {
+                    return Ok(Err(e));
+                }
+            }
+            revoke(kv, actor, now, target)
+        }
+        Op::AddSigningKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            audit.target = Some(format!("key:{kid}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&key_key(kid))?.is_some() {
+                return Ok(Err(Error::Internal(format!(
+                    "signing key {kid} already exists"
+                ))));
+            }
+            if let Some(prev) = active_kid(kv)? {
+                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(&prev))? {
+                    rec.state = KeyState::Retiring { since_ms: now };
+                    kv.put(key_key(&prev), enc(&rec));
+                }
+            }
+            let rec = SigningKeyRecord {
+                kid: kid.clone(),
+                public_key: *public_key,
+                sealed_private_key: sealed_private_key.clone(),
+                created_at_ms: now,
+                state: KeyState::Active,
+                max_token_expiry_ms: 0,
+            };
+            kv.put(key_key(kid), enc(&rec));
+            kv.put(META_ACTIVE_KID.to_vec(), enc(kid));
+            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+        }
+        Op::AddSshCaKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            audit.target = Some(format!("ssh-ca:{kid}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(&ssh_ca_key(kid))?.is_some() {
+                return Ok(Err(Error::Internal(format!(
+                    "SSH CA key {kid} already exists"
+                ))));
+            }
+            if let Some(prev) = active_ssh_ca(kv)? {
+                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &ssh_ca_key(&prev))? {
+                    rec.state = KeyState::Retiring { since_ms: now };
+                    kv.put(ssh_ca_key(&prev), enc(&rec));
+                }
+            }
+            let rec = SigningKeyRecord {
+                kid: kid.clone(),
+                public_key: *public_key,
+                sealed_private_key: sealed_private_key.clone(),
+                created_at_ms: now,
+                state: KeyState::Active,
+                max_token_expiry_ms: 0,
+            };
+            kv.put(ssh_ca_key(kid), enc(&rec));
+            kv.put(META_ACTIVE_SSH_CA.to_vec(), enc(kid));
+            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+        }
+        Op::Expire { up_to_ms, limit } => {
+            let up_to = (*up_to_ms).min(now);
+            let due = kv.range(
+                PFX_DEADLINE.as_bytes(),
+                deadline_key(up_to.saturating_add(1), "").as_slice(),
+                *limit as usize,
+            )?;
+            let mut count = 0;
+            for (k, _) in due {
+                kv.delete(k.clone());
+                let id = std::str::from_utf8(&k[PFX_DEADLINE.len() + 17..])
+                    .map_err(|_| StorageError("corrupt deadline index key".into()))?
+                    .to_string();
+                if let Some(mut lease) = load_lease(kv, &id)? {
+                    if lease.state == LeaseState::Active {
+                        lease.state = LeaseState::Expired {
+                            at_ms: lease.expires_at_ms,
+                        };
+                        store_lease(kv, &lease);
+                        count_live(kv, &lease, false)?;
+                        count += 1;
+                    }
+                }
+            }
+            // Revoked certificates past `valid_before` leave the KRL.
+            let gone = kv.range(
+                PFX_SSH_REVOKED.as_bytes(),
+                ssh_revoked_key(up_to / 1000, 0).as_slice(),
+                *limit as usize,
+            )?;
+            if !gone.is_empty() {
+                bump_krl_version(kv)?;
+            }
+            for (k, _) in gone {
+                kv.delete(k);
+            }
+            audit.target = Some(format!("deadline<={up_to}"));
+            Ok(Ok(Outcome::Expired { count }))
+        }
+        Op::RecordAccess { action, target } => {
+            audit.target = Some(format!("{action} {target}").trim().to_string());
+            Ok(Ok(Outcome::Done))
+        }
+        Op::RecordDenial { presented, reason } => {
+            // Recorded as a denial; nothing else changes. The reason came in the command (the
+            // receiving node's words), so it is the log's, not this release's.
+            audit.target = Some(presented.clone());
+            audit.error_fields.insert("reason".into(), reason.clone());
+            Ok(Err(Error::Unauthenticated(reason.clone())))
+        }
+        Op::SetClusterCa {
+            trust_domain,
+            cert_pem,
+            sealed_seed,
+        } => {
+            audit.target = Some(format!("trust_domain:{trust_domain}"));
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(META_CA)?.is_some() {
+                return Ok(Err(Error::InvalidArgument(
+                    "the cluster CA is already set".into(),
+                )));
+            }
+            let ca = ClusterCa {
+                trust_domain: trust_domain.clone(),
+                cert_pem: cert_pem.clone(),
+                sealed_seed: sealed_seed.clone(),
+            };
+            kv.put(META_CA.to_vec(), enc(&ca));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::CreateJoinToken {
+            token_hash,
+            spiffe_id,
+            ttl_s,
+        } => {
+            audit.subject = Some(spiffe_id.clone());
+            audit.ttl_s = Some(*ttl_s);
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            let key = join_token_key(token_hash);
+            if kv.get(&key)?.is_some() {
+                return Ok(Err(Error::Internal("join token collision".into())));
+            }
+            let token = JoinToken {
+                spiffe_id: spiffe_id.clone(),
+                expires_at_ms: now + ttl_s * 1000,
+                created_by: actor.id.clone(),
+                used_at_ms: None,
+            };
+            kv.put(key, enc(&token));
+            Ok(Ok(Outcome::Done))
+        }
+        Op::ConsumeAssertion {
+            issuer,
+            jti,
+            expires_at_ms,
+        } => {
+            audit.target = Some(format!("issuer:{issuer}"));
+            let mut h = Sha256::new();
+            h.update(issuer.as_bytes());
+            h.update([0]);
+            h.update(jti.as_bytes());
+            let key = format!("{PFX_ASSERTION}{}", hex::encode(h.finalize())).into_bytes();
+            if let Some(until) = get::<u64>(kv, &key)? {
+                if now <= until {
+                    return Ok(Err(Error::Unauthenticated(
+                        "assertion replayed (its jti was already used)".into(),
+                    )));
+                }
+            }
+            kv.put(key, enc(expires_at_ms));
+            Ok(Ok(Outcome::Done))
+        }
+    }
+}
+
+fn audit_context(audit: &mut AuditRecord, c: &RequestContext) {
+    for (key, value) in [
+        ("source_ip", &c.source_ip),
+        ("environment", &c.environment),
+        ("job_id", &c.job_id),
+    ] {
+        if let Some(v) = value {
+            audit.context.insert(key.to_string(), v.clone());
+        }
+    }
+}
+
+/// A request is executed only under the policy version it was decided by; otherwise the node
+/// decides again. Only the break-glass credential goes without a policy decision.
+fn check_policy<'a, R: KvRead + ?Sized>(
+    kv: &Overlay<'_, R>,
+    actor: &Principal,
+    stamp: &'a Option<PolicyStamp>,
+    audit: &mut AuditRecord,
+) -> Result<Result<&'a PolicyStamp, Error>, StorageError> {
+    let Some(stamp) = stamp else {
+        return Ok(Err(Error::PolicyDenied(
+            "the request carries no policy decision".into(),
+        )));
+    };
+    audit.policy_version = Some(stamp.version);
+    audit.policy_ids = stamp.determining.clone();
+    let break_glass = stamp
+        .determining
+        .iter()
+        .any(|id| id == PolicyStamp::BREAK_GLASS);
+    if break_glass != (actor.auth_method == crate::types::AuthMethod::BootstrapAdmin) {
+        return Ok(Err(Error::PolicyDenied(
+            "only the break-glass credential is not bound by policy".into(),
+        )));
+    }
+    let active = policy_version(kv)?;
+    if stamp.version != active {
+        return Ok(Err(Error::PolicyChanged {
+            decided: stamp.version,
+            active,
+        }));
+    }
+    Ok(Ok(stamp))
+}
