@@ -477,3 +477,89 @@ fn ssh_requests_beyond_the_role_are_refused_and_nothing_is_issued() {
         "{shown}"
     );
 }
+
+/// An SSH CA can be imported at `cluster init` (here through `ephemera dev --ssh-ca-key`): the
+/// cluster publishes that CA and signs with it, so hosts that already trust it keep working.
+#[test]
+fn an_imported_ssh_ca_is_published_and_signs() {
+    let keys = tempfile::tempdir().unwrap();
+    let ca = keys.path().join("ca");
+    let out = run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "old-ca", "-f"])
+        .arg(&ca));
+    assert!(out.status.success(), "{}", text(&out));
+    let cluster = DevCluster::start(1, &["--ssh-ca-key", &ca.display().to_string()]);
+    let published = cluster.cli(&["ssh", "ca", "--http", &cluster.http_urls()[0]]);
+    assert!(published.status.success(), "{}", text(&published));
+    let ours = std::fs::read_to_string(format!("{}.pub", ca.display())).unwrap();
+    let key_of = |line: &str| {
+        line.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        key_of(&String::from_utf8_lossy(&published.stdout)),
+        key_of(&ours),
+        "the published CA is not the imported one"
+    );
+    let out = cluster.cli(&[
+        "role",
+        "put",
+        "ops",
+        "--kind",
+        "ssh-user",
+        "--principals",
+        "alice",
+        "--ttl",
+        "5m",
+        "--max-ttl",
+        "1h",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("id_ed25519");
+    let out = run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key));
+    assert!(out.status.success(), "{}", text(&out));
+    let w = Workload {
+        cluster: &cluster,
+        dir: tmp.path().to_path_buf(),
+        key,
+    };
+    let (cert, _) = w.sign("a", &["--role", "ops"]).unwrap();
+    let shown = run(Command::new("ssh-keygen").arg("-L").arg("-f").arg(&cert));
+    let fingerprint = run(Command::new("ssh-keygen")
+        .arg("-l")
+        .arg("-f")
+        .arg(format!("{}.pub", ca.display())));
+    let fp = String::from_utf8_lossy(&fingerprint.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains(&fp),
+        "the certificate is not signed by the imported CA {fp}: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    // A key that is not Ed25519, or encrypted, is refused at init with a precise error.
+    let rsa = keys.path().join("rsa");
+    let out = run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa));
+    assert!(out.status.success(), "{}", text(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .args(["dev", "--nodes", "1", "--dir"])
+        .arg(dir.path())
+        .arg("--ssh-ca-key")
+        .arg(&rsa));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not Ed25519"),
+        "{}",
+        text(&out)
+    );
+}

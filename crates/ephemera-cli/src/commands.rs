@@ -483,6 +483,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             issuer,
             ca_cert,
             ca_key,
+            ssh_ca_key,
             policy,
             policy_approvals,
             policy_proposal_ttl,
@@ -510,6 +511,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
                         policy_text,
                         policy_approvals: Some(*policy_approvals),
                         policy_proposal_ttl_s: Some(policy_proposal_ttl_s),
+                        ssh_ca_key: read(ssh_ca_key, "--ssh-ca-key")?.unwrap_or_default(),
                     },
                     |mut a, r| async move { a.init_cluster(r).await },
                 )

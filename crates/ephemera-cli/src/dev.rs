@@ -265,7 +265,15 @@ pub async fn run(args: &DevArgs) -> Result<()> {
             }
         }
     }
-    let result = setup(&dir, &nodes, fresh, &env_path, &children).await;
+    let result = setup(
+        &dir,
+        &nodes,
+        fresh,
+        &env_path,
+        &children,
+        args.ssh_ca_key.as_deref(),
+    )
+    .await;
     let token = match result {
         Ok(t) => t,
         Err(e) => {
@@ -290,6 +298,7 @@ async fn setup(
     fresh: bool,
     env_path: &Path,
     children: &[Child],
+    ssh_ca_key: Option<&Path>,
 ) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let tls = admin_tls(dir)?;
@@ -307,6 +316,11 @@ async fn setup(
                     policy_text: DEV_POLICY.to_string(),
                     policy_approvals: Some(1),
                     policy_proposal_ttl_s: None,
+                    ssh_ca_key: match ssh_ca_key {
+                        Some(p) => std::fs::read_to_string(p)
+                            .with_context(|| format!("cannot read {}", p.display()))?,
+                        None => String::new(),
+                    },
                 },
                 |mut a, r| async move { a.init_cluster(r).await },
             )

@@ -304,6 +304,10 @@ pub struct DevArgs {
     /// Raft snapshot threshold (entries since the last snapshot); small values exercise snapshots.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
+    /// Import this SSH CA (an unencrypted Ed25519 OpenSSH private key) into a fresh cluster
+    /// instead of generating one.
+    #[arg(long)]
+    pub ssh_ca_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -319,6 +323,10 @@ pub enum ClusterCmd {
         ca_cert: Option<PathBuf>,
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// The SSH CA to import: an unencrypted Ed25519 OpenSSH private key (`ssh-keygen -t
+        /// ed25519 -N ''`); sealed under the key-encryption key. Default: the cluster creates one.
+        #[arg(long)]
+        ssh_ca_key: Option<PathBuf>,
         /// Policy version 1, Cedar (default: administrators only; workloads get nothing).
         #[arg(long)]
         policy: Option<PathBuf>,

@@ -143,6 +143,12 @@ pub enum Intent {
     /// Make a fresh SSH CA key active; the leader generates it. The previous one stays
     /// published until the last certificate it signed has expired.
     RotateSshCa,
+    /// Make an imported SSH CA key active (sealed under the KEK by the node that received it).
+    ImportSshCa {
+        kid: String,
+        public_key: [u8; 32],
+        sealed_private_key: Vec<u8>,
+    },
     /// Audit an access that changes no state (break-glass reads).
     RecordAccess {
         action: String,
@@ -391,6 +397,15 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::GuardEvent(e) => Op::GuardEvent(e),
         Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
         Intent::RotateKey => new_signing_key_op(kek, entropy),
+        Intent::ImportSshCa {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => Op::AddSshCaKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        },
         Intent::RotateSshCa => {
             let (kid, public_key, sealed_private_key) = new_sealed_key(kek, entropy);
             Op::AddSshCaKey {
@@ -654,6 +669,18 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             RevokeTarget::Key(k) => validate_name("key id", k),
         },
         Intent::RotateKey | Intent::RotateSshCa => Ok(()),
+        Intent::ImportSshCa {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            if *kid != kid_for(public_key) || sealed_private_key.len() > 128 {
+                return Err(invalid(
+                    "the SSH CA key's id or sealed key is malformed".into(),
+                ));
+            }
+            Ok(())
+        }
         Intent::RecordAccess { action, target } => {
             validate_text("action", action, MAX_NAME_LEN, false)?;
             if !target.is_empty() {

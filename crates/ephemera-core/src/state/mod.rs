@@ -316,6 +316,61 @@ fn append_audit<R: KvRead + ?Sized>(
     Ok(())
 }
 
+/// A replicated store of signing keys: where its records live and which one is active.
+pub(super) struct KeyStore {
+    pub(super) record: fn(&str) -> Vec<u8>,
+    pub(super) active: &'static [u8],
+    pub(super) what: &'static str,
+}
+
+pub(super) const JWT_KEYS: KeyStore = KeyStore {
+    record: key_key,
+    active: META_ACTIVE_KID,
+    what: "signing key",
+};
+pub(super) const SSH_CA_KEYS: KeyStore = KeyStore {
+    record: ssh_ca_key,
+    active: META_ACTIVE_SSH_CA,
+    what: "SSH CA key",
+};
+
+/// Makes a new key active in `store`; the previous one retires (it stays published until what
+/// it signed has expired).
+fn add_key<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    store: KeyStore,
+    (kid, public_key, sealed_private_key): (&String, &[u8; 32], &Vec<u8>),
+) -> Result<ApplyResult, StorageError> {
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    if kv.get(&(store.record)(kid))?.is_some() {
+        return Ok(Err(Error::Internal(format!(
+            "{} {kid} already exists",
+            store.what
+        ))));
+    }
+    if let Some(prev) = get::<String>(kv, store.active)? {
+        if let Some(mut rec) = get::<SigningKeyRecord>(kv, &(store.record)(&prev))? {
+            rec.state = KeyState::Retiring { since_ms: now };
+            kv.put((store.record)(&prev), enc(&rec));
+        }
+    }
+    let rec = SigningKeyRecord {
+        kid: kid.clone(),
+        public_key: *public_key,
+        sealed_private_key: sealed_private_key.clone(),
+        created_at_ms: now,
+        state: KeyState::Active,
+        max_token_expiry_ms: 0,
+    };
+    kv.put((store.record)(kid), enc(&rec));
+    kv.put(store.active.to_vec(), enc(kid));
+    Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+}
+
 fn require_admin(actor: &Principal) -> Result<(), Error> {
     if actor.is_admin() {
         Ok(())
@@ -482,31 +537,13 @@ fn apply_op<R: KvRead + ?Sized>(
             sealed_private_key,
         } => {
             audit.target = Some(format!("key:{kid}"));
-            if let Err(e) = require_admin(actor) {
-                return Ok(Err(e));
-            }
-            if kv.get(&key_key(kid))?.is_some() {
-                return Ok(Err(Error::Internal(format!(
-                    "signing key {kid} already exists"
-                ))));
-            }
-            if let Some(prev) = active_kid(kv)? {
-                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &key_key(&prev))? {
-                    rec.state = KeyState::Retiring { since_ms: now };
-                    kv.put(key_key(&prev), enc(&rec));
-                }
-            }
-            let rec = SigningKeyRecord {
-                kid: kid.clone(),
-                public_key: *public_key,
-                sealed_private_key: sealed_private_key.clone(),
-                created_at_ms: now,
-                state: KeyState::Active,
-                max_token_expiry_ms: 0,
-            };
-            kv.put(key_key(kid), enc(&rec));
-            kv.put(META_ACTIVE_KID.to_vec(), enc(kid));
-            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+            add_key(
+                kv,
+                actor,
+                now,
+                JWT_KEYS,
+                (kid, public_key, sealed_private_key),
+            )
         }
         Op::AddSshCaKey {
             kid,
@@ -514,31 +551,13 @@ fn apply_op<R: KvRead + ?Sized>(
             sealed_private_key,
         } => {
             audit.target = Some(format!("ssh-ca:{kid}"));
-            if let Err(e) = require_admin(actor) {
-                return Ok(Err(e));
-            }
-            if kv.get(&ssh_ca_key(kid))?.is_some() {
-                return Ok(Err(Error::Internal(format!(
-                    "SSH CA key {kid} already exists"
-                ))));
-            }
-            if let Some(prev) = active_ssh_ca(kv)? {
-                if let Some(mut rec) = get::<SigningKeyRecord>(kv, &ssh_ca_key(&prev))? {
-                    rec.state = KeyState::Retiring { since_ms: now };
-                    kv.put(ssh_ca_key(&prev), enc(&rec));
-                }
-            }
-            let rec = SigningKeyRecord {
-                kid: kid.clone(),
-                public_key: *public_key,
-                sealed_private_key: sealed_private_key.clone(),
-                created_at_ms: now,
-                state: KeyState::Active,
-                max_token_expiry_ms: 0,
-            };
-            kv.put(ssh_ca_key(kid), enc(&rec));
-            kv.put(META_ACTIVE_SSH_CA.to_vec(), enc(kid));
-            Ok(Ok(Outcome::KeyAdded { kid: kid.clone() }))
+            add_key(
+                kv,
+                actor,
+                now,
+                SSH_CA_KEYS,
+                (kid, public_key, sealed_private_key),
+            )
         }
         Op::Expire { up_to_ms, limit } => {
             let up_to = (*up_to_ms).min(now);

@@ -44,7 +44,12 @@ impl Api {
             policy_text,
             policy_approvals,
             policy_proposal_ttl_s,
+            ssh_ca_key,
         } = r;
+        // Checked before anything is written, so a bad key leaves the node uninitialised.
+        let import_ssh_ca = (!ssh_ca_key.is_empty())
+            .then(|| self.node.seal_ssh_ca_key(&ssh_ca_key))
+            .transpose()?;
         let policy_text = if policy_text.is_empty() {
             ephemera_policy::DEFAULT_POLICY.to_string()
         } else {
@@ -128,7 +133,8 @@ impl Api {
             .map_err(|e| Error::Internal(e.to_string()))?
             .is_none()
         {
-            node.route_system(Intent::RotateSshCa).await?;
+            node.route_system(import_ssh_ca.unwrap_or(Intent::RotateSshCa))
+                .await?;
         }
         tracing::info!(
             node_id = node.id,

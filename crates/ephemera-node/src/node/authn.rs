@@ -316,6 +316,46 @@ impl Node {
         Ok(())
     }
 
+    /// Seals an imported SSH CA key (an unencrypted Ed25519 OpenSSH private key) under the KEK:
+    /// the intent that makes it the active SSH CA.
+    pub fn seal_ssh_ca_key(&self, openssh_pem: &str) -> Result<Intent, Error> {
+        let key = ssh_key::PrivateKey::from_openssh(openssh_pem.trim())
+            .map_err(|e| Error::InvalidArgument(format!("SSH CA key: {e}")))?;
+        if key.is_encrypted() {
+            return Err(Error::InvalidArgument(
+                "SSH CA key: it is encrypted; import an unencrypted copy (the cluster seals it)"
+                    .into(),
+            ));
+        }
+        let Some(pair) = key.key_data().ed25519() else {
+            return Err(Error::InvalidArgument(format!(
+                "SSH CA key: it is {}, not Ed25519",
+                key.algorithm()
+            )));
+        };
+        let seed = zeroize::Zeroizing::new(pair.private.to_bytes());
+        let public_key = pair.public.0;
+        if ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes()
+            != public_key
+        {
+            return Err(Error::InvalidArgument(
+                "SSH CA key: its public half does not match its private half".into(),
+            ));
+        }
+        let kid = ephemera_core::crypto::kid_for(&public_key);
+        let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
+        self.entropy.lock().expect("entropy lock").fill(&mut nonce);
+        Ok(Intent::ImportSshCa {
+            sealed_private_key: ephemera_core::crypto::seal_private_key(
+                &self.kek, &kid, &seed, nonce,
+            ),
+            kid,
+            public_key,
+        })
+    }
+
     /// Seals the cluster CA's key under the KEK for replication.
     pub fn seal_ca_key(&self, key_pem: &str) -> Result<Vec<u8>, Error> {
         let seed = zeroize::Zeroizing::new(
