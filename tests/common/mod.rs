@@ -41,7 +41,7 @@ impl DevCluster {
     /// Starts `ephemera dev` in a directory the test has prepared (e.g. with an oidc.toml).
     pub fn start_in(dir: tempfile::TempDir, nodes: u16, extra_args: &[&str]) -> Self {
         let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
-        let dev = Command::new(BIN)
+        let mut dev = Command::new(BIN)
             .args(["dev", "--nodes", &nodes.to_string(), "--dir"])
             .arg(dir.path())
             .args(extra_args)
@@ -55,10 +55,15 @@ impl DevCluster {
             if let Some(env) = read_env(&dir.path().join("dev.env")) {
                 break env;
             }
+            // A dev that gave up says why in its log and the nodes' logs: report it at once.
+            let exited = dev.try_wait().ok().flatten();
             assert!(
-                Instant::now() < deadline,
-                "ephemera dev did not become ready: {}",
-                std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default()
+                exited.is_none() && Instant::now() < deadline,
+                "ephemera dev did not become ready ({}): {}",
+                exited.map_or("still running after 60 s".to_string(), |s| format!(
+                    "it exited: {s}"
+                )),
+                dev_logs(dir.path())
             );
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -332,6 +337,22 @@ impl Drop for DevCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `dev.log` and every node's log, for a failure message.
+fn dev_logs(dir: &Path) -> String {
+    let mut out = std::fs::read_to_string(dir.join("dev.log")).unwrap_or_default();
+    for n in 1..=9 {
+        if let Ok(log) = std::fs::read_to_string(dir.join(format!("node-{n}/node.log"))) {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out.push_str(&format!("\n--- node-{n}/node.log (last 40 lines) ---\n"));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
