@@ -1123,6 +1123,33 @@ fn ssh_user_certificates_carry_only_what_the_role_allows() {
         rec.details.get("kind").map(String::as_str),
         Some("ssh-user")
     );
+    // A refusal names what was asked for; a revocation names the certificate's serial.
+    let refused = state::audit_records(&w.kv, 1, 10_000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.reason.as_deref() == Some("not_allowed_by_role"))
+        .unwrap();
+    assert_eq!(
+        refused.details.get("principals").map(String::as_str),
+        Some("bob")
+    );
+    assert_eq!(
+        refused.error_fields.get("value").map(String::as_str),
+        Some("bob")
+    );
+    w.admin(Intent::Revoke(RevokeTarget::Lease(c.id.clone())))
+        .unwrap();
+    let rec = state::audit_records(&w.kv, 1, 10_000)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (
+            rec.action.as_str(),
+            rec.details.get("serial").map(String::as_str)
+        ),
+        ("lease.revoke", Some("3"))
+    );
 }
 
 #[test]

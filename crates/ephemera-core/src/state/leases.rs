@@ -68,6 +68,12 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     let asked = intent.request.asked();
     audit.scopes = asked.scopes.to_vec();
     audit.audience = asked.audience.map(str::to_string);
+    // A refused request's record names what was asked for (replaced by the grant's on success).
+    if !asked.principals.is_empty() {
+        audit
+            .details
+            .insert("principals".into(), asked.principals.join(","));
+    }
     let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
     audit.subject = Some(subject.clone());
     audit_context(audit, &intent.context);

@@ -519,11 +519,22 @@ fn apply_op<R: KvRead + ?Sized>(
             }
             // A workload may revoke its own leases (e.g. when its job ends); everything else,
             // bulk revocation included, is an administrator's.
-            let own_lease = match target {
-                RevokeTarget::Lease(id) => load_lease(kv, id)?
-                    .is_some_and(|l| l.subject == actor.id || l.client_id == actor.id),
-                _ => false,
+            let lease = match target {
+                RevokeTarget::Lease(id) => load_lease(kv, id)?,
+                _ => None,
             };
+            if let Some(l) = &lease {
+                // What was revoked, in the kind's terms (an SSH certificate's serial).
+                audit.subject = Some(l.subject.clone());
+                audit.role = Some(l.role.clone());
+                audit.details = l.grant.audit();
+                audit
+                    .details
+                    .insert("kind".into(), l.kind().as_str().into());
+            }
+            let own_lease = lease
+                .as_ref()
+                .is_some_and(|l| l.subject == actor.id || l.client_id == actor.id);
             if !own_lease {
                 if let Err(e) = require_admin(actor) {
                     return Ok(Err(e));
