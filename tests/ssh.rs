@@ -51,11 +51,7 @@ impl Sshd {
         let principals = dir.join("principals");
         std::fs::create_dir_all(&principals).unwrap();
         std::fs::write(principals.join("root"), "alice\n").unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = ephemera_chaos::ports::free_loopback_port().unwrap();
         let config = dir.join("sshd_config");
         std::fs::write(
             &config,

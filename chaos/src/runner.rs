@@ -64,10 +64,7 @@ fn now_ms() -> u64 {
 }
 
 fn free_port() -> Result<u16, ChaosError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(err)?
-        .port())
+    crate::ports::free_loopback_port().map_err(err)
 }
 
 struct NodeProc {

@@ -265,13 +265,7 @@ impl DevCluster {
     /// Starts an extra node with a fresh config and certificate next to the others; returns
     /// its API and HTTP addresses.
     pub fn start_new_node(&mut self, node: u64) -> (String, String) {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
+        let free = || ephemera_chaos::ports::free_loopback_port().unwrap();
         let node_dir = self.dir.path().join(format!("node-{node}"));
         std::fs::create_dir_all(&node_dir).unwrap();
         let issued = self

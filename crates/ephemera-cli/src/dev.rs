@@ -2,7 +2,6 @@
 //! Re-running it on the same directory restarts the same cluster with its data.
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ struct DevNode {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(ephemera_chaos::ports::free_loopback_port()?)
 }
 
 /// Writes a file readable by its owner only (keys, tokens).

@@ -1,7 +1,6 @@
 //! Clusters on loopback for the harness: Ephemera through `ephemera dev`, OpenBao through its
 //! `bao server` with integrated Raft storage, both with TLS on every listener.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use ephemera_client::{pb, Client, TlsFiles};
 use serde_json::{json, Value};
 
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(ephemera_chaos::ports::free_loopback_port()?)
 }
 
 pub fn kill9(pid: u32) {
