@@ -43,10 +43,7 @@ impl Sshd {
         );
         std::fs::create_dir_all("/run/sshd").expect("sshd's privilege separation directory");
         let host_key = dir.join("host_key");
-        let out = run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key));
-        assert!(out.status.success(), "{}", text(&out));
+        new_key(&host_key, "ed25519", &[]);
         // Logins are as root (no user to create); the principals file maps root to `alice`.
         let principals = dir.join("principals");
         std::fs::create_dir_all(&principals).unwrap();
@@ -137,6 +134,16 @@ impl Drop for Sshd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A new unencrypted key pair at `path` (`path.pub` beside it).
+fn new_key(path: &Path, algorithm: &str, extra: &[&str]) {
+    let out = run(Command::new("ssh-keygen")
+        .args(["-q", "-t", algorithm, "-N", ""])
+        .args(extra)
+        .arg("-f")
+        .arg(path));
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// `ssh-keygen -Q`: whether the KRL revokes the certificate (exit 1), or not (exit 0).
@@ -251,10 +258,7 @@ fn sshd_honours_certificates_and_the_krl() {
     let sshd = Sshd::start(dir, &ca, &krl);
 
     let key = dir.join("id_ed25519");
-    let out = run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key));
-    assert!(out.status.success(), "{}", text(&out));
+    new_key(&key, "ed25519", &[]);
     let w = Workload {
         cluster: &cluster,
         dir: dir.to_path_buf(),
@@ -370,10 +374,7 @@ fn ssh_requests_beyond_the_role_are_refused_and_nothing_is_issued() {
     let cluster = DevCluster::start(1, &[]);
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("id_ed25519");
-    let out = run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key));
-    assert!(out.status.success(), "{}", text(&out));
+    new_key(&key, "ed25519", &[]);
     let out = cluster.cli(&[
         "role",
         "put",
@@ -480,10 +481,7 @@ fn ssh_requests_beyond_the_role_are_refused_and_nothing_is_issued() {
 fn an_imported_ssh_ca_is_published_and_signs() {
     let keys = tempfile::tempdir().unwrap();
     let ca = keys.path().join("ca");
-    let out = run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "old-ca", "-f"])
-        .arg(&ca));
-    assert!(out.status.success(), "{}", text(&out));
+    new_key(&ca, "ed25519", &["-C", "old-ca"]);
     let cluster = DevCluster::start(1, &["--ssh-ca-key", &ca.display().to_string()]);
     let published = cluster.cli(&["ssh", "ca", "--http", &cluster.http_urls()[0]]);
     assert!(published.status.success(), "{}", text(&published));
@@ -515,10 +513,7 @@ fn an_imported_ssh_ca_is_published_and_signs() {
     assert!(out.status.success(), "{}", text(&out));
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("id_ed25519");
-    let out = run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key));
-    assert!(out.status.success(), "{}", text(&out));
+    new_key(&key, "ed25519", &[]);
     let w = Workload {
         cluster: &cluster,
         dir: tmp.path().to_path_buf(),
@@ -542,10 +537,7 @@ fn an_imported_ssh_ca_is_published_and_signs() {
     );
     // A key that is not Ed25519, or encrypted, is refused at init with a precise error.
     let rsa = keys.path().join("rsa");
-    let out = run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
-        .arg(&rsa));
-    assert!(out.status.success(), "{}", text(&out));
+    new_key(&rsa, "rsa", &["-b", "2048"]);
     let dir = tempfile::tempdir().unwrap();
     let out = run(Command::new(env!("CARGO_BIN_EXE_ephemera"))
         .args(["dev", "--nodes", "1", "--dir"])

@@ -115,17 +115,29 @@ pub fn issue_context<'a>(
     now_ms: u64,
 ) -> WorkloadContext<'a> {
     let asked = role.spec.cedar_request(&intent.request);
+    let ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
+    context(asked, ttl_s, caller, now_ms, false)
+}
+
+/// The context of a request for a credential the kind's view describes.
+fn context<'a>(
+    view: ephemera_core::kind::CedarView<'a>,
+    ttl_s: u64,
+    caller: &'a CallerContext,
+    now_ms: u64,
+    lease_owner: bool,
+) -> WorkloadContext<'a> {
     WorkloadContext {
-        ttl_s: intent.ttl_s.unwrap_or(role.default_ttl_s),
-        scopes: asked.scopes,
-        principals: asked.principals,
-        audience: asked.audience,
+        ttl_s,
+        scopes: view.scopes,
+        principals: view.principals,
+        audience: view.audience,
         source_ip: caller.source_ip,
         environment: caller.environment.as_deref().unwrap_or(""),
         job_id: caller.job_id.as_deref().unwrap_or(""),
         now_ms,
         delegation_depth: 0,
-        lease_owner: false,
+        lease_owner,
     }
 }
 
@@ -137,19 +149,9 @@ pub fn lease_context<'a>(
     caller: &'a CallerContext,
     now_ms: u64,
 ) -> WorkloadContext<'a> {
-    let carried = lease.grant.cedar();
-    WorkloadContext {
-        ttl_s: ttl_s.unwrap_or(lease.ttl_s),
-        scopes: carried.scopes,
-        principals: carried.principals,
-        audience: carried.audience,
-        source_ip: caller.source_ip,
-        environment: caller.environment.as_deref().unwrap_or(""),
-        job_id: caller.job_id.as_deref().unwrap_or(""),
-        now_ms,
-        delegation_depth: 0,
-        lease_owner: lease.subject == principal.id || lease.client_id == principal.id,
-    }
+    let owner = lease.subject == principal.id || lease.client_id == principal.id;
+    let ttl_s = ttl_s.unwrap_or(lease.ttl_s);
+    context(lease.grant.cedar(), ttl_s, caller, now_ms, owner)
 }
 
 fn verdict(

@@ -22,7 +22,7 @@ impl pb::issuer_server::Issuer for Api {
             .authenticate(bearer(&req), req.extensions().get::<ConnInfo>())
             .await
             .map_err(|e| self.fail(e))?;
-        let presented = self.presented(&req, &actor);
+        let presented = self.presented(&req, &actor, true);
         let r = req.get_ref();
         let input = IssueInput {
             role: SVID_ROLE.into(),
@@ -64,7 +64,14 @@ impl pb::issuer_server::Issuer for Api {
         req: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
         let actor = self.caller_of(&req)?;
-        let presented = self.presented(&req, &actor);
+        let presented = self.presented(
+            &req,
+            &actor,
+            matches!(
+                req.get_ref().kind,
+                Some(pb::issue_request::Kind::X509Svid(_))
+            ),
+        );
         let mut caller = caller(&req);
         let r = req.into_inner();
         caller.environment = r.environment;

@@ -113,14 +113,19 @@ impl Api {
     }
 
     /// How the caller of an Issue authenticated, beyond its principal.
-    fn presented<T>(&self, req: &Request<T>, actor: &Principal) -> Presented {
+    /// The presented SVID's serial is parsed only for an SVID request (its rotation), not on
+    /// every issuance.
+    fn presented<T>(&self, req: &Request<T>, actor: &Principal, svid: bool) -> Presented {
         Presented {
             join_token: bearer(req)
                 .filter(|_| actor.auth_method == AuthMethod::JoinToken)
                 .map(str::to_string),
-            svid_lease: self
-                .node
-                .presented_svid_lease(req.extensions().get::<ConnInfo>()),
+            svid_lease: svid
+                .then(|| {
+                    self.node
+                        .presented_svid_lease(req.extensions().get::<ConnInfo>())
+                })
+                .flatten(),
         }
     }
 
