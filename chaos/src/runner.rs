@@ -571,7 +571,10 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
             )));
         }
     }
-    let first = Client::new(&c.nodes[0].api, None).map_err(err)?;
+    // Init proves control of node 1 with the init secret it wrote in its data directory.
+    let secret = std::fs::read_to_string(c.nodes[0].dir.join("data").join("init.secret"))
+        .map_err(|e| ChaosError(format!("cannot read node 1's init secret: {e}")))?;
+    let first = Client::new(&c.nodes[0].api, Some(secret.trim().to_string())).map_err(err)?;
     let init = first
         .admin_call(
             pb::InitClusterRequest {

@@ -265,6 +265,11 @@ impl DevCluster {
     /// Starts an extra node with a fresh config and certificate next to the others; returns
     /// its API and HTTP addresses.
     pub fn start_new_node(&mut self, node: u64) -> (String, String) {
+        self.start_new_node_with(node, "")
+    }
+
+    /// As [`DevCluster::start_new_node`], with more TOML appended to its config.
+    pub fn start_new_node_with(&mut self, node: u64, extra_toml: &str) -> (String, String) {
         let free = || ephemera_chaos::ports::free_loopback_port().unwrap();
         let node_dir = self.dir.path().join(format!("node-{node}"));
         std::fs::create_dir_all(&node_dir).unwrap();
@@ -296,7 +301,7 @@ impl DevCluster {
             node_dir.join("tls.crt"),
             node_dir.join("tls.key"),
         );
-        std::fs::write(node_dir.join("config.toml"), text).unwrap();
+        std::fs::write(node_dir.join("config.toml"), text + extra_toml).unwrap();
         self.restart(node);
         // Ready once it accepts connections (a condition, polled).
         let deadline = Instant::now() + Duration::from_secs(20);

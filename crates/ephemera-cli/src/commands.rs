@@ -487,6 +487,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             policy,
             policy_approvals,
             policy_proposal_ttl,
+            init_secret_file,
         } => {
             let read = |p: &Option<std::path::PathBuf>, what| {
                 p.as_deref().map(|p| read_file(what, p)).transpose()
@@ -501,7 +502,9 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             // Initialisation targets one specific node: the first endpoint.
             let c = client(cli)?;
             let first = c.endpoints()[0].clone();
-            let one = Client::with_tls(&first, None, tls_files(cli)?.as_ref())?;
+            let init_secret =
+                read(init_secret_file, "--init-secret-file")?.map(|s| s.trim().to_string());
+            let one = Client::with_tls(&first, init_secret, tls_files(cli)?.as_ref())?;
             let r = one
                 .admin_call(
                     pb::InitClusterRequest {

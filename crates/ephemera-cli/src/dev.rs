@@ -136,6 +136,10 @@ fn node_config(
             data = node_dir.join("data"),
             kek = dir.join("kek"),
         );
+        if id > 1 {
+            // Only node 1 is initialised; the others are added to its cluster.
+            text.push_str("\n[bootstrap]\njoin = true\n");
+        }
         if let Some(n) = snapshot_logs {
             text.push_str(&format!(
                 "\n[raft]\nsnapshot_logs_since_last = {n}\nmax_in_snapshot_log_to_keep = 0\n"
@@ -305,7 +309,12 @@ async fn setup(
         wait_reachable(&n.api, &tls, deadline).await?;
     }
     let token = if fresh {
-        let first = Client::with_tls(&nodes[0].api, None, Some(&tls))?;
+        // Init proves control of node 1 with the init secret it wrote in its data directory.
+        let secret_file = dir.join("node-1").join("data").join("init.secret");
+        let secret = std::fs::read_to_string(&secret_file).with_context(|| {
+            format!("cannot read node 1's init secret {}", secret_file.display())
+        })?;
+        let first = Client::with_tls(&nodes[0].api, Some(secret.trim().to_string()), Some(&tls))?;
         let init = first
             .admin_call(
                 pb::InitClusterRequest {

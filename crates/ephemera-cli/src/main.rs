@@ -336,6 +336,11 @@ pub enum ClusterCmd {
         /// How long a policy proposal stays open, e.g. 7d.
         #[arg(long, default_value = "7d")]
         policy_proposal_ttl: String,
+        /// The node's init secret (the node writes it to `<data_dir>/init.secret` at first
+        /// start), the proof of control of the node that init needs. Without it, init needs
+        /// an administrator's certificate (EPHEMERA_CERT/EPHEMERA_KEY, in `tls.admin_ids`).
+        #[arg(long, env = "EPHEMERA_INIT_SECRET_FILE")]
+        init_secret_file: Option<PathBuf>,
     },
     /// Add a running, uninitialised node (given by its API address) to the cluster.
     Join {

@@ -47,6 +47,103 @@ pub struct NodeConfig {
     /// Rate limits, renewal-storm and anomaly detection, quarantine, clock-skew bound.
     #[serde(default)]
     pub guard: crate::guard::GuardConfig,
+    /// How this node may become part of a cluster: `cluster init` (with proof of local
+    /// control) or only by being added to an existing one.
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+    /// Restrictions on the break-glass credential.
+    #[serde(default)]
+    pub break_glass: BreakGlassConfig,
+}
+
+/// `cluster init` hands out the break-glass credential and sets the policy, so it needs proof
+/// of control of the node: the one-time init secret in `init_secret_file` (only someone who can
+/// read the node's files has it), or an administrator's certificate (`tls.admin_ids`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapConfig {
+    /// The init secret's file. When the node starts uninitialised and the file does not exist,
+    /// the node writes a fresh secret there (mode 0600). It is deleted once the cluster is
+    /// initialised. Default: `<data_dir>/init.secret`.
+    pub init_secret_file: Option<PathBuf>,
+    /// This node only ever joins an existing cluster (`cluster join` from a member): it refuses
+    /// `cluster init` and writes no init secret.
+    pub join: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakGlassConfig {
+    /// When set, the break-glass credential is accepted only from these source networks
+    /// (`"10.0.0.0/8"`, `"127.0.0.1"`, `"::1/128"`); from anywhere else it is refused and
+    /// the attempt audited.
+    pub allowed_sources: Vec<String>,
+}
+
+/// An IP network: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or network (a.b.c.d/n)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        // Both sides as 128-bit numbers, IPv4 in the top 32 bits, so one mask serves.
+        let (net, ip) = match (self.addr, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => (
+                u128::from(u32::from(n)) << 96,
+                u128::from(u32::from(i)) << 96,
+            ),
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => (u128::from(n), u128::from(i)),
+            _ => return false,
+        };
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix))
+        };
+        net & mask == ip & mask
+    }
+}
+
+impl BreakGlassConfig {
+    pub fn networks(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.allowed_sources
+            .iter()
+            .map(|s| {
+                IpNet::parse(s)
+                    .map_err(|e| ConfigError::Invalid(format!("break_glass.allowed_sources: {e}")))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,10 +245,19 @@ impl NodeConfig {
         Ok(cfg)
     }
 
+    /// Where the init secret lives (see [`BootstrapConfig`]).
+    pub fn init_secret_path(&self) -> PathBuf {
+        self.bootstrap
+            .init_secret_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("init.secret"))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be non-zero".into()));
         }
+        self.break_glass.networks()?;
         self.guard.validate().map_err(ConfigError::Invalid)?;
         match (&self.tls, self.insecure_plaintext) {
             (Some(_), true) => {
@@ -287,5 +393,33 @@ mod tests {
             parse("insecure_plaintext = true\n[raft]\nelection_timeout_min_ms = 50\n").unwrap_err();
         assert!(timeouts.to_string().contains("election_timeout_min_ms"));
         assert!(toml::from_str::<NodeConfig>(&format!("{base}unknown_key = 1\n")).is_err());
+        let bad_net = parse(
+            "insecure_plaintext = true\n[break_glass]\nallowed_sources = [\"10.0.0.0/33\"]\n",
+        );
+        assert!(bad_net.unwrap_err().to_string().contains("prefix length"));
+    }
+
+    #[test]
+    fn networks_contain_what_they_should() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let cases = [
+            ("10.0.0.0/8", "10.200.3.4", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("127.0.0.1", "::ffff:127.0.0.1", true),
+            ("0.0.0.0/0", "192.0.2.1", true),
+            ("0.0.0.0/0", "::1", false),
+            ("::1/128", "::1", true),
+            ("fd00::/8", "fd12::1", true),
+            ("fd00::/8", "fe80::1", false),
+        ];
+        for (net, addr, want) in cases {
+            let n = IpNet::parse(net).unwrap();
+            assert_eq!(n.contains(ip(addr)), want, "{net} contains {addr}");
+        }
+        for bad in ["", "10.0.0.0/", "10.0.0/8", "::1/129", "host"] {
+            assert!(IpNet::parse(bad).is_err(), "{bad:?} parses");
+        }
     }
 }

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod authz;
+pub mod bootstrap;
 pub mod coalesce;
 pub mod config;
 pub mod conn;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod mint;
 pub mod node;
 pub mod oidc;
+pub mod secret_files;
 
 pub use config::NodeConfig;
 pub use node::Node;
@@ -61,6 +63,8 @@ pub enum NodeError {
     Raft(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
     #[error("OIDC: {0}")]
     Oidc(String),
     #[error("server failed: {0}")]
@@ -164,6 +168,23 @@ pub async fn run(
         "storage opened"
     );
     let view = sm.view();
+    let initialised = ephemera_core::state::admin_credential_hash(&view)
+        .map_err(|e| NodeError::Storage {
+            path: cfg.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?
+        .is_some();
+    let init_secret = if cfg.bootstrap.join {
+        None
+    } else {
+        bootstrap::InitSecret::prepare(&cfg.init_secret_path(), initialised)
+            .map_err(NodeError::Bootstrap)?
+    };
+    let local = node::LocalAccess {
+        init_secret: std::sync::Mutex::new(init_secret),
+        join_only: cfg.bootstrap.join,
+        break_glass_sources: cfg.break_glass.networks()?,
+    };
     let tls = cfg
         .tls
         .as_ref()
@@ -224,6 +245,7 @@ pub async fn run(
         }),
         oidc_verifier,
         cfg.guard.clone(),
+        local,
     ));
     node.start_coalescing();
 

@@ -37,6 +37,9 @@ pub enum Auth {
     InBody(Action),
     /// An administrator the active policy permits this action.
     Admin(AdminAction),
+    /// Proof of control of this node: its init secret, or an administrator's certificate
+    /// (`cluster init`, before any policy exists). See [`crate::bootstrap`].
+    LocalControl,
 }
 
 /// How a method is audited.
@@ -84,6 +87,7 @@ impl Method {
             Auth::Admin(a) => a.name(),
             Auth::Workload(a) | Auth::WorkloadOrJoinToken(a) | Auth::InBody(a) => a.name(),
             Auth::Anonymous => "public",
+            Auth::LocalControl => "cluster.init",
         }
     }
 }
@@ -153,10 +157,9 @@ pub const METHODS: &[Method] = &[
         Limited,
         true,
     ),
-    // Open to the first caller until the hardening issue closes it (see the README).
     row(
         "/ephemera.v1.Admin/InitCluster",
-        Anonymous,
+        Auth::LocalControl,
         Write,
         Source,
         false,
@@ -372,6 +375,12 @@ pub async fn admit(
             }
             None
         }
+        Auth::LocalControl => {
+            node.guard
+                .ingress_source(conn.and_then(|c| c.remote).map(|a| a.ip()))?;
+            node.authenticate_init(bearer, conn)?;
+            None
+        }
         Auth::Workload(_) | Auth::WorkloadOrJoinToken(_) | Auth::Admin(_) => {
             let p = node.authenticate(bearer, conn).await?;
             if p.auth_method == AuthMethod::JoinToken
@@ -544,7 +553,6 @@ mod tests {
         assert_eq!(
             anonymous,
             [
-                "/ephemera.v1.Admin/InitCluster",
                 "/ephemera.v1.Admin/GetNodeInfo",
                 "GET /.well-known/jwks.json",
                 "GET /.well-known/oauth-authorization-server",

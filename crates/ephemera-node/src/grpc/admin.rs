@@ -136,6 +136,7 @@ impl Api {
             node.route_system(import_ssh_ca.unwrap_or(Intent::RotateSshCa))
                 .await?;
         }
+        node.spend_init_secret();
         tracing::info!(
             node_id = node.id,
             "cluster initialised; the admin credential was returned to the caller"

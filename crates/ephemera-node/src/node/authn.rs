@@ -81,6 +81,80 @@ impl Node {
         }
     }
 
+    /// `cluster init`'s gate: proof of control of this node, by the init secret from its file
+    /// or an administrator's certificate. Refused outright on a node configured to join.
+    /// Nothing is audited through Raft here: an uninitialised node has no log to write to.
+    pub(crate) fn authenticate_init(
+        &self,
+        bearer: Option<&str>,
+        conn: Option<&ConnInfo>,
+    ) -> Result<(), Error> {
+        if self.local.join_only {
+            return Err(Error::PermissionDenied(
+                "this node is configured to join an existing cluster (bootstrap.join = true); \
+                 it refuses init: add it from a member with `ephemera cluster join`"
+                    .into(),
+            ));
+        }
+        let refused = |why: String| {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            tracing::warn!(reason = %why, "cluster init refused");
+            Err(Error::Unauthenticated(why))
+        };
+        if let Some(presented) =
+            bearer.filter(|b| b.starts_with(crate::bootstrap::INIT_SECRET_PREFIX))
+        {
+            let secret = self.local.init_secret.lock().expect("init secret lock");
+            return match &*secret {
+                Some(s) if s.matches(presented) => Ok(()),
+                Some(s) => refused(format!(
+                    "the init secret does not match the one in {}",
+                    s.path().display()
+                )),
+                None => Err(Error::AlreadyInitialized),
+            };
+        }
+        if let (Some(tls), Some(certs)) = (
+            &self.tls,
+            conn.and_then(|c| c.peer_certs.as_ref())
+                .filter(|c| !c.is_empty()),
+        ) {
+            return match self.verify_svid_cached(tls, certs) {
+                Ok(id) if tls.admin_ids.contains(&id.to_string()) => Ok(()),
+                Ok(id) => refused(format!(
+                    "{id} is not an administrator (tls.admin_ids); init needs an administrator's \
+                     certificate or the init secret"
+                )),
+                Err(e) => refused(format!("client certificate refused: {e}")),
+            };
+        }
+        let hint = match &*self.local.init_secret.lock().expect("init secret lock") {
+            Some(s) => format!(
+                "the init secret from {} (`ephemera cluster init --init-secret-file {}`)",
+                s.path().display(),
+                s.path().display()
+            ),
+            None => "the init secret".into(),
+        };
+        refused(format!(
+            "cluster init needs proof of control of this node: {hint}, or an administrator's \
+             certificate (tls.admin_ids)"
+        ))
+    }
+
+    /// Init committed: the init secret is spent.
+    pub(crate) fn spend_init_secret(&self) {
+        if let Some(s) = self
+            .local
+            .init_secret
+            .lock()
+            .expect("init secret lock")
+            .take()
+        {
+            s.consume();
+        }
+    }
+
     /// A one-time join token authenticates the identity it was created for, for the one
     /// request that redeems it. Unknown, used and expired tokens are refused here, without a
     /// Raft write, so a stream of bogus tokens cannot grow the log; `apply` consumes the token.

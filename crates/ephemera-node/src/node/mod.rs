@@ -123,6 +123,18 @@ pub struct NodeTls {
     pub admin_ids: std::collections::HashSet<String>,
 }
 
+/// Node-local access rules that are not policy: who may initialise this node, and where the
+/// break-glass credential is accepted from.
+#[derive(Debug, Default)]
+pub struct LocalAccess {
+    /// The init secret, until the cluster is initialised (see [`crate::bootstrap`]).
+    pub init_secret: Mutex<Option<crate::bootstrap::InitSecret>>,
+    /// `bootstrap.join`: this node refuses `cluster init`.
+    pub join_only: bool,
+    /// `break_glass.allowed_sources` (empty: anywhere).
+    pub break_glass_sources: Vec<crate::config::IpNet>,
+}
+
 pub struct Node {
     pub id: NodeId,
     pub info: NodeInfo,
@@ -154,6 +166,7 @@ pub struct Node {
     /// Client certificates whose chain has been verified: leaf DER → (SPIFFE ID, valid until,
     /// ms). Saves a chain verification per request; revocation is still checked every time.
     verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
+    pub local: LocalAccess,
 }
 
 /// How long a verified client-certificate chain is trusted without verifying it again (never
@@ -190,6 +203,7 @@ impl Node {
         tls: Option<NodeTls>,
         oidc: crate::oidc::Verifier,
         guard: crate::guard::GuardConfig,
+        local: LocalAccess,
     ) -> Self {
         let guard = crate::guard::Guard::new(guard, clock.now_ms());
         Node {
@@ -218,6 +232,7 @@ impl Node {
             barriers: std::sync::OnceLock::new(),
             read_indexes: std::sync::OnceLock::new(),
             verified_svids: Mutex::new(HashMap::new()),
+            local,
         }
     }
 
