@@ -104,3 +104,368 @@ fn init_needs_proof_of_control_of_the_node() {
         assert_eq!(code(&again), Code::AlreadyExists, "{again}");
     });
 }
+
+/// A cluster-link client presenting node `node`'s certificate (from the dev directory).
+fn cluster_link_as(cluster: &DevCluster, node: u64) -> ephemera_raft::network::Peers {
+    let dir = cluster.dir.path().join(format!("node-{node}"));
+    let identity = ephemera_pki::Identity::from_pem(
+        &std::fs::read_to_string(dir.join("tls.crt")).unwrap(),
+        &std::fs::read_to_string(dir.join("tls.key")).unwrap(),
+    )
+    .unwrap();
+    let mut bundles = ephemera_pki::TrustBundles::default();
+    bundles.add("ephemera.dev", &cluster.pki("ca.crt")).unwrap();
+    ephemera_raft::network::Peers::new(
+        Default::default(),
+        Some(ephemera_raft::network::PeerTls {
+            identity,
+            bundles: std::sync::Arc::new(bundles),
+            trust_domain: "ephemera.dev".into(),
+        }),
+    )
+}
+
+type ForwardResult = Result<ephemera_node::node::ForwardReply, ephemera_core::Error>;
+
+/// The error a forwarded call ended in: refused by the leader before proposing, or by `apply`.
+fn refusal(r: &ForwardResult) -> Option<&ephemera_core::Error> {
+    match r {
+        Err(e) | Ok(ephemera_node::node::ForwardReply::Applied { result: Err(e), .. }) => Some(e),
+        Ok(_) => None,
+    }
+}
+
+async fn forward(
+    link: &ephemera_raft::network::Peers,
+    to: &pb::NodeStatus,
+    call: &ephemera_node::node::Forwarded,
+) -> Result<ForwardResult, tonic::Status> {
+    let mut c = link.client(to.id, &to.cluster_addr).unwrap();
+    let resp = c
+        .forward(ephemera_proto::internal::ForwardRequest {
+            proposal: ephemera_raft::encode(call),
+        })
+        .await?;
+    Ok(ephemera_raft::decode(&resp.into_inner().result).unwrap())
+}
+
+fn join_token_proposal(actor: ephemera_core::types::Principal) -> ephemera_node::node::Forwarded {
+    use ephemera_core::command::{Intent, Proposal};
+    let credential = actor.presented.clone();
+    ephemera_node::node::Forwarded::Propose {
+        proposal: Proposal {
+            actor,
+            intent: Intent::CreateJoinToken {
+                token_hash: vec![7; 32],
+                spiffe_id: "spiffe://ephemera.dev/attacker".into(),
+                ttl_s: 600,
+            },
+        },
+        credential,
+    }
+}
+
+/// The leader takes nothing on trust from the cluster link: a removed node's certificate is
+/// refused outright, even carrying the real break-glass credential; a member cannot forward a
+/// break-glass request without the credential, cannot promote a workload to administrator by
+/// setting the flag, cannot act as the system principal, and cannot send a Raft message in
+/// another node's name.
+#[test]
+fn the_cluster_link_refuses_removed_nodes_and_forged_principals() {
+    use ephemera_core::types::Principal;
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        let st = status(&admin).await;
+        let leader = st
+            .nodes
+            .iter()
+            .find(|n| n.id == st.leader_id)
+            .unwrap()
+            .clone();
+        let mut followers = st.nodes.iter().filter(|n| n.id != st.leader_id);
+        let (removed, member) = (followers.next().unwrap().id, followers.next().unwrap().id);
+        admin
+            .admin_call(
+                pb::RemoveNodeRequest { id: removed },
+                |mut a, r| async move { a.remove_node(r).await },
+            )
+            .await
+            .unwrap();
+        let before = digest(&cluster.node_client(leader.id)).await;
+
+        // The removed node, with the genuine break-glass credential.
+        let ex_member = cluster_link_as(&cluster, removed);
+        let glass = Principal::bootstrap_admin_presenting(&cluster.token());
+        let refused = forward(&ex_member, &leader, &join_token_proposal(glass.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("not a member"), "{refused:?}");
+        let mut c = ex_member.client(leader.id, &leader.cluster_addr).unwrap();
+        let read = c
+            .read_index(ephemera_proto::internal::ReadIndexRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(read.code(), Code::PermissionDenied);
+        let after = digest(&cluster.node_client(leader.id)).await;
+        assert_eq!(
+            (after.audit_head_seq, after.digest),
+            (before.audit_head_seq, before.digest),
+            "the removed node's attempts changed the state"
+        );
+
+        // A member forwarding break-glass without the credential.
+        let link = cluster_link_as(&cluster, member);
+        let no_proof = forward(
+            &link,
+            &leader,
+            &join_token_proposal(Principal::bootstrap_admin()),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                refusal(&no_proof),
+                Some(ephemera_core::Error::Unauthenticated(_))
+            ),
+            "{no_proof:?}"
+        );
+        // A member promoting a workload by setting the admin flag.
+        let forged = Principal::svid(
+            "spiffe://ephemera.dev/workload".into(),
+            "ephemera.dev".into(),
+            true,
+        );
+        let promoted = forward(&link, &leader, &join_token_proposal(forged))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                refusal(&promoted),
+                Some(ephemera_core::Error::PermissionDenied(_))
+            ),
+            "{promoted:?}"
+        );
+        // A member acting as the system principal.
+        let system = forward(&link, &leader, &join_token_proposal(Principal::system()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                refusal(&system),
+                Some(ephemera_core::Error::PermissionDenied(_))
+            ),
+            "{system:?}"
+        );
+        // A member sending a vote request in the leader's name.
+        let vote = openraft::raft::VoteRequest::<u64> {
+            vote: openraft::Vote::new(u64::MAX / 2, leader.id),
+            last_log_id: None,
+        };
+        let mut c = link.client(leader.id, &leader.cluster_addr).unwrap();
+        let impersonated = c
+            .vote(ephemera_proto::internal::RaftPayload {
+                data: ephemera_raft::encode(&vote),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            impersonated.code(),
+            Code::PermissionDenied,
+            "{impersonated:?}"
+        );
+
+        // The member's refused proposals created no join token.
+        let tail = audit_tail(&admin, 50).await;
+        assert!(
+            !tail
+                .records
+                .iter()
+                .any(|r| r.action == "jointoken.create" && r.outcome == "ok"),
+            "a forged proposal created a join token"
+        );
+        // The genuine credential, through a member, still works: the leader checks it itself.
+        let genuine = forward(&link, &leader, &join_token_proposal(glass))
+            .await
+            .unwrap();
+        assert!(refusal(&genuine).is_none(), "{genuine:?}");
+    });
+}
+
+async fn active_policy(c: &Client) -> pb::PolicyVersion {
+    c.admin_call(
+        pb::GetPolicyRequest { version: None },
+        |mut a, r| async move { a.get_policy(r).await },
+    )
+    .await
+    .unwrap()
+}
+
+async fn propose(c: &Client, text: &str) -> Result<pb::PolicyProposal, ClientError> {
+    c.admin_call(
+        pb::ProposePolicyRequest {
+            text: text.into(),
+            comment: Some("hardening test".into()),
+        },
+        |mut a, r| async move { a.propose_policy(r).await },
+    )
+    .await
+}
+
+async fn approve(c: &Client, id: &str) -> Result<pb::PolicyProposal, ClientError> {
+    c.admin_call(
+        pb::ApprovePolicyRequest {
+            proposal_id: id.into(),
+        },
+        |mut a, r| async move { a.approve_policy(r).await },
+    )
+    .await
+}
+
+async fn cluster_status(c: &Client) -> Result<pb::ClusterStatus, ClientError> {
+    c.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
+        a.get_cluster_status(r).await
+    })
+    .await
+}
+
+/// One person holding an administrator's certificate and the break-glass credential cannot
+/// change policy alone; the break-glass credential can be rotated (the old one stops working at
+/// once) and disabled, both audited; refused break-glass attempts are audited too.
+#[test]
+fn break_glass_never_approves_and_can_be_rotated_and_disabled() {
+    let cluster = DevCluster::start(3, &[]);
+    let glass = |token: &str| {
+        Client::with_tls(
+            &cluster.env["EPHEMERA_ADDR"],
+            Some(token.to_string()),
+            Some(&cluster.anonymous_tls()),
+        )
+        .unwrap()
+        .with_timeout(Duration::from_secs(10))
+    };
+    rt().block_on(async {
+        let admin = cluster.client_as("admin", None);
+        let approver = cluster.client_as("approver", None);
+        let first = glass(&cluster.token());
+        let v1 = active_policy(&admin).await;
+
+        // The administrator proposes and approves with break-glass: refused.
+        let p = propose(&admin, &format!("{}\n// by admin\n", v1.text))
+            .await
+            .unwrap();
+        let e = approve(&first, &p.id).await.unwrap_err();
+        assert_eq!(code(&e), Code::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("break-glass"), "{e}");
+        // Break-glass proposes and the administrator approves: one person, still pending.
+        let q = propose(&first, &format!("{}\n// by break-glass\n", v1.text))
+            .await
+            .unwrap();
+        let q = approve(&admin, &q.id).await.unwrap();
+        assert_eq!(
+            (q.status.as_str(), q.approvals_required),
+            ("pending", 2),
+            "{q:?}"
+        );
+        assert_eq!(active_policy(&admin).await.version, v1.version);
+        // A second person's approval activates it.
+        approve(&approver, &q.id).await.unwrap();
+        assert_eq!(active_policy(&admin).await.version, v1.version + 1);
+
+        // Rotation, by an administrator: the old credential is refused on every node at once.
+        let rotated = cluster.cli_json(&["cluster", "breakglass", "rotate"]);
+        let second = rotated["admin_token"].as_str().unwrap().to_string();
+        assert!(second.starts_with("eph_admin_") && second != cluster.token());
+        for api in cluster.apis() {
+            let old = Client::with_tls(&api, Some(cluster.token()), Some(&cluster.anonymous_tls()))
+                .unwrap();
+            let e = cluster_status(&old).await.unwrap_err();
+            assert_eq!(code(&e), Code::Unauthenticated, "{api}: {e}");
+        }
+        cluster_status(&glass(&second)).await.unwrap();
+
+        // Disabled (here by break-glass itself): no bearer of it is accepted.
+        glass(&second)
+            .admin_call(pb::DisableBreakGlassRequest {}, |mut a, r| async move {
+                a.disable_break_glass(r).await
+            })
+            .await
+            .unwrap();
+        let e = cluster_status(&glass(&second)).await.unwrap_err();
+        assert_eq!(code(&e), Code::Unauthenticated, "{e}");
+        assert!(e.to_string().contains("disabled"), "{e}");
+
+        let tail = audit_tail(&admin, 200).await;
+        let actions: Vec<(&str, &str, &str)> = tail
+            .records
+            .iter()
+            .filter(|r| r.action.starts_with("breakglass."))
+            .map(|r| (r.action.as_str(), r.actor.as_str(), r.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("breakglass.rotate", "spiffe://ephemera.dev/admin", "ok"),
+                ("breakglass.disable", "ephemera:bootstrap-admin", "ok"),
+            ]
+        );
+        let refused_glass = tail
+            .records
+            .iter()
+            .filter(|r| r.action == "auth.denied" && r.auth_method == "bootstrap_admin")
+            .count();
+        assert!(
+            refused_glass >= 4,
+            "refused break-glass attempts are audited: {refused_glass}"
+        );
+        assert!(
+            !tail
+                .records
+                .iter()
+                .any(|r| format!("{r:?}").contains(&second)
+                    || format!("{r:?}").contains(&cluster.token())),
+            "a break-glass credential in the audit chain"
+        );
+    });
+}
+
+/// Without `EPHEMERA_CA` the CLI refuses to connect rather than fall back to plaintext and
+/// send the bearer credential in clear; plaintext, asked for explicitly, is refused off
+/// loopback.
+#[test]
+fn the_cli_never_sends_a_credential_in_plaintext() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("EPHEMERA_CA")
+            .env_remove("EPHEMERA_CERT")
+            .env_remove("EPHEMERA_KEY")
+            .env_remove("EPHEMERA_ADDR")
+            .env_remove("EPHEMERA_INSECURE_PLAINTEXT")
+            .env("EPHEMERA_TOKEN", "eph_admin_not-a-real-credential")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--addr", &addr, "cluster", "status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("EPHEMERA_CA"), "{stderr}");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the CLI connected without TLS: {other:?}"),
+    }
+    let out = run(&[
+        "--insecure-plaintext",
+        "--addr",
+        "192.0.2.10:7000",
+        "cluster",
+        "status",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("loopback"), "{stderr}");
+}

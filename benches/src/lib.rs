@@ -80,6 +80,7 @@ permit (principal is Ephemera::Admin, action, resource);
                 ("run_id".to_string(), "123456".to_string()),
             ]),
             admin: false,
+            presented: Default::default(),
         }
     }
 

@@ -395,7 +395,7 @@ fn build_target(cli: &Cli, args: &BenchArgs, mix: &[(OpKind, u32)]) -> Result<Ta
                 .filter(|s| !s.is_empty())
                 .collect();
             let bearer = cli.token.clone();
-            let tls = crate::connect::tls_files(cli)?;
+            let tls = crate::connect::transport(cli, addr)?;
             let mut clients = Vec::new();
             for i in 0..connections {
                 let mut rotated = nodes.clone();

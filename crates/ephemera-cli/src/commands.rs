@@ -6,10 +6,12 @@ use ephemera_client::{pb, Client};
 use ephemera_core::audit::{AuditRecord, ChainVerifier};
 use serde_json::{json, Value};
 
-use crate::connect::{client, read_file, tls_files};
+use crate::connect::{client, read_file, transport};
 use crate::output::print;
 use crate::util::{fmt_time, parse_duration_s, shutdown_signal, split_list};
-use crate::{AuditCmd, Cli, ClusterCmd, Command, KeysCmd, LeasesCmd, Output, RoleCmd};
+use crate::{
+    AuditCmd, BreakglassCmd, Cli, ClusterCmd, Command, KeysCmd, LeasesCmd, Output, RoleCmd,
+};
 
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
@@ -504,7 +506,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
             let first = c.endpoints()[0].clone();
             let init_secret =
                 read(init_secret_file, "--init-secret-file")?.map(|s| s.trim().to_string());
-            let one = Client::with_tls(&first, init_secret, tls_files(cli)?.as_ref())?;
+            let one = Client::with_tls(&first, init_secret, transport(cli, &first)?.as_ref())?;
             let r = one
                 .admin_call(
                     pb::InitClusterRequest {
@@ -555,6 +557,33 @@ async fn cluster(cli: &Cli, cmd: &ClusterCmd) -> Result<()> {
                 })
                 .await?;
             print(cli.output, status_json(&s), || status_text(&s));
+            Ok(())
+        }
+        ClusterCmd::Breakglass(BreakglassCmd::Rotate) => {
+            let r = client(cli)?
+                .admin_call(pb::RotateBreakGlassRequest {}, |mut a, r| async move {
+                    a.rotate_break_glass(r).await
+                })
+                .await?;
+            print(cli.output, json!({"admin_token": r.admin_token}), || {
+                format!(
+                    "break-glass credential rotated; the previous one no longer works.\n\
+                     New credential (shown once; store it safely):\n\n  export EPHEMERA_TOKEN={}\n",
+                    r.admin_token
+                )
+            });
+            Ok(())
+        }
+        ClusterCmd::Breakglass(BreakglassCmd::Disable) => {
+            client(cli)?
+                .admin_call(pb::DisableBreakGlassRequest {}, |mut a, r| async move {
+                    a.disable_break_glass(r).await
+                })
+                .await?;
+            print(cli.output, json!({"disabled": true}), || {
+                "break-glass credential disabled; `ephemera cluster breakglass rotate` issues a new one"
+                    .to_string()
+            });
             Ok(())
         }
     }

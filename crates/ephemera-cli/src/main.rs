@@ -41,6 +41,10 @@ pub struct Cli {
     /// CA certificate (PEM) that signed the nodes' certificates; enables TLS.
     #[arg(long = "tls-ca", global = true, env = "EPHEMERA_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Talk to the cluster without TLS. Refused unless every endpoint is loopback: the CLI
+    /// never sends a credential unencrypted over a network.
+    #[arg(long, global = true, env = "EPHEMERA_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     /// This client's X.509-SVID (PEM) for mTLS authentication.
     #[arg(long = "tls-cert", global = true, env = "EPHEMERA_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -352,6 +356,18 @@ pub enum ClusterCmd {
     Remove {
         id: u64,
     },
+    /// Manage the break-glass credential (audited; an administrator's).
+    #[command(subcommand)]
+    Breakglass(BreakglassCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BreakglassCmd {
+    /// Replace the break-glass credential with a new one, printed once; the old one stops
+    /// working at once. Also re-enables a disabled break-glass.
+    Rotate,
+    /// Disable the break-glass credential: no bearer of it is accepted until a rotate.
+    Disable,
 }
 
 // Parsed once per process; boxing the largest variant would buy nothing.

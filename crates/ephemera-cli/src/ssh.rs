@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use ephemera_client::pb;
 use serde_json::json;
 
-use crate::connect::{client, tls_files};
+use crate::connect::{client, transport};
 use crate::output::print;
 use crate::util::{fmt_time, parse_duration_s, split_list};
 use crate::{Cli, SshCmd};
@@ -137,7 +137,7 @@ async fn fetch(cli: &Cli, endpoints: &str, route: &str) -> Result<Vec<u8>> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(std::time::Duration::from_secs(10));
-    if let Some(tls) = tls_files(cli)? {
+    if let Some(tls) = transport(cli, endpoints)? {
         builder =
             builder.add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
     }

@@ -138,6 +138,10 @@ pub enum Intent {
     ReleaseQuarantine {
         identity: String,
     },
+    /// Replace the break-glass credential's hash; an empty hash disables break-glass.
+    SetBreakGlass {
+        credential_hash: Vec<u8>,
+    },
     /// Make a fresh signing key active; the leader generates it.
     RotateKey,
     /// Make a fresh SSH CA key active; the leader generates it. The previous one stays
@@ -268,6 +272,10 @@ pub enum Op {
         jti: String,
         expires_at_ms: u64,
     },
+    // New variants go last: the log holds variants by position.
+    SetBreakGlass {
+        credential_hash: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -396,6 +404,7 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::PolicyDenied(d) => Op::PolicyDenied(d),
         Intent::GuardEvent(e) => Op::GuardEvent(e),
         Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
+        Intent::SetBreakGlass { credential_hash } => Op::SetBreakGlass { credential_hash },
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::ImportSshCa {
             kid,
@@ -669,6 +678,12 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             RevokeTarget::Key(k) => validate_name("key id", k),
         },
         Intent::RotateKey | Intent::RotateSshCa => Ok(()),
+        Intent::SetBreakGlass { credential_hash } => match credential_hash.len() {
+            0 | 32 => Ok(()),
+            _ => Err(invalid(
+                "a break-glass credential hash is 32 bytes (or empty, to disable)".into(),
+            )),
+        },
         Intent::ImportSshCa {
             kid,
             public_key,
@@ -842,6 +857,9 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             issuer: issuer.clone(),
             jti: jti.clone(),
             expires_at_ms: *expires_at_ms,
+        },
+        Op::SetBreakGlass { credential_hash } => Intent::SetBreakGlass {
+            credential_hash: credential_hash.clone(),
         },
         Op::AddSigningKey { .. } | Op::AddSshCaKey { .. } | Op::Expire { .. } => return None,
     })

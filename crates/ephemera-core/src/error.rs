@@ -83,6 +83,8 @@ pub enum Error {
     ProposalExpired(String),
     #[error("{approver} proposed {id:?} and cannot approve it; another administrator must")]
     SelfApproval { id: String, approver: String },
+    #[error("the break-glass credential cannot approve {0:?}: approvals count toward separation of duties and must come from administrators' own identities")]
+    BreakGlassApproval(String),
     #[error(
         "{approver} has already approved {id:?}; it needs approvals from distinct administrators"
     )]
@@ -157,9 +159,10 @@ impl Error {
             Unavailable(_) => ErrorCode::Unavailable,
             OutcomeUnknown(_) => ErrorCode::OutcomeUnknown,
             Internal(_) => ErrorCode::Internal,
-            PolicyDenied(_) | NoScopeGranted { .. } | SelfApproval { .. } => {
-                ErrorCode::PermissionDenied
-            }
+            PolicyDenied(_)
+            | NoScopeGranted { .. }
+            | SelfApproval { .. }
+            | BreakGlassApproval(_) => ErrorCode::PermissionDenied,
             ProposalNotFound(_) => ErrorCode::NotFound,
             RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
                 ErrorCode::ResourceExhausted
@@ -203,6 +206,7 @@ impl Error {
             ProposalNotPending { .. } => "proposal_not_pending",
             ProposalExpired(_) => "proposal_expired",
             SelfApproval { .. } => "self_approval",
+            BreakGlassApproval(_) => "break_glass_approval",
             AlreadyApproved { .. } => "already_approved",
             ProposalStale { .. } => "proposal_stale",
             RateLimited { .. } => "rate_limited",
@@ -259,7 +263,9 @@ impl Error {
             NoScopeGranted { requested, role } => {
                 vec![("requested", requested.clone()), ("role", role.clone())]
             }
-            ProposalNotFound(id) | ProposalExpired(id) => vec![("proposal", id.clone())],
+            ProposalNotFound(id) | ProposalExpired(id) | BreakGlassApproval(id) => {
+                vec![("proposal", id.clone())]
+            }
             ProposalNotPending { id, state } => {
                 vec![("proposal", id.clone()), ("state", state.clone())]
             }

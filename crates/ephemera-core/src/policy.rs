@@ -68,6 +68,19 @@ pub struct PolicyProposal {
 }
 
 impl PolicyProposal {
+    /// Approvals this proposal needs. Separation of duties counts people: normally the
+    /// proposer and `approvals_required` others. The break-glass credential is nobody's own
+    /// identity (whoever holds it may also hold an administrator's certificate), so its
+    /// proposals need one approval more, and it never approves.
+    pub fn approvals_needed(&self, governance: &PolicyGovernance) -> u32 {
+        let required = governance.approvals_required;
+        if required > 0 && self.proposer == crate::types::Principal::BOOTSTRAP_ADMIN_ID {
+            required + 1
+        } else {
+            required
+        }
+    }
+
     /// `pending`, `expired`, `activated` or `rejected`, as of `now_ms`.
     pub fn status(&self, now_ms: u64) -> &'static str {
         match self.state {

@@ -719,6 +719,7 @@ fn joiner(spiffe_id: &str) -> Principal {
         issuer: Some("td".into()),
         attributes: Default::default(),
         admin: false,
+        presented: Default::default(),
     }
 }
 
@@ -1500,6 +1501,44 @@ fn a_proposal_takes_effect_only_after_another_admin_approves() {
             ("policy.approve", "denied", None),
         ]
     );
+}
+
+/// One person holding an administrator's certificate and the break-glass credential cannot
+/// change policy alone: break-glass never approves, and its own proposals need one approval
+/// more than an administrator's (its holder may be one of the approvers).
+#[test]
+fn break_glass_never_counts_toward_separation_of_duties() {
+    let mut w = World::new();
+    bootstrap(&mut w, 1);
+    let (alice, bob) = (admin_svid("alice"), admin_svid("bob"));
+    let glass = Principal::bootstrap_admin();
+    let p = propose_policy(&mut w, &alice, "// alice alone");
+    assert_eq!(
+        approve(&mut w, &glass, &p.id).unwrap_err(),
+        Error::BreakGlassApproval(p.id.clone())
+    );
+    assert!(state::policy_proposal(&w.kv, &p.id)
+        .unwrap()
+        .unwrap()
+        .approvals
+        .is_empty());
+    let q = propose_policy(&mut w, &glass, "// break-glass");
+    approve(&mut w, &alice, &q.id).unwrap();
+    assert_eq!(
+        state::policy_version(&w.kv).unwrap(),
+        1,
+        "one administrator's approval activated a break-glass proposal"
+    );
+    match approve(&mut w, &bob, &q.id).unwrap() {
+        Outcome::Proposal(q) => assert_eq!(q.status(w.now), "activated"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(state::policy_version(&w.kv).unwrap(), 2);
+    // With no approvals required there is no separation of duties to count.
+    let mut solo = World::new();
+    bootstrap(&mut solo, 0);
+    propose_policy(&mut solo, &glass, "// emergency");
+    assert_eq!(state::policy_version(&solo.kv).unwrap(), 2);
 }
 
 #[test]

@@ -42,9 +42,68 @@ pub struct Principal {
     /// Attributes produced by authentication, for policy.
     pub attributes: BTreeMap<String, String>,
     /// Set by the authenticating node when the identity is a configured administrator. It
-    /// travels in the command, so `apply` decides the same way on every node.
+    /// travels in the command, so `apply` decides the same way on every node. A leader never
+    /// takes it from a forwarded request: it derives it again (see the node's routing).
     pub admin: bool,
+    /// The break-glass credential as the caller presented it, kept in memory only so that a
+    /// leader handed a forwarded break-glass request can check the credential itself. Never
+    /// serialised (not in a command, the log or an audit record), never printed.
+    #[serde(skip)]
+    pub presented: PresentedSecret,
 }
+
+/// A credential held in memory for one request (see [`Principal::presented`]): zeroised when
+/// dropped, redacted in `Debug`, and not part of a principal's identity (equal to any other).
+#[derive(Clone, Default)]
+pub struct PresentedSecret(Option<std::sync::Arc<zeroize::Zeroizing<String>>>);
+
+impl PresentedSecret {
+    pub fn new(secret: &str) -> Self {
+        PresentedSecret(Some(std::sync::Arc::new(zeroize::Zeroizing::new(
+            secret.to_string(),
+        ))))
+    }
+
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_ref().map(|s| s.as_str())
+    }
+}
+
+impl std::fmt::Debug for PresentedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PresentedSecret(<redacted>)"
+        } else {
+            "PresentedSecret(none)"
+        })
+    }
+}
+
+/// On the cluster link only (a forwarded break-glass request, over mutual TLS), never in a
+/// command: [`Principal::presented`] is skipped.
+impl Serialize for PresentedSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.expose().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PresentedSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = zeroize::Zeroizing::new(Option::<String>::deserialize(d)?);
+        Ok(match text.as_deref() {
+            Some(t) => PresentedSecret::new(t),
+            None => PresentedSecret::default(),
+        })
+    }
+}
+
+impl PartialEq for PresentedSecret {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PresentedSecret {}
 
 impl Principal {
     pub const BOOTSTRAP_ADMIN_ID: &'static str = "ephemera:bootstrap-admin";
@@ -57,6 +116,15 @@ impl Principal {
             issuer: None,
             attributes: BTreeMap::new(),
             admin: true,
+            presented: PresentedSecret::default(),
+        }
+    }
+
+    /// The break-glass administrator, holding the credential it presented.
+    pub fn bootstrap_admin_presenting(credential: &str) -> Self {
+        Principal {
+            presented: PresentedSecret::new(credential),
+            ..Self::bootstrap_admin()
         }
     }
 
@@ -67,6 +135,7 @@ impl Principal {
             issuer: None,
             attributes: BTreeMap::new(),
             admin: true,
+            presented: Default::default(),
         }
     }
 
@@ -82,6 +151,7 @@ impl Principal {
             issuer: Some(trust_domain),
             attributes: BTreeMap::new(),
             admin,
+            presented: Default::default(),
         }
     }
 
@@ -93,6 +163,7 @@ impl Principal {
             issuer: None,
             attributes: BTreeMap::new(),
             admin: false,
+            presented: Default::default(),
         }
     }
 }

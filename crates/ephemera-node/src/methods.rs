@@ -319,6 +319,20 @@ pub const METHODS: &[Method] = &[
         false,
     ),
     row(
+        "/ephemera.v1.Admin/RotateBreakGlass",
+        Admin(A::ClusterManage),
+        Write,
+        Limited,
+        false,
+    ),
+    row(
+        "/ephemera.v1.Admin/DisableBreakGlass",
+        Admin(A::ClusterManage),
+        Write,
+        Limited,
+        false,
+    ),
+    row(
         "GET /.well-known/jwks.json",
         Anonymous,
         Public,

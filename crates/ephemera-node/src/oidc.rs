@@ -262,6 +262,7 @@ impl Verifier {
                 issuer: Some(issuer.config.issuer.clone()),
                 attributes,
                 admin: false,
+                presented: Default::default(),
             },
             jti,
         })

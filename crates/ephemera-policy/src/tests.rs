@@ -49,6 +49,7 @@ fn github(repo: &str, git_ref: &str, env: Option<&str>) -> Principal {
         issuer: Some(GH.into()),
         attributes,
         admin: false,
+        presented: Default::default(),
     }
 }
 
@@ -252,6 +253,7 @@ fn grants_narrow_scopes_and_cap_ttl() {
         issuer: Some("https://orchestrator.acme.internal".into()),
         attributes: BTreeMap::from([("task_id".to_string(), "task-42".to_string())]),
         admin: false,
+        presented: Default::default(),
     };
     let scopes = vec![];
     let mut c = ctx(&scopes, MONDAY_1030_MS, "10.0.0.1");

@@ -215,17 +215,44 @@ fn bad_payload(e: bincode::Error) -> tonic::Status {
     tonic::Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
-/// Server side of the Raft RPCs: decode, hand to the local Raft, encode the result (including a
-/// Raft-level error, which the caller turns back into a `RemoteError`).
-pub async fn serve_append_entries(raft: &Raft, data: &[u8]) -> Result<RaftPayload, tonic::Status> {
+/// Refuses a Raft message whose claimed sender (the leader or candidate in its vote) is not the
+/// node whose certificate the connection presented: a member cannot speak for another.
+/// `sender` is `None` on plaintext links, which carry no identity.
+fn check_sender(
+    sender: Option<NodeId>,
+    vote: &openraft::Vote<NodeId>,
+) -> Result<(), tonic::Status> {
+    match (sender, vote.leader_id().voted_for()) {
+        (None, _) => Ok(()),
+        (Some(s), Some(claimed)) if s == claimed => Ok(()),
+        (Some(s), claimed) => Err(tonic::Status::permission_denied(format!(
+            "node {s} sent a Raft message in the name of node {}",
+            claimed.map_or_else(|| "none".to_string(), |c| c.to_string())
+        ))),
+    }
+}
+
+/// Server side of the Raft RPCs: decode, check the sender, hand to the local Raft, encode the
+/// result (including a Raft-level error, which the caller turns back into a `RemoteError`).
+pub async fn serve_append_entries(
+    raft: &Raft,
+    sender: Option<NodeId>,
+    data: &[u8],
+) -> Result<RaftPayload, tonic::Status> {
     let req: AppendEntriesRequest<TypeConfig> = decode(data).map_err(bad_payload)?;
+    check_sender(sender, &req.vote)?;
     Ok(RaftPayload {
         data: encode(&raft.append_entries(req).await),
     })
 }
 
-pub async fn serve_vote(raft: &Raft, data: &[u8]) -> Result<RaftPayload, tonic::Status> {
+pub async fn serve_vote(
+    raft: &Raft,
+    sender: Option<NodeId>,
+    data: &[u8],
+) -> Result<RaftPayload, tonic::Status> {
     let req: VoteRequest<NodeId> = decode(data).map_err(bad_payload)?;
+    check_sender(sender, &req.vote)?;
     Ok(RaftPayload {
         data: encode(&raft.vote(req).await),
     })
@@ -233,9 +260,11 @@ pub async fn serve_vote(raft: &Raft, data: &[u8]) -> Result<RaftPayload, tonic::
 
 pub async fn serve_install_snapshot(
     raft: &Raft,
+    sender: Option<NodeId>,
     data: &[u8],
 ) -> Result<RaftPayload, tonic::Status> {
     let req: InstallSnapshotRequest<TypeConfig> = decode(data).map_err(bad_payload)?;
+    check_sender(sender, &req.vote)?;
     Ok(RaftPayload {
         data: encode(&raft.install_snapshot(req).await),
     })

@@ -117,6 +117,9 @@ pub(super) fn approve_policy<R: KvRead + ?Sized>(
             }))
         }
     }
+    if actor.auth_method == crate::types::AuthMethod::BootstrapAdmin {
+        return Ok(Err(Error::BreakGlassApproval(proposal.id)));
+    }
     if proposal.proposer == actor.id {
         return Ok(Err(Error::SelfApproval {
             id: proposal.id,
@@ -141,7 +144,7 @@ pub(super) fn approve_policy<R: KvRead + ?Sized>(
     }
     proposal.approvals.push(actor.id.clone());
     let governance: PolicyGovernance = get(kv, META_POLICY_GOVERNANCE)?.unwrap_or_default();
-    if proposal.approvals.len() >= governance.approvals_required as usize {
+    if proposal.approvals.len() >= proposal.approvals_needed(&governance) as usize {
         activate_proposal(kv, &mut proposal, now, audit);
     }
     kv.put(proposal_key(proposal_id), enc(&proposal));

@@ -288,6 +288,8 @@ fn action_name(op: &Op) -> &'static str {
         Op::PolicyDenied(_) => "policy.denied",
         Op::GuardEvent(_) => "guard.event",
         Op::ReleaseQuarantine { .. } => "quarantine.release",
+        Op::SetBreakGlass { credential_hash } if credential_hash.is_empty() => "breakglass.disable",
+        Op::SetBreakGlass { .. } => "breakglass.rotate",
     }
 }
 
@@ -499,6 +501,18 @@ fn apply_op<R: KvRead + ?Sized>(
         }
         Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
         Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
+        Op::SetBreakGlass { credential_hash } => {
+            // The hash is not recorded: the audit record says who rotated or disabled it.
+            audit.target = Some("break-glass credential".into());
+            if let Err(e) = require_admin(actor) {
+                return Ok(Err(e));
+            }
+            if kv.get(META_ADMIN_HASH)?.is_none() {
+                return Ok(Err(Error::NotInitialized));
+            }
+            kv.put(META_ADMIN_HASH.to_vec(), credential_hash.clone());
+            Ok(Ok(Outcome::Done))
+        }
         Op::ReleaseQuarantine { identity } => {
             audit.subject = Some(identity.clone());
             if let Err(e) = require_admin(actor) {

@@ -94,9 +94,7 @@ impl Api {
             .current_leader(node.id, "init: become leader")
             .await
             .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
-        let mut secret = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut secret);
-        let admin_token = format!("eph_admin_{}", URL_SAFE_NO_PAD.encode(secret));
+        let admin_token = new_break_glass_credential();
         node.route_system(Intent::Bootstrap {
             admin_credential_hash: hash_secret(&admin_token).to_vec(),
             issuer,
@@ -148,6 +146,17 @@ impl Api {
     }
 }
 
+/// A fresh break-glass credential (256 random bits), returned once and stored hashed.
+fn new_break_glass_credential() -> String {
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(secret.as_mut());
+    format!(
+        "{}{}",
+        crate::node::BREAK_GLASS_PREFIX,
+        URL_SAFE_NO_PAD.encode(secret.as_ref())
+    )
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for Api {
     async fn create_join_token(
@@ -179,6 +188,37 @@ impl pb::admin_server::Admin for Api {
             spiffe_id: id.to_string(),
             expires_at_ms: self.node.clock.now_ms() + ttl_s * 1000,
         }))
+    }
+
+    async fn rotate_break_glass(
+        &self,
+        req: Request<pb::RotateBreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassCredential>, Status> {
+        let actor = self.caller_of(&req)?;
+        let admin_token = new_break_glass_credential();
+        self.propose(
+            actor,
+            Intent::SetBreakGlass {
+                credential_hash: hash_secret(&admin_token).to_vec(),
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::BreakGlassCredential { admin_token }))
+    }
+
+    async fn disable_break_glass(
+        &self,
+        req: Request<pb::DisableBreakGlassRequest>,
+    ) -> Result<Response<pb::DisableBreakGlassResponse>, Status> {
+        let actor = self.caller_of(&req)?;
+        self.propose(
+            actor,
+            Intent::SetBreakGlass {
+                credential_hash: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::DisableBreakGlassResponse {}))
     }
 
     async fn init_cluster(

@@ -1,11 +1,33 @@
 //! The internal service on the cluster listener: Raft, forwarding, read index, node status.
 
 use super::*;
+use ephemera_raft::NodeId;
 
 /// The internal service on the cluster listener.
 #[derive(Clone)]
 pub struct ClusterService {
     pub node: Arc<Node>,
+}
+
+impl ClusterService {
+    /// The node that sent a request: the id in its certificate (the TLS handshake has checked
+    /// the certificate against the cluster CA), provided that node is a member of this
+    /// cluster. `None` on plaintext links, which carry no identity.
+    fn sender<T>(&self, req: &Request<T>) -> Result<Option<NodeId>, Status> {
+        if self.node.tls_trust_domain().is_none() {
+            return Ok(None);
+        }
+        let id = req
+            .extensions()
+            .get::<crate::conn::ConnInfo>()
+            .and_then(|c| c.peer_certs.as_ref())
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| ephemera_pki::spiffe_id_of(leaf).ok())
+            .and_then(|id| id.node_id())
+            .ok_or_else(|| Status::unauthenticated("no node certificate on the cluster link"))?;
+        self.node.admit_peer(id).map_err(to_status)?;
+        Ok(Some(id))
+    }
 }
 
 #[tonic::async_trait]
@@ -14,7 +36,8 @@ impl ipb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
-        serve_append_entries(&self.node.raft, &req.into_inner().data)
+        let sender = self.sender(&req)?;
+        serve_append_entries(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
     }
@@ -23,7 +46,8 @@ impl ipb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
-        serve_vote(&self.node.raft, &req.into_inner().data)
+        let sender = self.sender(&req)?;
+        serve_vote(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
     }
@@ -32,7 +56,8 @@ impl ipb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
-        serve_install_snapshot(&self.node.raft, &req.into_inner().data)
+        let sender = self.sender(&req)?;
+        serve_install_snapshot(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
     }
@@ -41,9 +66,10 @@ impl ipb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<ipb::ForwardRequest>,
     ) -> Result<Response<ipb::ForwardResponse>, Status> {
+        let sender = self.sender(&req)?;
         let call: Forwarded = decode(&req.into_inner().proposal)
             .map_err(|e| Status::invalid_argument(format!("undecodable forwarded call: {e}")))?;
-        let reply = self.node.handle_forwarded(call).await;
+        let reply = self.node.handle_forwarded(call, sender).await;
         Ok(Response::new(ipb::ForwardResponse {
             result: encode(&reply),
         }))
@@ -51,8 +77,9 @@ impl ipb::cluster_server::Cluster for ClusterService {
 
     async fn read_index(
         &self,
-        _: Request<ipb::ReadIndexRequest>,
+        req: Request<ipb::ReadIndexRequest>,
     ) -> Result<Response<ipb::ReadIndexResponse>, Status> {
+        self.sender(&req)?;
         self.node
             .read_index()
             .await
@@ -62,8 +89,9 @@ impl ipb::cluster_server::Cluster for ClusterService {
 
     async fn node_status(
         &self,
-        _: Request<ipb::NodeStatusRequest>,
+        req: Request<ipb::NodeStatusRequest>,
     ) -> Result<Response<ipb::NodeStatusResponse>, Status> {
+        self.sender(&req)?;
         let (state, applied_index, leader) = self.node.local_status();
         let (renewal_storm, renewal_rate_per_s, renewal_baseline_per_s) =
             self.node.guard.storm_state();

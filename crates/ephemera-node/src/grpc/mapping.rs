@@ -161,6 +161,7 @@ pub(super) fn proposal_to_pb(
     governance: PolicyGovernance,
 ) -> pb::PolicyProposal {
     let status = p.status(now_ms).to_string();
+    let approvals_required = p.approvals_needed(&governance);
     let (activated_version, rejected_by, reject_reason) = match p.state {
         ProposalState::Activated { version, .. } => (version, String::new(), String::new()),
         ProposalState::Rejected { by, reason, .. } => (0, by, reason),
@@ -177,7 +178,7 @@ pub(super) fn proposal_to_pb(
         expires_at_ms: p.expires_at_ms,
         approvals: p.approvals,
         status,
-        approvals_required: governance.approvals_required,
+        approvals_required,
         activated_version,
         rejected_by,
         reject_reason,

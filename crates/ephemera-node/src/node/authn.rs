@@ -64,19 +64,64 @@ impl Node {
             ));
         };
         if presented.starts_with(JOIN_TOKEN_PREFIX) {
-            return self.authenticate_join_token(presented);
+            let result = self.authenticate_join_token(presented);
+            if let Err(e) = &result {
+                self.audit_denial(AuthMethod::JoinToken, "a join token".into(), e.to_string())
+                    .await;
+            }
+            return result;
         }
         if !presented.starts_with(BREAK_GLASS_PREFIX) {
             return self.authenticate_assertion(presented).await;
         }
-        let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
-        let Some(stored) = stored else {
+        let result = self.authenticate_break_glass(presented, conn);
+        if let Some(e) = result
+            .as_ref()
+            .err()
+            .filter(|e| !matches!(e, Error::NotInitialized))
+        {
+            Metrics::inc(&self.metrics.auth_failures, 1);
+            self.audit_denial(
+                AuthMethod::BootstrapAdmin,
+                "the break-glass credential".into(),
+                e.to_string(),
+            )
+            .await;
+        }
+        result
+    }
+
+    /// The break-glass credential: refused when disabled, from outside
+    /// `break_glass.allowed_sources`, or when it does not match the replicated hash.
+    fn authenticate_break_glass(
+        &self,
+        presented: &str,
+        conn: Option<&ConnInfo>,
+    ) -> Result<Principal, Error> {
+        let Some(stored) = state::admin_credential_hash(&self.view).map_err(internal)? else {
             return Err(Error::NotInitialized);
         };
+        if stored.is_empty() {
+            return Err(Error::Unauthenticated(
+                "the break-glass credential is disabled; an administrator can issue a new one \
+                 (`ephemera cluster breakglass rotate`)"
+                    .into(),
+            ));
+        }
+        let sources = &self.local.break_glass_sources;
+        if !sources.is_empty() {
+            let from = conn.and_then(|c| c.remote).map(|a| a.ip());
+            if !from.is_some_and(|ip| sources.iter().any(|n| n.contains(ip))) {
+                return Err(Error::Unauthenticated(format!(
+                    "the break-glass credential is not accepted from {} \
+                     (break_glass.allowed_sources)",
+                    from.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string())
+                )));
+            }
+        }
         if verify_secret(presented, &stored) {
-            Ok(Principal::bootstrap_admin())
+            Ok(Principal::bootstrap_admin_presenting(presented))
         } else {
-            Metrics::inc(&self.metrics.auth_failures, 1);
             Err(Error::Unauthenticated("invalid credential".into()))
         }
     }
@@ -175,6 +220,7 @@ impl Node {
             auth_method: AuthMethod::JoinToken,
             attributes: Default::default(),
             admin: false,
+            presented: Default::default(),
         })
     }
 
@@ -201,7 +247,8 @@ impl Node {
                 let reason =
                     "client certificate refused: its X.509-SVID has been revoked or has expired"
                         .to_string();
-                self.audit_denial(id.to_string(), reason.clone()).await;
+                self.audit_denial(AuthMethod::X509Svid, id.to_string(), reason.clone())
+                    .await;
                 Err(Error::Unauthenticated(reason))
             }
             Ok(id) => {
@@ -214,7 +261,8 @@ impl Node {
                     .map(|id| id.to_string())
                     .unwrap_or_else(|_| "a certificate without a valid SPIFFE ID".into());
                 let reason = format!("client certificate refused: {e}");
-                self.audit_denial(presented, reason.clone()).await;
+                self.audit_denial(AuthMethod::X509Svid, presented, reason.clone())
+                    .await;
                 Err(Error::Unauthenticated(reason))
             }
         }
@@ -266,8 +314,12 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 Metrics::inc(&self.metrics.auth_failures, 1);
-                self.audit_denial("a JWT assertion".into(), e.to_string())
-                    .await;
+                self.audit_denial(
+                    AuthMethod::JwtAssertion,
+                    "a JWT assertion".into(),
+                    e.to_string(),
+                )
+                .await;
                 return Err(e);
             }
         };
@@ -304,13 +356,18 @@ impl Node {
     }
 
     /// Records a refused authentication. The refusal stands whether or not the record lands.
-    pub(super) async fn audit_denial(&self, presented: String, mut reason: String) {
+    pub(super) async fn audit_denial(
+        &self,
+        method: AuthMethod,
+        presented: String,
+        mut reason: String,
+    ) {
         let Some(note) = self.refusal_audit_slot() else {
             return;
         };
         reason.push_str(&note);
         let audit = self.propose(Proposal {
-            actor: Principal::unauthenticated(AuthMethod::X509Svid),
+            actor: Principal::unauthenticated(method),
             intent: Intent::RecordDenial { presented, reason },
         });
         if let Err(Error::Unavailable(e) | Error::OutcomeUnknown(e)) = audit.await {

@@ -81,9 +81,19 @@ pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forwarded {
-    Propose(Proposal),
-    AddNode { id: NodeId, info: NodeInfo },
-    RemoveNode { id: NodeId },
+    /// A proposal, with the break-glass credential when its actor is the break-glass
+    /// administrator: the leader checks that credential itself rather than trust the sender.
+    Propose {
+        proposal: Proposal,
+        credential: ephemera_core::types::PresentedSecret,
+    },
+    AddNode {
+        id: NodeId,
+        info: NodeInfo,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
 }
 
 // One short-lived value per request; boxing the lease would buy nothing.

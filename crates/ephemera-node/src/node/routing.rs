@@ -57,7 +57,14 @@ impl Node {
     /// Proposes on behalf of a caller from any node and waits until this node has applied it.
     pub async fn propose(&self, proposal: Proposal) -> Result<(Outcome, u64), Error> {
         validate_intent(&proposal.intent)?;
-        match self.route(Forwarded::Propose(proposal)).await? {
+        let credential = proposal.actor.presented.clone();
+        match self
+            .route(Forwarded::Propose {
+                proposal,
+                credential,
+            })
+            .await?
+        {
             ForwardReply::Applied { result, log_index } => {
                 // Committed, with a known result; this node must apply it before it can sign or
                 // serve reads that include it.
@@ -153,9 +160,31 @@ impl Node {
         }
     }
 
-    /// Executes a call if this node is the leader. Used for local calls and for forwarded ones
-    /// (which are never forwarded again: the hop budget is one).
-    pub async fn handle_forwarded(&self, call: Forwarded) -> Result<ForwardReply, Error> {
+    /// Executes a call forwarded by member `sender` (`None` on plaintext links) if this node is
+    /// the leader; forwarded calls are never forwarded again (the hop budget is one). What the
+    /// sender says about the caller's privileges is not taken on trust: see
+    /// [`Node::rederive_actor`].
+    pub async fn handle_forwarded(
+        &self,
+        call: Forwarded,
+        sender: Option<NodeId>,
+    ) -> Result<ForwardReply, Error> {
+        let call = match call {
+            Forwarded::Propose {
+                proposal,
+                credential,
+            } => match self.rederive_actor(proposal, &credential) {
+                Ok(proposal) => Forwarded::Propose {
+                    proposal,
+                    credential,
+                },
+                Err(e) => {
+                    tracing::warn!(sender = ?sender, error = %e, "refused a forwarded proposal");
+                    return Err(e);
+                }
+            },
+            other => other,
+        };
         match self.execute_as_leader(call).await {
             LeaderAttempt::Done(r) => r,
             LeaderAttempt::NotLeader => Ok(ForwardReply::NotLeader),
@@ -164,7 +193,7 @@ impl Node {
 
     pub(super) async fn execute_as_leader(&self, call: Forwarded) -> LeaderAttempt {
         match call {
-            Forwarded::Propose(p) => {
+            Forwarded::Propose { proposal: p, .. } => {
                 if !self.is_leader() {
                     return LeaderAttempt::NotLeader;
                 }
@@ -180,6 +209,70 @@ impl Node {
             Forwarded::AddNode { id, info } => self.add_node(id, info).await,
             Forwarded::RemoveNode { id } => self.remove_node(id).await,
         }
+    }
+
+    /// The leader's own view of a forwarded proposal's actor. Administrator status is derived
+    /// again from this node's configuration (`tls.admin_ids`) and the replicated break-glass
+    /// hash, never taken from the flag the sender set; a break-glass actor must come with the
+    /// credential, which is checked here; the system principal is the leader's own, so a
+    /// member may forward it only for the refusal records it writes on the cluster's behalf.
+    pub(super) fn rederive_actor(
+        &self,
+        mut p: Proposal,
+        credential: &ephemera_core::types::PresentedSecret,
+    ) -> Result<Proposal, Error> {
+        p.actor.admin = match p.actor.auth_method {
+            // The record of a refused break-glass attempt: its actor is unauthenticated.
+            _ if matches!(p.intent, Intent::RecordDenial { .. }) => false,
+            AuthMethod::BootstrapAdmin => {
+                let stored = state::admin_credential_hash(&self.view).map_err(internal)?;
+                let checked = matches!(
+                    (credential.expose(), stored.as_deref()),
+                    (Some(c), Some(h)) if !h.is_empty() && verify_secret(c, h)
+                );
+                if !checked {
+                    return Err(Error::Unauthenticated(
+                        "a forwarded break-glass request did not carry a credential the leader \
+                         could verify"
+                            .into(),
+                    ));
+                }
+                true
+            }
+            AuthMethod::System => {
+                let refusal_record = matches!(
+                    &p.intent,
+                    Intent::GuardEvent(e) if !e.quarantine && !e.revoke_leases
+                );
+                if !refusal_record {
+                    return Err(Error::PermissionDenied(
+                        "only the leader acts as the system principal".into(),
+                    ));
+                }
+                true
+            }
+            AuthMethod::X509Svid => self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.admin_ids.contains(&p.actor.id)),
+            AuthMethod::JoinToken | AuthMethod::JwtAssertion => false,
+        };
+        Ok(p)
+    }
+
+    /// Whether node `peer` may talk to this node over the cluster listener: a current member
+    /// (voter or learner, including a join in progress, which is a learner). A node with no
+    /// membership yet is waiting to be added and accepts the cluster that adds it.
+    pub fn admit_peer(&self, peer: NodeId) -> Result<(), Error> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if membership.nodes().next().is_none() || membership.get_node(&peer).is_some() {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "node {peer} is not a member of this cluster"
+        )))
     }
 
     pub(super) async fn write_as_leader(&self, cmd: Command) -> LeaderAttempt {
