@@ -469,3 +469,97 @@ fn the_cli_never_sends_a_credential_in_plaintext() {
     assert!(!out.status.success());
     assert!(stderr.contains("loopback"), "{stderr}");
 }
+
+/// A loop of renewals of a revoked lease cannot grow the replicated state: every one is
+/// refused by the node that received it, after a read barrier, and only the sampled refusal
+/// records reach the log (20 a second and node, after a burst of 100).
+#[test]
+fn ten_thousand_renewals_of_a_revoked_lease_write_only_sampled_records() {
+    const RENEWALS: usize = 10_000;
+    const TASKS: usize = 16;
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        put_role(&admin, "web", 300, 3600).await;
+        let cred = admin.issue(issue_req("web")).await.unwrap();
+        admin
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::LeaseId(cred.lease_id.clone())),
+            })
+            .await
+            .unwrap();
+        let leader = status(&admin).await.leader_id;
+        let before = digest(&cluster.node_client(leader)).await;
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let c = cluster.node_client(1 + (t as u64 % 3));
+            let lease_id = cred.lease_id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut codes = std::collections::BTreeMap::<String, usize>::new();
+                for _ in 0..RENEWALS / TASKS {
+                    let e = c
+                        .renew(pb::RenewRequest {
+                            lease_id: lease_id.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap_err();
+                    *codes.entry(format!("{:?}", code(&e))).or_default() += 1;
+                }
+                codes
+            }));
+        }
+        let mut codes = std::collections::BTreeMap::<String, usize>::new();
+        for t in tasks {
+            for (k, v) in t.await.unwrap() {
+                *codes.entry(k).or_default() += v;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(
+            codes,
+            [("FailedPrecondition".to_string(), RENEWALS)].into(),
+            "every renewal is refused as revoked"
+        );
+        let digests = converged(
+            &(1..=3).map(|n| cluster.node_client(n)).collect::<Vec<_>>(),
+            Duration::from_secs(10),
+        )
+        .await;
+        let after = &digests[(leader - 1) as usize];
+        let records = after.audit_head_seq - before.audit_head_seq;
+        let entries = after.applied_index - before.applied_index;
+        eprintln!(
+            "{RENEWALS} refused renewals in {elapsed:.1} s: {records} audit records, {entries} log entries"
+        );
+        // Three nodes, each: a burst of 100, then 20 a second.
+        let bound = 3 * (100 + (20.0 * (elapsed + 1.0)) as u64);
+        assert!(records <= bound, "{records} records > {bound}");
+        assert!(entries <= records + 2, "{entries} entries for {records} records");
+        let tail = cluster
+            .client()
+            .admin_call(
+                pb::AuditTailRequest {
+                    from_seq: before.audit_head_seq + 1,
+                    limit: 1000,
+                },
+                |mut a, r| async move { a.audit_tail(r).await },
+            )
+            .await
+            .unwrap();
+        for r in &tail.records {
+            assert_eq!(
+                (r.action.as_str(), r.outcome.as_str(), r.reason.as_deref()),
+                ("lease.renew", "denied", Some("lease_revoked")),
+                "{r:?}"
+            );
+        }
+        let lease = all_leases(&admin)
+            .await
+            .into_iter()
+            .find(|l| l.id == cred.lease_id)
+            .unwrap();
+        assert_eq!(lease.state, "revoked");
+    });
+}

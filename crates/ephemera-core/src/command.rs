@@ -54,6 +54,33 @@ pub struct RenewIntent {
     pub policy: Option<PolicyStamp>,
 }
 
+/// A request refused by the node that received it, without a Raft write of its own, for a
+/// reason that changes nothing (a renewal of a revoked lease, say): recorded under the node's
+/// refusal sampling, so that a loop of such requests cannot grow the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub action: RefusedAction,
+    pub lease_id: Option<String>,
+    pub error: Error,
+    /// Refusals on that node that went unrecorded (rate limit) since its previous record.
+    pub unrecorded: u64,
+    pub context: RequestContext,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusedAction {
+    Renew,
+}
+
+impl RefusedAction {
+    /// The audit action of the refused request.
+    pub fn audit_action(self) -> &'static str {
+        match self {
+            RefusedAction::Renew => "lease.renew",
+        }
+    }
+}
+
 /// What a leader's guardrail detector saw.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuardEvent {
@@ -138,6 +165,8 @@ pub enum Intent {
     ReleaseQuarantine {
         identity: String,
     },
+    /// Audit a refusal decided before proposing (see [`Refusal`]).
+    RecordRefusal(Refusal),
     /// Replace the break-glass credential's hash; an empty hash disables break-glass.
     SetBreakGlass {
         credential_hash: Vec<u8>,
@@ -276,6 +305,7 @@ pub enum Op {
     SetBreakGlass {
         credential_hash: Vec<u8>,
     },
+    RecordRefusal(Refusal),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +435,7 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::GuardEvent(e) => Op::GuardEvent(e),
         Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
         Intent::SetBreakGlass { credential_hash } => Op::SetBreakGlass { credential_hash },
+        Intent::RecordRefusal(r) => Op::RecordRefusal(r),
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::ImportSshCa {
             kid,
@@ -678,6 +709,31 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             RevokeTarget::Key(k) => validate_name("key id", k),
         },
         Intent::RotateKey | Intent::RotateSshCa => Ok(()),
+        Intent::RecordRefusal(r) => {
+            if let Some(id) = &r.lease_id {
+                validate_text("lease id", id, MAX_NAME_LEN, false)?;
+            }
+            // Only the refusals a node decides on its own, each with bounded fields.
+            let bounded = |s: &str| s.len() <= MAX_NAME_LEN * 2;
+            let known = match &r.error {
+                Error::LeaseNotFound(id)
+                | Error::LeaseRevoked(id)
+                | Error::LeaseExpired(id)
+                | Error::LeaseAtMaxLifetime(id) => bounded(id),
+                Error::NotRenewable { lease, how } => {
+                    bounded(lease) && how.len() <= MAX_PURPOSE_LEN
+                }
+                Error::PermissionDenied(m) => m.len() <= MAX_PURPOSE_LEN,
+                _ => false,
+            };
+            if !known {
+                return Err(invalid(format!(
+                    "a node does not record a {} refusal on its own",
+                    r.error.kind()
+                )));
+            }
+            Ok(())
+        }
         Intent::SetBreakGlass { credential_hash } => match credential_hash.len() {
             0 | 32 => Ok(()),
             _ => Err(invalid(
@@ -858,6 +914,7 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             jti: jti.clone(),
             expires_at_ms: *expires_at_ms,
         },
+        Op::RecordRefusal(r) => Intent::RecordRefusal(r.clone()),
         Op::SetBreakGlass { credential_hash } => Intent::SetBreakGlass {
             credential_hash: credential_hash.clone(),
         },

@@ -246,6 +246,86 @@ fn renew_never_passes_the_cap_nor_shortens() {
     assert_eq!(w.lease(&l.id).expires_at_ms, l.max_expires_at_ms);
 }
 
+/// The refusals a receiving node decides before proposing are exactly `apply`'s, and the
+/// sampled record of one changes nothing but the audit chain.
+#[test]
+fn renewal_refusals_decided_before_proposing_agree_with_apply() {
+    let mut w = World::new();
+    let live = w.issue(web(Some(10))).unwrap();
+    let revoked = w.issue(web(Some(10))).unwrap();
+    w.admin(Intent::Revoke(RevokeTarget::Lease(revoked.id.clone())))
+        .unwrap();
+    let stranger = Principal::svid(
+        "spiffe://example.org/stranger".into(),
+        "example.org".into(),
+        false,
+    );
+    let glass = Principal::bootstrap_admin();
+    let unknown = format!("l_{}", "0".repeat(32));
+    let renew = |id: &str| {
+        Intent::Renew(RenewIntent {
+            lease_id: id.into(),
+            increment_s: None,
+            context: RequestContext::default(),
+            policy: None,
+        })
+    };
+    let mut check = |w: &mut World, id: &str, actor: &Principal, want: Option<&str>| {
+        let early = state::renewal_refusal(&w.kv, actor, id, w.now).unwrap();
+        assert_eq!(
+            early.as_ref().map(|e| e.kind()),
+            want,
+            "{id} by {}",
+            actor.id
+        );
+        if let Some(early) = early {
+            assert_eq!(w.propose(actor.clone(), renew(id)).unwrap_err(), early);
+        }
+    };
+    check(&mut w, &live.id, &glass, None);
+    check(&mut w, &revoked.id, &glass, Some("lease_revoked"));
+    check(&mut w, &unknown, &glass, Some("lease_not_found"));
+    check(&mut w, &live.id, &stranger, Some("permission_denied"));
+    w.now += 11_000;
+    check(&mut w, &live.id, &glass, Some("lease_expired"));
+
+    let leases = w.leases();
+    let refusal = |error: Error| {
+        Intent::RecordRefusal(crate::command::Refusal {
+            action: crate::command::RefusedAction::Renew,
+            lease_id: Some(revoked.id.clone()),
+            error,
+            unrecorded: 3,
+            context: RequestContext::default(),
+        })
+    };
+    let recorded = w
+        .propose_raw(
+            stranger.clone(),
+            refusal(Error::LeaseRevoked(revoked.id.clone())),
+        )
+        .unwrap_err();
+    assert_eq!(recorded, Error::LeaseRevoked(revoked.id.clone()));
+    assert_eq!(w.leases(), leases, "a refusal record changed a lease");
+    let records = state::audit_records(&w.kv, 1, 1000).unwrap();
+    let last = records.last().unwrap();
+    assert_eq!(
+        (
+            last.action.as_str(),
+            last.outcome.as_str(),
+            last.reason.as_deref()
+        ),
+        ("lease.renew", "denied", Some("lease_revoked"))
+    );
+    assert_eq!(last.role.as_deref(), Some("web"));
+    assert_eq!(last.details["unrecorded_refusals"], "3");
+    // A node cannot record any error it likes.
+    assert!(matches!(
+        w.propose_raw(stranger, refusal(Error::Internal("made up".into()))),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
 #[test]
 fn renew_refused_after_revoke_and_after_expiry() {
     let mut w = World::new();

@@ -325,6 +325,78 @@ pub(super) fn note_key_use<R: KvRead + ?Sized>(
     Ok(())
 }
 
+/// The refusals of a renewal that depend only on the lease, the caller and the time: a foreign
+/// lease, a revoked or expired one, a kind that is re-issued rather than extended, a lease at its
+/// maximum lifetime. `apply` checks them, and so does the receiving node before proposing (see
+/// [`renewal_refusal`]), so that such a renewal never costs a Raft write.
+pub fn renewable(lease: &Lease, actor: &Principal, now: u64) -> Result<(), Error> {
+    let lease_id = lease.id.as_str();
+    if lease.subject != actor.id && lease.client_id != actor.id && !actor.is_admin() {
+        return Err(Error::PermissionDenied(format!(
+            "lease {lease_id} belongs to another subject"
+        )));
+    }
+    match lease.state {
+        LeaseState::Revoked { .. } => return Err(Error::LeaseRevoked(lease_id.to_string())),
+        LeaseState::Expired { .. } => return Err(Error::LeaseExpired(lease_id.to_string())),
+        LeaseState::Active if now >= lease.expires_at_ms => {
+            return Err(Error::LeaseExpired(lease_id.to_string()))
+        }
+        LeaseState::Active => {}
+    }
+    if let Renewal::Reissue { how } = crate::kind::renewal_of(lease.kind()) {
+        return Err(Error::NotRenewable {
+            lease: lease_id.to_string(),
+            how: how.to_string(),
+        });
+    }
+    if lease.expires_at_ms >= lease.max_expires_at_ms {
+        return Err(Error::LeaseAtMaxLifetime(lease_id.to_string()));
+    }
+    Ok(())
+}
+
+/// Whether a renewal of `lease_id` by `actor` at `now` would be refused for a reason that
+/// changes nothing (see [`renewable`]): the refusal, or `None` when `apply` must decide.
+pub fn renewal_refusal(
+    kv: &(impl KvRead + ?Sized),
+    actor: &Principal,
+    lease_id: &str,
+    now: u64,
+) -> Result<Option<Error>, StorageError> {
+    Ok(match load_lease(kv, lease_id)? {
+        None => Some(Error::LeaseNotFound(lease_id.to_string())),
+        Some(lease) => renewable(&lease, actor, now).err(),
+    })
+}
+
+/// Audits a refusal the receiving node decided without proposing the request (a sampled
+/// record; `unrecorded` refusals on that node went without one). The record reads as the
+/// refused request's own would have, and nothing else changes.
+pub(super) fn record_refusal<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    refusal: &crate::command::Refusal,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit_context(audit, &refusal.context);
+    if let Some(lease_id) = &refusal.lease_id {
+        audit.lease_id = Some(lease_id.clone());
+        if let Some(lease) = load_lease(kv, lease_id)? {
+            audit.role = Some(lease.role.clone());
+            audit.subject = Some(lease.subject.clone());
+            audit
+                .details
+                .insert("kind".into(), lease.kind().as_str().into());
+        }
+    }
+    if refusal.unrecorded > 0 {
+        audit
+            .details
+            .insert("unrecorded_refusals".into(), refusal.unrecorded.to_string());
+    }
+    Ok(Err(refusal.error.clone()))
+}
+
 pub(super) fn renew<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
@@ -347,27 +419,8 @@ pub(super) fn renew<R: KvRead + ?Sized>(
     audit
         .details
         .insert("kind".into(), lease.kind().as_str().into());
-    if lease.subject != actor.id && lease.client_id != actor.id && !actor.is_admin() {
-        return Ok(Err(Error::PermissionDenied(format!(
-            "lease {lease_id} belongs to another subject"
-        ))));
-    }
-    match lease.state {
-        LeaseState::Revoked { .. } => return Ok(Err(Error::LeaseRevoked(lease_id.to_string()))),
-        LeaseState::Expired { .. } => return Ok(Err(Error::LeaseExpired(lease_id.to_string()))),
-        LeaseState::Active if now >= lease.expires_at_ms => {
-            return Ok(Err(Error::LeaseExpired(lease_id.to_string())))
-        }
-        LeaseState::Active => {}
-    }
-    if let Renewal::Reissue { how } = crate::kind::renewal_of(lease.kind()) {
-        return Ok(Err(Error::NotRenewable {
-            lease: lease_id.to_string(),
-            how: how.to_string(),
-        }));
-    }
-    if lease.expires_at_ms >= lease.max_expires_at_ms {
-        return Ok(Err(Error::LeaseAtMaxLifetime(lease_id.to_string())));
+    if let Err(e) = renewable(&lease, actor, now) {
+        return Ok(Err(e));
     }
     if let Err(e) = check_quarantine(kv, [&actor.id, &lease.subject])? {
         return Ok(Err(e));

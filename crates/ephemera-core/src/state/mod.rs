@@ -16,8 +16,8 @@ mod queries;
 use governance::*;
 use identity::*;
 pub use identity::{quarantine, quarantines};
-pub use leases::live_leases;
 use leases::*;
+pub use leases::{live_leases, renewable, renewal_refusal};
 pub use queries::*;
 
 use serde::de::DeserializeOwned;
@@ -288,6 +288,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::PolicyDenied(_) => "policy.denied",
         Op::GuardEvent(_) => "guard.event",
         Op::ReleaseQuarantine { .. } => "quarantine.release",
+        Op::RecordRefusal(r) => r.action.audit_action(),
         Op::SetBreakGlass { credential_hash } if credential_hash.is_empty() => "breakglass.disable",
         Op::SetBreakGlass { .. } => "breakglass.rotate",
     }
@@ -501,6 +502,7 @@ fn apply_op<R: KvRead + ?Sized>(
         }
         Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
         Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
+        Op::RecordRefusal(refusal) => record_refusal(kv, refusal, audit),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());

@@ -130,6 +130,14 @@ impl pb::issuer_server::Issuer for Api {
             policy: None,
         };
         validate_intent(&Intent::Renew(intent.clone())).map_err(|e| self.fail(e))?;
+        if let Some(refusal) = self
+            .node
+            .refuse_renewal_locally(&actor, &intent.lease_id, &intent.context)
+            .await
+            .map_err(|e| self.fail(e))?
+        {
+            return Err(self.fail(refusal));
+        }
         let (node, actor_ref, intent_ref, caller_ref) = (&self.node, &actor, &intent, &caller);
         let outcome = self
             .node

@@ -341,18 +341,67 @@ impl Node {
     /// Takes a slot of the node's refusal-audit rate limit: `None` when the refusal is only
     /// counted, else a note on how many earlier refusals went unrecorded (for its record).
     pub(super) fn refusal_audit_slot(&self) -> Option<String> {
+        Some(match self.refusal_audit_count()? {
+            0 => String::new(),
+            skipped => {
+                format!(" ({skipped} earlier refusals on this node were not recorded: rate limit)")
+            }
+        })
+    }
+
+    /// As [`Node::refusal_audit_slot`]: `None` when this refusal is only counted, else how many
+    /// earlier ones went unrecorded.
+    pub(super) fn refusal_audit_count(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         if self.denial_audits.check().is_err() {
             self.denials_unrecorded.fetch_add(1, Ordering::Relaxed);
             Metrics::inc(&self.metrics.denials_unaudited, 1);
             return None;
         }
-        Some(match self.denials_unrecorded.swap(0, Ordering::Relaxed) {
-            0 => String::new(),
-            skipped => {
-                format!(" ({skipped} earlier refusals on this node were not recorded: rate limit)")
+        Some(self.denials_unrecorded.swap(0, Ordering::Relaxed))
+    }
+
+    /// A renewal refused for a reason that changes nothing (an unknown, foreign, revoked,
+    /// expired or non-renewable lease, or one at its maximum lifetime) is refused here, after a
+    /// read barrier so that the answer is the cluster's latest, without a Raft write; it is
+    /// audited under the refusal sampling. `None`: the renewal goes to the leader.
+    pub async fn refuse_renewal_locally(
+        &self,
+        actor: &Principal,
+        lease_id: &str,
+        context: &ephemera_core::command::RequestContext,
+    ) -> Result<Option<Error>, Error> {
+        let check = || {
+            state::renewal_refusal(&self.view, actor, lease_id, self.clock.now_ms())
+                .map_err(internal)
+        };
+        // Most renewals are of live leases: only a local refusal pays for the barrier.
+        if check()?.is_none() {
+            return Ok(None);
+        }
+        self.read_barrier().await?;
+        let Some(refusal) = check()? else {
+            return Ok(None);
+        };
+        if let Some(unrecorded) = self.refusal_audit_count() {
+            let record = self.propose(Proposal {
+                actor: actor.clone(),
+                intent: Intent::RecordRefusal(ephemera_core::command::Refusal {
+                    action: ephemera_core::command::RefusedAction::Renew,
+                    lease_id: Some(lease_id.to_string()),
+                    error: refusal.clone(),
+                    unrecorded,
+                    context: context.clone(),
+                }),
+            });
+            match record.await {
+                // `apply` records the refusal and answers with it.
+                Err(e) if e == refusal => {}
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not audit a refused renewal"),
             }
-        })
+        }
+        Ok(Some(refusal))
     }
 
     /// Records a refused authentication. The refusal stands whether or not the record lands.
