@@ -270,7 +270,7 @@ fn renewal_refusals_decided_before_proposing_agree_with_apply() {
             policy: None,
         })
     };
-    let mut check = |w: &mut World, id: &str, actor: &Principal, want: Option<&str>| {
+    let check = |w: &mut World, id: &str, actor: &Principal, want: Option<&str>| {
         let early = state::renewal_refusal(&w.kv, actor, id, w.now).unwrap();
         assert_eq!(
             early.as_ref().map(|e| e.kind()),
