@@ -563,3 +563,156 @@ fn ten_thousand_renewals_of_a_revoked_lease_write_only_sampled_records() {
         assert_eq!(lease.state, "revoked");
     });
 }
+
+/// Before anyone is authenticated, a connection costs the node little and not for long: one
+/// that never finishes its TLS handshake is closed at the handshake deadline, one that trickles
+/// its HTTP headers at the header deadline.
+#[test]
+fn slow_handshakes_and_slow_headers_are_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[listeners]\nhandshake_timeout_ms = 1000\nhttp_header_timeout_ms = 1000\n",
+    )
+    .unwrap();
+    let cluster = DevCluster::start_in(dir, 1, &[]);
+    let http = cluster.http_urls()[0]
+        .trim_start_matches("https://")
+        .to_string();
+    rt().block_on(async {
+        // Read until the server closes the connection; how long that took.
+        async fn closed_after(mut s: impl tokio::io::AsyncRead + Unpin) -> Duration {
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 1024];
+            let wait = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            });
+            wait.await.expect("the server kept the connection open");
+            started.elapsed()
+        }
+
+        let silent = tokio::net::TcpStream::connect(&http).await.unwrap();
+        let took = closed_after(silent).await;
+        assert!(
+            took < Duration::from_secs(5),
+            "silent handshake closed after {took:?}"
+        );
+
+        let identity =
+            ephemera_pki::Identity::from_pem(&cluster.pki("admin.crt"), &cluster.pki("admin.key"))
+                .unwrap();
+        let mut bundles = ephemera_pki::TrustBundles::default();
+        bundles.add("ephemera.dev", &cluster.pki("ca.crt")).unwrap();
+        let mut cfg = ephemera_pki::peer_client_config(
+            &identity,
+            std::sync::Arc::new(bundles),
+            ephemera_pki::SpiffeId::node("ephemera.dev", 1),
+        )
+        .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(&http).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        // A complete request is answered on the same connection.
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = tls.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        // Then half a request, and nothing more.
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n")
+            .await
+            .unwrap();
+        let took = closed_after(tls).await;
+        assert!(
+            took < Duration::from_secs(5),
+            "slow headers closed after {took:?}"
+        );
+    });
+}
+
+/// Introspection decides who may ask before looking at the token's state: a caller the policy
+/// refuses gets the same answer for a live token and a revoked one, and learns nothing.
+#[test]
+fn refused_introspection_does_not_say_whether_a_token_is_live() {
+    let cluster = DevCluster::start(1, &[]);
+    let as_identity = |id: &str| {
+        let issued = cluster
+            .ca()
+            .issue(
+                &ephemera_pki::SpiffeId::parse(id).unwrap(),
+                ephemera_pki::LeafUse::Client,
+                &[],
+                &[],
+                std::time::SystemTime::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        Client::with_tls(
+            &cluster.env["EPHEMERA_ADDR"],
+            None,
+            Some(&TlsFiles {
+                ca_pem: cluster.pki("ca.crt"),
+                identity: Some((issued.cert_pem, issued.key_pem)),
+            }),
+        )
+        .unwrap()
+    };
+    rt().block_on(async {
+        let admin = cluster.client_as("admin", None);
+        put_role(&admin, "web", 300, 3600).await;
+        // Only a token's holder may introspect it.
+        let v1 = active_policy(&admin).await;
+        let owners_only = v1
+            .text
+            .replace(
+                r#"Ephemera::Action::"renew", Ephemera::Action::"introspect"]"#,
+                r#"Ephemera::Action::"renew"]"#,
+            )
+            + "\n@id(\"introspect-own\")\npermit (principal is Ephemera::Workload, action == Ephemera::Action::\"introspect\", resource)\nwhen { context.lease_owner };\n";
+        assert_ne!(owners_only, v1.text);
+        let p = propose(&admin, &owners_only).await.unwrap();
+        approve(&cluster.client_as("approver", None), &p.id)
+            .await
+            .unwrap();
+
+        let holder = as_identity("spiffe://ephemera.dev/workload/holder");
+        let stranger = as_identity("spiffe://ephemera.dev/workload/stranger");
+        let cred = holder
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let live = stranger.introspect(&cred.token).await.unwrap_err();
+        assert_eq!(code(&live), Code::PermissionDenied, "{live}");
+        assert!(holder.introspect(&cred.token).await.unwrap().active);
+        holder
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::LeaseId(cred.lease_id.clone())),
+            })
+            .await
+            .unwrap();
+        let dead = stranger.introspect(&cred.token).await.unwrap_err();
+        assert_eq!(
+            (code(&dead), dead.to_string()),
+            (code(&live), live.to_string()),
+            "a refused caller could tell a live token from a revoked one"
+        );
+        assert!(!holder.introspect(&cred.token).await.unwrap().active);
+    });
+}

@@ -54,6 +54,9 @@ pub struct NodeConfig {
     /// Restrictions on the break-glass credential.
     #[serde(default)]
     pub break_glass: BreakGlassConfig,
+    /// Connection limits and deadlines before authentication.
+    #[serde(default)]
+    pub listeners: crate::conn::ListenerLimits,
 }
 
 /// `cluster init` hands out the break-glass credential and sets the policy, so it needs proof
@@ -258,6 +261,7 @@ impl NodeConfig {
             return Err(ConfigError::Invalid("node_id must be non-zero".into()));
         }
         self.break_glass.networks()?;
+        self.listeners.validate().map_err(ConfigError::Invalid)?;
         self.guard.validate().map_err(ConfigError::Invalid)?;
         match (&self.tls, self.insecure_plaintext) {
             (Some(_), true) => {

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Extension, Form, State};
 use axum::http::{header, StatusCode};
@@ -20,9 +21,12 @@ use crate::node::{Node, KEY_PUBLISH_GRACE_MS};
 /// request carries its connection's [`ConnInfo`] as an extension.
 pub async fn serve(
     incoming: impl futures::Stream<Item = std::io::Result<Conn>>,
+    limits: &crate::conn::ListenerLimits,
     router: Router,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let header_timeout = Duration::from_millis(limits.http_header_timeout_ms);
+    let idle_timeout = Duration::from_millis(limits.http_idle_timeout_ms);
     use futures::StreamExt;
     use tonic::transport::server::Connected;
     tokio::pin!(incoming);
@@ -34,15 +38,25 @@ pub async fn serve(
         };
         let Some(Ok(conn)) = conn else { return };
         let service = router.clone().layer(Extension(conn.connect_info()));
+        let activity = conn.activity();
         tokio::spawn(async move {
             let service = hyper_util::service::TowerToHyperService::new(service);
-            let builder =
+            let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
-                .await
-            {
-                tracing::debug!(error = %e, "http connection ended with an error");
+            // A client that trickles its headers (or holds a keep-alive connection without
+            // sending the next request) is disconnected after the header deadline.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let served = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            tokio::select! {
+                r = served => if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                },
+                _ = activity.idle_for(idle_timeout) => {
+                    tracing::debug!("closed an idle http connection");
+                }
             }
         });
     }

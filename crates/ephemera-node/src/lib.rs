@@ -300,7 +300,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            conn::incoming(cluster_listener, cluster_tls),
+            conn::incoming(cluster_listener, cluster_tls, &cfg.listeners),
             stopped(stop_rx.clone()),
         );
     let api = grpc::Api {
@@ -318,11 +318,12 @@ pub async fn run(
         )
         .add_service(AdminServer::new(api).max_decoding_message_size(MAX_API_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(
-            conn::incoming(api_listener, api_tls),
+            conn::incoming(api_listener, api_tls, &cfg.listeners),
             stopped(stop_rx.clone()),
         );
     let http_server = http::serve(
-        conn::incoming(http_listener, http_tls),
+        conn::incoming(http_listener, http_tls, &cfg.listeners),
+        &cfg.listeners,
         http::router(node.clone()),
         stopped(stop_rx.clone()),
     );

@@ -69,6 +69,32 @@ struct Issuer {
     config: IssuerConfig,
     algorithms: Vec<Algorithm>,
     keys: Mutex<Keys>,
+    /// Held while the JWKS is fetched: concurrent requests with an unknown `kid` wait for one
+    /// fetch instead of each making their own (single flight).
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// Largest JWKS document read; a longer body is refused as it streams in, never buffered.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// `jwks_uri` must be https, or http to a loopback address (a local test issuer). The URL is
+/// parsed, so that `http://127.0.0.1.attacker.example/` is not taken for loopback.
+fn check_jwks_uri(uri: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(uri).map_err(|e| format!("jwks_uri {uri:?}: {e}"))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" if !host.is_empty() => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(format!(
+            "jwks_uri {uri:?} must be https (plain http only to a loopback address)"
+        )),
+    }
 }
 
 struct Keys {
@@ -117,12 +143,7 @@ impl Verifier {
                         .map_err(|e| format!("oidc issuer {}: invalid JWKS: {e}", c.issuer))?
                 }
                 (None, Some(uri)) => {
-                    let loopback_http = uri.starts_with("http://127.")
-                        || uri.starts_with("http://localhost")
-                        || uri.starts_with("http://[::1]");
-                    if !uri.starts_with("https://") && !loopback_http {
-                        return Err(format!("oidc issuer {}: jwks_uri must be https", c.issuer));
-                    }
+                    check_jwks_uri(uri).map_err(|e| format!("oidc issuer {}: {e}", c.issuer))?;
                     JwkSet { keys: Vec::new() }
                 }
                 _ => {
@@ -136,14 +157,18 @@ impl Verifier {
                 config: c.clone(),
                 algorithms,
                 keys: Mutex::new(Keys { set, fetched: None }),
+                refreshing: tokio::sync::Mutex::new(()),
             });
         }
         let http = configs
             .iter()
             .any(|c| c.jwks_uri.is_some())
             .then(|| {
+                // A redirect could lead the fetch anywhere (an internal address, plain HTTP):
+                // the configured URL is the only one fetched.
                 reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
+                    .redirect(reqwest::redirect::Policy::none())
                     .build()
             })
             .transpose()
@@ -274,7 +299,7 @@ impl Verifier {
                 .find(kid)
                 .and_then(|j| DecodingKey::from_jwk(j).ok())
         };
-        let (found, refresh) = {
+        let (found, refresh, seen) = {
             let keys = issuer.keys.lock().expect("jwks lock");
             let stale = keys.fetched.is_none_or(|t| t.elapsed() > JWKS_TTL);
             let may_refetch = keys
@@ -283,7 +308,7 @@ impl Verifier {
             let found = find(&keys);
             let refresh =
                 issuer.config.jwks_uri.is_some() && (stale || (found.is_none() && may_refetch));
-            (found, refresh)
+            (found, refresh, keys.fetched)
         };
         if !refresh {
             return Ok(found);
@@ -291,6 +316,14 @@ impl Verifier {
         let (Some(uri), Some(http)) = (&issuer.config.jwks_uri, &self.http) else {
             return Ok(found);
         };
+        let _flight = issuer.refreshing.lock().await;
+        {
+            // Another request fetched while this one waited: its result serves.
+            let keys = issuer.keys.lock().expect("jwks lock");
+            if keys.fetched != seen {
+                return Ok(find(&keys));
+            }
+        }
         match fetch(http, uri).await {
             Ok(set) => {
                 let mut keys = issuer.keys.lock().expect("jwks lock");
@@ -308,13 +341,24 @@ impl Verifier {
 }
 
 async fn fetch(http: &reqwest::Client, uri: &str) -> Result<JwkSet, String> {
-    let resp = http.get(uri).send().await.map_err(|e| e.to_string())?;
+    let mut resp = http.get(uri).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
+        // Redirects included: they are not followed.
         return Err(format!("HTTP {}", resp.status()));
     }
-    let body = resp.bytes().await.map_err(|e| e.to_string())?;
-    if body.len() > 256 * 1024 {
-        return Err("JWKS larger than 256 KiB".into());
+    let too_long = || format!("JWKS larger than {} KiB", MAX_JWKS_BYTES / 1024);
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+    {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
     }
     serde_json::from_slice(&body).map_err(|e| format!("invalid JWKS: {e}"))
 }
@@ -344,9 +388,28 @@ mod tests {
         let mut lenient = config();
         lenient.leeway_s = 3600;
         assert!(Verifier::new(&[lenient]).err().unwrap().contains("leeway"));
-        let mut plain = config();
-        plain.jwks_uri = Some("http://issuer.test/jwks".into());
-        assert!(Verifier::new(&[plain]).err().unwrap().contains("https"));
+        for bad in [
+            "http://issuer.test/jwks",
+            "http://127.0.0.1.attacker.example/jwks",
+            "http://localhost.attacker.example/jwks",
+            "http://[::2]/jwks",
+            "ftp://127.0.0.1/jwks",
+            "not a url",
+        ] {
+            let mut plain = config();
+            plain.jwks_uri = Some(bad.into());
+            let e = Verifier::new(&[plain]).err().unwrap();
+            assert!(e.contains("jwks_uri"), "{bad}: {e}");
+        }
+        for good in [
+            "https://issuer.test/jwks",
+            "http://127.0.0.1:8080/jwks",
+            "http://127.5.0.1/jwks",
+            "http://[::1]:9/jwks",
+            "http://localhost/jwks",
+        ] {
+            assert!(check_jwks_uri(good).is_ok(), "{good}");
+        }
         let mut both = config();
         both.jwks_file = Some("/x".into());
         assert!(Verifier::new(&[both])
@@ -404,6 +467,11 @@ mod tests {
             &jsonwebtoken::EncodingKey::from_ed_der(&pkcs8),
         )
         .unwrap();
+        // Twenty requests at once, with keys not yet fetched: one fetch serves them all.
+        let all = futures::future::join_all((0..20).map(|_| verifier.verify(&token, now))).await;
+        for v in all {
+            assert_eq!(v.unwrap().principal.id, "https://issuer.test#w");
+        }
         for _ in 0..3 {
             let v = verifier.verify(&token, now).await.unwrap();
             assert_eq!(v.principal.id, "https://issuer.test#w");
@@ -411,7 +479,7 @@ mod tests {
         assert_eq!(
             hits.load(std::sync::atomic::Ordering::SeqCst),
             1,
-            "the JWKS must be cached"
+            "the JWKS must be fetched once and cached"
         );
     }
 }

@@ -296,26 +296,20 @@ impl Node {
         )
         .await?;
         let now = self.clock.now_ms();
+        // First: is this a token the cluster issued (whatever its state now)? A forgery or a
+        // foreign token is simply inactive; it says nothing about any lease.
         let Some(key) = state::get_key(&self.view, &parsed.header.kid).map_err(internal)? else {
             return Ok(None);
         };
-        if !key.is_published_at(now, KEY_PUBLISH_GRACE_MS)
-            || parsed.verify(&key.public_key).is_err()
-        {
-            return Ok(None);
-        }
-        if parsed.claims.iss != self.issuer()? {
+        if parsed.verify(&key.public_key).is_err() || parsed.claims.iss != self.issuer()? {
             return Ok(None);
         }
         let Some(lease) = state::get_lease(&self.view, &parsed.claims.jti).map_err(internal)?
         else {
             return Ok(None);
         };
-        let now_s = now / 1000;
-        if !lease.is_active_at(now) || parsed.claims.exp <= now_s || parsed.claims.nbf > now_s {
-            return Ok(None);
-        }
-        // Who may learn that a token is active is policy too (a resource server, its holder).
+        // Then: may this caller learn about it? Decided before looking at whether it is live,
+        // so that a refused caller gets the same answer for a live token and a dead one.
         self.decide_on_lease(
             principal,
             ephemera_policy::Action::Introspect,
@@ -324,7 +318,12 @@ impl Node {
             caller,
         )
         .await?;
-        Ok(Some(parsed.claims))
+        let now_s = now / 1000;
+        let live = key.is_published_at(now, KEY_PUBLISH_GRACE_MS)
+            && lease.is_active_at(now)
+            && parsed.claims.exp > now_s
+            && parsed.claims.nbf <= now_s;
+        Ok(live.then_some(parsed.claims))
     }
 
     // ---- cluster --------------------------------------------------------------------------
