@@ -716,3 +716,54 @@ fn refused_introspection_does_not_say_whether_a_token_is_live() {
         assert!(!holder.introspect(&cred.token).await.unwrap().active);
     });
 }
+
+/// Secrets at rest and in the process: the server refuses a KEK or TLS key file other local
+/// users could read, and runs without core dumps.
+#[test]
+fn secret_files_must_be_private_and_the_server_never_dumps_core() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "11".repeat(32)).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let port = || ephemera_chaos::ports::free_loopback_port().unwrap();
+    let config = dir.path().join("config.toml");
+    let base = format!(
+        "node_id = 1\ndata_dir = {:?}\napi_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n\
+         cluster_addr = \"127.0.0.1:{}\"\nkek_file = {kek:?}\n",
+        dir.path().join("data"),
+        port(),
+        port(),
+        port(),
+    );
+    let serve = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["server", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the server started");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = serve(&format!("{base}insecure_plaintext = true\n"));
+    assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = dir.path().join("tls.key");
+    std::fs::write(&key, "not even a key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = serve(&format!(
+        "{base}[tls]\ntrust_domain = \"ephemera.dev\"\nca_file = \"/nonexistent\"\ncert_file = \"/nonexistent\"\nkey_file = {key:?}\n"
+    ));
+    assert!(e.contains("tls.key_file") && e.contains("chmod 600"), "{e}");
+
+    let cluster = DevCluster::start(1, &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", cluster.pid(1))).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}

@@ -523,8 +523,8 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
     std::fs::create_dir_all(root).map_err(err)?;
     let mut kek = [0u8; 32];
     rand::thread_rng().fill(&mut kek);
-    std::fs::write(
-        root.join("kek"),
+    crate::files::write_private(
+        &root.join("kek"),
         kek.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     )
     .map_err(err)?;

@@ -285,7 +285,7 @@ impl DevCluster {
             )
             .unwrap();
         std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem).unwrap();
-        std::fs::write(node_dir.join("tls.key"), &issued.key_pem).unwrap();
+        ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem).unwrap();
         let (api, http) = (
             format!("127.0.0.1:{}", free()),
             format!("127.0.0.1:{}", free()),

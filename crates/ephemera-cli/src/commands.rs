@@ -271,6 +271,7 @@ async fn chaos(a: &crate::ChaosArgs) -> Result<()> {
 }
 
 async fn server(config: &std::path::Path) -> Result<()> {
+    crate::util::forbid_core_dumps()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

@@ -24,17 +24,8 @@ fn free_port() -> Result<u16> {
 
 /// Writes a file readable by its owner only (keys, tokens).
 pub fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
+    ephemera_chaos::files::write_private(path, contents)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn random_hex(bytes: usize) -> Result<String> {

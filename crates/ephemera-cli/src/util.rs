@@ -92,6 +92,32 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Keeps the server's secrets (the KEK, unsealed signing keys) out of core files and away from
+/// other processes of the same user: no core dumps (`RLIMIT_CORE` 0) and not dumpable, which
+/// also refuses `ptrace` attachment and `/proc/PID/mem` reads by unprivileged processes.
+pub fn forbid_core_dumps() -> Result<()> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on this process with valid arguments.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+            bail!(
+                "cannot disable core dumps: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            bail!(
+                "cannot mark the process not dumpable: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

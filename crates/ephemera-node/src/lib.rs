@@ -105,11 +105,12 @@ fn load_tls(node_id: u64, t: &config::TlsConfig) -> Result<LoadedTls, NodeError>
             .map_err(|e| NodeError::Tls(format!("cannot read {what} {}: {e}", p.display())))
     };
     let pki = |e: ephemera_pki::PkiError| NodeError::Tls(e.to_string());
-    let identity = Identity::from_pem(
-        &read("tls.cert_file", &t.cert_file)?,
-        &read("tls.key_file", &t.key_file)?,
-    )
-    .map_err(pki)?;
+    let key_pem = zeroize::Zeroizing::new(
+        secret_files::read_private(&t.key_file)
+            .map_err(|e| NodeError::Tls(format!("tls.key_file: {e}")))?,
+    );
+    let identity =
+        Identity::from_pem(&read("tls.cert_file", &t.cert_file)?, &key_pem).map_err(pki)?;
     let expected = SpiffeId::node(&t.trust_domain, node_id);
     let actual = identity.spiffe_id().map_err(pki)?;
     if actual != expected {
@@ -149,10 +150,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     cfg.validate()?;
-    let kek_text = std::fs::read_to_string(&cfg.kek_file).map_err(|e| NodeError::Kek {
-        path: cfg.kek_file.display().to_string(),
-        message: e.to_string(),
-    })?;
+    // Refused when another local user could read it; the text is wiped once parsed.
+    let kek_text =
+        zeroize::Zeroizing::new(secret_files::read_private(&cfg.kek_file).map_err(|e| {
+            NodeError::Kek {
+                path: cfg.kek_file.display().to_string(),
+                message: e.to_string(),
+            }
+        })?);
     let kek = Kek::parse(&kek_text).map_err(|e| NodeError::Kek {
         path: cfg.kek_file.display().to_string(),
         message: e.to_string(),

@@ -257,7 +257,7 @@ impl EphemeraCluster {
             Duration::from_secs(24 * 3600),
         )?;
         std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
-        std::fs::write(node_dir.join("tls.key"), &issued.key_pem)?;
+        ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
         // Node 1's configuration with this node's id, addresses, data and certificate.
         let template = std::fs::read_to_string(self.node_dir(1).join("config.toml"))?;
         let api = format!("127.0.0.1:{}", free_port()?);
@@ -391,7 +391,7 @@ impl OpenBaoCluster {
                 Duration::from_secs(86_400),
             )?;
             std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
-            std::fs::write(node_dir.join("tls.key"), &issued.key_pem)?;
+            ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
             let url = format!("https://127.0.0.1:{api}");
             let retry_join = if i == 0 {
                 String::new()
