@@ -767,3 +767,87 @@ fn secret_files_must_be_private_and_the_server_never_dumps_core() {
     let fields: Vec<&str> = core.split_whitespace().collect();
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
+
+/// Retention: once dead leases' credentials have expired and the retention has passed, the
+/// leader's compaction removes them and their idempotency records on every node, the nodes'
+/// digests stay equal, and live leases are untouched.
+#[test]
+fn retention_forgets_dead_leases_and_request_records_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[retention]\ndead_lease_s = 1\nrequest_s = 1\n",
+    )
+    .unwrap();
+    let cluster = DevCluster::start_in(dir, 3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        put_role(&admin, "web", 300, 3600).await;
+        let short = |request_id: Option<&str>| pb::IssueRequest {
+            ttl_s: Some(2),
+            request_id: request_id.map(str::to_string),
+            ..issue_req("web")
+        };
+        let requested = admin.issue(short(Some("job-7"))).await.unwrap();
+        let mut dead = vec![requested.lease_id.clone()];
+        for _ in 0..4 {
+            dead.push(admin.issue(short(None)).await.unwrap().lease_id);
+        }
+        let live = admin
+            .issue(pb::IssueRequest {
+                ttl_s: Some(600),
+                ..issue_req("web")
+            })
+            .await
+            .unwrap();
+        for id in &dead[..3] {
+            admin
+                .revoke(pb::RevokeRequest {
+                    target: Some(pb::revoke_request::Target::LeaseId(id.clone())),
+                })
+                .await
+                .unwrap();
+        }
+        // The other two simply expire. All are forgotten 2 s + 1 s on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left: Vec<String> = all_leases(&admin)
+                .await
+                .into_iter()
+                .map(|l| l.id)
+                .filter(|id| dead.contains(id))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dead leases still kept: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let digests = converged(
+            &(1..=3).map(|n| cluster.node_client(n)).collect::<Vec<_>>(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(digests.windows(2).all(|d| d[0].digest == d[1].digest));
+        for n in 1..=3 {
+            let leases = all_leases(&cluster.node_client(n)).await;
+            assert_eq!(
+                leases.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+                [live.lease_id.as_str()],
+                "node {n}"
+            );
+            assert_eq!(leases[0].state, "active");
+        }
+        // The idempotency record went too: the same request id issues a new lease.
+        let again = admin.issue(short(Some("job-7"))).await.unwrap();
+        assert_ne!(again.lease_id, requested.lease_id);
+        let tail = audit_tail(&admin, 200).await;
+        assert!(tail
+            .records
+            .iter()
+            .any(|r| r.action == "state.compact" && r.count.unwrap_or(0) > 0));
+    });
+}

@@ -306,6 +306,39 @@ pub enum Op {
         credential_hash: Vec<u8>,
     },
     RecordRefusal(Refusal),
+    /// Forget what retention allows (see `state::retention`); the leader proposes it.
+    Compact {
+        retention: Retention,
+        limit: u32,
+    },
+}
+
+/// How long the state keeps what is of no further use, in seconds after the time it stopped
+/// being useful: a dead lease after its credential expired, an idempotency record after it was
+/// written, a join token or a consumed assertion id after it expired, a policy proposal after
+/// its expiry. `[retention]` in the node configuration; the leader's values travel in each
+/// `Compact` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub dead_lease_s: u64,
+    pub request_s: u64,
+    pub join_token_s: u64,
+    pub assertion_s: u64,
+    pub proposal_s: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        Retention {
+            dead_lease_s: 7 * DAY,
+            request_s: 7 * DAY,
+            join_token_s: 7 * DAY,
+            assertion_s: DAY,
+            proposal_s: 30 * DAY,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +371,9 @@ pub enum Outcome {
         kid: String,
     },
     Proposal(crate::policy::PolicyProposal),
+    Compacted {
+        count: u64,
+    },
 }
 
 /// The state machine's answer to one command, identical on every node.
@@ -918,6 +954,9 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         Op::SetBreakGlass { credential_hash } => Intent::SetBreakGlass {
             credential_hash: credential_hash.clone(),
         },
-        Op::AddSigningKey { .. } | Op::AddSshCaKey { .. } | Op::Expire { .. } => return None,
+        Op::AddSigningKey { .. }
+        | Op::AddSshCaKey { .. }
+        | Op::Expire { .. }
+        | Op::Compact { .. } => return None,
     })
 }

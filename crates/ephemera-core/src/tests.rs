@@ -326,6 +326,104 @@ fn renewal_refusals_decided_before_proposing_agree_with_apply() {
     ));
 }
 
+/// Retention forgets dead leases (once their credentials have expired too), idempotency
+/// records and expired join tokens, in bounded pages, and never a live lease; replaying the log
+/// gives the same state.
+#[test]
+fn compaction_forgets_only_what_retention_allows() {
+    use crate::command::Retention;
+    let mut w = World::new();
+    let retention = Retention {
+        dead_lease_s: 60,
+        request_s: 60,
+        join_token_s: 60,
+        assertion_s: 60,
+        proposal_s: 60,
+    };
+    let compact = |w: &mut World, limit: u32| {
+        let cmd = Command {
+            now_ms: w.now,
+            actor: Principal::system(),
+            op: Op::Compact { retention, limit },
+        };
+        w.log.push(cmd.clone());
+        match apply_to(&mut w.kv, &cmd).unwrap() {
+            Outcome::Compacted { count } => count,
+            o => panic!("{o:?}"),
+        }
+    };
+    let mut with_request = web(Some(10));
+    with_request.request_id = Some("job-1".into());
+    let requested = w.issue(with_request.clone()).unwrap();
+    let dead: Vec<Lease> = (0..5).map(|_| w.issue(web(Some(10))).unwrap()).collect();
+    let live = w.issue(web(Some(300))).unwrap();
+    for l in dead.iter().chain([&requested]) {
+        w.admin(Intent::Revoke(RevokeTarget::Lease(l.id.clone())))
+            .unwrap();
+    }
+    w.admin(Intent::CreateJoinToken {
+        token_hash: vec![3; 32],
+        spiffe_id: "spiffe://example.org/joiner".into(),
+        ttl_s: 10,
+    })
+    .unwrap();
+    // Revoked, but their credentials are still valid: nothing may go yet.
+    w.now += 30_000;
+    assert!(!state::compaction_due(&w.kv, w.now, &retention).unwrap());
+    assert_eq!(compact(&mut w, 100), 0);
+    // Retention after the credentials expired: everything dead goes, in pages.
+    w.now += 61_000;
+    assert!(state::compaction_due(&w.kv, w.now, &retention).unwrap());
+    assert_eq!(compact(&mut w, 4), 4);
+    let rest = compact(&mut w, 100);
+    assert_eq!(
+        rest,
+        6 + 1 + 1 - 4,
+        "6 leases, 1 request record, 1 join token"
+    );
+    assert!(!state::compaction_due(&w.kv, w.now, &retention).unwrap());
+    for l in dead.iter().chain([&requested]) {
+        assert!(
+            state::get_lease(&w.kv, &l.id).unwrap().is_none(),
+            "{} kept",
+            l.id
+        );
+    }
+    assert_eq!(w.lease(&live.id), live, "a live lease was touched");
+    let listed = state::list_leases(
+        &w.kv,
+        &LeaseFilter {
+            subject: Some("spiffe://example.org/web".into()),
+            ..Default::default()
+        },
+        None,
+        100,
+    )
+    .unwrap()
+    .0;
+    assert_eq!(listed.iter().map(|l| &l.id).collect::<Vec<_>>(), [&live.id]);
+    // The request record went with them: the same request id now issues afresh.
+    let again = w.issue(with_request).unwrap();
+    assert_ne!(again.id, requested.id);
+    assert!(state::join_token(&w.kv, &[3; 32]).unwrap().is_none());
+    // The audit chain keeps every record, the compaction's included.
+    let records = state::audit_records(&w.kv, 1, 10_000).unwrap();
+    let compactions: Vec<Option<u64>> = records
+        .iter()
+        .filter(|r| r.action == "state.compact")
+        .map(|r| r.count)
+        .collect();
+    assert_eq!(compactions, [Some(0), Some(4), Some(4)]);
+    let mut replayed = MemKv::default();
+    for c in &w.log {
+        apply_to(&mut replayed, c).ok();
+    }
+    assert_eq!(
+        state::state_digest(&replayed).unwrap(),
+        state::state_digest(&w.kv).unwrap()
+    );
+}
+
 #[test]
 fn renew_refused_after_revoke_and_after_expiry() {
     let mut w = World::new();

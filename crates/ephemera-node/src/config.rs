@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// Connection limits and deadlines before authentication.
     #[serde(default)]
     pub listeners: crate::conn::ListenerLimits,
+    /// How long the state keeps dead leases, idempotency records, join tokens, consumed
+    /// assertion ids and policy proposals (the leader's values apply cluster-wide).
+    #[serde(default)]
+    pub retention: ephemera_core::command::Retention,
 }
 
 /// `cluster init` hands out the break-glass credential and sets the policy, so it needs proof
@@ -262,6 +266,12 @@ impl NodeConfig {
         }
         self.break_glass.networks()?;
         self.listeners.validate().map_err(ConfigError::Invalid)?;
+        if self.retention.request_s == 0 {
+            return Err(ConfigError::Invalid(
+                "retention.request_s must be positive: retries of a request are recognised for that long"
+                    .into(),
+            ));
+        }
         self.guard.validate().map_err(ConfigError::Invalid)?;
         match (&self.tls, self.insecure_plaintext) {
             (Some(_), true) => {

@@ -251,6 +251,7 @@ pub async fn run(
         oidc_verifier,
         cfg.guard.clone(),
         local,
+        cfg.retention,
     ));
     node.start_coalescing();
 

@@ -59,6 +59,12 @@ pub(super) fn propose_policy<R: KvRead + ?Sized>(
     if governance.approvals_required == 0 {
         activate_proposal(kv, &mut proposal, now, audit);
     }
+    keep_until(
+        kv,
+        Kept::Proposal,
+        proposal.expires_at_ms,
+        &proposal_key(proposal_id),
+    );
     kv.put(proposal_key(proposal_id), enc(&proposal));
     Ok(Ok(Outcome::Proposal(proposal)))
 }

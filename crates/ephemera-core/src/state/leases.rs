@@ -240,6 +240,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         SignerKind::ClusterCa => {}
     }
     if let Some(request_id) = &intent.request_id {
+        keep_until(kv, Kept::Request, now, &req_key(&actor.id, request_id));
         kv.put(
             req_key(&actor.id, request_id),
             enc(&RequestRecord {
@@ -542,6 +543,7 @@ pub(super) fn revoke_lease<R: KvRead + ?Sized>(
     kv.delete(deadline_key(lease.expires_at_ms, &lease.id));
     lease.state = state.clone();
     store_lease(kv, &lease);
+    keep_dead_lease(kv, &lease);
     count_live(kv, &lease, false)?;
     if let Some((valid_before_s, serial)) = lease.grant.krl_entry() {
         kv.put(ssh_revoked_key(valid_before_s, serial), enc(&lease.kid));

@@ -12,6 +12,7 @@ mod governance;
 mod identity;
 mod leases;
 mod queries;
+mod retention;
 
 use governance::*;
 use identity::*;
@@ -19,6 +20,8 @@ pub use identity::{quarantine, quarantines};
 use leases::*;
 pub use leases::{live_leases, renewable, renewal_refusal};
 pub use queries::*;
+pub use retention::compaction_due;
+use retention::{keep_dead_lease, keep_until, Kept};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -251,7 +254,10 @@ pub fn apply<R: KvRead + ?Sized>(
             if audit.outcome.is_empty() {
                 audit.outcome = "ok".into();
             }
-            if let Outcome::Revoked { count } | Outcome::Expired { count } = outcome {
+            if let Outcome::Revoked { count }
+            | Outcome::Expired { count }
+            | Outcome::Compacted { count } = outcome
+            {
                 audit.count = Some(*count);
             }
         }
@@ -291,6 +297,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::RecordRefusal(r) => r.action.audit_action(),
         Op::SetBreakGlass { credential_hash } if credential_hash.is_empty() => "breakglass.disable",
         Op::SetBreakGlass { .. } => "breakglass.rotate",
+        Op::Compact { .. } => "state.compact",
     }
 }
 
@@ -503,6 +510,7 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::PolicyDenied(denial) => policy_denied(kv, actor, now, denial, audit),
         Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
         Op::RecordRefusal(refusal) => record_refusal(kv, refusal, audit),
+        Op::Compact { retention, limit } => retention::compact(kv, now, retention, *limit, audit),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());
@@ -605,6 +613,7 @@ fn apply_op<R: KvRead + ?Sized>(
                             at_ms: lease.expires_at_ms,
                         };
                         store_lease(kv, &lease);
+                        keep_dead_lease(kv, &lease);
                         count_live(kv, &lease, false)?;
                         count += 1;
                     }
@@ -678,6 +687,7 @@ fn apply_op<R: KvRead + ?Sized>(
                 created_by: actor.id.clone(),
                 used_at_ms: None,
             };
+            keep_until(kv, Kept::JoinToken, token.expires_at_ms, &key);
             kv.put(key, enc(&token));
             Ok(Ok(Outcome::Done))
         }
@@ -699,6 +709,8 @@ fn apply_op<R: KvRead + ?Sized>(
                     )));
                 }
             }
+            // A replay within the lifetime enters a second index entry; both go, harmlessly.
+            keep_until(kv, Kept::Assertion, *expires_at_ms, &key);
             kv.put(key, enc(expires_at_ms));
             Ok(Ok(Outcome::Done))
         }

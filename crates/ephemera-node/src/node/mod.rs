@@ -177,6 +177,8 @@ pub struct Node {
     /// ms). Saves a chain verification per request; revocation is still checked every time.
     verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
     pub local: LocalAccess,
+    /// `[retention]`: what the leader's compaction forgets, and after how long.
+    retention: ephemera_core::command::Retention,
 }
 
 /// How long a verified client-certificate chain is trusted without verifying it again (never
@@ -214,6 +216,7 @@ impl Node {
         oidc: crate::oidc::Verifier,
         guard: crate::guard::GuardConfig,
         local: LocalAccess,
+        retention: ephemera_core::command::Retention,
     ) -> Self {
         let guard = crate::guard::Guard::new(guard, clock.now_ms());
         Node {
@@ -243,6 +246,7 @@ impl Node {
             read_indexes: std::sync::OnceLock::new(),
             verified_svids: Mutex::new(HashMap::new()),
             local,
+            retention,
         }
     }
 

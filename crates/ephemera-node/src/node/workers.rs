@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Entries one compaction command removes at most (one per leader tick).
+const COMPACTION_PAGE: u32 = 1000;
+
 impl Node {
     // ---- leader workers -------------------------------------------------------------------
 
@@ -49,6 +52,19 @@ impl Node {
                 if let LeaderAttempt::Done(Err(e)) = self.write_as_leader(cmd).await {
                     tracing::warn!(error = %e, "expiry round failed");
                 }
+            }
+        }
+        if let Ok(true) = state::compaction_due(&self.view, now, &self.retention) {
+            let cmd = Command {
+                now_ms: now,
+                actor: Principal::system(),
+                op: Op::Compact {
+                    retention: self.retention,
+                    limit: COMPACTION_PAGE,
+                },
+            };
+            if let LeaderAttempt::Done(Err(e)) = self.write_as_leader(cmd).await {
+                tracing::warn!(error = %e, "compaction round failed");
             }
         }
     }
