@@ -225,22 +225,28 @@ impl DevCluster {
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
-            // Until it is gone (or a zombie), it holds its storage lock.
+            // Until its last thread has exited it holds its storage lock. A zombie's leader
+            // thread can be dead while others still run with the files open, so wait for the
+            // process to be gone, or a zombie with no thread left but the leader.
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                    Ok(stat)
-                        if !stat
-                            .rsplit(')')
-                            .next()
-                            .unwrap_or("")
-                            .trim_start()
-                            .starts_with('Z') =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    _ => break,
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    break;
+                };
+                let field = |name: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(str::trim)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let zombie = field("State:").starts_with('Z');
+                let threads: u32 = field("Threads:").parse().unwrap_or(1);
+                if zombie && threads <= 1 {
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }

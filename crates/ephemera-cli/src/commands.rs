@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use ephemera_client::{pb, Client};
-use ephemera_core::audit::{AuditRecord, ChainVerifier};
+use ephemera_core::audit::AuditRecord;
 use serde_json::{json, Value};
 
 use crate::connect::{client, read_file, transport};
@@ -737,11 +737,6 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
     Ok(())
 }
 
-fn record_from_pb(r: pb::AuditRecord) -> Result<AuditRecord> {
-    serde_json::from_str(&r.canonical_json)
-        .with_context(|| format!("audit record {} is not valid JSON", r.seq))
-}
-
 async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
     let c = client(cli)?;
     match cmd {
@@ -758,7 +753,7 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
             let records: Vec<AuditRecord> = r
                 .records
                 .into_iter()
-                .map(record_from_pb)
+                .map(crate::audit::record_of)
                 .collect::<Result<_>>()?;
             match cli.output {
                 Output::Json => {
@@ -805,49 +800,8 @@ async fn audit(cli: &Cli, cmd: &AuditCmd) -> Result<()> {
                 }
             }
         }
-        AuditCmd::Verify => {
-            let mut verifier = ChainVerifier::default();
-            let mut next = 1u64;
-            let head_hash = loop {
-                let page = c
-                    .admin_call(
-                        pb::AuditTailRequest {
-                            from_seq: next,
-                            limit: 1000,
-                        },
-                        |mut a, r| async move { a.audit_tail(r).await },
-                    )
-                    .await?;
-                let n = page.records.len();
-                for r in page.records {
-                    verifier
-                        .push(&record_from_pb(r)?)
-                        .context("audit chain verification FAILED")?;
-                }
-                next = verifier.count() + 1;
-                if n == 0 || verifier.count() >= page.head_seq {
-                    break page.head_hash;
-                }
-            };
-            if verifier.head() != head_hash {
-                bail!(
-                    "audit chain verification FAILED: recomputed head {} differs from the cluster's head {}",
-                    verifier.head(),
-                    head_hash
-                );
-            }
-            print(
-                cli.output,
-                json!({"verified": true, "records": verifier.count(), "head": verifier.head()}),
-                || {
-                    format!(
-                        "audit chain verified: {} records, head {}",
-                        verifier.count(),
-                        verifier.head()
-                    )
-                },
-            );
-        }
+        AuditCmd::Verify => crate::audit::verify(cli).await?,
+        AuditCmd::Export { since } => crate::audit::export(cli, *since).await?,
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `ephemera`: the server, a local development cluster, and the operator CLI.
 
+mod audit;
 mod bench;
 mod commands;
 mod connect;
@@ -562,8 +563,14 @@ pub enum AuditCmd {
         #[arg(long)]
         from: Option<u64>,
     },
-    /// Recompute the whole hash chain and print its head.
+    /// Recompute every node's hash chain, check it against the signed checkpoints and the
+    /// other nodes, and print the heads.
     Verify,
+    /// Print records from `--since` to the head as JSON lines (for a SIEM or an archive).
+    Export {
+        #[arg(long, default_value_t = 1)]
+        since: u64,
+    },
 }
 
 fn main() {

@@ -167,6 +167,8 @@ pub enum Intent {
     },
     /// Audit a refusal decided before proposing (see [`Refusal`]).
     RecordRefusal(Refusal),
+    /// Make a fresh audit key active (it signs audit checkpoints); the leader generates it.
+    RotateAuditKey,
     /// Replace the break-glass credential's hash; an empty hash disables break-glass.
     SetBreakGlass {
         credential_hash: Vec<u8>,
@@ -311,6 +313,18 @@ pub enum Op {
         retention: Retention,
         limit: u32,
     },
+    AddAuditKey {
+        kid: String,
+        public_key: [u8; 32],
+        sealed_private_key: Vec<u8>,
+    },
+    /// The leader's signature of an applied audit head (see [`crate::audit::AuditCheckpoint`]).
+    AuditCheckpoint {
+        seq: u64,
+        hash: String,
+        kid: String,
+        signature: Vec<u8>,
+    },
 }
 
 /// How long the state keeps what is of no further use, in seconds after the time it stopped
@@ -428,6 +442,41 @@ pub fn new_signing_key_op(kek: &Kek, entropy: &mut dyn Entropy) -> Op {
 }
 
 /// Stamps a proposal on the leader: time, ids, jitter and key material are chosen here.
+/// Cuts `text` to at most `max` bytes at a character boundary, marking the cut.
+pub fn truncate_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut cut = max.saturating_sub(3);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str("...");
+}
+
+/// Fits the free text of a record-only intent (a refusal's reason, what was presented, a
+/// detector's detail) within the log's limits: an audit record is truncated, never dropped.
+pub fn fit_audit_text(intent: &mut Intent) {
+    match intent {
+        Intent::RecordDenial { presented, reason } => {
+            truncate_text(presented, MAX_SUBJECT_LEN);
+            truncate_text(reason, MAX_PURPOSE_LEN);
+        }
+        Intent::GuardEvent(e) => {
+            truncate_text(&mut e.detail, MAX_PURPOSE_LEN);
+            if let Some(id) = &mut e.identity {
+                truncate_text(id, MAX_SUBJECT_LEN);
+            }
+        }
+        Intent::PolicyDenied(d) => {
+            truncate_text(&mut d.reason, MAX_PURPOSE_LEN);
+            d.determining.truncate(MAX_SCOPES);
+        }
+        _ => {}
+    }
+}
+
 pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &Kek) -> Command {
     let op = match proposal.intent {
         Intent::Bootstrap {
@@ -472,6 +521,14 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
         Intent::SetBreakGlass { credential_hash } => Op::SetBreakGlass { credential_hash },
         Intent::RecordRefusal(r) => Op::RecordRefusal(r),
+        Intent::RotateAuditKey => {
+            let (kid, public_key, sealed_private_key) = new_sealed_key(kek, entropy);
+            Op::AddAuditKey {
+                kid,
+                public_key,
+                sealed_private_key,
+            }
+        }
         Intent::RotateKey => new_signing_key_op(kek, entropy),
         Intent::ImportSshCa {
             kid,
@@ -744,7 +801,7 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             RevokeTarget::Role(r) => validate_name("role name", r),
             RevokeTarget::Key(k) => validate_name("key id", k),
         },
-        Intent::RotateKey | Intent::RotateSshCa => Ok(()),
+        Intent::RotateKey | Intent::RotateSshCa | Intent::RotateAuditKey => Ok(()),
         Intent::RecordRefusal(r) => {
             if let Some(id) = &r.lease_id {
                 validate_text("lease id", id, MAX_NAME_LEN, false)?;
@@ -957,6 +1014,8 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         Op::AddSigningKey { .. }
         | Op::AddSshCaKey { .. }
         | Op::Expire { .. }
-        | Op::Compact { .. } => return None,
+        | Op::Compact { .. }
+        | Op::AddAuditKey { .. }
+        | Op::AuditCheckpoint { .. } => return None,
     })
 }

@@ -1938,3 +1938,27 @@ fn a_renewal_refused_by_policy_revokes_the_lease_only_if_its_role_says_so() {
         ("policy.denied", "denied", Some(1))
     );
 }
+
+/// An audit record whose text is too long is truncated at a character boundary, never dropped.
+#[test]
+fn over_long_audit_text_is_truncated_not_dropped() {
+    let mut intent = Intent::RecordDenial {
+        presented: "é".repeat(2000),
+        reason: "certificate refused: ".to_string() + &"ü".repeat(3000),
+    };
+    assert!(validate_intent(&intent).is_err());
+    crate::command::fit_audit_text(&mut intent);
+    validate_intent(&intent).unwrap();
+    let Intent::RecordDenial { presented, reason } = &intent else {
+        unreachable!()
+    };
+    assert!(presented.len() <= crate::command::MAX_SUBJECT_LEN && presented.ends_with("..."));
+    assert!(reason.starts_with("certificate refused: ") && reason.ends_with("..."));
+    let mut w = World::new();
+    assert!(matches!(
+        w.propose_raw(Principal::system(), intent),
+        Err(Error::Unauthenticated(_))
+    ));
+    let last = state::audit_records(&w.kv, 1, 1000).unwrap().pop().unwrap();
+    assert_eq!(last.action, "auth.denied");
+}

@@ -61,6 +61,24 @@ pub struct NodeConfig {
     /// assertion ids and policy proposals (the leader's values apply cluster-wide).
     #[serde(default)]
     pub retention: ephemera_core::command::Retention,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often the leader signs the audit head (when records were added since the last
+    /// checkpoint).
+    pub checkpoint_interval_s: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_interval_s: 60,
+        }
+    }
 }
 
 /// `cluster init` hands out the break-glass credential and sets the policy, so it needs proof
@@ -266,6 +284,11 @@ impl NodeConfig {
         }
         self.break_glass.networks()?;
         self.listeners.validate().map_err(ConfigError::Invalid)?;
+        if self.audit.checkpoint_interval_s == 0 {
+            return Err(ConfigError::Invalid(
+                "audit.checkpoint_interval_s must be positive".into(),
+            ));
+        }
         if self.retention.request_s == 0 {
             return Err(ConfigError::Invalid(
                 "retention.request_s must be positive: retries of a request are recognised for that long"

@@ -251,7 +251,10 @@ pub async fn run(
         oidc_verifier,
         cfg.guard.clone(),
         local,
-        cfg.retention,
+        node::Housekeeping {
+            retention: cfg.retention,
+            checkpoint_interval_ms: cfg.audit.checkpoint_interval_s.saturating_mul(1000),
+        },
     ));
     node.start_coalescing();
 

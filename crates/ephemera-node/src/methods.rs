@@ -242,6 +242,13 @@ pub const METHODS: &[Method] = &[
         false,
     ),
     row(
+        "/ephemera.v1.Admin/ListAuditCheckpoints",
+        Admin(A::AuditRead),
+        Read,
+        Limited,
+        false,
+    ),
+    row(
         "/ephemera.v1.Admin/ProposePolicy",
         Admin(A::PolicyPropose),
         Write,

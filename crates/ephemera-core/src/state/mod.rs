@@ -52,6 +52,7 @@ const META_ACTIVE_SSH_CA: &[u8] = b"meta/active_ssh_ca";
 const META_SSH_SERIAL: &[u8] = b"meta/ssh_serial";
 /// Bumped by every change of what the KRL says (`krl_version`).
 const META_KRL_VERSION: &[u8] = b"meta/krl_version";
+const META_ACTIVE_AUDIT_KEY: &[u8] = b"meta/active_audit_key";
 const META_POLICY_VERSION: &[u8] = b"meta/policy_version";
 const META_POLICY_GOVERNANCE: &[u8] = b"meta/policy_governance";
 const PFX_POLICY_VERSION: &str = "pol/v/";
@@ -64,6 +65,9 @@ const PFX_ROLE: &str = "role/";
 const PFX_LEASE: &str = "lease/";
 const PFX_KEY: &str = "key/";
 const PFX_SSH_CA: &str = "sshca/";
+const PFX_AUDIT_KEY: &str = "akey/";
+/// Signed audit checkpoints: `audit/cp/{seq:016x}`.
+const PFX_AUDIT_CHECKPOINT: &str = "audit/cp/";
 /// Revoked SSH certificates not yet past `valid_before`: `ix/sshrev/{valid_before_s:016x}/
 /// {serial:016x}` → the CA key id. The KRL is built from it.
 const PFX_SSH_REVOKED: &str = "ix/sshrev/";
@@ -77,8 +81,8 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/", "req/",
-    "role/", "sshca/",
+    "aj/", "akey/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/",
+    "req/", "role/", "sshca/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -185,6 +189,12 @@ fn quarantine_key(identity: &str) -> Vec<u8> {
 }
 fn audit_key(seq: u64) -> Vec<u8> {
     format!("{PFX_AUDIT}{seq:016x}").into_bytes()
+}
+fn audit_key_record(kid: &str) -> Vec<u8> {
+    format!("{PFX_AUDIT_KEY}{kid}").into_bytes()
+}
+fn audit_checkpoint_key(seq: u64) -> Vec<u8> {
+    format!("{PFX_AUDIT_CHECKPOINT}{seq:016x}").into_bytes()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -298,6 +308,8 @@ fn action_name(op: &Op) -> &'static str {
         Op::SetBreakGlass { credential_hash } if credential_hash.is_empty() => "breakglass.disable",
         Op::SetBreakGlass { .. } => "breakglass.rotate",
         Op::Compact { .. } => "state.compact",
+        Op::AddAuditKey { .. } => "auditkey.add",
+        Op::AuditCheckpoint { .. } => "audit.checkpoint",
     }
 }
 
@@ -337,6 +349,11 @@ pub(super) const JWT_KEYS: KeyStore = KeyStore {
     record: key_key,
     active: META_ACTIVE_KID,
     what: "signing key",
+};
+pub(super) const AUDIT_KEYS: KeyStore = KeyStore {
+    record: audit_key_record,
+    active: META_ACTIVE_AUDIT_KEY,
+    what: "audit key",
 };
 pub(super) const SSH_CA_KEYS: KeyStore = KeyStore {
     record: ssh_ca_key,
@@ -511,6 +528,26 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::GuardEvent(event) => guard_event(kv, actor, now, event, audit),
         Op::RecordRefusal(refusal) => record_refusal(kv, refusal, audit),
         Op::Compact { retention, limit } => retention::compact(kv, now, retention, *limit, audit),
+        Op::AddAuditKey {
+            kid,
+            public_key,
+            sealed_private_key,
+        } => {
+            audit.target = Some(format!("audit-key:{kid}"));
+            add_key(
+                kv,
+                actor,
+                now,
+                AUDIT_KEYS,
+                (kid, public_key, sealed_private_key),
+            )
+        }
+        Op::AuditCheckpoint {
+            seq,
+            hash,
+            kid,
+            signature,
+        } => audit_checkpoint(kv, actor, now, (*seq, hash, kid, signature), audit),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());
@@ -715,6 +752,50 @@ fn apply_op<R: KvRead + ?Sized>(
             Ok(Ok(Outcome::Done))
         }
     }
+}
+
+/// Stores a checkpoint once `apply` has checked it: the leader's own, signed by an audit key of
+/// this cluster, of a record this chain holds with that hash.
+fn audit_checkpoint<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    (seq, hash, kid, signature): (u64, &String, &String, &Vec<u8>),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(format!("audit:{seq} key:{kid}"));
+    if actor.auth_method != AuthMethod::System {
+        return Ok(Err(Error::PermissionDenied(
+            "only the leader signs audit checkpoints".into(),
+        )));
+    }
+    let Some(key) = get::<SigningKeyRecord>(kv, &audit_key_record(kid))? else {
+        return Ok(Err(Error::KeyNotFound(kid.clone())));
+    };
+    let held = kv
+        .get(&audit_key(seq))?
+        .map(|v| serde_json::from_slice::<AuditRecord>(&v))
+        .transpose()
+        .map_err(|e| StorageError(format!("corrupt audit record {seq}: {e}")))?;
+    if held.map(|r| r.hash) != Some(hash.clone()) {
+        return Ok(Err(Error::InvalidArgument(format!(
+            "audit checkpoint {seq} does not match this chain"
+        ))));
+    }
+    if !crate::audit::verify_checkpoint(&key.public_key, seq, hash, signature) {
+        return Ok(Err(Error::InvalidArgument(format!(
+            "audit checkpoint {seq}: the signature does not verify"
+        ))));
+    }
+    let cp = crate::audit::AuditCheckpoint {
+        seq,
+        hash: hash.clone(),
+        kid: kid.clone(),
+        signature: signature.clone(),
+        signed_at_ms: now,
+    };
+    kv.put(audit_checkpoint_key(seq), enc(&cp));
+    Ok(Ok(Outcome::Done))
 }
 
 fn audit_context(audit: &mut AuditRecord, c: &RequestContext) {

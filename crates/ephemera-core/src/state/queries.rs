@@ -331,3 +331,31 @@ pub fn state_digest(kv: &(impl KvRead + ?Sized)) -> Result<String, StorageError>
     }
     Ok(hex::encode(h.finalize()))
 }
+
+pub fn active_audit_key(kv: &(impl KvRead + ?Sized)) -> Result<Option<String>, StorageError> {
+    get(kv, META_ACTIVE_AUDIT_KEY)
+}
+
+pub fn get_audit_key(
+    kv: &(impl KvRead + ?Sized),
+    kid: &str,
+) -> Result<Option<SigningKeyRecord>, StorageError> {
+    get(kv, &audit_key_record(kid))
+}
+
+/// Every audit key (their public halves verify checkpoints), in key id order.
+pub fn list_audit_keys(kv: &(impl KvRead + ?Sized)) -> Result<Vec<SigningKeyRecord>, StorageError> {
+    scan_values(kv, PFX_AUDIT_KEY.as_bytes(), usize::MAX)
+}
+
+/// The newest `limit` audit checkpoints, newest first.
+pub fn audit_checkpoints(
+    kv: &(impl KvRead + ?Sized),
+    limit: usize,
+) -> Result<Vec<crate::audit::AuditCheckpoint>, StorageError> {
+    let mut all: Vec<crate::audit::AuditCheckpoint> =
+        scan_values(kv, PFX_AUDIT_CHECKPOINT.as_bytes(), usize::MAX)?;
+    all.reverse();
+    all.truncate(limit);
+    Ok(all)
+}

@@ -134,6 +134,12 @@ impl Api {
             node.route_system(import_ssh_ca.unwrap_or(Intent::RotateSshCa))
                 .await?;
         }
+        if state::active_audit_key(&node.view)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .is_none()
+        {
+            node.route_system(Intent::RotateAuditKey).await?;
+        }
         node.spend_init_secret();
         tracing::info!(
             node_id = node.id,
@@ -420,6 +426,41 @@ impl pb::admin_server::Admin for Api {
             }
             _ => Err(to_status(Error::Internal("rotate returned no key".into()))),
         }
+    }
+
+    async fn list_audit_checkpoints(
+        &self,
+        req: Request<pb::ListAuditCheckpointsRequest>,
+    ) -> Result<Response<pb::ListAuditCheckpointsResponse>, Status> {
+        let actor = self.caller_of(&req)?;
+        self.read_audit(&req, &actor, "checkpoints").await?;
+        let limit = match req.get_ref().limit {
+            0 => 20,
+            n => n.min(1000),
+        } as usize;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let view = &self.node.view;
+        let checkpoints = state::audit_checkpoints(view, limit).map_err(internal)?;
+        let keys = state::list_audit_keys(view).map_err(internal)?;
+        Ok(Response::new(pb::ListAuditCheckpointsResponse {
+            checkpoints: checkpoints
+                .into_iter()
+                .map(|c| pb::AuditCheckpoint {
+                    seq: c.seq,
+                    hash: c.hash,
+                    kid: c.kid,
+                    signature: c.signature,
+                    signed_at_ms: c.signed_at_ms,
+                })
+                .collect(),
+            keys: keys
+                .into_iter()
+                .map(|k| pb::AuditKey {
+                    kid: k.kid,
+                    public_key: k.public_key.to_vec(),
+                })
+                .collect(),
+        }))
     }
 
     async fn audit_tail(

@@ -37,6 +37,7 @@ pub enum Minted {
 pub(crate) enum KeyStore {
     Jwt,
     SshCa,
+    Audit,
 }
 
 impl Node {
@@ -61,6 +62,7 @@ impl Node {
         let rec = match store {
             KeyStore::Jwt => state::get_key(&self.view, kid),
             KeyStore::SshCa => state::get_ssh_ca(&self.view, kid),
+            KeyStore::Audit => state::get_audit_key(&self.view, kid),
         }
         .map_err(|e| Error::Internal(e.to_string()))?
         .ok_or_else(|| Error::KeyNotFound(kid.to_string()))?;

@@ -435,19 +435,7 @@ impl Node {
         if !always {
             denial.reason.push_str(&self.refusal_audit_slot()?);
         }
-        // Keep the record within the log's limits rather than lose it.
-        let max = ephemera_core::command::MAX_PURPOSE_LEN;
-        if denial.reason.len() > max {
-            let mut cut = max - 3;
-            while !denial.reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            denial.reason.truncate(cut);
-            denial.reason.push_str("...");
-        }
-        denial
-            .determining
-            .truncate(ephemera_core::command::MAX_SCOPES);
+        // `propose` fits the reason within the log's limits rather than lose the record.
         match self
             .propose(Proposal {
                 actor,

@@ -177,8 +177,17 @@ pub struct Node {
     /// ms). Saves a chain verification per request; revocation is still checked every time.
     verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
     pub local: LocalAccess,
-    /// `[retention]`: what the leader's compaction forgets, and after how long.
-    retention: ephemera_core::command::Retention,
+    /// The leader's housekeeping settings.
+    housekeeping: Housekeeping,
+}
+
+/// What the leader's housekeeping does besides expiry: compaction and audit checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Housekeeping {
+    /// `[retention]`: what compaction forgets, and after how long.
+    pub retention: ephemera_core::command::Retention,
+    /// `audit.checkpoint_interval_s`, in ms.
+    pub checkpoint_interval_ms: u64,
 }
 
 /// How long a verified client-certificate chain is trusted without verifying it again (never
@@ -216,7 +225,7 @@ impl Node {
         oidc: crate::oidc::Verifier,
         guard: crate::guard::GuardConfig,
         local: LocalAccess,
-        retention: ephemera_core::command::Retention,
+        housekeeping: Housekeeping,
     ) -> Self {
         let guard = crate::guard::Guard::new(guard, clock.now_ms());
         Node {
@@ -246,7 +255,7 @@ impl Node {
             read_indexes: std::sync::OnceLock::new(),
             verified_svids: Mutex::new(HashMap::new()),
             local,
-            retention,
+            housekeeping,
         }
     }
 

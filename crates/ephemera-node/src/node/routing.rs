@@ -55,7 +55,8 @@ impl Node {
     }
 
     /// Proposes on behalf of a caller from any node and waits until this node has applied it.
-    pub async fn propose(&self, proposal: Proposal) -> Result<(Outcome, u64), Error> {
+    pub async fn propose(&self, mut proposal: Proposal) -> Result<(Outcome, u64), Error> {
+        ephemera_core::command::fit_audit_text(&mut proposal.intent);
         validate_intent(&proposal.intent)?;
         let credential = proposal.actor.presented.clone();
         match self
@@ -427,6 +428,10 @@ impl Node {
                     match tokio::time::timeout(remaining, self.raft.ensure_linearizable()).await {
                         Ok(Ok(_)) => return Ok(()),
                         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {}
+                        // The followers' acknowledgements did not all arrive within a heartbeat
+                        // (an overloaded machine): confirm leadership again, within the
+                        // deadline, as a follower's barrier does when the leader says so.
+                        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {}
                         Ok(Err(e)) => return Err(Error::Unavailable(format!("read barrier: {e}"))),
                         Err(_) => return Err(Error::Unavailable("read barrier timed out".into())),
                     }

@@ -28,6 +28,16 @@ impl Node {
                 tracing::warn!(error = %e, "creating the SSH CA key failed");
             }
         }
+        if bootstrapped && matches!(state::active_audit_key(&self.view), Ok(None)) {
+            if let Err(e) = self.route_system(Intent::RotateAuditKey).await {
+                tracing::warn!(error = %e, "creating the audit key failed");
+            }
+        }
+        if bootstrapped {
+            if let Err(e) = self.audit_checkpoint().await {
+                tracing::warn!(error = %e, "signing an audit checkpoint failed");
+            }
+        }
         let mut settled = Vec::new();
         for intent in self.guard.tick(self.clock.now_ms()) {
             if let Intent::GuardEvent(e) = &intent {
@@ -54,18 +64,63 @@ impl Node {
                 }
             }
         }
-        if let Ok(true) = state::compaction_due(&self.view, now, &self.retention) {
+        if let Ok(true) = state::compaction_due(&self.view, now, &self.housekeeping.retention) {
             let cmd = Command {
                 now_ms: now,
                 actor: Principal::system(),
                 op: Op::Compact {
-                    retention: self.retention,
+                    retention: self.housekeeping.retention,
                     limit: COMPACTION_PAGE,
                 },
             };
             if let LeaderAttempt::Done(Err(e)) = self.write_as_leader(cmd).await {
                 tracing::warn!(error = %e, "compaction round failed");
             }
+        }
+    }
+
+    /// Signs this node's applied audit head with the active audit key and commits the
+    /// checkpoint, once per interval, when records other than the last checkpoint's own were
+    /// added since.
+    async fn audit_checkpoint(&self) -> Result<(), Error> {
+        let Some(kid) = state::active_audit_key(&self.view).map_err(internal)? else {
+            return Ok(());
+        };
+        let (seq, hash) = state::audit_head(&self.view).map_err(internal)?;
+        let last = state::audit_checkpoints(&self.view, 1)
+            .map_err(internal)?
+            .pop();
+        let now = self.stamp_time();
+        if let Some(last) = &last {
+            let recent = now < last.signed_at_ms + self.housekeeping.checkpoint_interval_ms;
+            if recent || seq <= last.seq + 1 {
+                return Ok(());
+            }
+        }
+        if seq == 0 {
+            return Ok(());
+        }
+        let key = self.unsealed_key(crate::mint::KeyStore::Audit, &kid)?;
+        let signature = {
+            use ed25519_dalek::Signer;
+            key.sign(&ephemera_core::audit::checkpoint_message(seq, &hash))
+                .to_bytes()
+                .to_vec()
+        };
+        let cmd = Command {
+            now_ms: now,
+            actor: Principal::system(),
+            op: Op::AuditCheckpoint {
+                seq,
+                hash,
+                kid,
+                signature,
+            },
+        };
+        match self.write_as_leader(cmd).await {
+            LeaderAttempt::Done(Err(e)) => Err(e),
+            LeaderAttempt::Done(Ok(ForwardReply::Applied { result: Err(e), .. })) => Err(e),
+            _ => Ok(()),
         }
     }
 
