@@ -963,3 +963,35 @@ async fn digest_of(c: &Client) -> Option<pb::StateDigest> {
     .await
     .ok()
 }
+
+/// A client built on gRPC core (Python grpcio, stubs generated from `proto/`) connects over
+/// mutual TLS to `ephemera dev`, issues and introspects: the cluster's certificates are ones
+/// gRPC core negotiates (ECDSA P-256).
+#[test]
+fn a_grpc_core_client_issues_and_introspects_over_mtls() {
+    let cluster = DevCluster::start(1, &[]);
+    rt().block_on(async { put_role(&cluster.client(), "web", 300, 3600).await });
+    let out_dir = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let pki = cluster.dir.path().join("pki");
+    let out = std::process::Command::new("python3")
+        .arg(repo.join("tests/interop/grpc_core_client.py"))
+        .env("EPHEMERA_ADDR", &cluster.apis()[0])
+        .env("EPHEMERA_CA", pki.join("ca.crt"))
+        .env("EPHEMERA_CERT", pki.join("workload.crt"))
+        .env("EPHEMERA_KEY", pki.join("workload.key"))
+        .env("PROTO_DIR", repo.join("proto"))
+        .env("OUT_DIR", out_dir.path())
+        .env("ROLE", "web")
+        .output()
+        .expect("python3 (tests/run.sh installs grpcio)");
+    assert!(
+        out.status.success(),
+        "the gRPC core client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["active"], true, "{seen}");
+    assert_eq!(seen["sub"], "spiffe://ephemera.dev/workload/demo", "{seen}");
+    assert!(seen["lease_id"].as_str().unwrap().starts_with("l_"));
+}

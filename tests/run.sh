@@ -23,4 +23,18 @@ if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null 2>&1; then
     { apt-get update >/dev/null && apt-get install -y --no-install-recommends openssh-server openssh-client >/dev/null; }
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+# The interoperability test drives a gRPC client on gRPC core (Python grpcio).
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+    python3 -m pip install --quiet grpcio grpcio-tools ||
+      python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
+  elif [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends python3-grpcio python3-grpc-tools >/dev/null ||
+      { apt-get update >/dev/null && apt-get install -y --no-install-recommends python3-grpcio python3-grpc-tools >/dev/null; }
+  else
+    echo "tests/run.sh: Python grpcio and grpcio-tools are missing; install them" >&2
+    exit 1
+  fi
+fi
 exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -476,7 +476,9 @@ impl TestIssuer {
 
     pub fn configure(dir: &Path, attributes: &[&str]) -> Self {
         use base64::Engine;
-        let key_pem = ephemera_pki::new_csr(None).unwrap().key_pem;
+        let key_pem = ephemera_pki::new_csr_with(ephemera_pki::KeyAlgorithm::Ed25519, None)
+            .unwrap()
+            .key_pem;
         let seed = ephemera_pki::ed25519_seed(&key_pem).unwrap();
         let public_key = ed25519_dalek::SigningKey::from_bytes(&seed)
             .verifying_key()

@@ -60,12 +60,12 @@ const DEMO_WORKLOAD_ID: &str = "spiffe://ephemera.dev/workload/demo";
 const DEV_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Creates the cluster CA, an admin identity and a demo workload identity under `dir/pki`.
-fn create_pki(dir: &Path) -> Result<ephemera_pki::Ca> {
+fn create_pki(dir: &Path, alg: ephemera_pki::KeyAlgorithm) -> Result<ephemera_pki::Ca> {
     use ephemera_pki::{Ca, LeafUse, SpiffeId};
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki)?;
     let now = std::time::SystemTime::now();
-    let ca = Ca::generate(TRUST_DOMAIN, now, DEV_CERT_TTL)?;
+    let ca = Ca::generate_with(alg, TRUST_DOMAIN, now, DEV_CERT_TTL)?;
     std::fs::write(pki.join("ca.crt"), ca.cert_pem())?;
     write_private(&pki.join("ca.key"), &ca.key_pem()?)?;
     for (name, id) in [
@@ -241,7 +241,10 @@ pub async fn run(args: &DevArgs) -> Result<()> {
     let fresh = !dir.join("node-1").join("config.toml").exists();
     let ca = if fresh {
         write_private(&dir.join("kek"), &format!("{}\n", random_hex(32)?))?;
-        Some(create_pki(&dir)?)
+        Some(create_pki(
+            &dir,
+            ephemera_pki::KeyAlgorithm::parse(&args.key_algorithm)?,
+        )?)
     } else {
         None
     };

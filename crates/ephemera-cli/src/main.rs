@@ -306,6 +306,10 @@ pub struct DevArgs {
     /// Directory for node data, configs, logs and dev.env.
     #[arg(long, default_value = ".ephemera-dev")]
     pub dir: PathBuf,
+    /// Key algorithm of the cluster CA and the certificates it issues: ecdsa-p256 (what every
+    /// TLS stack, gRPC core's included, negotiates) or ed25519.
+    #[arg(long, default_value = "ecdsa-p256")]
+    pub key_algorithm: String,
     /// Raft snapshot threshold (entries since the last snapshot); small values exercise snapshots.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,

@@ -864,7 +864,8 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             sealed_seed,
         } => {
             validate_text("trust domain", trust_domain, MAX_NAME_LEN, false)?;
-            if cert_pem.is_empty() || cert_pem.len() > 16 * 1024 || sealed_seed.len() > 128 {
+            // A sealed Ed25519 seed or ECDSA P-256 PKCS#8 document (about 200 bytes sealed).
+            if cert_pem.is_empty() || cert_pem.len() > 16 * 1024 || sealed_seed.len() > 512 {
                 return Err(invalid(
                     "CA certificate or sealed key has an invalid size".into(),
                 ));

@@ -70,6 +70,11 @@ pub fn seal_private_key(
     secret: &[u8; 32],
     nonce: [u8; NONCE_LEN],
 ) -> Vec<u8> {
+    seal_secret(kek, kid, secret, nonce)
+}
+
+/// Seals a secret of any length (a PKCS#8 key document) under the KEK, bound to `kid`.
+pub fn seal_secret(kek: &Kek, kid: &str, secret: &[u8], nonce: [u8; NONCE_LEN]) -> Vec<u8> {
     let cipher = ChaCha20Poly1305::new(Key::from_slice(&kek.0));
     let ct = cipher
         .encrypt(
@@ -79,7 +84,7 @@ pub fn seal_private_key(
                 aad: kid.as_bytes(),
             },
         )
-        .expect("ChaCha20-Poly1305 encryption of 32 bytes cannot fail");
+        .expect("ChaCha20-Poly1305 encryption of a short secret cannot fail");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&ct);
@@ -91,6 +96,19 @@ pub fn unseal_private_key(
     kid: &str,
     sealed: &[u8],
 ) -> Result<Zeroizing<[u8; 32]>, Error> {
+    let plain = unseal_secret(kek, kid, sealed)?;
+    if plain.len() != 32 {
+        return Err(Error::Internal(format!(
+            "sealed key {kid} has the wrong length"
+        )));
+    }
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(&plain);
+    Ok(out)
+}
+
+/// Opens what [`seal_secret`] sealed.
+pub fn unseal_secret(kek: &Kek, kid: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
     if sealed.len() < NONCE_LEN {
         return Err(Error::Internal(format!("sealed key {kid} is truncated")));
     }
@@ -105,14 +123,7 @@ pub fn unseal_private_key(
                 ))
             })?,
     );
-    if plain.len() != 32 {
-        return Err(Error::Internal(format!(
-            "sealed key {kid} has the wrong length"
-        )));
-    }
-    let mut out = Zeroizing::new([0u8; 32]);
-    out.copy_from_slice(&plain);
-    Ok(out)
+    Ok(plain)
 }
 
 /// Key id derived from the public key, so it is stable and needs no extra randomness.

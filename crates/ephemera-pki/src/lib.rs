@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, PKCS_ED25519,
+    KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256, PKCS_ED25519,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -169,11 +169,118 @@ pub enum LeafUse {
     Client,
 }
 
+/// The key algorithm of the cluster CA and the certificates it issues. ECDSA P-256 by
+/// default: gRPC core's TLS stack (behind the Python, C++, Ruby and C# gRPC clients) and
+/// browsers do not negotiate Ed25519 certificates. Ed25519 stays available by configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyAlgorithm {
+    #[default]
+    EcdsaP256,
+    Ed25519,
+}
+
+impl KeyAlgorithm {
+    pub fn parse(name: &str) -> Result<Self, PkiError> {
+        match name {
+            "ecdsa-p256" => Ok(KeyAlgorithm::EcdsaP256),
+            "ed25519" => Ok(KeyAlgorithm::Ed25519),
+            other => Err(PkiError::Generate(format!(
+                "unknown key algorithm {other:?} (ecdsa-p256 or ed25519)"
+            ))),
+        }
+    }
+
+    fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyAlgorithm::EcdsaP256 => &PKCS_ECDSA_P256_SHA256,
+            KeyAlgorithm::Ed25519 => &PKCS_ED25519,
+        }
+    }
+
+    fn of(key: &KeyPair) -> Result<Self, PkiError> {
+        if key.algorithm() == &PKCS_ED25519 {
+            Ok(KeyAlgorithm::Ed25519)
+        } else if key.algorithm() == &PKCS_ECDSA_P256_SHA256 {
+            Ok(KeyAlgorithm::EcdsaP256)
+        } else {
+            Err(PkiError::Pem(
+                "unsupported key algorithm (use ECDSA P-256 or Ed25519)".into(),
+            ))
+        }
+    }
+
+    fn generate(self) -> Result<KeyPair, PkiError> {
+        KeyPair::generate_for(self.rcgen()).map_err(gen_err)
+    }
+}
+
+/// Signs for rcgen with RFC 6979 deterministic ECDSA (ring's is randomised), so that the CA's
+/// signature, like an Ed25519 one, is a function of what it signs: every node mints the same
+/// certificate for the same lease.
+struct DeterministicP256 {
+    key: p256::ecdsa::SigningKey,
+    public: Vec<u8>,
+}
+
+impl rcgen::RemoteKeyPair for DeterministicP256 {
+    fn public_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        use p256::ecdsa::signature::Signer;
+        let sig: p256::ecdsa::Signature = self.key.sign(msg);
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A private key's PKCS#8 document, wiped when dropped.
+type SecretDer = zeroize::Zeroizing<Vec<u8>>;
+
+/// The CA's signing key: Ed25519 as ring has it, ECDSA P-256 through [`DeterministicP256`].
+/// With the PKCS#8 document of a P-256 key (a remote key pair cannot serialise itself).
+fn signing_key(key: KeyPair) -> Result<(KeyPair, Option<SecretDer>), PkiError> {
+    if KeyAlgorithm::of(&key)? == KeyAlgorithm::Ed25519 {
+        return Ok((key, None));
+    }
+    use p256::pkcs8::DecodePrivateKey;
+    let der = zeroize::Zeroizing::new(key.serialize_der());
+    let secret = p256::SecretKey::from_pkcs8_der(&der)
+        .map_err(|e| PkiError::Pem(format!("ECDSA P-256 key: {e}")))?;
+    let signing = p256::ecdsa::SigningKey::from(secret);
+    let public = signing
+        .verifying_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    let remote = KeyPair::from_remote(Box::new(DeterministicP256 {
+        key: signing,
+        public,
+    }))
+    .map_err(gen_err)?;
+    Ok((remote, Some(der)))
+}
+
+/// A private key as PEM that every TLS stack reads.
+fn key_pem_of(key: &KeyPair) -> Result<String, PkiError> {
+    match KeyAlgorithm::of(key)? {
+        KeyAlgorithm::Ed25519 => ed25519_pkcs8_v1_pem(key),
+        KeyAlgorithm::EcdsaP256 => Ok(key.serialize_pem()),
+    }
+}
+
 pub struct Ca {
     trust_domain: String,
     cert: rcgen::Certificate,
     key: KeyPair,
+    /// The PKCS#8 document of a P-256 key (its signer cannot serialise itself).
+    key_der: Option<SecretDer>,
     cert_pem: String,
+    alg: KeyAlgorithm,
 }
 
 fn gen_err(e: rcgen::Error) -> PkiError {
@@ -228,14 +335,25 @@ fn pem_block(label: &str, der: &[u8]) -> String {
 }
 
 impl Ca {
-    /// A new Ed25519 root for `trust_domain`, valid from `now` for `validity`.
+    /// A new root for `trust_domain` with the default key algorithm (ECDSA P-256), valid from
+    /// `now` for `validity`.
     pub fn generate(
         trust_domain: &str,
         now: SystemTime,
         validity: Duration,
     ) -> Result<Ca, PkiError> {
+        Self::generate_with(KeyAlgorithm::default(), trust_domain, now, validity)
+    }
+
+    /// A new root whose key, and the keys of the leaves it issues, use `alg`.
+    pub fn generate_with(
+        alg: KeyAlgorithm,
+        trust_domain: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Ca, PkiError> {
         SpiffeId::parse(&format!("spiffe://{trust_domain}/ca"))?;
-        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let (key, key_der) = signing_key(alg.generate()?)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Ephemera");
@@ -256,13 +374,21 @@ impl Ca {
             trust_domain: trust_domain.to_string(),
             cert,
             key,
+            key_der,
             cert_pem,
+            alg,
         })
     }
 
     /// Loads a CA from its certificate and key.
     pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::from_pem(key_pem).map_err(gen_err)?;
+        Self::with_key(trust_domain, cert_pem, key)
+    }
+
+    fn with_key(trust_domain: &str, cert_pem: &str, key: KeyPair) -> Result<Ca, PkiError> {
+        let alg = KeyAlgorithm::of(&key)?;
+        let (key, key_der) = signing_key(key)?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(gen_err)?;
         // rcgen signs with a Certificate object; re-deriving it from the same parameters and
         // key gives the same subject and key identifier, which is what children reference.
@@ -271,21 +397,29 @@ impl Ca {
             trust_domain: trust_domain.to_string(),
             cert,
             key,
+            key_der,
             cert_pem: cert_pem.to_string(),
+            alg,
         })
     }
 
-    /// Rebuilds the CA from its certificate and the seed of its Ed25519 key.
-    pub fn from_seed(trust_domain: &str, cert_pem: &str, seed: &[u8; 32]) -> Result<Ca, PkiError> {
-        let key = key_from_seed(seed)?;
-        let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(gen_err)?;
-        let cert = params.self_signed(&key).map_err(gen_err)?;
-        Ok(Ca {
-            trust_domain: trust_domain.to_string(),
-            cert,
-            key,
-            cert_pem: cert_pem.to_string(),
-        })
+    /// Rebuilds the CA from its certificate and its key's secret as [`ca_key_secret`] gives
+    /// it (an Ed25519 seed, or a PKCS#8 document).
+    pub fn from_secret(trust_domain: &str, cert_pem: &str, secret: &[u8]) -> Result<Ca, PkiError> {
+        let key = match <&[u8; 32]>::try_from(secret) {
+            Ok(seed) => key_from_seed(seed)?,
+            Err(_) => {
+                let der = rustls::pki_types::PrivatePkcs8KeyDer::from(secret.to_vec());
+                KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ECDSA_P256_SHA256)
+                    .map_err(gen_err)?
+            }
+        };
+        Self::with_key(trust_domain, cert_pem, key)
+    }
+
+    /// The algorithm of the CA's key (and of the keys it gives its leaves).
+    pub fn key_algorithm(&self) -> KeyAlgorithm {
+        self.alg
     }
 
     /// Signs an X.509-SVID for the key in a (verified) CSR. Everything but the key comes from
@@ -332,9 +466,12 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// The CA's private key, PEM (PKCS#8 v1). Secret.
+    /// The CA's private key, PEM (PKCS#8). Secret.
     pub fn key_pem(&self) -> Result<String, PkiError> {
-        ed25519_pkcs8_v1_pem(&self.key)
+        match &self.key_der {
+            Some(der) => Ok(pem_block("PRIVATE KEY", der)),
+            None => key_pem_of(&self.key),
+        }
     }
 
     /// Issues a client certificate carrying exactly these URI SANs, valid in
@@ -346,7 +483,7 @@ impl Ca {
         not_before: SystemTime,
         ttl: Duration,
     ) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let key = self.alg.generate()?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = uris
             .iter()
@@ -362,11 +499,11 @@ impl Ca {
             .map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: ed25519_pkcs8_v1_pem(&key)?,
+            key_pem: key_pem_of(&key)?,
         })
     }
 
-    /// Issues a leaf certificate with a fresh Ed25519 key for `id`.
+    /// Issues a leaf certificate with a fresh key (of the CA's algorithm) for `id`.
     pub fn issue(
         &self,
         id: &SpiffeId,
@@ -376,7 +513,7 @@ impl Ca {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+        let key = self.alg.generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Ephemera");
@@ -404,7 +541,7 @@ impl Ca {
             .map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: ed25519_pkcs8_v1_pem(&key)?,
+            key_pem: key_pem_of(&key)?,
         })
     }
 }
@@ -474,9 +611,15 @@ pub fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<(), PkiError> 
     }
 }
 
-/// A fresh Ed25519 key and a CSR for it (with `id` as its URI SAN, if given). For workloads.
+/// A fresh key (ECDSA P-256) and a CSR for it (with `id` as its URI SAN, if given). For
+/// workloads.
 pub fn new_csr(id: Option<&SpiffeId>) -> Result<Issued, PkiError> {
-    let key = KeyPair::generate_for(&PKCS_ED25519).map_err(gen_err)?;
+    new_csr_with(KeyAlgorithm::default(), id)
+}
+
+/// As [`new_csr`], with a key of `alg`.
+pub fn new_csr_with(alg: KeyAlgorithm, id: Option<&SpiffeId>) -> Result<Issued, PkiError> {
+    let key = alg.generate()?;
     let mut params = CertificateParams::default();
     if let Some(id) = id {
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
@@ -484,8 +627,18 @@ pub fn new_csr(id: Option<&SpiffeId>) -> Result<Issued, PkiError> {
     let csr = params.serialize_request(&key).map_err(gen_err)?;
     Ok(Issued {
         cert_pem: csr.pem().map_err(gen_err)?,
-        key_pem: ed25519_pkcs8_v1_pem(&key)?,
+        key_pem: key_pem_of(&key)?,
     })
+}
+
+/// A CA key's secret, as it is sealed for replication: the 32-byte seed of an Ed25519 key,
+/// or the PKCS#8 document of an ECDSA P-256 key. [`Ca::from_secret`] reads either.
+pub fn ca_key_secret(key_pem: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(gen_err)?;
+    match KeyAlgorithm::of(&key)? {
+        KeyAlgorithm::Ed25519 => Ok(zeroize::Zeroizing::new(ed25519_seed(key_pem)?.to_vec())),
+        KeyAlgorithm::EcdsaP256 => Ok(zeroize::Zeroizing::new(key.serialize_der())),
+    }
 }
 
 /// The 32-byte seed of an Ed25519 private key in PEM (PKCS#8 v1 or v2).

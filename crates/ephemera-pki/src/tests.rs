@@ -153,14 +153,36 @@ fn svids_verify_against_their_own_trust_domain_only() {
 #[test]
 fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
     let t = now();
-    let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
-    let key_pem = ca.key_pem().unwrap();
-    // PKCS#8 v1 (version 0, 48 bytes), which OpenSSL 3.0 and curl read.
+    let ed = Ca::generate_with(
+        KeyAlgorithm::Ed25519,
+        "ours.test",
+        t,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    // An Ed25519 key as PKCS#8 v1 (version 0, 48 bytes), which OpenSSL 3.0 and curl read.
+    let ed_pem = ed.key_pem().unwrap();
     assert!(
-        key_pem.contains("MC4CAQAwBQYDK2VwBCIEI"),
+        ed_pem.contains("MC4CAQAwBQYDK2VwBCIEI"),
         "{}",
-        &key_pem[..60]
+        &ed_pem[..60]
     );
+    let ed_leaf = Ca::from_pem("ours.test", ed.cert_pem(), &ed_pem)
+        .unwrap()
+        .issue(
+            &SpiffeId::node("ours.test", 1),
+            LeafUse::Node,
+            &[],
+            &[],
+            t,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    Identity::from_pem(&ed_leaf.cert_pem, &ed_leaf.key_pem).unwrap();
+    // The default is ECDSA P-256, for gRPC core and browsers.
+    let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
+    assert_eq!(ca.key_algorithm(), KeyAlgorithm::EcdsaP256);
+    let key_pem = ca.key_pem().unwrap();
     let reloaded = Ca::from_pem("ours.test", ca.cert_pem(), &key_pem).unwrap();
     let id = SpiffeId::node("ours.test", 2);
     let node = reloaded
@@ -193,8 +215,8 @@ fn a_ca_reloaded_from_pem_issues_verifiable_certificates() {
 fn csr_signing_is_deterministic_and_yields_a_verifiable_svid() {
     let t = now();
     let ca = Ca::generate("ours.test", t, Duration::from_secs(3600)).unwrap();
-    let seed = ed25519_seed(&ca.key_pem().unwrap()).unwrap();
-    let rebuilt = Ca::from_seed("ours.test", ca.cert_pem(), &seed).unwrap();
+    let secret = ca_key_secret(&ca.key_pem().unwrap()).unwrap();
+    let rebuilt = Ca::from_secret("ours.test", ca.cert_pem(), &secret).unwrap();
     let id = SpiffeId::parse("spiffe://ours.test/ci/job").unwrap();
     let req = new_csr(Some(&id)).unwrap();
     let parsed = parse_csr(&req.cert_pem).unwrap();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ephemera_core::crypto::unseal_private_key;
+use ephemera_core::crypto::unseal_secret;
 use ephemera_core::kind::x509_svid::Grant;
 use ephemera_core::state;
 use ephemera_core::types::{Lease, CLUSTER_CA_KEY_ID};
@@ -26,10 +26,10 @@ pub(super) fn mint(node: &Node, lease: &Lease, grant: &Grant) -> Result<Minted, 
     let ca = state::cluster_ca(&node.view)
         .map_err(|e| Error::Internal(e.to_string()))?
         .ok_or_else(|| Error::Unavailable("the cluster has no CA".into()))?;
-    let seed = unseal_private_key(&node.kek, CLUSTER_CA_KEY_ID, &ca.sealed_seed)?;
+    let secret = unseal_secret(&node.kek, CLUSTER_CA_KEY_ID, &ca.sealed_seed)?;
     let pki_err = |e: ephemera_pki::PkiError| Error::Internal(format!("signing an SVID: {e}"));
     let signer =
-        ephemera_pki::Ca::from_seed(&ca.trust_domain, &ca.cert_pem, &seed).map_err(pki_err)?;
+        ephemera_pki::Ca::from_secret(&ca.trust_domain, &ca.cert_pem, &secret).map_err(pki_err)?;
     let id = ephemera_pki::SpiffeId::parse(&lease.subject).map_err(pki_err)?;
     if grant.public_key_der.is_empty() {
         return Err(Error::Internal(format!(

@@ -526,16 +526,14 @@ impl Node {
 
     /// Seals the cluster CA's key under the KEK for replication.
     pub fn seal_ca_key(&self, key_pem: &str) -> Result<Vec<u8>, Error> {
-        let seed = zeroize::Zeroizing::new(
-            ephemera_pki::ed25519_seed(key_pem)
-                .map_err(|e| Error::InvalidArgument(format!("CA key: {e}")))?,
-        );
+        let secret = ephemera_pki::ca_key_secret(key_pem)
+            .map_err(|e| Error::InvalidArgument(format!("CA key: {e}")))?;
         let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
         self.entropy.lock().expect("entropy lock").fill(&mut nonce);
-        Ok(ephemera_core::crypto::seal_private_key(
+        Ok(ephemera_core::crypto::seal_secret(
             &self.kek,
             ephemera_core::types::CLUSTER_CA_KEY_ID,
-            &seed,
+            &secret,
             nonce,
         ))
     }
