@@ -84,7 +84,13 @@ struct Cluster {
     links: HashMap<(u64, u64), Link>,
     proxy_addrs: HashMap<(u64, u64), SocketAddr>,
     token: String,
+    /// The cluster CA, for the clients (which authenticate with the break-glass credential).
+    tls: ephemera_client::TlsFiles,
 }
+
+/// The chaos cluster's trust domain. Node-to-node links are mutual TLS (the fault proxies
+/// forward the TLS bytes unchanged), so mTLS is exercised under every fault.
+const TRUST_DOMAIN: &str = "chaos.ephemera.test";
 
 impl Cluster {
     fn node(&mut self, id: u64) -> &mut NodeProc {
@@ -96,12 +102,16 @@ impl Cluster {
         let cfg = n.dir.join("config.toml");
         let mut text = format!(
             "node_id = {id}\ndata_dir = {:?}\napi_addr = \"{}\"\nhttp_addr = \"127.0.0.1:{}\"\ncluster_addr = \"{}\"\n\
-             kek_file = {:?}\ninsecure_plaintext = true\ntest_clock_offset_ms = {clock_offset_ms}\nexpiry_interval_ms = 500\nrequest_timeout_ms = 3000\n",
+             kek_file = {:?}\ntest_clock_offset_ms = {clock_offset_ms}\nexpiry_interval_ms = 500\nrequest_timeout_ms = 3000\n\
+             \n[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
             n.dir.join("data"),
             n.api,
             free_port()?,
             n.cluster,
             self.root.join("kek"),
+            self.root.join("ca.crt"),
+            n.dir.join("tls.crt"),
+            n.dir.join("tls.key"),
         );
         for other in self.nodes.iter().filter(|o| o.id != id) {
             text.push_str(&format!(
@@ -170,16 +180,19 @@ impl Cluster {
     }
 
     fn client(&self, id: u64, timeout: Duration) -> Result<Client, ChaosError> {
-        Ok(
-            Client::new(&self.nodes[id as usize - 1].api, Some(self.token.clone()))
-                .map_err(err)?
-                .with_timeout(timeout),
+        Ok(Client::with_tls(
+            &self.nodes[id as usize - 1].api,
+            Some(self.token.clone()),
+            Some(&self.tls),
         )
+        .map_err(err)?
+        .with_timeout(timeout))
     }
 
     async fn wait_answers(&self, id: u64, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        let Ok(c) = Client::new(&self.nodes[id as usize - 1].api, None) else {
+        let Ok(c) = Client::with_tls(&self.nodes[id as usize - 1].api, None, Some(&self.tls))
+        else {
             return false;
         };
         let c = c.with_timeout(Duration::from_millis(300));
@@ -528,10 +541,29 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
         kek.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     )
     .map_err(err)?;
+    let ca = ephemera_pki::Ca::generate(
+        TRUST_DOMAIN,
+        std::time::SystemTime::now(),
+        Duration::from_secs(24 * 3600),
+    )
+    .map_err(err)?;
+    std::fs::write(root.join("ca.crt"), ca.cert_pem()).map_err(err)?;
     let mut nodes = Vec::new();
     for id in 1..=opts.nodes {
         let dir = root.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir).map_err(err)?;
+        let issued = ca
+            .issue(
+                &ephemera_pki::SpiffeId::node(TRUST_DOMAIN, id),
+                ephemera_pki::LeafUse::Node,
+                &["localhost"],
+                &[std::net::IpAddr::from([127, 0, 0, 1])],
+                std::time::SystemTime::now(),
+                Duration::from_secs(24 * 3600),
+            )
+            .map_err(err)?;
+        std::fs::write(dir.join("tls.crt"), &issued.cert_pem).map_err(err)?;
+        crate::files::write_private(&dir.join("tls.key"), &issued.key_pem).map_err(err)?;
         nodes.push(NodeProc {
             id,
             api: format!("127.0.0.1:{}", free_port()?),
@@ -559,6 +591,10 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
         links,
         proxy_addrs,
         token: String::new(),
+        tls: ephemera_client::TlsFiles {
+            ca_pem: ca.cert_pem().to_string(),
+            identity: None,
+        },
     };
     for id in 1..=opts.nodes {
         c.start(id, 0)?;
@@ -574,7 +610,12 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
     // Init proves control of node 1 with the init secret it wrote in its data directory.
     let secret = std::fs::read_to_string(c.nodes[0].dir.join("data").join("init.secret"))
         .map_err(|e| ChaosError(format!("cannot read node 1's init secret: {e}")))?;
-    let first = Client::new(&c.nodes[0].api, Some(secret.trim().to_string())).map_err(err)?;
+    let first = Client::with_tls(
+        &c.nodes[0].api,
+        Some(secret.trim().to_string()),
+        Some(&c.tls),
+    )
+    .map_err(err)?;
     let init = first
         .admin_call(
             pb::InitClusterRequest {
