@@ -293,36 +293,6 @@ fn the_cluster_link_refuses_removed_nodes_and_forged_principals() {
     });
 }
 
-async fn active_policy(c: &Client) -> pb::PolicyVersion {
-    c.admin_call(
-        pb::GetPolicyRequest { version: None },
-        |mut a, r| async move { a.get_policy(r).await },
-    )
-    .await
-    .unwrap()
-}
-
-async fn propose(c: &Client, text: &str) -> Result<pb::PolicyProposal, ClientError> {
-    c.admin_call(
-        pb::ProposePolicyRequest {
-            text: text.into(),
-            comment: Some("hardening test".into()),
-        },
-        |mut a, r| async move { a.propose_policy(r).await },
-    )
-    .await
-}
-
-async fn approve(c: &Client, id: &str) -> Result<pb::PolicyProposal, ClientError> {
-    c.admin_call(
-        pb::ApprovePolicyRequest {
-            proposal_id: id.into(),
-        },
-        |mut a, r| async move { a.approve_policy(r).await },
-    )
-    .await
-}
-
 async fn cluster_status(c: &Client) -> Result<pb::ClusterStatus, ClientError> {
     c.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
         a.get_cluster_status(r).await

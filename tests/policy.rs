@@ -37,36 +37,6 @@ fn role(name: &str, revoke_on_renewal_denied: bool) -> pb::Role {
     }
 }
 
-async fn propose(c: &Client, text: &str) -> Result<pb::PolicyProposal, ClientError> {
-    c.admin_call(
-        pb::ProposePolicyRequest {
-            text: text.into(),
-            comment: Some("test".into()),
-        },
-        |mut a, r| async move { a.propose_policy(r).await },
-    )
-    .await
-}
-
-async fn approve(c: &Client, id: &str) -> Result<pb::PolicyProposal, ClientError> {
-    c.admin_call(
-        pb::ApprovePolicyRequest {
-            proposal_id: id.into(),
-        },
-        |mut a, r| async move { a.approve_policy(r).await },
-    )
-    .await
-}
-
-async fn active_policy(c: &Client) -> pb::PolicyVersion {
-    c.admin_call(
-        pb::GetPolicyRequest { version: None },
-        |mut a, r| async move { a.get_policy(r).await },
-    )
-    .await
-    .expect("get policy")
-}
-
 async fn pending(c: &Client) -> Vec<pb::PolicyProposal> {
     c.admin_call(
         pb::ListPolicyProposalsRequest {

@@ -530,3 +530,40 @@ pub async fn audit_tail(c: &Client, limit: u32) -> pb::AuditTailResponse {
     .await
     .expect("audit tail")
 }
+
+/// Policy governance over the API: propose a policy set, approve a proposal, the active version.
+pub async fn propose(
+    c: &Client,
+    text: &str,
+) -> Result<pb::PolicyProposal, ephemera_client::ClientError> {
+    c.admin_call(
+        pb::ProposePolicyRequest {
+            text: text.into(),
+            comment: Some("test".into()),
+        },
+        |mut a, r| async move { a.propose_policy(r).await },
+    )
+    .await
+}
+
+pub async fn approve(
+    c: &Client,
+    id: &str,
+) -> Result<pb::PolicyProposal, ephemera_client::ClientError> {
+    c.admin_call(
+        pb::ApprovePolicyRequest {
+            proposal_id: id.into(),
+        },
+        |mut a, r| async move { a.approve_policy(r).await },
+    )
+    .await
+}
+
+pub async fn active_policy(c: &Client) -> pb::PolicyVersion {
+    c.admin_call(
+        pb::GetPolicyRequest { version: None },
+        |mut a, r| async move { a.get_policy(r).await },
+    )
+    .await
+    .expect("get policy")
+}
