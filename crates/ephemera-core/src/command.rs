@@ -325,6 +325,10 @@ pub enum Op {
         kid: String,
         signature: Vec<u8>,
     },
+    /// A member node's renewed certificate, which the leader signs with the cluster CA once
+    /// this is committed (see `state::node_certs`). The leader proposes it for a node whose
+    /// membership it checked, with the host names of the certificate that node presented.
+    IssueNodeCertificate(crate::state::NodeCertificate),
 }
 
 /// How long the state keeps what is of no further use, in seconds after the time it stopped
@@ -1017,6 +1021,7 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         | Op::Expire { .. }
         | Op::Compact { .. }
         | Op::AddAuditKey { .. }
-        | Op::AuditCheckpoint { .. } => return None,
+        | Op::AuditCheckpoint { .. }
+        | Op::IssueNodeCertificate(_) => return None,
     })
 }

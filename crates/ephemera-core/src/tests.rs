@@ -1962,3 +1962,68 @@ fn over_long_audit_text_is_truncated_not_dropped() {
     let last = state::audit_records(&w.kv, 1, 1000).unwrap().pop().unwrap();
     assert_eq!(last.action, "auth.denied");
 }
+
+#[test]
+fn node_certificates_are_issued_by_the_leader_only_with_a_ca_and_bounded_fields() {
+    let mut w = World::new();
+    let good = state::NodeCertificate {
+        node_id: 2,
+        public_key_der: vec![0x30, 1, 2],
+        dns_names: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".into()],
+        serial: vec![9; 16],
+        not_before_ms: T0 - 60_000,
+        not_after_ms: T0 + 86_400_000,
+    };
+    let issue = |w: &mut World, actor: Principal, cert: &state::NodeCertificate| {
+        let cmd = Command {
+            now_ms: w.now,
+            actor,
+            op: Op::IssueNodeCertificate(cert.clone()),
+        };
+        apply_to(&mut w.kv, &cmd)
+    };
+    // No CA yet.
+    assert!(matches!(
+        issue(&mut w, Principal::system(), &good),
+        Err(Error::Unavailable(_))
+    ));
+    w.admin(Intent::SetClusterCa {
+        trust_domain: "td".into(),
+        cert_pem: "PEM".into(),
+        sealed_seed: vec![0; 60],
+    })
+    .unwrap();
+    // Not even an administrator may propose one: only the leader, for a member it checked.
+    assert!(matches!(
+        issue(&mut w, Principal::bootstrap_admin(), &good),
+        Err(Error::PermissionDenied(_))
+    ));
+    let with = |f: &dyn Fn(&mut state::NodeCertificate)| {
+        let mut c = good.clone();
+        f(&mut c);
+        c
+    };
+    for (bad, why) in [
+        (with(&|c| c.public_key_der.clear()), "public key"),
+        (with(&|c| c.public_key_der = vec![0; 4096]), "public key"),
+        (with(&|c| c.dns_names = vec!["a b".into()]), "not a DNS name"),
+        (with(&|c| c.dns_names = vec!["x".into(); 17]), "at most 16"),
+        (with(&|c| c.ips = vec!["300.1.1.1".into()]), "not an IP address"),
+        (with(&|c| c.serial = vec![1]), "16 bytes"),
+        (with(&|c| c.not_after_ms = T0), "expired"),
+    ] {
+        match issue(&mut w, Principal::system(), &bad) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(why), "{m} / {why}"),
+            other => panic!("{why}: {other:?}"),
+        }
+        assert_eq!(state::node_certificate(&w.kv, 2).unwrap(), None);
+    }
+    let head = state::audit_head(&w.kv).unwrap();
+    assert_eq!(issue(&mut w, Principal::system(), &good), Ok(Outcome::Done));
+    assert_eq!(state::node_certificate(&w.kv, 2).unwrap(), Some(good));
+    let rec = state::audit_records(&w.kv, head.0 + 1, 1).unwrap().remove(0);
+    assert_eq!(rec.action, "nodecert.issue");
+    assert_eq!(rec.subject.as_deref(), Some("spiffe://td/ephemera/node/2"));
+    assert_eq!(rec.details["serial"], hex::encode([9; 16]));
+}

@@ -422,9 +422,6 @@ impl Ca {
         self.alg
     }
 
-    /// Signs an X.509-SVID for the key in a (verified) CSR. Everything but the key comes from
-    /// the arguments, so the same inputs give the same certificate on every node (Ed25519
-    /// signatures are deterministic).
     /// Certifies `spki_der` (a DER SubjectPublicKeyInfo, from a CSR whose signature was
     /// verified when it was received) as the X.509-SVID of `id`.
     pub fn sign_public_key(
@@ -435,13 +432,32 @@ impl Ca {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, PkiError> {
+        self.sign_key_for_hosts(spki_der, id, (&[], &[]), serial, not_before, not_after)
+    }
+
+    /// As [`Ca::sign_public_key`], also valid for these DNS names and IP addresses: a node's
+    /// renewed certificate keeps the host names of the one it replaces.
+    pub fn sign_key_for_hosts(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        (dns_names, ips): (&[String], &[IpAddr]),
+        serial: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String, PkiError> {
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| PkiError::Malformed(format!("public key: {e}")))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Ephemera");
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
+        let mut sans = vec![SanType::URI(id.to_string().try_into().map_err(gen_err)?)];
+        for d in dns_names {
+            sans.push(SanType::DnsName(d.as_str().try_into().map_err(gen_err)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -629,6 +645,12 @@ pub fn new_csr_with(alg: KeyAlgorithm, id: Option<&SpiffeId>) -> Result<Issued, 
         cert_pem: csr.pem().map_err(gen_err)?,
         key_pem: key_pem_of(&key)?,
     })
+}
+
+/// A fresh private key of `alg`: its DER SubjectPublicKeyInfo, and the key in PEM (secret).
+pub fn new_key(alg: KeyAlgorithm) -> Result<(Vec<u8>, zeroize::Zeroizing<String>), PkiError> {
+    let key = alg.generate()?;
+    Ok((key.public_key_der(), zeroize::Zeroizing::new(key_pem_of(&key)?)))
 }
 
 /// A CA key's secret, as it is sealed for replication: the 32-byte seed of an Ed25519 key,
@@ -946,17 +968,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// A node's identity: its certificate chain and key.
+/// A node's identity: its certificate chain and key, replaceable while the node runs.
+///
+/// Node certificates are short-lived and renewed by the node (see `ephemera-node`'s
+/// `node_cert`), so the listeners and the peer channels must pick up a new certificate without
+/// a restart. Every clone shares one cell: [`Identity::replace`] changes what the next TLS
+/// handshake of every listener and every peer channel presents; connections already
+/// established keep the certificate they were authenticated with (the cluster listener checks
+/// membership on every request, not only at the handshake).
 #[derive(Clone)]
 pub struct Identity {
-    pub chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    current: Arc<std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>>,
 }
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
-            .field("certs", &self.chain.len())
+            .field("certs", &self.current().cert.len())
             .finish_non_exhaustive()
     }
 }
@@ -964,14 +992,106 @@ impl fmt::Debug for Identity {
 impl Identity {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         Ok(Identity {
-            chain: parse_certs(cert_pem)?,
-            key: Arc::new(parse_key(key_pem)?),
+            current: Arc::new(std::sync::RwLock::new(certified_key(cert_pem, key_pem)?)),
         })
     }
 
-    pub fn spiffe_id(&self) -> Result<SpiffeId, PkiError> {
-        spiffe_id_of(&self.chain[0])
+    /// Presents `cert_pem` and `key_pem` from the next handshake on. Refused (and nothing
+    /// changes) unless the key is the certificate's and the certificate names the same SPIFFE
+    /// ID as the current one.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+        check_key_matches(cert_pem, key_pem)?;
+        let next = certified_key(cert_pem, key_pem)?;
+        let (was, now) = (self.spiffe_id()?, spiffe_id_of(&next.cert[0])?);
+        if was != now {
+            return Err(PkiError::WrongIdentity {
+                expected: was.to_string(),
+                actual: now.to_string(),
+            });
+        }
+        *self.current.write().expect("identity lock") = next;
+        Ok(())
     }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.current.read().expect("identity lock").clone()
+    }
+
+    /// The certificate presented now (leaf first).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current().cert.clone()
+    }
+
+    pub fn spiffe_id(&self) -> Result<SpiffeId, PkiError> {
+        spiffe_id_of(&self.current().cert[0])
+    }
+}
+
+fn certified_key(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::sign::CertifiedKey>, PkiError> {
+    let chain = parse_certs(cert_pem)?;
+    let key = provider()
+        .key_provider
+        .load_private_key(parse_key(key_pem)?)
+        .map_err(|e| PkiError::Pem(format!("the private key cannot sign: {e}")))?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, key)))
+}
+
+impl rustls::server::ResolvesServerCert for Identity {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Identity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The DNS names and IP addresses a certificate is valid for (its non-URI SANs).
+pub fn host_names_of(cert: &CertificateDer<'_>) -> Result<(Vec<String>, Vec<IpAddr>), PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => dns.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes"))),
+                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes"))),
+                    _ => return Err(PkiError::Malformed("an IP SAN of odd length".into())),
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok((dns, ips))
+}
+
+/// When the certificate became valid and when it expires, seconds since the Unix epoch.
+pub fn validity_unix_s(cert: &CertificateDer<'_>) -> Result<(u64, u64), PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| PkiError::Malformed(e.to_string()))?;
+    let v = parsed.validity();
+    Ok((
+        v.not_before.timestamp().max(0) as u64,
+        v.not_after.timestamp().max(0) as u64,
+    ))
 }
 
 /// Server configuration of a listener. `alpn`: `h2` for gRPC, plus `http/1.1` for HTTP.
@@ -990,7 +1110,7 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+        .with_cert_resolver(Arc::new(identity.clone()));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
@@ -1011,7 +1131,7 @@ pub fn peer_client_config(
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+        .with_client_cert_resolver(Arc::new(identity.clone()));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }

@@ -271,3 +271,46 @@ fn csr_signing_is_deterministic_and_yields_a_verifiable_svid() {
     tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
     assert!(parse_csr(std::str::from_utf8(&tampered).unwrap()).is_err());
 }
+
+#[test]
+fn a_renewed_node_certificate_keeps_its_host_names_and_replaces_the_live_identity() {
+    let now = SystemTime::now();
+    let ca = Ca::generate("td", now, Duration::from_secs(3600)).unwrap();
+    let id = SpiffeId::node("td", 2);
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    let first = ca
+        .issue(&id, LeafUse::Node, &["localhost"], &[ip], now, Duration::from_secs(600))
+        .unwrap();
+    let live = Identity::from_pem(&first.cert_pem, &first.key_pem).unwrap();
+    let shared = live.clone();
+    let (dns, ips) = host_names_of(&live.chain()[0]).unwrap();
+    assert_eq!((dns.clone(), ips.clone()), (vec!["localhost".to_string()], vec![ip]));
+
+    let (spki, key_pem) = new_key(ca.key_algorithm()).unwrap();
+    let nb = now - Duration::from_secs(60);
+    let renewed = ca
+        .sign_key_for_hosts(&spki, &id, (&dns, &ips), &[7; 16], nb, now + Duration::from_secs(30))
+        .unwrap();
+    shared.replace(&renewed, &key_pem).unwrap();
+    // Every clone presents the new certificate; its host names and identity are unchanged.
+    let leaf = live.chain()[0].clone();
+    assert_eq!(serial_of(&leaf).unwrap(), vec![7; 16]);
+    assert_eq!(host_names_of(&leaf).unwrap(), (dns, ips));
+    let (from, until) = validity_unix_s(&leaf).unwrap();
+    assert_eq!(until - from, 90);
+    let mut bundles = TrustBundles::default();
+    bundles.add("td", ca.cert_pem()).unwrap();
+    let chain = live.chain();
+    assert_eq!(bundles.verify_svid(&chain, Usage::Server, UnixTime::now()).unwrap(), id);
+
+    // Another node's certificate, or a key that is not the certificate's, changes nothing.
+    let other = ca
+        .issue(&SpiffeId::node("td", 3), LeafUse::Node, &[], &[], now, Duration::from_secs(60))
+        .unwrap();
+    assert!(matches!(
+        live.replace(&other.cert_pem, &other.key_pem),
+        Err(PkiError::WrongIdentity { .. })
+    ));
+    assert!(live.replace(&first.cert_pem, &key_pem).is_err());
+    assert_eq!(serial_of(&live.chain()[0]).unwrap(), vec![7; 16]);
+}

@@ -11,6 +11,7 @@
 mod governance;
 mod identity;
 mod leases;
+mod node_certs;
 mod queries;
 mod retention;
 
@@ -19,6 +20,7 @@ use identity::*;
 pub use identity::{quarantine, quarantines};
 use leases::*;
 pub use leases::{live_leases, renewable, renewal_refusal};
+pub use node_certs::{node_certificate, NodeCertificate, MAX_NODE_HOST_NAMES};
 pub use queries::*;
 pub use retention::compaction_due;
 use retention::{keep_dead_lease, keep_until, Kept};
@@ -66,6 +68,7 @@ const PFX_LEASE: &str = "lease/";
 const PFX_KEY: &str = "key/";
 const PFX_SSH_CA: &str = "sshca/";
 const PFX_AUDIT_KEY: &str = "akey/";
+const PFX_NODE_CERT: &str = "ncert/";
 /// Signed audit checkpoints: `audit/cp/{seq:016x}`.
 const PFX_AUDIT_CHECKPOINT: &str = "audit/cp/";
 /// Revoked SSH certificates not yet past `valid_before`: `ix/sshrev/{valid_before_s:016x}/
@@ -310,6 +313,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::Compact { .. } => "state.compact",
         Op::AddAuditKey { .. } => "auditkey.add",
         Op::AuditCheckpoint { .. } => "audit.checkpoint",
+        Op::IssueNodeCertificate(_) => "nodecert.issue",
     }
 }
 
@@ -548,6 +552,7 @@ fn apply_op<R: KvRead + ?Sized>(
             kid,
             signature,
         } => audit_checkpoint(kv, actor, now, (*seq, hash, kid, signature), audit),
+        Op::IssueNodeCertificate(cert) => node_certs::issue(kv, actor, now, cert, audit),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());
