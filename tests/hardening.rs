@@ -105,14 +105,23 @@ fn init_needs_proof_of_control_of_the_node() {
     });
 }
 
-/// A cluster-link client presenting node `node`'s certificate (from the dev directory).
+/// A cluster-link client presenting node `node`'s bootstrap certificate (from the dev
+/// directory).
 fn cluster_link_as(cluster: &DevCluster, node: u64) -> ephemera_raft::network::Peers {
     let dir = cluster.dir.path().join(format!("node-{node}"));
-    let identity = ephemera_pki::Identity::from_pem(
+    cluster_link_with(
+        cluster,
         &std::fs::read_to_string(dir.join("tls.crt")).unwrap(),
         &std::fs::read_to_string(dir.join("tls.key")).unwrap(),
     )
-    .unwrap();
+}
+
+fn cluster_link_with(
+    cluster: &DevCluster,
+    cert_pem: &str,
+    key_pem: &str,
+) -> ephemera_raft::network::Peers {
+    let identity = ephemera_pki::Identity::from_pem(cert_pem, key_pem).unwrap();
     let mut bundles = ephemera_pki::TrustBundles::default();
     bundles.add("ephemera.dev", &cluster.pki("ca.crt")).unwrap();
     ephemera_raft::network::Peers::new(
@@ -964,4 +973,204 @@ fn a_grpc_core_client_issues_and_introspects_over_mtls() {
     assert_eq!(seen["active"], true, "{seen}");
     assert_eq!(seen["sub"], "spiffe://ephemera.dev/workload/demo", "{seen}");
     assert!(seen["lease_id"].as_str().unwrap().starts_with("l_"));
+}
+
+/// The certificate a node renewed for itself: (certificate PEM, key PEM), from
+/// `<data_dir>/tls/node.pem`.
+fn renewed_certificate(cluster: &DevCluster, node: u64) -> Option<(String, String)> {
+    let path = cluster
+        .dir
+        .path()
+        .join(format!("node-{node}/data/tls/node.pem"));
+    let text = std::fs::read_to_string(&path).ok()?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} is mode {mode:o}", path.display());
+    let at = text.find("-----BEGIN PRIVATE KEY-----")?;
+    Some((text[..at].to_string(), text[at..].to_string()))
+}
+
+fn serial_and_lifetime(cert_pem: &str) -> (Vec<u8>, u64) {
+    let leaf = ephemera_pki::parse_certs(cert_pem).unwrap().remove(0);
+    let (from, until) = ephemera_pki::validity_unix_s(&leaf).unwrap();
+    (ephemera_pki::serial_of(&leaf).unwrap(), until - from)
+}
+
+/// The leaf certificate the listener at `addr` presents in a TLS handshake.
+async fn presented_serial(addr: &str) -> Vec<u8> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Record(std::sync::Mutex<Option<Vec<u8>>>);
+    impl ServerCertVerifier for Record {
+        fn verify_server_cert(
+            &self,
+            leaf: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            *self.0.lock().unwrap() = Some(ephemera_pki::serial_of(leaf).unwrap());
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let record = std::sync::Arc::new(Record(Default::default()));
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(record.clone())
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let _tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let serial = record.0.lock().unwrap().take();
+    serial.expect("the listener presented a certificate")
+}
+
+/// Node certificates are short-lived and renewed by each node: every node replaces its
+/// year-long bootstrap certificate with one from the cluster CA, presents it on its listeners
+/// without a restart, renews again at half-life, and each issuance is audited. A removed node
+/// gets no renewal, and once its last certificate has expired the cluster listener refuses it
+/// at the handshake.
+#[test]
+fn node_certificates_are_short_lived_renewed_by_the_node_and_die_with_membership() {
+    const TTL_S: u64 = 20;
+    let cluster = DevCluster::start(3, &["--node-cert-ttl-s", &TTL_S.to_string()]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        let st = status(&admin).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut first = std::collections::HashMap::new();
+        for n in &st.nodes {
+            // Renewed, kept privately, and presented by the running listener.
+            let (serial, lifetime) = loop {
+                if let Some((cert, _)) = renewed_certificate(&cluster, n.id) {
+                    let (serial, lifetime) = serial_and_lifetime(&cert);
+                    if presented_serial(&n.api_addr).await == serial {
+                        break (serial, lifetime);
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {} did not renew its certificate",
+                    n.id
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            // The TTL, plus the minute it is backdated for slow clocks.
+            assert_eq!(lifetime, TTL_S + 60, "node {}", n.id);
+            first.insert(n.id, serial);
+        }
+        // At half-life each renews again.
+        let leader = st
+            .nodes
+            .iter()
+            .find(|n| n.id == st.leader_id)
+            .unwrap()
+            .clone();
+        let removed = st
+            .nodes
+            .iter()
+            .find(|n| n.id != st.leader_id)
+            .unwrap()
+            .clone();
+        for n in [&leader, &removed] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(3 * TTL_S);
+            while serial_and_lifetime(&renewed_certificate(&cluster, n.id).unwrap().0).0
+                == first[&n.id]
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {} renewed only once",
+                    n.id
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let tail = audit_tail(&admin, 200).await;
+        for n in &st.nodes {
+            let subject = format!("spiffe://ephemera.dev/ephemera/node/{}", n.id);
+            assert!(
+                tail.records.iter().any(|r| r.action == "nodecert.issue"
+                    && r.outcome == "ok"
+                    && r.subject.as_deref() == Some(subject.as_str())),
+                "no audited issuance for node {}",
+                n.id
+            );
+        }
+
+        admin
+            .admin_call(
+                pb::RemoveNodeRequest { id: removed.id },
+                |mut a, r| async move { a.remove_node(r).await },
+            )
+            .await
+            .unwrap();
+        let (cert, key) = renewed_certificate(&cluster, removed.id).unwrap();
+        let link = cluster_link_with(&cluster, &cert, &key);
+        let ask = ephemera_node::node::Forwarded::RenewNodeCertificate {
+            public_key_der: ephemera_pki::new_key(Default::default()).unwrap().0,
+            ttl_s: TTL_S,
+        };
+        let refused = forward(&link, &leader, &ask).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("not a member"), "{refused:?}");
+        // Its certificate expires within its lifetime; then the handshake itself fails.
+        let expiry =
+            ephemera_pki::not_after_unix_s(&ephemera_pki::parse_certs(&cert).unwrap()[0]).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(expiry <= now + TTL_S, "a certificate outlives its TTL");
+        tokio::time::sleep(Duration::from_secs(expiry.saturating_sub(now) + 2)).await;
+        let link = cluster_link_with(&cluster, &cert, &key);
+        let mut c = link.client(leader.id, &leader.cluster_addr).unwrap();
+        let expired = c
+            .read_index(ephemera_proto::internal::ReadIndexRequest {})
+            .await
+            .unwrap_err();
+        // Refused in the TLS handshake, before any request is read: the call ends in a
+        // transport error (an alert or a closed connection, depending on when the client
+        // notices under TLS 1.3), not in the "not a member" status the leader gave above.
+        let transport = std::error::Error::source(&expired)
+            .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+        assert!(transport, "{expired:?}");
+        // The remaining members renew on, and the cluster still commits.
+        let after = status(&admin).await;
+        assert_eq!(after.nodes.len(), 2);
+        let (cert, _) = renewed_certificate(&cluster, leader.id).unwrap();
+        assert_eq!(
+            presented_serial(&leader.api_addr).await,
+            serial_and_lifetime(&cert).0
+        );
+    });
 }

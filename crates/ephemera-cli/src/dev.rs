@@ -56,7 +56,8 @@ const APPROVER_ID: &str = "spiffe://ephemera.dev/approver";
 /// Policy version 1 of a dev cluster.
 const DEV_POLICY: &str = include_str!("../../../deploy/policies/dev.cedar");
 const DEMO_WORKLOAD_ID: &str = "spiffe://ephemera.dev/workload/demo";
-/// Dev certificates live a year; workload SVIDs issued by the cluster are short-lived.
+/// Dev certificates live a year (the nodes' are bootstrap certificates: each node replaces
+/// its own with a short-lived one from the cluster CA); workload SVIDs are short-lived.
 const DEV_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Creates the cluster CA, an admin identity and a demo workload identity under `dir/pki`.
@@ -102,6 +103,7 @@ fn node_config(
     dir: &Path,
     id: u64,
     snapshot_logs: Option<u64>,
+    node_cert_ttl_s: u64,
     ca: Option<&ephemera_pki::Ca>,
 ) -> Result<DevNode> {
     let node_dir = dir.join(format!("node-{id}"));
@@ -138,7 +140,7 @@ fn node_config(
         }
         text.push_str(&format!(
             "\n[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\
-             admin_ids = [\"{ADMIN_ID}\", \"{APPROVER_ID}\"]\n",
+             admin_ids = [\"{ADMIN_ID}\", \"{APPROVER_ID}\"]\nnode_cert_ttl_s = {node_cert_ttl_s}\n",
             ca = dir.join("pki").join("ca.crt"),
             cert = node_dir.join("tls.crt"),
             key = node_dir.join("tls.key"),
@@ -249,7 +251,15 @@ pub async fn run(args: &DevArgs) -> Result<()> {
         None
     };
     let nodes: Vec<DevNode> = (1..=u64::from(args.nodes))
-        .map(|id| node_config(&dir, id, args.snapshot_logs, ca.as_ref()))
+        .map(|id| {
+            node_config(
+                &dir,
+                id,
+                args.snapshot_logs,
+                args.node_cert_ttl_s,
+                ca.as_ref(),
+            )
+        })
         .collect::<Result<_>>()?;
 
     let mut children = Vec::new();
@@ -269,6 +279,7 @@ pub async fn run(args: &DevArgs) -> Result<()> {
         &env_path,
         &children,
         args.ssh_ca_key.as_deref(),
+        args.node_cert_ttl_s > 0,
     )
     .await;
     let token = match result {
@@ -289,6 +300,24 @@ pub async fn run(args: &DevArgs) -> Result<()> {
     Ok(())
 }
 
+/// Waits until every node keeps a renewed certificate (`data/tls/node.pem`).
+async fn wait_renewed(dir: &Path, nodes: &[DevNode], deadline: Instant) -> Result<()> {
+    for n in nodes {
+        let renewed = dir.join(format!("node-{}/data/tls/node.pem", n.id));
+        while !renewed.exists() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "node {} did not renew its certificate; see its log in {}",
+                    n.id,
+                    dir.join(format!("node-{}", n.id)).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 async fn setup(
     dir: &Path,
     nodes: &[DevNode],
@@ -296,6 +325,7 @@ async fn setup(
     env_path: &Path,
     children: &[Child],
     ssh_ca_key: Option<&Path>,
+    renews: bool,
 ) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let tls = admin_tls(dir)?;
@@ -334,6 +364,11 @@ async fn setup(
                 .add_node(&n.api)
                 .await
                 .with_context(|| format!("joining node {}", n.id))?;
+        }
+        // Each node replaces its year-long bootstrap certificate with a short-lived one as soon
+        // as it is a member; wait for those renewals so that the cluster handed over is quiet.
+        if renews {
+            wait_renewed(dir, nodes, Instant::now() + Duration::from_secs(30)).await?;
         }
         init.admin_token
     } else {

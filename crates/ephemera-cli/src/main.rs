@@ -313,6 +313,10 @@ pub struct DevArgs {
     /// Raft snapshot threshold (entries since the last snapshot); small values exercise snapshots.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
+    /// Lifetime of the certificates each node renews for itself from the cluster CA
+    /// (`tls.node_cert_ttl_s`); the nodes' bootstrap certificates, made here, live a year.
+    #[arg(long, default_value_t = 86_400)]
+    pub node_cert_ttl_s: u64,
     /// Import this SSH CA (an unencrypted Ed25519 OpenSSH private key) into a fresh cluster
     /// instead of generating one.
     #[arg(long)]

@@ -2007,9 +2007,15 @@ fn node_certificates_are_issued_by_the_leader_only_with_a_ca_and_bounded_fields(
     for (bad, why) in [
         (with(&|c| c.public_key_der.clear()), "public key"),
         (with(&|c| c.public_key_der = vec![0; 4096]), "public key"),
-        (with(&|c| c.dns_names = vec!["a b".into()]), "not a DNS name"),
+        (
+            with(&|c| c.dns_names = vec!["a b".into()]),
+            "not a DNS name",
+        ),
         (with(&|c| c.dns_names = vec!["x".into(); 17]), "at most 16"),
-        (with(&|c| c.ips = vec!["300.1.1.1".into()]), "not an IP address"),
+        (
+            with(&|c| c.ips = vec!["300.1.1.1".into()]),
+            "not an IP address",
+        ),
         (with(&|c| c.serial = vec![1]), "16 bytes"),
         (with(&|c| c.not_after_ms = T0), "expired"),
     ] {
@@ -2022,7 +2028,9 @@ fn node_certificates_are_issued_by_the_leader_only_with_a_ca_and_bounded_fields(
     let head = state::audit_head(&w.kv).unwrap();
     assert_eq!(issue(&mut w, Principal::system(), &good), Ok(Outcome::Done));
     assert_eq!(state::node_certificate(&w.kv, 2).unwrap(), Some(good));
-    let rec = state::audit_records(&w.kv, head.0 + 1, 1).unwrap().remove(0);
+    let rec = state::audit_records(&w.kv, head.0 + 1, 1)
+        .unwrap()
+        .remove(0);
     assert_eq!(rec.action, "nodecert.issue");
     assert_eq!(rec.subject.as_deref(), Some("spiffe://td/ephemera/node/2"));
     assert_eq!(rec.details["serial"], hex::encode([9; 16]));

@@ -188,7 +188,20 @@ pub struct TlsConfig {
     /// Further trust domains whose workloads may authenticate (e.g. a SPIRE bundle).
     #[serde(default)]
     pub trust_bundles: Vec<BundleFile>,
+    /// Lifetime of the certificates this node obtains for itself from the cluster CA, renewed
+    /// at half-life (`cert_file` is the bootstrap certificate, used until the first renewal and
+    /// whenever the renewed one has expired). 0 turns renewal off. The leader caps the
+    /// lifetime at its own setting.
+    #[serde(default = "default_node_cert_ttl_s")]
+    pub node_cert_ttl_s: u64,
 }
+
+fn default_node_cert_ttl_s() -> u64 {
+    24 * 3600
+}
+
+/// Bounds of `tls.node_cert_ttl_s` (besides 0).
+pub const NODE_CERT_TTL_RANGE_S: std::ops::RangeInclusive<u64> = 10..=30 * 24 * 3600;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,6 +284,11 @@ impl NodeConfig {
     }
 
     /// Where the init secret lives (see [`BootstrapConfig`]).
+    /// Where the node keeps the certificate it renewed for itself (`node.crt`, `node.key`).
+    pub fn renewed_cert_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
     pub fn init_secret_path(&self) -> PathBuf {
         self.bootstrap
             .init_secret_file
@@ -319,6 +337,14 @@ impl NodeConfig {
                     "tls.trust_domain",
                     &format!("spiffe://{}/x", tls.trust_domain),
                 )?;
+                if tls.node_cert_ttl_s != 0 && !NODE_CERT_TTL_RANGE_S.contains(&tls.node_cert_ttl_s)
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "tls.node_cert_ttl_s must be 0 (no renewal) or {} to {} seconds",
+                        NODE_CERT_TTL_RANGE_S.start(),
+                        NODE_CERT_TTL_RANGE_S.end()
+                    )));
+                }
                 for a in &tls.admin_ids {
                     check("tls.admin_ids", a)?;
                 }

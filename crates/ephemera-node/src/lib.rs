@@ -97,9 +97,16 @@ struct LoadedTls {
     /// The cluster CA and every configured external bundle: who may call the API.
     all_bundles: Arc<TrustBundles>,
     admin_ids: std::collections::HashSet<String>,
+    node_cert_ttl_s: u64,
 }
 
-fn load_tls(node_id: u64, t: &config::TlsConfig) -> Result<LoadedTls, NodeError> {
+/// `renewed_dir`: where the node keeps the certificate it renewed for itself, preferred to the
+/// bootstrap certificate (`tls.cert_file`) while it is valid.
+fn load_tls(
+    node_id: u64,
+    t: &config::TlsConfig,
+    renewed_dir: &std::path::Path,
+) -> Result<LoadedTls, NodeError> {
     let read = |what: &str, p: &std::path::Path| {
         std::fs::read_to_string(p)
             .map_err(|e| NodeError::Tls(format!("cannot read {what} {}: {e}", p.display())))
@@ -121,6 +128,19 @@ fn load_tls(node_id: u64, t: &config::TlsConfig) -> Result<LoadedTls, NodeError>
     let ca = read("tls.ca_file", &t.ca_file)?;
     let mut cluster = TrustBundles::default();
     cluster.add(&t.trust_domain, &ca).map_err(pki)?;
+    match node::RenewedCertificate::load(renewed_dir, &expected, &cluster) {
+        Ok(Some(renewed)) => {
+            identity
+                .replace(&renewed.cert_pem, &renewed.key_pem)
+                .map_err(pki)?;
+            tracing::info!("presenting the certificate this node renewed");
+        }
+        Ok(None) => {}
+        Err(why) => tracing::warn!(
+            reason = %why,
+            "not using the renewed node certificate; presenting tls.cert_file"
+        ),
+    }
     let mut all = cluster.clone();
     for b in &t.trust_bundles {
         all.add(
@@ -135,6 +155,37 @@ fn load_tls(node_id: u64, t: &config::TlsConfig) -> Result<LoadedTls, NodeError>
         cluster_bundle: Arc::new(cluster),
         all_bundles: Arc::new(all),
         admin_ids: t.admin_ids.iter().cloned().collect(),
+        node_cert_ttl_s: t.node_cert_ttl_s,
+    })
+}
+
+/// Checks every second whether this node's certificate is due for renewal (a local check of
+/// its validity dates), so a node renews as soon as it has joined a cluster with a CA. After a
+/// failed attempt (no leader, a partition) it waits a tenth of the lifetime (1 to 60 s) before
+/// asking the leader again: retried long before the certificate expires, without hammering
+/// the leader. Each attempt is bounded by the request timeout.
+fn spawn_certificate_renewal(
+    node: Arc<node::Node>,
+    ttl_s: u64,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let backoff = Duration::from_secs((ttl_s / 10).clamp(1, 60));
+    tokio::spawn(async move {
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+                _ = tokio::time::sleep(wait) => {
+                    wait = match node.renew_own_certificate_if_due().await {
+                        Ok(_) => Duration::from_secs(1),
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "renewing this node's certificate failed");
+                            backoff
+                        }
+                    };
+                }
+            }
+        }
     })
 }
 
@@ -193,7 +244,7 @@ pub async fn run(
     let tls = cfg
         .tls
         .as_ref()
-        .map(|t| load_tls(cfg.node_id, t))
+        .map(|t| load_tls(cfg.node_id, t, &cfg.renewed_cert_dir()))
         .transpose()?;
     let oidc_verifier = oidc::Verifier::new(&cfg.oidc_issuers).map_err(NodeError::Oidc)?;
     let peers = Peers::new(
@@ -247,6 +298,10 @@ pub async fn run(
             trust_domain: t.trust_domain.clone(),
             bundles: t.all_bundles.clone(),
             admin_ids: t.admin_ids.clone(),
+            identity: t.identity.clone(),
+            cluster_bundle: t.cluster_bundle.clone(),
+            node_cert_ttl_s: t.node_cert_ttl_s,
+            renewed_cert_dir: cfg.renewed_cert_dir(),
         }),
         oidc_verifier,
         cfg.guard.clone(),
@@ -353,6 +408,10 @@ pub async fn run(
             }
         }
     });
+    let renewer = tls
+        .as_ref()
+        .filter(|t| t.node_cert_ttl_s > 0)
+        .map(|t| spawn_certificate_renewal(node.clone(), t.node_cert_ttl_s, stop_rx.clone()));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -374,6 +433,9 @@ pub async fn run(
         }
     };
     let _ = worker.await;
+    if let Some(r) = renewer {
+        let _ = r.await;
+    }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

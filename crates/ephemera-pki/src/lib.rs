@@ -650,7 +650,10 @@ pub fn new_csr_with(alg: KeyAlgorithm, id: Option<&SpiffeId>) -> Result<Issued, 
 /// A fresh private key of `alg`: its DER SubjectPublicKeyInfo, and the key in PEM (secret).
 pub fn new_key(alg: KeyAlgorithm) -> Result<(Vec<u8>, zeroize::Zeroizing<String>), PkiError> {
     let key = alg.generate()?;
-    Ok((key.public_key_der(), zeroize::Zeroizing::new(key_pem_of(&key)?)))
+    Ok((
+        key.public_key_der(),
+        zeroize::Zeroizing::new(key_pem_of(&key)?),
+    ))
 }
 
 /// A CA key's secret, as it is sealed for replication: the 32-byte seed of an Ed25519 key,

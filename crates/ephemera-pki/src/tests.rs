@@ -279,17 +279,34 @@ fn a_renewed_node_certificate_keeps_its_host_names_and_replaces_the_live_identit
     let id = SpiffeId::node("td", 2);
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let first = ca
-        .issue(&id, LeafUse::Node, &["localhost"], &[ip], now, Duration::from_secs(600))
+        .issue(
+            &id,
+            LeafUse::Node,
+            &["localhost"],
+            &[ip],
+            now,
+            Duration::from_secs(600),
+        )
         .unwrap();
     let live = Identity::from_pem(&first.cert_pem, &first.key_pem).unwrap();
     let shared = live.clone();
     let (dns, ips) = host_names_of(&live.chain()[0]).unwrap();
-    assert_eq!((dns.clone(), ips.clone()), (vec!["localhost".to_string()], vec![ip]));
+    assert_eq!(
+        (dns.clone(), ips.clone()),
+        (vec!["localhost".to_string()], vec![ip])
+    );
 
     let (spki, key_pem) = new_key(ca.key_algorithm()).unwrap();
     let nb = now - Duration::from_secs(60);
     let renewed = ca
-        .sign_key_for_hosts(&spki, &id, (&dns, &ips), &[7; 16], nb, now + Duration::from_secs(30))
+        .sign_key_for_hosts(
+            &spki,
+            &id,
+            (&dns, &ips),
+            &[7; 16],
+            nb,
+            now + Duration::from_secs(30),
+        )
         .unwrap();
     shared.replace(&renewed, &key_pem).unwrap();
     // Every clone presents the new certificate; its host names and identity are unchanged.
@@ -301,11 +318,23 @@ fn a_renewed_node_certificate_keeps_its_host_names_and_replaces_the_live_identit
     let mut bundles = TrustBundles::default();
     bundles.add("td", ca.cert_pem()).unwrap();
     let chain = live.chain();
-    assert_eq!(bundles.verify_svid(&chain, Usage::Server, UnixTime::now()).unwrap(), id);
+    assert_eq!(
+        bundles
+            .verify_svid(&chain, Usage::Server, UnixTime::now())
+            .unwrap(),
+        id
+    );
 
     // Another node's certificate, or a key that is not the certificate's, changes nothing.
     let other = ca
-        .issue(&SpiffeId::node("td", 3), LeafUse::Node, &[], &[], now, Duration::from_secs(60))
+        .issue(
+            &SpiffeId::node("td", 3),
+            LeafUse::Node,
+            &[],
+            &[],
+            now,
+            Duration::from_secs(60),
+        )
         .unwrap();
     assert!(matches!(
         live.replace(&other.cert_pem, &other.key_pem),

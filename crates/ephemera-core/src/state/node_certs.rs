@@ -51,12 +51,20 @@ fn malformed(c: &NodeCertificate, now: u64) -> Option<String> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
     };
     if c.public_key_der.is_empty() || c.public_key_der.len() > MAX_PUBLIC_KEY_DER {
-        Some(format!("the public key must be 1 to {MAX_PUBLIC_KEY_DER} bytes of DER"))
+        Some(format!(
+            "the public key must be 1 to {MAX_PUBLIC_KEY_DER} bytes of DER"
+        ))
     } else if c.dns_names.len() > MAX_NODE_HOST_NAMES || c.ips.len() > MAX_NODE_HOST_NAMES {
-        Some(format!("at most {MAX_NODE_HOST_NAMES} DNS names and IP addresses each"))
+        Some(format!(
+            "at most {MAX_NODE_HOST_NAMES} DNS names and IP addresses each"
+        ))
     } else if let Some(d) = c.dns_names.iter().find(|d| bad_dns(d)) {
         Some(format!("{d:?} is not a DNS name"))
-    } else if let Some(ip) = c.ips.iter().find(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
+    } else if let Some(ip) = c
+        .ips
+        .iter()
+        .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
+    {
         Some(format!("{ip:?} is not an IP address"))
     } else if c.serial.len() != 16 {
         Some("the serial is 16 bytes".into())

@@ -67,9 +67,15 @@ impl ipb::cluster_server::Cluster for ClusterService {
         req: Request<ipb::ForwardRequest>,
     ) -> Result<Response<ipb::ForwardResponse>, Status> {
         let sender = self.sender(&req)?;
+        let sender_cert = req
+            .extensions()
+            .get::<crate::conn::ConnInfo>()
+            .and_then(|c| c.peer_certs.as_ref())
+            .and_then(|certs| certs.first())
+            .map(|c| c.clone().into_owned());
         let call: Forwarded = decode(&req.into_inner().proposal)
             .map_err(|e| Status::invalid_argument(format!("undecodable forwarded call: {e}")))?;
-        let reply = self.node.handle_forwarded(call, sender).await;
+        let reply = self.node.handle_forwarded(call, sender, sender_cert).await;
         Ok(Response::new(ipb::ForwardResponse {
             result: encode(&reply),
         }))

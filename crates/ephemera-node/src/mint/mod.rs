@@ -4,7 +4,7 @@
 
 mod jwt;
 mod ssh;
-mod x509_svid;
+pub(crate) mod x509_svid;
 
 use std::sync::Arc;
 

@@ -22,14 +22,20 @@ pub fn svid_serial(lease_id: &str) -> Result<Vec<u8>, Error> {
     Ok(serial)
 }
 
-pub(super) fn mint(node: &Node, lease: &Lease, grant: &Grant) -> Result<Minted, Error> {
+/// The cluster CA, its key unsealed (for this one signature), and its certificate.
+pub(crate) fn cluster_ca_signer(node: &Node) -> Result<(ephemera_pki::Ca, String), Error> {
     let ca = state::cluster_ca(&node.view)
         .map_err(|e| Error::Internal(e.to_string()))?
         .ok_or_else(|| Error::Unavailable("the cluster has no CA".into()))?;
     let secret = unseal_secret(&node.kek, CLUSTER_CA_KEY_ID, &ca.sealed_seed)?;
+    let signer = ephemera_pki::Ca::from_secret(&ca.trust_domain, &ca.cert_pem, &secret)
+        .map_err(|e| Error::Internal(format!("loading the cluster CA: {e}")))?;
+    Ok((signer, ca.cert_pem))
+}
+
+pub(super) fn mint(node: &Node, lease: &Lease, grant: &Grant) -> Result<Minted, Error> {
+    let (signer, bundle_pem) = cluster_ca_signer(node)?;
     let pki_err = |e: ephemera_pki::PkiError| Error::Internal(format!("signing an SVID: {e}"));
-    let signer =
-        ephemera_pki::Ca::from_secret(&ca.trust_domain, &ca.cert_pem, &secret).map_err(pki_err)?;
     let id = ephemera_pki::SpiffeId::parse(&lease.subject).map_err(pki_err)?;
     if grant.public_key_der.is_empty() {
         return Err(Error::Internal(format!(
@@ -50,6 +56,6 @@ pub(super) fn mint(node: &Node, lease: &Lease, grant: &Grant) -> Result<Minted, 
         .map_err(pki_err)?;
     Ok(Minted::X509Svid {
         cert_pem,
-        bundle_pem: ca.cert_pem,
+        bundle_pem,
     })
 }

@@ -10,8 +10,11 @@
 //! it before reading its own state.
 
 mod authn;
+mod certs;
 mod routing;
 mod workers;
+
+pub use certs::{renewal_due, RenewedCertificate};
 
 use crate::coalesce::Coalescer;
 use std::collections::{BTreeSet, HashMap};
@@ -94,6 +97,12 @@ pub enum Forwarded {
     RemoveNode {
         id: NodeId,
     },
+    /// A member asks for a renewed certificate for this public key (DER SubjectPublicKeyInfo).
+    /// Who asks is the certificate the request came with, never a field of the request.
+    RenewNodeCertificate {
+        public_key_der: Vec<u8>,
+        ttl_s: u64,
+    },
 }
 
 // One short-lived value per request; boxing the lease would buy nothing.
@@ -105,6 +114,10 @@ pub enum ForwardReply {
         log_index: u64,
     },
     MembershipChanged,
+    /// A renewed node certificate, PEM, signed by the cluster CA.
+    NodeCertificate {
+        cert_pem: String,
+    },
     /// The receiving node is not the leader; nothing was executed.
     NotLeader,
 }
@@ -131,6 +144,14 @@ pub struct NodeTls {
     pub bundles: Arc<ephemera_pki::TrustBundles>,
     /// SPIFFE IDs that administer the cluster.
     pub admin_ids: std::collections::HashSet<String>,
+    /// This node's own certificate, shared with every listener and peer channel.
+    pub identity: ephemera_pki::Identity,
+    /// The cluster CA only: what a renewed node certificate must chain to.
+    pub cluster_bundle: Arc<ephemera_pki::TrustBundles>,
+    /// `tls.node_cert_ttl_s` (0: no renewal).
+    pub node_cert_ttl_s: u64,
+    /// Where the renewed certificate is kept.
+    pub renewed_cert_dir: std::path::PathBuf,
 }
 
 /// Node-local access rules that are not policy: who may initialise this node, and where the

@@ -1,6 +1,7 @@
 //! Leadership and routing: proposals executed on the leader or forwarded once, membership
 //! changes, and the linearizable read barriers.
 
+use super::certs;
 use super::*;
 
 impl Node {
@@ -76,7 +77,9 @@ impl Node {
                 })?;
                 Ok((result?, log_index))
             }
-            ForwardReply::MembershipChanged | ForwardReply::NotLeader => {
+            ForwardReply::MembershipChanged
+            | ForwardReply::NotLeader
+            | ForwardReply::NodeCertificate { .. } => {
                 Err(internal("unexpected reply to a proposal"))
             }
         }
@@ -165,12 +168,31 @@ impl Node {
     /// the leader; forwarded calls are never forwarded again (the hop budget is one). What the
     /// sender says about the caller's privileges is not taken on trust: see
     /// [`Node::rederive_actor`].
+    /// Executes a call a member forwarded. `sender` is the node id in the certificate it
+    /// presented on the cluster link (`None` on plaintext links), `sender_cert` that
+    /// certificate.
     pub async fn handle_forwarded(
         &self,
         call: Forwarded,
         sender: Option<NodeId>,
+        sender_cert: Option<rustls::pki_types::CertificateDer<'static>>,
     ) -> Result<ForwardReply, Error> {
         let call = match call {
+            Forwarded::RenewNodeCertificate {
+                public_key_der,
+                ttl_s,
+            } => {
+                let (Some(id), Some(cert)) = (sender, sender_cert) else {
+                    return Err(certs::plaintext());
+                };
+                return match self
+                    .issue_node_certificate(id, &cert, public_key_der, ttl_s)
+                    .await
+                {
+                    LeaderAttempt::Done(r) => r,
+                    LeaderAttempt::NotLeader => Ok(ForwardReply::NotLeader),
+                };
+            }
             Forwarded::Propose {
                 proposal,
                 credential,
@@ -209,6 +231,17 @@ impl Node {
             }
             Forwarded::AddNode { id, info } => self.add_node(id, info).await,
             Forwarded::RemoveNode { id } => self.remove_node(id).await,
+            // The leader renewing its own certificate: the request is its own.
+            Forwarded::RenewNodeCertificate {
+                public_key_der,
+                ttl_s,
+            } => match self.tls.as_ref().map(|t| t.identity.chain().remove(0)) {
+                Some(own) => {
+                    self.issue_node_certificate(self.id, &own, public_key_der, ttl_s)
+                        .await
+                }
+                None => LeaderAttempt::Done(Err(certs::plaintext())),
+            },
         }
     }
 
