@@ -438,6 +438,19 @@ mod tests {
         assert!(both.unwrap_err().to_string().contains("not both"));
         let bad_admin = parse("[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\nadmin_ids = [\"admin\"]\n");
         assert!(bad_admin.unwrap_err().to_string().contains("tls.admin_ids"));
+        let tls =
+            "[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        assert_eq!(parse(tls).unwrap().tls.unwrap().node_cert_ttl_s, 86_400);
+        for ttl in [0, 10, 30 * 24 * 3600] {
+            assert!(
+                parse(&format!("{tls}node_cert_ttl_s = {ttl}\n")).is_ok(),
+                "{ttl}"
+            );
+        }
+        for ttl in [9, 30 * 24 * 3600 + 1] {
+            let e = parse(&format!("{tls}node_cert_ttl_s = {ttl}\n")).unwrap_err();
+            assert!(e.to_string().contains("tls.node_cert_ttl_s"), "{e}");
+        }
         let own_domain = parse("[tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n[[tls.trust_bundles]]\ntrust_domain = \"td\"\nbundle_file = \"b\"\n");
         assert!(own_domain
             .unwrap_err()
