@@ -372,9 +372,7 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
 fn a_node_with_a_skewed_clock_stops_issuing_and_says_why() {
     let mut cluster = DevCluster::start(3, &[]);
     cluster.kill9(3);
-    let config = cluster.config_path(3);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("test_clock_offset_ms = 5000\n{text}")).unwrap();
+    cluster.update_config(3, |c| c.test_clock_offset_ms = 5000);
     cluster.restart(3);
     let http3 = cluster.http_urls()[2].clone();
     rt().block_on(async {

@@ -706,18 +706,19 @@ fn secret_files_must_be_private_and_the_server_never_dumps_core() {
     let kek = dir.path().join("kek");
     std::fs::write(&kek, "11".repeat(32)).unwrap();
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let port = || ephemera_chaos::ports::free_loopback_port().unwrap();
+    let port = || {
+        let p = ephemera_testkit::ports::free_loopback_port().unwrap();
+        std::net::SocketAddr::from(([127, 0, 0, 1], p))
+    };
     let config = dir.path().join("config.toml");
-    let base = format!(
-        "node_id = 1\ndata_dir = {:?}\napi_addr = \"127.0.0.1:{}\"\nhttp_addr = \"127.0.0.1:{}\"\n\
-         cluster_addr = \"127.0.0.1:{}\"\nkek_file = {kek:?}\n",
+    let mut base = ephemera_testkit::NodeConfig::new(
+        1,
         dir.path().join("data"),
-        port(),
-        port(),
-        port(),
+        [port(), port(), port()],
+        kek.clone(),
     );
-    let serve = |text: &str| {
-        std::fs::write(&config, text).unwrap();
+    let serve = |cfg: &ephemera_testkit::NodeConfig| {
+        cfg.save(&config).unwrap();
         let out = std::process::Command::new(BIN)
             .args(["server", "--config"])
             .arg(&config)
@@ -726,16 +727,22 @@ fn secret_files_must_be_private_and_the_server_never_dumps_core() {
         assert!(!out.status.success(), "the server started");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let e = serve(&format!("{base}insecure_plaintext = true\n"));
+    base.insecure_plaintext = true;
+    let e = serve(&base);
     assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
 
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
     let key = dir.path().join("tls.key");
     std::fs::write(&key, "not even a key").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let e = serve(&format!(
-        "{base}[tls]\ntrust_domain = \"ephemera.dev\"\nca_file = \"/nonexistent\"\ncert_file = \"/nonexistent\"\nkey_file = {key:?}\n"
+    base.insecure_plaintext = false;
+    base.tls = Some(ephemera_node::config::TlsConfig::new(
+        "ephemera.dev",
+        "/nonexistent".into(),
+        "/nonexistent".into(),
+        key.clone(),
     ));
+    let e = serve(&base);
     assert!(e.contains("tls.key_file") && e.contains("chmod 600"), "{e}");
 
     let cluster = DevCluster::start(1, &[]);

@@ -234,13 +234,7 @@ fn a_node_with_another_nodes_certificate_cannot_join() {
     });
     // The cluster listener only takes node certificates. It serves no Admin RPC, so a caller
     // that gets through TLS is answered UNIMPLEMENTED; a refused one fails in the transport.
-    let cfg = std::fs::read_to_string(cluster.config_path(1)).unwrap();
-    let cluster_addr = cfg
-        .lines()
-        .find_map(|l| l.strip_prefix("cluster_addr = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
+    let cluster_addr = cluster.config(1).cluster_addr.to_string();
     let probe = |cert: &str, key: &str| {
         let tls = tls_with(&cluster, cert, key);
         rt().block_on(async {

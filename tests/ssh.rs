@@ -48,7 +48,7 @@ impl Sshd {
         let principals = dir.join("principals");
         std::fs::create_dir_all(&principals).unwrap();
         std::fs::write(principals.join("root"), "alice\n").unwrap();
-        let port = ephemera_chaos::ports::free_loopback_port().unwrap();
+        let port = ephemera_testkit::ports::free_loopback_port().unwrap();
         let config = dir.join("sshd_config");
         std::fs::write(
             &config,

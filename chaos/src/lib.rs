@@ -4,9 +4,7 @@
 //! guarantees (`checker`), with a JSON-lines history and an SVG timeline as output.
 
 pub mod checker;
-pub mod files;
 pub mod history;
-pub mod ports;
 pub mod proxy;
 pub mod runner;
 pub mod schedule;

@@ -3,17 +3,16 @@
 //! collect the final state, check the history, and write the report.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ephemera_client::{pb, Client, ClientError};
 use ephemera_core::audit::{AuditRecord, ChainVerifier};
+use ephemera_node::config::PeerAddr;
+use ephemera_testkit::{ClusterSpec, LocalCluster};
 use rand::{Rng, SeedableRng};
-use tokio::process::{Child, Command};
 use tonic::Code;
 
 use crate::checker::{check, CheckConfig, Violation};
@@ -63,26 +62,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> Result<u16, ChaosError> {
-    crate::ports::free_loopback_port().map_err(err)
-}
-
-struct NodeProc {
-    id: u64,
-    api: String,
-    dir: PathBuf,
-    cluster: SocketAddr,
-    child: Option<Child>,
-    paused: bool,
-}
-
 struct Cluster {
-    bin: PathBuf,
-    root: PathBuf,
-    nodes: Vec<NodeProc>,
+    /// The node processes, their configurations and certificates.
+    procs: LocalCluster,
     /// (from, to) → the proxy `from` dials to reach `to`.
     links: HashMap<(u64, u64), Link>,
-    proxy_addrs: HashMap<(u64, u64), SocketAddr>,
     token: String,
     /// The cluster CA, for the clients (which authenticate with the break-glass credential).
     tls: ephemera_client::TlsFiles,
@@ -93,95 +77,34 @@ struct Cluster {
 const TRUST_DOMAIN: &str = "chaos.ephemera.test";
 
 impl Cluster {
-    fn node(&mut self, id: u64) -> &mut NodeProc {
-        &mut self.nodes[id as usize - 1]
+    fn size(&self) -> u64 {
+        self.procs.ids().len() as u64
     }
 
-    fn write_config(&self, id: u64, clock_offset_ms: i64) -> Result<PathBuf, ChaosError> {
-        let n = &self.nodes[id as usize - 1];
-        let cfg = n.dir.join("config.toml");
-        let mut text = format!(
-            "node_id = {id}\ndata_dir = {:?}\napi_addr = \"{}\"\nhttp_addr = \"127.0.0.1:{}\"\ncluster_addr = \"{}\"\n\
-             kek_file = {:?}\ntest_clock_offset_ms = {clock_offset_ms}\nexpiry_interval_ms = 500\nrequest_timeout_ms = 3000\n\
-             \n[tls]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            n.dir.join("data"),
-            n.api,
-            free_port()?,
-            n.cluster,
-            self.root.join("kek"),
-            self.root.join("ca.crt"),
-            n.dir.join("tls.crt"),
-            n.dir.join("tls.key"),
-        );
-        for other in self.nodes.iter().filter(|o| o.id != id) {
-            text.push_str(&format!(
-                "\n[[peer_cluster_addrs]]\nid = {}\naddr = \"{}\"\n",
-                other.id,
-                self.proxy_addrs[&(id, other.id)]
-            ));
-        }
-        text.push_str(
-            "\n[raft]\nsnapshot_logs_since_last = 500\nmax_in_snapshot_log_to_keep = 100\n",
-        );
-        std::fs::write(&cfg, text).map_err(err)?;
-        Ok(cfg)
-    }
-
+    /// Starts node `id` with its wall clock shifted by `clock_offset_ms`.
     fn start(&mut self, id: u64, clock_offset_ms: i64) -> Result<(), ChaosError> {
-        let cfg = self.write_config(id, clock_offset_ms)?;
-        let bin = self.bin.clone();
-        let n = self.node(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.dir.join("node.log"))
+        self.procs
+            .update_config(id, |c| c.test_clock_offset_ms = clock_offset_ms)
             .map_err(err)?;
-        let child = Command::new(&bin)
-            .args(["server", "--config"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(err)?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| ChaosError(format!("cannot start {}: {e}", bin.display())))?;
-        n.child = Some(child);
-        n.paused = false;
+        self.procs.spawn(id).map_err(err)?;
         Ok(())
     }
 
-    fn signal(&mut self, id: u64, sig: i32) {
-        if let Some(pid) = self.node(id).child.as_ref().and_then(|c| c.id()) {
-            // SAFETY: signalling a node process this harness started.
-            unsafe {
-                libc::kill(pid as i32, sig);
-            }
-        }
-    }
-
-    async fn kill9(&mut self, id: u64) {
-        self.signal(id, libc::SIGCONT);
-        if let Some(mut c) = self.node(id).child.take() {
-            let _ = c.kill().await;
+    fn kill9(&mut self, id: u64) {
+        if let Err(e) = self.procs.kill9(id) {
+            eprintln!("chaos: {e}");
         }
     }
 
     async fn stop(&mut self, id: u64) {
-        self.signal(id, libc::SIGCONT);
-        self.signal(id, libc::SIGTERM);
-        if let Some(mut c) = self.node(id).child.take() {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
+        if let Err(e) = self.procs.stop_async(id).await {
+            eprintln!("chaos: {e}");
         }
     }
 
     fn client(&self, id: u64, timeout: Duration) -> Result<Client, ChaosError> {
         Ok(Client::with_tls(
-            &self.nodes[id as usize - 1].api,
+            &self.procs.config(id).api_addr.to_string(),
             Some(self.token.clone()),
             Some(&self.tls),
         )
@@ -189,48 +112,19 @@ impl Cluster {
         .with_timeout(timeout))
     }
 
-    async fn wait_answers(&self, id: u64, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        let Ok(c) = Client::with_tls(&self.nodes[id as usize - 1].api, None, Some(&self.tls))
-        else {
-            return false;
-        };
-        let c = c.with_timeout(Duration::from_millis(300));
-        while Instant::now() < deadline {
-            if c.admin_call(pb::NodeInfoRequest {}, |mut a, r| async move {
-                a.get_node_info(r).await
-            })
+    async fn wait_answers(&self, id: u64, within: Duration) -> Result<(), ChaosError> {
+        self.procs
+            .wait_answers(id, &self.tls, within)
             .await
-            .is_ok()
-            {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
+            .map_err(err)
     }
 
     /// The leader as some reachable node sees it.
     async fn leader(&self) -> Option<u64> {
-        for n in &self.nodes {
-            if n.child.is_none() || n.paused {
-                continue;
-            }
-            let Ok(c) = self.client(n.id, Duration::from_millis(500)) else {
-                continue;
-            };
-            if let Ok(s) = c
-                .admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move {
-                    a.get_cluster_status(r).await
-                })
-                .await
-            {
-                if s.leader_id != 0 {
-                    return Some(s.leader_id);
-                }
-            }
-        }
-        None
+        self.procs
+            .leader(Some(&self.token), &self.tls, Duration::ZERO)
+            .await
+            .ok()
     }
 
     fn block(&self, from: u64, to: u64, blocked: bool) {
@@ -425,7 +319,7 @@ async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
 
 /// Applies one fault; returns what it did (for the record) and how to undo it.
 async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
-    let n = c.nodes.len() as u64;
+    let n = c.size();
     match fault {
         Fault::KillLeader | Fault::KillNode { .. } => {
             let target = match fault {
@@ -435,12 +329,11 @@ async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
             let Some(t) = target else {
                 return ("no leader to kill".into(), vec![]);
             };
-            c.kill9(t).await;
+            c.kill9(t);
             (format!("kill -9 node {t}"), vec![t])
         }
         Fault::Pause { node } => {
-            c.signal(*node, libc::SIGSTOP);
-            c.node(*node).paused = true;
+            c.procs.pause(*node);
             (format!("SIGSTOP node {node}"), vec![*node])
         }
         Fault::Partition { minority } => {
@@ -506,7 +399,7 @@ async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
             for id in 1..=n {
                 c.stop(id).await;
                 let _ = c.start(id, 0);
-                c.wait_answers(id, Duration::from_secs(10)).await;
+                let _ = c.wait_answers(id, Duration::from_secs(10)).await;
             }
             ("rolling restart of every node".into(), (1..=n).collect())
         }
@@ -516,123 +409,82 @@ async fn inject(c: &mut Cluster, fault: &Fault) -> (String, Vec<u64>) {
 /// Undoes every fault: links healed, paused nodes continued, dead or shifted nodes restarted.
 async fn heal(c: &mut Cluster, restart_ids: &[u64]) {
     c.heal_links();
-    for id in 1..=c.nodes.len() as u64 {
-        if c.node(id).paused {
-            c.signal(id, libc::SIGCONT);
-            c.node(id).paused = false;
+    for id in 1..=c.size() {
+        if c.procs.is_paused(id) {
+            c.procs.resume(id);
         }
     }
     for id in restart_ids {
         c.stop(*id).await;
     }
-    for id in 1..=c.nodes.len() as u64 {
-        if c.node(id).child.is_none() {
+    for id in 1..=c.size() {
+        if !c.procs.is_running(id) {
             let _ = c.start(id, 0);
         }
     }
 }
 
 async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> {
-    std::fs::create_dir_all(root).map_err(err)?;
-    let mut kek = [0u8; 32];
-    rand::thread_rng().fill(&mut kek);
-    crate::files::write_private(
-        &root.join("kek"),
-        kek.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )
-    .map_err(err)?;
-    let ca = ephemera_pki::Ca::generate(
-        TRUST_DOMAIN,
-        std::time::SystemTime::now(),
-        Duration::from_secs(24 * 3600),
-    )
-    .map_err(err)?;
-    std::fs::write(root.join("ca.crt"), ca.cert_pem()).map_err(err)?;
-    let mut nodes = Vec::new();
+    let mut procs = LocalCluster::create(root, &opts.ephemera_bin, &ClusterSpec::new(TRUST_DOMAIN))
+        .map_err(err)?;
     for id in 1..=opts.nodes {
-        let dir = root.join(format!("node-{id}"));
-        std::fs::create_dir_all(&dir).map_err(err)?;
-        let issued = ca
-            .issue(
-                &ephemera_pki::SpiffeId::node(TRUST_DOMAIN, id),
-                ephemera_pki::LeafUse::Node,
-                &["localhost"],
-                &[std::net::IpAddr::from([127, 0, 0, 1])],
-                std::time::SystemTime::now(),
-                Duration::from_secs(24 * 3600),
-            )
+        procs
+            .add_node(id, |c| {
+                c.expiry_interval_ms = 500;
+                c.request_timeout_ms = 3000;
+                c.raft.snapshot_logs_since_last = 500;
+                c.raft.max_in_snapshot_log_to_keep = 100;
+                Ok(())
+            })
             .map_err(err)?;
-        std::fs::write(dir.join("tls.crt"), &issued.cert_pem).map_err(err)?;
-        crate::files::write_private(&dir.join("tls.key"), &issued.key_pem).map_err(err)?;
-        nodes.push(NodeProc {
-            id,
-            api: format!("127.0.0.1:{}", free_port()?),
-            dir,
-            cluster: format!("127.0.0.1:{}", free_port()?).parse().map_err(err)?,
-            child: None,
-            paused: false,
-        });
     }
+    // Every node dials each peer through its own proxy for that link.
     let mut links = HashMap::new();
-    let mut proxy_addrs = HashMap::new();
     for a in 1..=opts.nodes {
+        let mut peers = Vec::new();
         for b in (1..=opts.nodes).filter(|b| *b != a) {
-            let (addr, link, _task) = proxy::start(nodes[b as usize - 1].cluster)
+            let (addr, link, _task) = proxy::start(procs.config(b).cluster_addr)
                 .await
                 .map_err(err)?;
             links.insert((a, b), link);
-            proxy_addrs.insert((a, b), addr);
+            peers.push(PeerAddr {
+                id: b,
+                addr: addr.to_string(),
+            });
         }
+        procs
+            .update_config(a, |c| c.peer_cluster_addrs = peers)
+            .map_err(err)?;
     }
+    let tls = procs.tls(None).map_err(err)?;
     let mut c = Cluster {
-        bin: opts.ephemera_bin.clone(),
-        root: root.to_path_buf(),
-        nodes,
+        procs,
         links,
-        proxy_addrs,
         token: String::new(),
-        tls: ephemera_client::TlsFiles {
-            ca_pem: ca.cert_pem().to_string(),
-            identity: None,
-        },
+        tls,
     };
     for id in 1..=opts.nodes {
         c.start(id, 0)?;
     }
     for id in 1..=opts.nodes {
-        if !c.wait_answers(id, Duration::from_secs(20)).await {
-            return Err(ChaosError(format!(
-                "node {id} did not start; see {}",
-                c.nodes[id as usize - 1].dir.join("node.log").display()
-            )));
-        }
+        c.wait_answers(id, Duration::from_secs(20)).await?;
     }
-    // Init proves control of node 1 with the init secret it wrote in its data directory.
-    let secret = std::fs::read_to_string(c.nodes[0].dir.join("data").join("init.secret"))
-        .map_err(|e| ChaosError(format!("cannot read node 1's init secret: {e}")))?;
-    let first = Client::with_tls(
-        &c.nodes[0].api,
-        Some(secret.trim().to_string()),
-        Some(&c.tls),
-    )
-    .map_err(err)?;
-    let init = first
-        .admin_call(
+    let init = c
+        .procs
+        .init(
+            1,
             pb::InitClusterRequest {
                 issuer: "https://chaos.ephemera.test".into(),
                 ..Default::default()
             },
-            |mut a, r| async move { a.init_cluster(r).await },
+            &c.tls,
         )
         .await
         .map_err(err)?;
     c.token = init.admin_token;
     let admin = c.client(1, Duration::from_secs(30))?;
     for id in 2..=opts.nodes {
-        admin
-            .add_node(&c.nodes[id as usize - 1].api)
-            .await
-            .map_err(err)?;
+        c.procs.join(&admin, id).await.map_err(err)?;
     }
     admin
         .admin_call(
@@ -655,7 +507,7 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
 }
 
 async fn final_state(c: &Cluster, heal_ms: u64) -> FinalState {
-    let n = c.nodes.len() as u64;
+    let n = c.size();
     let mut fin = FinalState {
         role_max_ttl_s: ROLE_MAX_TTL_S,
         ..Default::default()

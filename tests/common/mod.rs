@@ -3,11 +3,12 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ephemera_client::{pb, Client, TlsFiles};
+use ephemera_testkit::{LocalCluster, NodeConfig};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ephemera");
 
@@ -15,8 +16,8 @@ pub struct DevCluster {
     pub dir: tempfile::TempDir,
     dev: Child,
     pub env: HashMap<String, String>,
-    /// Nodes the test (re)started itself, by node id.
-    extra: HashMap<u64, Child>,
+    /// The nodes: `ephemera dev`'s (adopted), and those the test (re)started itself.
+    pub nodes: LocalCluster,
     stopped: bool,
 }
 
@@ -67,11 +68,16 @@ impl DevCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
+        let mut nodes = LocalCluster::open(dir.path(), Path::new(BIN), "ephemera.dev")
+            .expect("open the dev cluster's directory");
+        for (i, pid) in env["EPHEMERA_PIDS"].split(',').enumerate() {
+            nodes.adopt(i as u64 + 1, pid.parse().expect("EPHEMERA_PIDS"));
+        }
         DevCluster {
             dir,
             dev,
             env,
-            extra: HashMap::new(),
+            nodes,
             stopped: false,
         }
     }
@@ -95,12 +101,7 @@ impl DevCluster {
     }
 
     pub fn pid(&self, node: u64) -> i32 {
-        self.env["EPHEMERA_PIDS"]
-            .split(',')
-            .nth(node as usize - 1)
-            .unwrap()
-            .parse()
-            .unwrap()
+        self.nodes.pid(node).expect("node has a process") as i32
     }
 
     pub fn pki(&self, file: &str) -> String {
@@ -177,11 +178,13 @@ impl DevCluster {
         b.build().unwrap()
     }
 
-    pub fn config_path(&self, node: u64) -> PathBuf {
-        self.dir
-            .path()
-            .join(format!("node-{node}"))
-            .join("config.toml")
+    pub fn config(&self, node: u64) -> &NodeConfig {
+        self.nodes.config(node)
+    }
+
+    /// Changes a node's configuration (it takes effect when the node starts again).
+    pub fn update_config(&mut self, node: u64, edit: impl FnOnce(&mut NodeConfig)) {
+        self.nodes.update_config(node, edit).expect("update config");
     }
 
     /// Runs the CLI against the cluster, as the administrator.
@@ -215,57 +218,14 @@ impl DevCluster {
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
+    /// `kill -9`; returns once the process is gone (its storage lock free).
     pub fn kill9(&mut self, node: u64) {
-        if let Some(mut c) = self.extra.remove(&node) {
-            let _ = c.kill();
-            let _ = c.wait();
-        } else {
-            let pid = self.pid(node);
-            // SAFETY: signalling a process this test started (through `ephemera dev`).
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-            // Until its last thread has exited it holds its storage lock. A zombie's leader
-            // thread can be dead while others still run with the files open, so wait for the
-            // process to be gone, or a zombie with no thread left but the leader.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                    break;
-                };
-                let field = |name: &str| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .map(str::trim)
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                let zombie = field("State:").starts_with('Z');
-                let threads: u32 = field("Threads:").parse().unwrap_or(1);
-                if zombie && threads <= 1 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        self.nodes.kill9(node).expect("kill -9");
     }
 
+    /// Starts a stopped or killed node again with its configuration and data.
     pub fn restart(&mut self, node: u64) {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(self.dir.path().join(format!("node-{node}/node.log")))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["server", "--config"])
-            .arg(self.config_path(node))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.extra.insert(node, child);
+        self.nodes.spawn(node).expect("restart");
     }
 
     /// Starts an extra node with a fresh config and certificate next to the others; returns
@@ -274,40 +234,19 @@ impl DevCluster {
         self.start_new_node_with(node, "")
     }
 
-    /// As [`DevCluster::start_new_node`], with more TOML appended to its config.
-    pub fn start_new_node_with(&mut self, node: u64, extra_toml: &str) -> (String, String) {
-        let free = || ephemera_chaos::ports::free_loopback_port().unwrap();
-        let node_dir = self.dir.path().join(format!("node-{node}"));
-        std::fs::create_dir_all(&node_dir).unwrap();
-        let issued = self
-            .ca()
-            .issue(
-                &ephemera_pki::SpiffeId::node("ephemera.dev", node),
-                ephemera_pki::LeafUse::Node,
-                &["localhost"],
-                &["127.0.0.1".parse().unwrap()],
-                std::time::SystemTime::now(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem).unwrap();
-        ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem).unwrap();
-        let (api, http) = (
-            format!("127.0.0.1:{}", free()),
-            format!("127.0.0.1:{}", free()),
-        );
-        let text = format!(
-            "node_id = {node}\ndata_dir = {:?}\napi_addr = \"{api}\"\nhttp_addr = \"{http}\"\n\
-             cluster_addr = \"127.0.0.1:{}\"\nkek_file = {:?}\n\n[tls]\ntrust_domain = \"ephemera.dev\"\n\
-             ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nadmin_ids = [\"spiffe://ephemera.dev/admin\"]\n",
-            node_dir.join("data"),
-            free(),
-            self.dir.path().join("kek"),
-            self.dir.path().join("pki/ca.crt"),
-            node_dir.join("tls.crt"),
-            node_dir.join("tls.key"),
-        );
-        std::fs::write(node_dir.join("config.toml"), text + extra_toml).unwrap();
+    /// As [`DevCluster::start_new_node`], with a TOML overlay on its config.
+    pub fn start_new_node_with(&mut self, node: u64, overlay: &str) -> (String, String) {
+        let config = self
+            .nodes
+            .add_node(node, |c| {
+                if let Some(tls) = c.tls.as_mut() {
+                    tls.admin_ids = vec!["spiffe://ephemera.dev/admin".into()];
+                }
+                *c = ephemera_testkit::overlay::apply(c, overlay)?;
+                Ok(())
+            })
+            .expect("configure the new node");
+        let (api, http) = (config.api_addr.to_string(), config.http_addr.to_string());
         self.restart(node);
         // Ready once it accepts connections (a condition, polled).
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -325,15 +264,9 @@ impl DevCluster {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
-        for (_, mut c) in self.extra.drain() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let _ = c.wait();
-        }
-        unsafe {
-            libc::kill(self.dev.id() as i32, libc::SIGTERM);
-        }
+        // The nodes the test started; then `ephemera dev` stops its own.
+        let _ = self.nodes.stop_all();
+        ephemera_testkit::process::signal(self.dev.id(), libc::SIGTERM);
         let _ = self.dev.wait();
     }
 }

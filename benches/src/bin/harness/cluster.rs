@@ -7,24 +7,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ephemera_client::{pb, Client, TlsFiles};
+use ephemera_testkit::LocalCluster;
 use serde_json::{json, Value};
 
 pub fn free_port() -> Result<u16> {
-    Ok(ephemera_chaos::ports::free_loopback_port()?)
+    Ok(ephemera_testkit::ports::free_loopback_port()?)
 }
 
+/// `kill -9` a process this harness started, without waiting (failover is timed from here).
 pub fn kill9(pid: u32) {
-    // SAFETY: sending a signal to a process this harness started.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    ephemera_testkit::process::signal(pid, libc::SIGKILL);
 }
 
 fn terminate(child: &mut Child) {
-    // SAFETY: as above; SIGTERM lets the process stop its own children.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    // SIGTERM lets `ephemera dev` or `bao` stop their own children.
+    ephemera_testkit::process::signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -88,11 +85,11 @@ min_storm_rate_per_s = 1000000000.0
 pub struct EphemeraCluster {
     pub dir: PathBuf,
     dev: Option<Child>,
-    /// Nodes this harness restarted itself (after a kill), stopped with the cluster.
-    restarted: Vec<Child>,
+    /// The nodes: `ephemera dev`'s (adopted), and those this harness (re)started itself,
+    /// which stop with the cluster.
+    nodes: LocalCluster,
     env: Vec<(String, String)>,
     pub api: Vec<String>,
-    pub pids: Vec<u32>,
 }
 
 impl EphemeraCluster {
@@ -136,17 +133,16 @@ impl EphemeraCluster {
                 .with_context(|| format!("dev.env has no {k}"))
         };
         let api = get("EPHEMERA_ADDR")?.split(',').map(String::from).collect();
-        let pids = get("EPHEMERA_PIDS")?
-            .split(',')
-            .map(|p| p.parse().context("EPHEMERA_PIDS"))
-            .collect::<Result<_>>()?;
+        let mut nodes = LocalCluster::open(dir, &crate::ephemera_bin()?, "ephemera.dev")?;
+        for (i, pid) in get("EPHEMERA_PIDS")?.split(',').enumerate() {
+            nodes.adopt(i as u64 + 1, pid.parse().context("EPHEMERA_PIDS")?);
+        }
         Ok(EphemeraCluster {
             dir: dir.to_path_buf(),
             dev: Some(dev),
-            restarted: Vec::new(),
+            nodes,
             env,
             api,
-            pids,
         })
     }
 
@@ -216,69 +212,34 @@ impl EphemeraCluster {
         self.dir.join(format!("node-{id}"))
     }
 
-    /// Starts node `id` again (after a kill) with its configuration and data.
-    pub fn restart(&mut self, id: u64) -> Result<u32> {
-        let node_dir = self.node_dir(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node_dir.join("node.log"))?;
-        let child = Command::new(crate::ephemera_bin()?)
-            .arg("server")
-            .arg("--config")
-            .arg(node_dir.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let pid = child.id();
-        self.pids[(id - 1) as usize] = pid;
-        self.restarted.push(child);
-        Ok(pid)
+    /// Every node's process id, in id order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .ids()
+            .into_iter()
+            .map(|id| self.nodes.pid(id).unwrap_or(0))
+            .collect()
     }
 
-    /// Starts a new, uninitialised node `id` next to the others (same CA and key-encryption
-    /// key), ready for `cluster join`; its API address.
+    /// `kill -9` node `id`; returns once it is gone (its storage lock free).
+    pub fn kill9(&mut self, id: u64) -> Result<()> {
+        Ok(self.nodes.kill9(id)?)
+    }
+
+    /// Starts node `id` again (after a kill) with its configuration and data.
+    pub fn restart(&mut self, id: u64) -> Result<u32> {
+        Ok(self.nodes.spawn(id)?)
+    }
+
+    /// Starts a new, uninitialised node `id` next to the others (same CA, key-encryption key
+    /// and benchmark settings), ready for `cluster join`; its API address.
     pub fn start_new_node(&mut self, id: u64) -> Result<String> {
-        let node_dir = self.node_dir(id);
-        std::fs::create_dir_all(&node_dir)?;
-        let pki = self.dir.join("pki");
-        let ca = ephemera_pki::Ca::from_pem(
-            "ephemera.dev",
-            &std::fs::read_to_string(pki.join("ca.crt"))?,
-            &std::fs::read_to_string(pki.join("ca.key"))?,
-        )?;
-        let issued = ca.issue(
-            &ephemera_pki::SpiffeId::node("ephemera.dev", id),
-            ephemera_pki::LeafUse::Node,
-            &["localhost"],
-            &[std::net::IpAddr::from([127, 0, 0, 1])],
-            std::time::SystemTime::now(),
-            Duration::from_secs(24 * 3600),
-        )?;
-        std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
-        ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
-        // Node 1's configuration with this node's id, addresses, data and certificate.
-        let template = std::fs::read_to_string(self.node_dir(1).join("config.toml"))?;
-        let api = format!("127.0.0.1:{}", free_port()?);
-        let mut config = String::new();
-        for line in template.lines() {
-            let key = line.split('=').next().unwrap_or("").trim();
-            let replaced = match key {
-                "node_id" => format!("node_id = {id}"),
-                "data_dir" => format!("data_dir = {:?}", node_dir.join("data")),
-                "api_addr" => format!("api_addr = \"{api}\""),
-                "http_addr" => format!("http_addr = \"127.0.0.1:{}\"", free_port()?),
-                "cluster_addr" => format!("cluster_addr = \"127.0.0.1:{}\"", free_port()?),
-                "cert_file" => format!("cert_file = {:?}", node_dir.join("tls.crt")),
-                "key_file" => format!("key_file = {:?}", node_dir.join("tls.key")),
-                _ => line.to_string(),
-            };
-            config.push_str(&replaced);
-            config.push('\n');
-        }
-        std::fs::write(node_dir.join("config.toml"), config)?;
-        self.pids.push(0);
+        let config = self.nodes.add_node(id, |c| {
+            c.bootstrap.join = true;
+            *c = ephemera_testkit::overlay::apply(c, BENCH_NODE_SETTINGS)?;
+            Ok(())
+        })?;
+        let api = config.api_addr.to_string();
         self.api.push(api.clone());
         self.restart(id)?;
         Ok(api)
@@ -286,9 +247,7 @@ impl EphemeraCluster {
 
     /// Stops every node (also on drop, so an error leaves no process behind).
     pub fn stop(&mut self) {
-        for mut c in self.restarted.drain(..) {
-            terminate(&mut c);
-        }
+        let _ = self.nodes.stop_all();
         if let Some(mut dev) = self.dev.take() {
             terminate(&mut dev);
         }
@@ -391,7 +350,7 @@ impl OpenBaoCluster {
                 Duration::from_secs(86_400),
             )?;
             std::fs::write(node_dir.join("tls.crt"), &issued.cert_pem)?;
-            ephemera_chaos::files::write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
+            ephemera_testkit::files::write_private(&node_dir.join("tls.key"), &issued.key_pem)?;
             let url = format!("https://127.0.0.1:{api}");
             let retry_join = if i == 0 {
                 String::new()

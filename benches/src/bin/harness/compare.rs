@@ -235,7 +235,7 @@ async fn ephemera_failover(eph: &EphemeraCluster) -> Result<Duration> {
             Ok(Client::with_tls(addr, None, Some(&tls))?.with_timeout(Duration::from_millis(1000)))
         })
         .collect::<Result<_>>()?;
-    let leader_pid = eph.pids[(leader - 1) as usize];
+    let leader_pid = eph.pids()[(leader - 1) as usize];
     measure_failover(
         |n| {
             let c = &survivors[n % survivors.len()];

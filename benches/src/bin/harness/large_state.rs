@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use ephemera_client::{pb, Client};
 use serde_json::{json, Value};
 
-use crate::cluster::{disk_usage, kill9, memory_of, EphemeraCluster};
+use crate::cluster::{disk_usage, memory_of, EphemeraCluster};
 use crate::Flags;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -82,7 +82,7 @@ pub async fn run(flags: &Flags) -> Result<()> {
     // Every node has applied everything before the figures are taken.
     wait_converged(&eph, Duration::from_secs(300)).await?;
     let mut nodes = Vec::new();
-    for (i, pid) in eph.pids.iter().enumerate() {
+    for (i, pid) in eph.pids().iter().enumerate() {
         let (rss, peak) = memory_of(*pid).unwrap_or((0, 0));
         let disk = disk_usage(&eph.node_dir(i as u64 + 1).join("data"));
         nodes.push(json!({"node": i + 1, "disk_mib": disk as f64 / MIB,
@@ -97,8 +97,8 @@ pub async fn run(flags: &Flags) -> Result<()> {
     // A follower killed with -9 and started again, until it answers an introspection itself.
     let leader = eph.leader().await?;
     let restarted_id = (1..=3u64).find(|id| *id != leader).expect("a follower");
-    kill9(eph.pids[(restarted_id - 1) as usize]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Returns once the process is gone and its storage lock is free.
+    eph.kill9(restarted_id)?;
     let restart_at = Instant::now();
     eph.restart(restarted_id)?;
     let restart_serving = serving(
@@ -121,7 +121,7 @@ pub async fn run(flags: &Flags) -> Result<()> {
     let joined = join_at.elapsed();
     let new_serving = serving(&new_api, &tls, &probe.token, join_at).await?;
     let new_disk = disk_usage(&eph.node_dir(4).join("data"));
-    let new_mem = memory_of(eph.pids[3]).unwrap_or((0, 0));
+    let new_mem = memory_of(eph.pids()[3]).unwrap_or((0, 0));
     let installed_snapshot = std::fs::read_to_string(eph.node_dir(4).join("node.log"))
         .map(|log| log.contains("snapshot"))
         .unwrap_or(false);
