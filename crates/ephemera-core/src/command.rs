@@ -329,6 +329,15 @@ pub enum Op {
     /// this is committed (see `state::node_certs`). The leader proposes it for a node whose
     /// membership it checked, with the host names of the certificate that node presented.
     IssueNodeCertificate(crate::state::NodeCertificate),
+    /// The leader's report of one attempt at an external effect (see `state::effects`):
+    /// `error` is `None` on success; `retry_at_ms` is the stamped, jittered time of the next
+    /// attempt after a failure.
+    SettleEffect {
+        seq: u64,
+        attempt: u32,
+        error: Option<String>,
+        retry_at_ms: u64,
+    },
 }
 
 /// How long the state keeps what is of no further use, in seconds after the time it stopped
@@ -1022,6 +1031,7 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         | Op::Compact { .. }
         | Op::AddAuditKey { .. }
         | Op::AuditCheckpoint { .. }
-        | Op::IssueNodeCertificate(_) => return None,
+        | Op::IssueNodeCertificate(_)
+        | Op::SettleEffect { .. } => return None,
     })
 }

@@ -117,6 +117,16 @@ pub enum Error {
     NotRenewable { lease: String, how: String },
     #[error("{0} has no row in the method table; refused")]
     UnknownMethod(String),
+    #[error("no external effect {seq}")]
+    EffectNotFound { seq: u64 },
+    /// An outcome for an attempt the effect does not await (a duplicate, or a deposed
+    /// leader's late report): it settles nothing.
+    #[error("external effect {seq} is {state}; an outcome for attempt {attempt} settles nothing")]
+    EffectNotAwaiting {
+        seq: u64,
+        state: String,
+        attempt: u32,
+    },
     #[error("{what} {value:?} is not allowed by role {role:?} (allowed: {allowed})")]
     NotAllowedByRole {
         /// `principal`, `extension`, `critical option`, `host name`.
@@ -163,7 +173,8 @@ impl Error {
             | NoScopeGranted { .. }
             | SelfApproval { .. }
             | BreakGlassApproval(_) => ErrorCode::PermissionDenied,
-            ProposalNotFound(_) => ErrorCode::NotFound,
+            ProposalNotFound(_) | EffectNotFound { .. } => ErrorCode::NotFound,
+            EffectNotAwaiting { .. } => ErrorCode::FailedPrecondition,
             RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
                 ErrorCode::ResourceExhausted
             }
@@ -217,6 +228,8 @@ impl Error {
             KindMismatch { .. } => "kind_mismatch",
             NotRenewable { .. } => "not_renewable",
             UnknownMethod(_) => "unknown_method",
+            EffectNotFound { .. } => "effect_not_found",
+            EffectNotAwaiting { .. } => "effect_not_awaiting",
             NotAllowedByRole { .. } => "not_allowed_by_role",
         }
     }
@@ -286,6 +299,16 @@ impl Error {
                 ("live", live.to_string()),
             ],
             Quarantined(id) => vec![("identity", id.clone())],
+            EffectNotFound { seq } => vec![("effect", seq.to_string())],
+            EffectNotAwaiting {
+                seq,
+                state,
+                attempt,
+            } => vec![
+                ("effect", seq.to_string()),
+                ("state", state.clone()),
+                ("attempt", attempt.to_string()),
+            ],
             ClockSkew {
                 offset_ms,
                 bound_ms,

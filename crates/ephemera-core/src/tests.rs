@@ -2035,3 +2035,262 @@ fn node_certificates_are_issued_by_the_leader_only_with_a_ca_and_bounded_fields(
     assert_eq!(rec.subject.as_deref(), Some("spiffe://td/ephemera/node/2"));
     assert_eq!(rec.details["serial"], hex::encode([9; 16]));
 }
+
+// ------------------------------------------------------------------------------------------
+// External effects (state::effects)
+// ------------------------------------------------------------------------------------------
+
+mod effects {
+    use super::*;
+    use crate::state::effects::{self as fx, EffectAction, EffectStatus, FAILED_AFTER_ATTEMPTS};
+
+    /// Records an effect as the lease logic will: inside an overlay, committed with its entry.
+    fn record(w: &mut World, lease: &str, target: &str, action: EffectAction) -> u64 {
+        let (seq, writes) = {
+            let mut ov = Overlay::new(&w.kv);
+            let seq = fx::record(&mut ov, w.now, lease, target, action).unwrap();
+            (seq, ov.into_writes())
+        };
+        w.kv.commit(writes);
+        seq
+    }
+
+    fn settle(w: &mut World, seq: u64, error: Option<&str>, jitter: u16) -> ApplyResult {
+        let e = fx::effect(&w.kv, seq).unwrap().unwrap();
+        let cmd = fx::settle_command(&e, error.map(String::from), w.now, jitter);
+        apply_to(&mut w.kv, &cmd)
+    }
+
+    fn due(w: &World, target: &str) -> Vec<(String, &'static str)> {
+        fx::due(&w.kv, target, w.now, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.lease_id, e.action.name()))
+            .collect()
+    }
+
+    fn pair(lease: &str, action: &'static str) -> (String, &'static str) {
+        (lease.to_string(), action)
+    }
+
+    #[test]
+    fn a_drop_supersedes_and_is_retried_with_backoff_until_it_is_done() {
+        let mut w = World::new();
+        let t = "postgres/orders";
+        let now = w.now;
+        let create = record(
+            &mut w,
+            "l_a",
+            t,
+            EffectAction::Create {
+                valid_until_ms: now + 60_000,
+            },
+        );
+        assert_eq!(due(&w, t), vec![pair("l_a", "create")]);
+        let drop = record(&mut w, "l_a", t, EffectAction::Drop);
+        let superseded = fx::effect(&w.kv, create).unwrap().unwrap();
+        assert_eq!(superseded.status, EffectStatus::Superseded { by_seq: drop });
+        assert_eq!(due(&w, t), vec![pair("l_a", "drop")]);
+
+        // An outcome for an attempt the effect does not await settles nothing.
+        let before = fx::effect(&w.kv, drop).unwrap().unwrap();
+        let cmd = Command {
+            now_ms: w.now,
+            actor: Principal::system(),
+            op: Op::SettleEffect {
+                seq: drop,
+                attempt: 2,
+                error: None,
+                retry_at_ms: 0,
+            },
+        };
+        let stale = apply_to(&mut w.kv, &cmd).unwrap_err();
+        assert!(
+            matches!(stale, Error::EffectNotAwaiting { attempt: 2, .. }),
+            "{stale}"
+        );
+        assert_eq!(fx::effect(&w.kv, drop).unwrap().unwrap(), before);
+        // Only the leader reports outcomes.
+        let forged = Command {
+            actor: Principal::bootstrap_admin(),
+            ..fx::settle_command(&before, None, w.now, 0)
+        };
+        assert!(matches!(
+            apply_to(&mut w.kv, &forged),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            apply_to(
+                &mut w.kv,
+                &Command {
+                    op: Op::SettleEffect {
+                        seq: 999,
+                        attempt: 1,
+                        error: None,
+                        retry_at_ms: 0
+                    },
+                    ..cmd.clone()
+                }
+            ),
+            Err(Error::EffectNotFound { seq: 999 })
+        ));
+
+        // Failures: kept with their error, not due until the stamped retry time, "failed"
+        // after FAILED_AFTER_ATTEMPTS and still retried.
+        for attempt in 1..=FAILED_AFTER_ATTEMPTS {
+            settle(&mut w, drop, Some("connection refused"), 1000).unwrap();
+            let e = fx::effect(&w.kv, drop).unwrap().unwrap();
+            assert_eq!(e.attempts, attempt);
+            assert_eq!(e.last_error.as_deref(), Some("connection refused"));
+            assert_eq!(
+                e.not_before_ms,
+                w.now + fx::retry_delay_ms(attempt - 1, 1000)
+            );
+            assert!(due(&w, t).is_empty(), "due before its retry time");
+            w.now = e.not_before_ms;
+            assert_eq!(due(&w, t), vec![pair("l_a", "drop")]);
+        }
+        let failed = fx::effect(&w.kv, drop).unwrap().unwrap();
+        assert_eq!(failed.state_name(), "failed");
+        assert!(fx::targets_with_pending(&w.kv).unwrap() == vec![t.to_string()]);
+
+        settle(&mut w, drop, None, 0).unwrap();
+        let done = fx::effect(&w.kv, drop).unwrap().unwrap();
+        assert_eq!(done.status, EffectStatus::Done { at_ms: w.now });
+        assert!(due(&w, t).is_empty());
+        assert!(fx::targets_with_pending(&w.kv).unwrap().is_empty());
+        // A duplicate report of the success (a retried proposal) settles nothing.
+        let dup = fx::settle_command(&failed, None, w.now, 0);
+        assert!(matches!(
+            apply_to(&mut w.kv, &dup),
+            Err(Error::EffectNotAwaiting { .. })
+        ));
+        assert_eq!(fx::effect(&w.kv, drop).unwrap().unwrap(), done);
+        let history: Vec<_> = fx::effects_of_lease(&w.kv, "l_a")
+            .unwrap()
+            .iter()
+            .map(|e| e.state_name())
+            .collect();
+        assert_eq!(history, ["superseded", "done"]);
+    }
+
+    #[test]
+    fn targets_are_independent_and_a_lease_runs_its_effects_in_order() {
+        let mut w = World::new();
+        let (a, b) = ("postgres/a", "postgres/b");
+        let now = w.now;
+        let down = record(&mut w, "l_1", b, EffectAction::Drop);
+        let create = record(
+            &mut w,
+            "l_2",
+            a,
+            EffectAction::Create {
+                valid_until_ms: now + 1,
+            },
+        );
+        let extend = record(
+            &mut w,
+            "l_2",
+            a,
+            EffectAction::Extend {
+                valid_until_ms: now + 2,
+            },
+        );
+        record(&mut w, "l_3", a, EffectAction::Drop);
+        // A failing database holds back nothing at another.
+        settle(&mut w, down, Some("timeout"), 500).unwrap();
+        assert!(due(&w, b).is_empty());
+        // The extend waits for its lease's create; another lease's effect does not.
+        assert_eq!(due(&w, a), vec![pair("l_2", "create"), pair("l_3", "drop")]);
+        settle(&mut w, create, None, 0).unwrap();
+        assert_eq!(due(&w, a), vec![pair("l_2", "extend"), pair("l_3", "drop")]);
+        // A newer extend supersedes the older one: only the latest validity matters.
+        let newer = record(
+            &mut w,
+            "l_2",
+            a,
+            EffectAction::Extend {
+                valid_until_ms: now + 3,
+            },
+        );
+        assert_eq!(
+            fx::effect(&w.kv, extend).unwrap().unwrap().status,
+            EffectStatus::Superseded { by_seq: newer }
+        );
+        assert_eq!(
+            fx::due(&w.kv, a, w.now, 1).unwrap().len(),
+            1,
+            "the limit holds"
+        );
+        assert_eq!(
+            fx::targets_with_pending(&w.kv).unwrap(),
+            vec![a.to_string(), b.to_string()]
+        );
+
+        // Abandoning stops every pending effect of the lease, recording who and why.
+        let (gone, writes) = {
+            let mut ov = Overlay::new(&w.kv);
+            let gone = fx::abandon(
+                &mut ov,
+                w.now,
+                "l_1",
+                "spiffe://td/admin",
+                "dropped by hand",
+            )
+            .unwrap();
+            (gone, ov.into_writes())
+        };
+        w.kv.commit(writes);
+        assert_eq!(gone.len(), 1);
+        assert!(matches!(
+            &fx::effect(&w.kv, down).unwrap().unwrap().status,
+            EffectStatus::Abandoned { by, reason, .. } if by == "spiffe://td/admin" && reason == "dropped by hand"
+        ));
+        w.now += 3_600_000;
+        assert!(due(&w, b).is_empty());
+        assert_eq!(
+            fx::targets_with_pending(&w.kv).unwrap(),
+            vec![a.to_string()]
+        );
+        // Every key the effects wrote is domain state: in the digest, equal on every node.
+        for (k, _) in w.kv.range(b"", &[0xff], usize::MAX).unwrap() {
+            assert!(
+                state::STATE_PREFIXES
+                    .iter()
+                    .any(|p| k.starts_with(p.as_bytes())),
+                "{} is outside STATE_PREFIXES",
+                String::from_utf8_lossy(&k)
+            );
+        }
+    }
+
+    #[test]
+    fn retry_delays_double_to_a_cap_and_spread_with_jitter() {
+        let cases = [
+            (0, 0, 250),
+            (0, 1000, 500),
+            (1, 0, 500),
+            (3, 500, 3_000),
+            (7, 1000, 60_000),
+            (40, 0, 30_000),
+            (u32::MAX, 1000, 60_000),
+        ];
+        for (attempts, jitter, want) in cases {
+            assert_eq!(
+                fx::retry_delay_ms(attempts, jitter),
+                want,
+                "{attempts} {jitter}"
+            );
+        }
+        for jitter in [0, 333, 1000] {
+            let delays: Vec<u64> = (0..30).map(|a| fx::retry_delay_ms(a, jitter)).collect();
+            assert!(delays.windows(2).all(|d| d[0] <= d[1]), "{delays:?}");
+        }
+        for name in ["postgres/orders", "a.b:c-d_e"] {
+            assert!(fx::valid_target(name), "{name}");
+        }
+        for name in ["", "a\0b", "a b", &"x".repeat(fx::MAX_TARGET_LEN + 1)] {
+            assert!(!fx::valid_target(name), "{name:?}");
+        }
+    }
+}

@@ -6,8 +6,10 @@
 //! `ix/dl/{deadline:016x}/{id}` deadline index of active leases (expiry reads only the due head),
 //! `ix/sub/{subject}\0{id}`, `ix/role/{role}\0{id}`, `ix/kid/{kid}\0{id}` secondary indexes,
 //! `req/{client}\0{request_id}` idempotency records, `audit/r/{seq:016x}` the audit chain,
-//! `pol/v/{version:016x}` committed policy set versions, `pol/p/{id}` policy proposals.
+//! `pol/v/{version:016x}` committed policy set versions, `pol/p/{id}` policy proposals,
+//! `fx/*` external effects and their indexes (see [`effects`]).
 
+pub mod effects;
 mod governance;
 mod identity;
 mod leases;
@@ -84,8 +86,8 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "akey/", "audit/", "cnt/", "ix/", "jt/", "key/", "lease/", "meta/", "pol/", "quar/",
-    "req/", "role/", "sshca/",
+    "aj/", "akey/", "audit/", "cnt/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/", "ncert/",
+    "pol/", "quar/", "req/", "role/", "sshca/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -314,6 +316,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::AddAuditKey { .. } => "auditkey.add",
         Op::AuditCheckpoint { .. } => "audit.checkpoint",
         Op::IssueNodeCertificate(_) => "nodecert.issue",
+        Op::SettleEffect { .. } => "effect.settle",
     }
 }
 
@@ -553,6 +556,18 @@ fn apply_op<R: KvRead + ?Sized>(
             signature,
         } => audit_checkpoint(kv, actor, now, (*seq, hash, kid, signature), audit),
         Op::IssueNodeCertificate(cert) => node_certs::issue(kv, actor, now, cert, audit),
+        Op::SettleEffect {
+            seq,
+            attempt,
+            error,
+            retry_at_ms,
+        } => effects::settle_op(
+            kv,
+            actor,
+            now,
+            (*seq, *attempt, error.as_deref(), *retry_at_ms),
+            audit,
+        ),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());
