@@ -78,8 +78,12 @@ fn create(dir: &Path, args: &DevArgs) -> Result<LocalCluster> {
                 tls.node_cert_ttl_s = args.node_cert_ttl_s;
             }
             for (name, text) in &overlays {
-                *c = ephemera_testkit::overlay::apply(c, text)
-                    .map_err(|e| ephemera_testkit::Error::NotReady(format!("{name}: {e}")))?;
+                *c = ephemera_testkit::overlay::apply(c, text).map_err(|e| {
+                    ephemera_node::config::ConfigError::Invalid(format!(
+                        "{}: {e}",
+                        dir.join(name).display()
+                    ))
+                })?;
             }
             Ok(())
         })?;

@@ -226,7 +226,7 @@ impl LocalCluster {
         edit: impl FnOnce(&mut NodeConfig) -> Result<()>,
     ) -> Result<&NodeConfig> {
         if self.nodes.contains_key(&id) || self.layout.node_config(id).exists() {
-            return Err(Error::NotReady(format!("node {id} is already configured")));
+            return Err(Error::Refused(format!("node {id} is already configured")));
         }
         let dir = self.layout.node_dir(id);
         io(std::fs::create_dir_all(&dir), || {
@@ -307,7 +307,7 @@ impl LocalCluster {
     /// storage lock).
     pub fn spawn(&mut self, id: u64) -> Result<u32> {
         if self.is_running(id) {
-            return Err(Error::NotReady(format!(
+            return Err(Error::Refused(format!(
                 "node {id} is still running; stop or kill it first"
             )));
         }

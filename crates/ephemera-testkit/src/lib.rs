@@ -28,8 +28,12 @@ pub enum Error {
     Config(#[from] ephemera_node::config::ConfigError),
     #[error(transparent)]
     Client(#[from] ephemera_client::ClientError),
+    /// A node did not answer, elect or exit in time.
     #[error("{0}")]
     NotReady(String),
+    /// The cluster is not in a state for the call (the node exists, or still runs).
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
