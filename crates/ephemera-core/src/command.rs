@@ -212,6 +212,18 @@ pub enum Intent {
         jti: String,
         expires_at_ms: u64,
     },
+    /// Create or replace a database connection (its password sealed by the receiving node).
+    PutDbConnection(crate::state::DbConnection),
+    DeleteDbConnection {
+        name: String,
+        /// Revoke the leases whose logins are on it and abandon their effects.
+        force: bool,
+    },
+    /// Stop retrying a lease's external effects (an administrator cleaned up by hand).
+    AbandonLease {
+        lease_id: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +349,15 @@ pub enum Op {
         attempt: u32,
         error: Option<String>,
         retry_at_ms: u64,
+    },
+    PutDbConnection(crate::state::DbConnection),
+    DeleteDbConnection {
+        name: String,
+        force: bool,
+    },
+    AbandonLease {
+        lease_id: String,
+        reason: String,
     },
 }
 
@@ -534,6 +555,9 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::ReleaseQuarantine { identity } => Op::ReleaseQuarantine { identity },
         Intent::SetBreakGlass { credential_hash } => Op::SetBreakGlass { credential_hash },
         Intent::RecordRefusal(r) => Op::RecordRefusal(r),
+        Intent::PutDbConnection(c) => Op::PutDbConnection(c),
+        Intent::DeleteDbConnection { name, force } => Op::DeleteDbConnection { name, force },
+        Intent::AbandonLease { lease_id, reason } => Op::AbandonLease { lease_id, reason },
         Intent::RotateAuditKey => {
             let (kid, public_key, sealed_private_key) = new_sealed_key(kek, entropy);
             Op::AddAuditKey {
@@ -840,6 +864,12 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             }
             Ok(())
         }
+        Intent::PutDbConnection(c) => crate::state::validate_db_connection(c),
+        Intent::DeleteDbConnection { name, .. } => validate_name("connection name", name),
+        Intent::AbandonLease { lease_id, reason } => {
+            validate_lease_id(lease_id)?;
+            validate_text("the reason", reason, MAX_PURPOSE_LEN, true)
+        }
         Intent::SetBreakGlass { credential_hash } => match credential_hash.len() {
             0 | 32 => Ok(()),
             _ => Err(invalid(
@@ -1022,6 +1052,15 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
             expires_at_ms: *expires_at_ms,
         },
         Op::RecordRefusal(r) => Intent::RecordRefusal(r.clone()),
+        Op::PutDbConnection(c) => Intent::PutDbConnection(c.clone()),
+        Op::DeleteDbConnection { name, force } => Intent::DeleteDbConnection {
+            name: name.clone(),
+            force: *force,
+        },
+        Op::AbandonLease { lease_id, reason } => Intent::AbandonLease {
+            lease_id: lease_id.clone(),
+            reason: reason.clone(),
+        },
         Op::SetBreakGlass { credential_hash } => Intent::SetBreakGlass {
             credential_hash: credential_hash.clone(),
         },

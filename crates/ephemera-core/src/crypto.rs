@@ -51,6 +51,23 @@ impl Kek {
     }
 }
 
+impl Kek {
+    /// A secret for one lease, derived from the KEK: HMAC-SHA256 keyed by the KEK over a
+    /// purpose label and the lease id. A PostgreSQL login's password is drawn from it on the
+    /// node that answers and on the leader's executor, so it is never written anywhere. (A new
+    /// KEK derives other secrets; only logins still being created would notice.)
+    pub fn lease_secret(&self, purpose: &str, lease_id: &str) -> Zeroizing<[u8; 32]> {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
+        mac.update(b"ephemera/lease-secret/v1\0");
+        mac.update(purpose.as_bytes());
+        mac.update(b"\0");
+        mac.update(lease_id.as_bytes());
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
+}
+
 impl Drop for Kek {
     fn drop(&mut self) {
         self.0.zeroize();

@@ -127,6 +127,16 @@ pub enum Error {
         state: String,
         attempt: u32,
     },
+    #[error("unknown database connection {0:?}")]
+    UnknownConnection(String),
+    /// A connection still has logins (live, or still being dropped) on its database.
+    #[error(
+        "database connection {name:?} still has {leases} lease(s) whose logins exist or are \
+         being dropped; revoke them and wait, or delete with --force (abandons them)"
+    )]
+    ConnectionInUse { name: String, leases: u64 },
+    #[error("lease {0} has no external effect left to abandon")]
+    NothingToAbandon(String),
     #[error("{what} {value:?} is not allowed by role {role:?} (allowed: {allowed})")]
     NotAllowedByRole {
         /// `principal`, `extension`, `critical option`, `host name`.
@@ -175,6 +185,8 @@ impl Error {
             | BreakGlassApproval(_) => ErrorCode::PermissionDenied,
             ProposalNotFound(_) | EffectNotFound { .. } => ErrorCode::NotFound,
             EffectNotAwaiting { .. } => ErrorCode::FailedPrecondition,
+            UnknownConnection(_) => ErrorCode::NotFound,
+            ConnectionInUse { .. } | NothingToAbandon(_) => ErrorCode::FailedPrecondition,
             RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
                 ErrorCode::ResourceExhausted
             }
@@ -230,6 +242,9 @@ impl Error {
             UnknownMethod(_) => "unknown_method",
             EffectNotFound { .. } => "effect_not_found",
             EffectNotAwaiting { .. } => "effect_not_awaiting",
+            UnknownConnection(_) => "unknown_connection",
+            ConnectionInUse { .. } => "connection_in_use",
+            NothingToAbandon(_) => "nothing_to_abandon",
             NotAllowedByRole { .. } => "not_allowed_by_role",
         }
     }
@@ -299,6 +314,11 @@ impl Error {
                 ("live", live.to_string()),
             ],
             Quarantined(id) => vec![("identity", id.clone())],
+            UnknownConnection(name) => vec![("connection", name.clone())],
+            ConnectionInUse { name, leases } => {
+                vec![("connection", name.clone()), ("leases", leases.to_string())]
+            }
+            NothingToAbandon(l) => vec![("lease", l.clone())],
             EffectNotFound { seq } => vec![("effect", seq.to_string())],
             EffectNotAwaiting {
                 seq,

@@ -2294,3 +2294,615 @@ mod effects {
         }
     }
 }
+
+mod postgres_kind {
+    use super::*;
+    use crate::kind::postgres::{
+        self as pg, password_from_seed, CharClass, PasswordPolicy, MAX_USERNAME_LEN,
+    };
+    use crate::state::effects::{self as fx, EffectAction};
+    use crate::state::{DbConnection, SslMode};
+
+    const TARGET: &str = "postgres/orders";
+
+    fn connection(name: &str) -> DbConnection {
+        DbConnection {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: "orders".into(),
+            user: "ephemera_admin".into(),
+            sslmode: SslMode::Require,
+            ca_pem: None,
+            sealed_password: vec![7; 60],
+            pending_sealed_password: None,
+            updated_ms: 0,
+        }
+    }
+
+    fn spec(connection: &str) -> pg::Spec {
+        pg::Spec {
+            connection: connection.into(),
+            creation_statements: vec![
+                "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}"
+                    .into(),
+                "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}".into(),
+            ],
+            revocation_statements: vec![],
+            renew_statements: vec![],
+            username_template: pg::DEFAULT_USERNAME_TEMPLATE.into(),
+            terminate_sessions: true,
+            password: PasswordPolicy::default(),
+        }
+    }
+
+    fn role(name: &str, spec: pg::Spec) -> Role {
+        Role {
+            name: name.into(),
+            spec: RoleSpec::Postgres(spec),
+            default_ttl_s: 600,
+            max_ttl_s: 3600,
+            environment: None,
+            target: None,
+            revoke_on_renewal_denied: false,
+            issue_rate_per_identity: None,
+            issue_rate: None,
+            max_live_leases_per_identity: None,
+            max_live_leases: None,
+        }
+    }
+
+    fn login(role: &str) -> IssueIntent {
+        IssueIntent {
+            role: role.into(),
+            request: KindRequest::Postgres(pg::Request {}),
+            purpose: None,
+            ..web(None)
+        }
+    }
+
+    /// A world with the `orders` connection and the `reporting` role on it.
+    fn world() -> World {
+        let mut w = World::new();
+        w.admin(Intent::PutDbConnection(connection("orders")))
+            .unwrap();
+        w.admin(Intent::PutRole(role("reporting", spec("orders"))))
+            .unwrap();
+        w
+    }
+
+    /// Everything but the audit chain (a refusal is audited, and must change nothing else).
+    fn domain(w: &World) -> Vec<(Vec<u8>, Vec<u8>)> {
+        w.kv.range(b"", &[0xff], usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| {
+                !k.starts_with(b"audit/")
+                    && k.as_slice() != b"meta/audit_head"
+                    && k.as_slice() != b"meta/time"
+            })
+            .collect()
+    }
+
+    fn state_of(w: &World, lease: &str) -> &'static str {
+        let l = w.lease(lease);
+        fx::lease_state(&l, &fx::effects_of_lease(&w.kv, lease).unwrap())
+    }
+
+    /// The leader's executor reporting one attempt at the oldest due effect of the target.
+    fn run_once(w: &mut World, error: Option<&str>) -> (String, &'static str) {
+        let due = fx::due(&w.kv, TARGET, w.now, 1).unwrap();
+        let e = due.first().expect("an effect is due").clone();
+        let cmd = fx::settle_command(&e, error.map(String::from), w.now, 500);
+        apply_to(&mut w.kv, &cmd).unwrap();
+        (e.lease_id, e.action.name())
+    }
+
+    #[test]
+    fn role_specs_are_checked_precisely() {
+        let mut no_name = spec("orders");
+        no_name.creation_statements = vec!["CREATE ROLE x PASSWORD {{password}}".into()];
+        let mut no_password = spec("orders");
+        no_password.creation_statements = vec!["CREATE ROLE {{name}} LOGIN".into()];
+        let mut unknown = spec("orders");
+        unknown.creation_statements[0].push_str(" {{nmae}}");
+        let mut unclosed = spec("orders");
+        unclosed.creation_statements[0].push_str(" {{name");
+        let mut no_statements = spec("orders");
+        no_statements.creation_statements.clear();
+        let mut revocation_without_name = spec("orders");
+        revocation_without_name.revocation_statements = vec!["DROP ROLE x".into()];
+        let mut renew_password = spec("orders");
+        renew_password.renew_statements = vec!["ALTER ROLE {{name}} PASSWORD {{password}}".into()];
+        let template = |t: &str| {
+            let mut s = spec("orders");
+            s.username_template = t.into();
+            s
+        };
+        let mut short_password = spec("orders");
+        short_password.password.length = 8;
+        let mut no_classes = spec("orders");
+        no_classes.password.classes.clear();
+        let cases: Vec<(&str, pg::Spec, &str)> = vec![
+            ("no {{name}}", no_name, "never name the login"),
+            ("no {{password}}", no_password, "{{password}}"),
+            (
+                "unknown placeholder",
+                unknown,
+                "unknown placeholder {{nmae}}",
+            ),
+            ("unclosed placeholder", unclosed, "unclosed placeholder"),
+            (
+                "no creation statements",
+                no_statements,
+                "1 to 16 statements",
+            ),
+            (
+                "revocation without name",
+                revocation_without_name,
+                "never name",
+            ),
+            (
+                "password in renew",
+                renew_password,
+                "unknown placeholder {{password}}",
+            ),
+            (
+                "no random",
+                template("eph_{{role}}"),
+                "{{random}} exactly once",
+            ),
+            (
+                "two randoms",
+                template("{{random}}{{random}}"),
+                "exactly once",
+            ),
+            (
+                "quote in template",
+                template("eph\"_{{random}}"),
+                "not '\"'",
+            ),
+            ("upper case", template("Eph_{{random}}"), "not 'E'"),
+            (
+                "too long",
+                template(&format!("{}{{{{random}}}}", "a".repeat(32))),
+                "64 bytes",
+            ),
+            ("bad connection name", spec("no/slash"), "connection name"),
+            ("short password", short_password, "password length"),
+            ("no classes", no_classes, "character class"),
+        ];
+        let mut w = world();
+        for (what, s, needle) in cases {
+            let before = domain(&w);
+            let err = w
+                .admin(Intent::PutRole(role("bad", s)))
+                .expect_err(what)
+                .to_string();
+            assert!(err.contains(needle), "{what}: {err}");
+            assert_eq!(domain(&w), before, "{what} changed the state");
+        }
+        // A role on a connection that does not exist.
+        let before = domain(&w);
+        let err = w
+            .admin(Intent::PutRole(role("bad", spec("billing"))))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownConnection(ref c) if c == "billing"),
+            "{err}"
+        );
+        assert_eq!(domain(&w), before);
+        // The widest template that fits, fits.
+        let widest = format!("{}{{{{random}}}}", "a".repeat(MAX_USERNAME_LEN - 32));
+        w.admin(Intent::PutRole(role("wide", {
+            let mut s = spec("orders");
+            s.username_template = widest;
+            s
+        })))
+        .unwrap();
+    }
+
+    #[test]
+    fn usernames_are_unique_valid_and_at_most_63_bytes() {
+        let id = "l_00112233445566778899aabbccddeeff";
+        let name = pg::username(pg::DEFAULT_USERNAME_TEMPLATE, "Reporting.EU", id, T0).unwrap();
+        assert_eq!(name, "eph_reporting_eu_00112233445566778899aabbccddeeff");
+        let long_role = "r".repeat(64);
+        // One byte too many at the widest expansion is refused when the role is put.
+        assert!(pg::validate_username_template("{{role}}-{{unix_time}}-{{random}}").is_err());
+        let t = "{{role}}{{unix_time}}-{{random}}";
+        pg::validate_username_template(t).unwrap();
+        let name = pg::username(t, &long_role, id, T0).unwrap();
+        assert_eq!(name.len(), MAX_USERNAME_LEN);
+        assert!(name.starts_with(&format!("{}1700000000-", "r".repeat(20))));
+        // A lease id that is not the leader's 128 random bits is refused, not truncated.
+        assert!(pg::username(t, "r", "l_short", T0).is_err());
+
+        let mut w = world();
+        let a = w.issue(login("reporting")).unwrap();
+        let b = w.issue(login("reporting")).unwrap();
+        let (Grant::Postgres(ga), Grant::Postgres(gb)) = (&a.grant, &b.grant) else {
+            panic!("postgres grants");
+        };
+        assert_ne!(ga.username, gb.username);
+        assert!(ga.username.ends_with(a.id.strip_prefix("l_").unwrap()));
+        assert_eq!(ga.connection, "orders");
+    }
+
+    use crate::kind::Grant;
+
+    #[test]
+    fn passwords_follow_the_policy_and_are_derived_not_stored() {
+        let every = PasswordPolicy {
+            length: 16,
+            classes: CharClass::ALL.into_iter().collect(),
+        };
+        let digits = PasswordPolicy {
+            length: 20,
+            classes: [CharClass::Digit].into(),
+        };
+        for seed in 0..200u8 {
+            let p = password_from_seed(&[seed; 32], &every);
+            assert_eq!(p.len(), 16);
+            assert!(p.bytes().any(|b| b.is_ascii_lowercase()), "{seed}");
+            assert!(p.bytes().any(|b| b.is_ascii_uppercase()), "{seed}");
+            assert!(p.bytes().any(|b| b.is_ascii_digit()), "{seed}");
+            assert!(
+                p.bytes().any(|b| pg::SYMBOLS.as_bytes().contains(&b)),
+                "{seed}"
+            );
+            let d = password_from_seed(&[seed; 32], &digits);
+            assert!(d.len() == 20 && d.bytes().all(|b| b.is_ascii_digit()));
+        }
+        // Deterministic per seed, different across seeds.
+        assert_eq!(
+            *password_from_seed(&[1; 32], &every),
+            *password_from_seed(&[1; 32], &every)
+        );
+        assert_ne!(
+            *password_from_seed(&[1; 32], &every),
+            *password_from_seed(&[2; 32], &every)
+        );
+        // From the KEK and the lease id: another lease or another KEK, another password.
+        let policy = PasswordPolicy::default();
+        let k1 = Kek::from_bytes([1; 32]);
+        let k2 = Kek::from_bytes([2; 32]);
+        let p = pg::password(&k1, "l_a", &policy);
+        assert_eq!(p.len(), 32);
+        assert_eq!(*p, *pg::password(&k1, "l_a", &policy));
+        assert_ne!(*p, *pg::password(&k1, "l_b", &policy));
+        assert_ne!(*p, *pg::password(&k2, "l_a", &policy));
+
+        // Nothing the state machine writes holds it, nor does the log.
+        let mut w = world();
+        let lease = w.issue(login("reporting")).unwrap();
+        let Grant::Postgres(g) = &lease.grant else {
+            panic!()
+        };
+        let password = pg::password(&w.kek, &lease.id, &g.password);
+        let needle = password.as_bytes();
+        for (k, v) in w.kv.range(b"", &[0xff], usize::MAX).unwrap() {
+            assert!(
+                !v.windows(needle.len()).any(|win| win == needle),
+                "the password is in {}",
+                String::from_utf8_lossy(&k)
+            );
+        }
+        for cmd in &w.log {
+            let bytes = bincode::serialize(cmd).unwrap();
+            assert!(!bytes.windows(needle.len()).any(|win| win == needle));
+        }
+    }
+
+    #[test]
+    fn a_login_goes_pending_active_revoking_revoked_through_its_effects() {
+        let mut w = world();
+        let lease = w.issue(login("reporting")).unwrap();
+        assert_eq!(lease.kid, "", "nothing signs a login");
+        assert_eq!(state_of(&w, &lease.id), "pending");
+        assert_eq!(fx::holders(&w.kv, TARGET).unwrap(), vec![lease.id.clone()]);
+        assert_eq!(run_once(&mut w, None), (lease.id.clone(), "create"));
+        assert_eq!(state_of(&w, &lease.id), "active");
+        assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+
+        // A renewal moves the login's validity.
+        w.now += 60_000;
+        let renewed = w.renew(&lease.id, Some(1200)).unwrap();
+        assert_eq!(renewed.expires_at_ms, w.now + 1_200_000);
+        let due = fx::due(&w.kv, TARGET, w.now, 10).unwrap();
+        assert_eq!(
+            due[0].action,
+            EffectAction::Extend {
+                valid_until_ms: renewed.expires_at_ms
+            }
+        );
+        assert_eq!(state_of(&w, &lease.id), "active");
+
+        // Revoked: inactive in the cluster at once, the drop replaces the pending extend.
+        w.admin(Intent::Revoke(RevokeTarget::Lease(lease.id.clone())))
+            .unwrap();
+        assert!(!w.lease(&lease.id).is_active_at(w.now));
+        assert_eq!(state_of(&w, &lease.id), "revoking");
+        let due = fx::due(&w.kv, TARGET, w.now, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].action, EffectAction::Drop);
+
+        // The database is down: retried with backoff, failed after five attempts, never lost.
+        for attempt in 1..=fx::FAILED_AFTER_ATTEMPTS {
+            assert_eq!(
+                run_once(&mut w, Some("connection refused")),
+                (lease.id.clone(), "drop")
+            );
+            assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+            let e = &fx::effects_of_lease(&w.kv, &lease.id).unwrap()[2];
+            assert_eq!(e.attempts, attempt);
+            assert_eq!(e.last_error.as_deref(), Some("connection refused"));
+            w.now = e.not_before_ms;
+        }
+        assert_eq!(state_of(&w, &lease.id), "failed");
+        assert_eq!(fx::holders(&w.kv, TARGET).unwrap(), vec![lease.id.clone()]);
+        // The database is back: dropped, and the lease is revoked for good.
+        assert_eq!(run_once(&mut w, None), (lease.id.clone(), "drop"));
+        assert_eq!(state_of(&w, &lease.id), "revoked");
+        assert!(fx::holders(&w.kv, TARGET).unwrap().is_empty());
+        let actions: Vec<_> = fx::effects_of_lease(&w.kv, &lease.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.action.name(), e.state_name()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("create", "done"),
+                ("extend", "superseded"),
+                ("drop", "done")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_expired_login_is_dropped_and_kept_until_it_is() {
+        let mut w = world();
+        let lease = w
+            .issue(IssueIntent {
+                ttl_s: Some(10),
+                ..login("reporting")
+            })
+            .unwrap();
+        run_once(&mut w, None);
+        w.now += 11_000;
+        w.kv_apply_expire();
+        assert_eq!(state_of(&w, &lease.id), "revoking");
+        assert_eq!(run_once(&mut w, Some("timeout")).1, "drop");
+        // Retention does not forget a lease whose login may still exist.
+        let retention = Retention {
+            dead_lease_s: 1,
+            ..Retention::default()
+        };
+        let compact = |w: &mut World| {
+            let cmd = Command {
+                now_ms: w.now,
+                actor: Principal::system(),
+                op: Op::Compact {
+                    retention,
+                    limit: 100,
+                },
+            };
+            apply_to(&mut w.kv, &cmd).unwrap();
+        };
+        w.now += 5_000;
+        compact(&mut w);
+        assert_eq!(state_of(&w, &lease.id), "revoking");
+        run_once(&mut w, None);
+        assert_eq!(state_of(&w, &lease.id), "expired");
+        // Once dropped, the lease and its effects go together after another period.
+        w.now += 5_000;
+        compact(&mut w);
+        assert!(state::get_lease(&w.kv, &lease.id).unwrap().is_none());
+        assert!(fx::effects_of_lease(&w.kv, &lease.id).unwrap().is_empty());
+        assert!(w
+            .kv
+            .range(b"fx/e/", b"fx/e0", usize::MAX)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn connections_are_admin_only_validated_and_not_deleted_under_live_logins() {
+        let mut w = world();
+        // Only an administrator; bad connections change nothing.
+        let before = domain(&w);
+        let stranger = Principal::svid(
+            "spiffe://example.org/web".into(),
+            "example.org".into(),
+            false,
+        );
+        assert!(matches!(
+            w.propose(stranger, Intent::PutDbConnection(connection("x"))),
+            Err(Error::PermissionDenied(_))
+        ));
+        let cases: Vec<(&str, DbConnection, &str)> = vec![
+            (
+                "verify-full without a CA",
+                DbConnection {
+                    sslmode: SslMode::VerifyFull,
+                    ..connection("x")
+                },
+                "--ca-file",
+            ),
+            (
+                "a CA that is not PEM",
+                DbConnection {
+                    ca_pem: Some("junk".into()),
+                    ..connection("x")
+                },
+                "PEM",
+            ),
+            (
+                "port 0",
+                DbConnection {
+                    port: 0,
+                    ..connection("x")
+                },
+                "port",
+            ),
+            (
+                "a host with a space",
+                DbConnection {
+                    host: "a b".into(),
+                    ..connection("x")
+                },
+                "host",
+            ),
+            (
+                "no sealed password",
+                DbConnection {
+                    sealed_password: vec![],
+                    ..connection("x")
+                },
+                "sealed password",
+            ),
+            (
+                "a long user",
+                DbConnection {
+                    user: "u".repeat(64),
+                    ..connection("x")
+                },
+                "user",
+            ),
+        ];
+        for (what, c, needle) in cases {
+            let err = w
+                .admin(Intent::PutDbConnection(c))
+                .expect_err(what)
+                .to_string();
+            assert!(err.contains(needle), "{what}: {err}");
+        }
+        assert_eq!(domain(&w), before);
+        // The audit record names where it points, never the sealed password.
+        let (_, head) = state::audit_head(&w.kv).unwrap();
+        assert!(!head.is_empty());
+        let records = state::audit_records(&w.kv, 0, 1000).unwrap();
+        let put = records
+            .iter()
+            .find(|r| r.action == "db.connection.put")
+            .expect("audited");
+        assert_eq!(put.target.as_deref(), Some("db:orders"));
+        assert_eq!(put.details["host"], "127.0.0.1");
+        let dbg = format!("{:?}", state::db_connection(&w.kv, "orders").unwrap());
+        assert!(dbg.contains("<sealed>") && !dbg.contains("[7, 7"), "{dbg}");
+
+        // In use: a login exists (or may), so delete is refused and changes nothing.
+        let lease = w.issue(login("reporting")).unwrap();
+        let before = domain(&w);
+        let err = w
+            .admin(Intent::DeleteDbConnection {
+                name: "orders".into(),
+                force: false,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::ConnectionInUse { leases: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(domain(&w), before);
+        assert!(matches!(
+            w.admin(Intent::DeleteDbConnection {
+                name: "nope".into(),
+                force: false
+            }),
+            Err(Error::UnknownConnection(_))
+        ));
+        // --force revokes the lease and abandons its effects, on the record.
+        w.admin(Intent::DeleteDbConnection {
+            name: "orders".into(),
+            force: true,
+        })
+        .unwrap();
+        assert!(state::db_connection(&w.kv, "orders").unwrap().is_none());
+        assert!(!w.lease(&lease.id).is_active_at(w.now));
+        assert_eq!(state_of(&w, &lease.id), "abandoned");
+        assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+        assert!(fx::holders(&w.kv, TARGET).unwrap().is_empty());
+        // Issuing on a role whose connection is gone is refused precisely.
+        let before = domain(&w);
+        assert!(matches!(
+            w.issue(login("reporting")),
+            Err(Error::UnknownConnection(_))
+        ));
+        assert_eq!(domain(&w), before);
+    }
+
+    #[test]
+    fn an_administrator_abandons_a_drop_that_cannot_succeed() {
+        let mut w = world();
+        let lease = w.issue(login("reporting")).unwrap();
+        let jwt = w.issue(web(None)).unwrap();
+        run_once(&mut w, None);
+        w.admin(Intent::Revoke(RevokeTarget::Lease(lease.id.clone())))
+            .unwrap();
+        run_once(&mut w, Some("permission denied to drop role"));
+        let abandon = |w: &mut World, id: &str| {
+            w.admin(Intent::AbandonLease {
+                lease_id: id.into(),
+                reason: "dropped by hand, ticket OPS-17".into(),
+            })
+        };
+        // Nothing to abandon for a JWT, or an unknown lease.
+        assert!(matches!(
+            abandon(&mut w, &jwt.id),
+            Err(Error::NothingToAbandon(_))
+        ));
+        assert!(matches!(
+            abandon(&mut w, "l_nope"),
+            Err(Error::LeaseNotFound(_))
+        ));
+        let stranger = Principal::svid(
+            "spiffe://example.org/web".into(),
+            "example.org".into(),
+            false,
+        );
+        assert!(matches!(
+            w.propose(
+                stranger,
+                Intent::AbandonLease {
+                    lease_id: lease.id.clone(),
+                    reason: "x".into()
+                }
+            ),
+            Err(Error::PermissionDenied(_))
+        ));
+        abandon(&mut w, &lease.id).unwrap();
+        assert_eq!(state_of(&w, &lease.id), "abandoned");
+        let e = fx::effects_of_lease(&w.kv, &lease.id)
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(
+            e.status,
+            fx::EffectStatus::Abandoned {
+                at_ms: w.now,
+                by: Principal::bootstrap_admin().id,
+                reason: "dropped by hand, ticket OPS-17".into()
+            }
+        );
+        assert!(fx::due(&w.kv, TARGET, w.now + 3_600_000, 10)
+            .unwrap()
+            .is_empty());
+        // Twice is refused: there is nothing left.
+        assert!(matches!(
+            abandon(&mut w, &lease.id),
+            Err(Error::NothingToAbandon(_))
+        ));
+        let rec = state::audit_records(&w.kv, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.action == "lease.abandon" && r.outcome == "ok")
+            .expect("audited");
+        assert_eq!(
+            rec.reason.as_deref(),
+            Some("dropped by hand, ticket OPS-17")
+        );
+        assert_eq!(rec.lease_id.as_deref(), Some(lease.id.as_str()));
+    }
+}

@@ -29,7 +29,15 @@ fn assert_pure(package: &str, expected_dependency: &str) {
         "unexpected cargo tree output for {package}: {tree}"
     );
     let forbidden = [
-        "tokio", "sled", "tonic", "axum", "rustls", "openraft", "hyper", "mio",
+        "tokio",
+        "sled",
+        "tonic",
+        "axum",
+        "rustls",
+        "openraft",
+        "hyper",
+        "mio",
+        "tokio-postgres",
     ];
     for line in tree.lines() {
         let name = line.split_whitespace().next().unwrap_or_default();

@@ -1,6 +1,6 @@
 //! Credential kinds: the one seam every kind plugs into.
 //!
-//! A kind is one module here ([`jwt`], [`x509_svid`], [`ssh`]) implementing [`Kind`]: what a role
+//! A kind is one module here ([`jwt`], [`x509_svid`], [`ssh`], [`postgres`]) implementing [`Kind`]: what a role
 //! of the kind allows (its spec), what a caller asks for (its request), what the lease records
 //! (its grant), validation, the randomness the leader stamps, how it renews, and the attributes
 //! policy sees. The node has one mint module per kind that turns a committed grant into the
@@ -12,6 +12,7 @@
 
 pub mod jwt;
 pub mod krl;
+pub mod postgres;
 pub mod ssh;
 pub mod x509_svid;
 
@@ -33,14 +34,17 @@ pub enum CredentialKind {
     SshUser,
     /// An OpenSSH host certificate signed by the cluster's SSH CA.
     SshHost,
+    /// A PostgreSQL login (a role with a password) created on a database connection.
+    Postgres,
 }
 
 impl CredentialKind {
-    pub const ALL: [CredentialKind; 4] = [
+    pub const ALL: [CredentialKind; 5] = [
         CredentialKind::Jwt,
         CredentialKind::X509Svid,
         CredentialKind::SshUser,
         CredentialKind::SshHost,
+        CredentialKind::Postgres,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -49,6 +53,7 @@ impl CredentialKind {
             CredentialKind::X509Svid => "x509-svid",
             CredentialKind::SshUser => "ssh-user",
             CredentialKind::SshHost => "ssh-host",
+            CredentialKind::Postgres => "postgres",
         }
     }
 
@@ -81,6 +86,8 @@ pub enum SignerKind {
     ClusterCa,
     /// The active SSH CA key.
     SshCa,
+    /// Nothing signs it: the credential is a login that exists outside the cluster.
+    None,
 }
 
 /// The signer `apply` found for a grant.
@@ -163,6 +170,7 @@ pub enum RoleSpec {
     Jwt(jwt::Spec),
     X509Svid(x509_svid::Spec),
     Ssh(ssh::Spec),
+    Postgres(postgres::Spec),
 }
 
 /// A request's kind-specific part.
@@ -171,6 +179,7 @@ pub enum KindRequest {
     Jwt(jwt::Request),
     X509Svid(x509_svid::Request),
     Ssh(ssh::Request),
+    Postgres(postgres::Request),
 }
 
 /// A lease's kind-specific part.
@@ -179,6 +188,7 @@ pub enum Grant {
     Jwt(jwt::Grant),
     X509Svid(x509_svid::Grant),
     Ssh(ssh::Grant),
+    Postgres(postgres::Grant),
 }
 
 /// Randomness the leader chose for one request's kind.
@@ -195,6 +205,7 @@ impl RoleSpec {
             RoleSpec::Jwt(_) => jwt::Jwt::NAME,
             RoleSpec::X509Svid(_) => x509_svid::X509Svid::NAME,
             RoleSpec::Ssh(s) => s.kind(),
+            RoleSpec::Postgres(_) => postgres::Postgres::NAME,
         }
     }
 
@@ -203,6 +214,7 @@ impl RoleSpec {
             RoleSpec::Jwt(s) => jwt::Jwt::validate_spec(s),
             RoleSpec::X509Svid(s) => x509_svid::X509Svid::validate_spec(s),
             RoleSpec::Ssh(s) => ssh::Ssh::validate_spec(s),
+            RoleSpec::Postgres(s) => postgres::Postgres::validate_spec(s),
         }
     }
 
@@ -221,6 +233,7 @@ impl RoleSpec {
                 tidy(&mut s.extensions);
                 tidy(&mut s.critical_options);
             }
+            RoleSpec::Postgres(_) => {}
         }
     }
 
@@ -233,6 +246,7 @@ impl RoleSpec {
             RoleSpec::Jwt(_) => jwt::Jwt::SIGNER,
             RoleSpec::X509Svid(_) => x509_svid::X509Svid::SIGNER,
             RoleSpec::Ssh(_) => ssh::Ssh::SIGNER,
+            RoleSpec::Postgres(_) => postgres::Postgres::SIGNER,
         }
     }
 
@@ -241,6 +255,7 @@ impl RoleSpec {
             RoleSpec::Jwt(s) => jwt::Jwt::cedar_role(s),
             RoleSpec::X509Svid(s) => x509_svid::X509Svid::cedar_role(s),
             RoleSpec::Ssh(s) => ssh::Ssh::cedar_role(s),
+            RoleSpec::Postgres(s) => postgres::Postgres::cedar_role(s),
         }
     }
 
@@ -253,6 +268,9 @@ impl RoleSpec {
                 x509_svid::X509Svid::cedar_request(s, r)
             }
             (RoleSpec::Ssh(s), KindRequest::Ssh(r)) => ssh::Ssh::cedar_request(s, r),
+            (RoleSpec::Postgres(s), KindRequest::Postgres(r)) => {
+                postgres::Postgres::cedar_request(s, r)
+            }
             _ => CedarView::default(),
         }
     }
@@ -266,6 +284,9 @@ impl RoleSpec {
                 x509_svid::X509Svid::grant(s, r, ctx).map(Grant::X509Svid)
             }
             (RoleSpec::Ssh(s), KindRequest::Ssh(r)) => ssh::Ssh::grant(s, r, ctx).map(Grant::Ssh),
+            (RoleSpec::Postgres(s), KindRequest::Postgres(r)) => {
+                postgres::Postgres::grant(s, r, ctx).map(Grant::Postgres)
+            }
             (spec, request) => Err(Error::KindMismatch {
                 role: ctx.role.to_string(),
                 role_kind: spec.kind().as_str().into(),
@@ -280,6 +301,7 @@ pub fn renewal_of(kind: CredentialKind) -> Renewal {
         CredentialKind::Jwt => jwt::Jwt::RENEWAL,
         CredentialKind::X509Svid => x509_svid::X509Svid::RENEWAL,
         CredentialKind::SshUser | CredentialKind::SshHost => ssh::Ssh::RENEWAL,
+        CredentialKind::Postgres => postgres::Postgres::RENEWAL,
     }
 }
 
@@ -290,6 +312,7 @@ impl KindRequest {
             KindRequest::Jwt(_) => "jwt",
             KindRequest::X509Svid(_) => "x509-svid",
             KindRequest::Ssh(_) => "ssh",
+            KindRequest::Postgres(_) => "postgres",
         }
     }
 
@@ -302,7 +325,7 @@ impl KindRequest {
                 scopes: &r.scopes,
                 principals: &[],
             },
-            KindRequest::X509Svid(_) => Asked::default(),
+            KindRequest::X509Svid(_) | KindRequest::Postgres(_) => Asked::default(),
             KindRequest::Ssh(r) => Asked {
                 audience: None,
                 scopes: &[],
@@ -316,6 +339,7 @@ impl KindRequest {
             KindRequest::Jwt(r) => jwt::Jwt::validate_request(r),
             KindRequest::X509Svid(r) => x509_svid::X509Svid::validate_request(r),
             KindRequest::Ssh(r) => ssh::Ssh::validate_request(r),
+            KindRequest::Postgres(r) => postgres::Postgres::validate_request(r),
         }
     }
 
@@ -324,6 +348,7 @@ impl KindRequest {
             KindRequest::Jwt(r) => jwt::Jwt::stamp(r, entropy),
             KindRequest::X509Svid(r) => x509_svid::X509Svid::stamp(r, entropy),
             KindRequest::Ssh(r) => ssh::Ssh::stamp(r, entropy),
+            KindRequest::Postgres(r) => postgres::Postgres::stamp(r, entropy),
         }
     }
 }
@@ -334,6 +359,26 @@ impl Grant {
             Grant::Jwt(_) => jwt::Jwt::NAME,
             Grant::X509Svid(_) => x509_svid::X509Svid::NAME,
             Grant::Ssh(g) => g.cert_type.kind(),
+            Grant::Postgres(_) => postgres::Postgres::NAME,
+        }
+    }
+
+    /// What signs this grant's credential.
+    pub fn signer(&self) -> SignerKind {
+        match self {
+            Grant::Jwt(_) => jwt::Jwt::SIGNER,
+            Grant::X509Svid(_) => x509_svid::X509Svid::SIGNER,
+            Grant::Ssh(_) => ssh::Ssh::SIGNER,
+            Grant::Postgres(_) => postgres::Postgres::SIGNER,
+        }
+    }
+
+    /// Where the credential lives outside the cluster, if it does: the effects target whose
+    /// executor creates, extends and drops it.
+    pub fn external_target(&self) -> Option<String> {
+        match self {
+            Grant::Postgres(g) => Some(g.target()),
+            Grant::Jwt(_) | Grant::X509Svid(_) | Grant::Ssh(_) => None,
         }
     }
 
@@ -342,6 +387,7 @@ impl Grant {
             Grant::Jwt(g) => jwt::Jwt::cedar_grant(g),
             Grant::X509Svid(g) => x509_svid::X509Svid::cedar_grant(g),
             Grant::Ssh(g) => ssh::Ssh::cedar_grant(g),
+            Grant::Postgres(g) => postgres::Postgres::cedar_grant(g),
         }
     }
 
@@ -368,6 +414,17 @@ impl Grant {
                 extensions: g.extensions.clone(),
                 critical_options: g.critical_options.keys().cloned().collect(),
             }),
+            // Policy sees nothing kind-specific of a PostgreSQL role; the statements are not
+            // the grant's to know.
+            Grant::Postgres(g) => RoleSpec::Postgres(postgres::Spec {
+                connection: g.connection.clone(),
+                creation_statements: Vec::new(),
+                revocation_statements: Vec::new(),
+                renew_statements: Vec::new(),
+                username_template: postgres::DEFAULT_USERNAME_TEMPLATE.into(),
+                terminate_sessions: true,
+                password: g.password.clone(),
+            }),
         }
     }
 
@@ -375,7 +432,7 @@ impl Grant {
     pub fn krl_entry(&self) -> Option<(u64, u64)> {
         match self {
             Grant::Ssh(g) => Some((g.valid_before, g.serial)),
-            Grant::Jwt(_) | Grant::X509Svid(_) => None,
+            Grant::Jwt(_) | Grant::X509Svid(_) | Grant::Postgres(_) => None,
         }
     }
 
@@ -384,6 +441,7 @@ impl Grant {
             Grant::Jwt(g) => jwt::Jwt::audit(g),
             Grant::X509Svid(g) => x509_svid::X509Svid::audit(g),
             Grant::Ssh(g) => ssh::Ssh::audit(g),
+            Grant::Postgres(g) => postgres::Postgres::audit(g),
         }
     }
 }

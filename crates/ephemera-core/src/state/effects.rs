@@ -28,8 +28,8 @@
 //!
 //! A drop supersedes the lease's pending create and extend effects (the drop removes whatever
 //! they did or would do); a newer extend supersedes an older one (only the latest validity
-//! matters). Settled effects stay as the lease's history (retention of effect records is to
-//! come with the lease states that use them).
+//! matters). Settled effects stay as the lease's history, and go with the lease when retention
+//! forgets it; a lease whose effects are still pending is never forgotten.
 //!
 //! The invariants: the executor runs only the oldest pending effect of each lease (a create
 //! before its drop), and an outcome settles only the attempt it reports (`attempt` must be the
@@ -42,6 +42,9 @@ const PFX_EFFECT: &str = "fx/e/";
 const PFX_EFFECT_DUE: &str = "fx/due/";
 /// Every effect of a lease: `fx/lease/{lease_id}\0{seq:016x}`.
 const PFX_EFFECT_LEASE: &str = "fx/lease/";
+/// Leases whose credential exists, or may exist, at a target: `fx/live/{target}\0{lease_id}`,
+/// from the lease's create effect until its drop is done or its effects are abandoned.
+const PFX_EFFECT_LIVE: &str = "fx/live/";
 const META_EFFECT_SEQ: &[u8] = b"meta/effect_seq";
 
 /// After this many failed attempts an effect is reported as failed (it is still retried).
@@ -225,10 +228,27 @@ pub fn record<R: KvRead + ?Sized>(
         not_before_ms: now,
         created_ms: now,
     };
+    if matches!(e.action, EffectAction::Create { .. }) {
+        kv.put(ix_key(PFX_EFFECT_LIVE, target, lease_id), Vec::new());
+    }
     store(kv, &e);
     kv.put(due_key(target, seq), Vec::new());
     kv.put(lease_effect_key(lease_id, seq), Vec::new());
     Ok(seq)
+}
+
+/// Removes a settled lease's effect records (retention, with the lease itself).
+pub(super) fn forget_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    lease_id: &str,
+) -> Result<(), StorageError> {
+    for e in effects_of_lease(kv, lease_id)? {
+        kv.delete(effect_key(e.seq));
+        kv.delete(lease_effect_key(lease_id, e.seq));
+        kv.delete(due_key(&e.target, e.seq));
+        kv.delete(ix_key(PFX_EFFECT_LIVE, &e.target, lease_id));
+    }
+    Ok(())
 }
 
 /// The effects the executor may run now at `target`: pending, past their backoff, and the
@@ -270,6 +290,63 @@ pub fn due(
         }
     }
     Ok(out)
+}
+
+/// The leases whose credential exists, or may still exist, at `target` (created or being
+/// created, and not yet dropped or abandoned), in lease-id order.
+pub fn holders(kv: &(impl KvRead + ?Sized), target: &str) -> Result<Vec<String>, StorageError> {
+    let pfx = ix_prefix(PFX_EFFECT_LIVE, target);
+    let end = prefix_end(&pfx);
+    let mut start = pfx.clone();
+    let mut out = Vec::new();
+    loop {
+        let page = kv.range(&start, &end, SCAN_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last.clone();
+        start.push(0);
+        let full = page.len() == SCAN_PAGE;
+        out.extend(
+            page.iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[pfx.len()..]).into_owned()),
+        );
+        if !full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A lease's state as operators see it, for a credential that lives outside the cluster:
+///
+/// - `pending`: issued in the cluster, the login not yet created (not returned to the caller);
+/// - `active`: created, and the lease active;
+/// - `revoking`: revoked or expired in the cluster (introspection already says inactive), the
+///   drop still being attempted;
+/// - `failed`: as pending or revoking, after [`FAILED_AFTER_ATTEMPTS`] failed attempts (still
+///   retried, at the longest interval);
+/// - `revoked` / `expired`: dead in the cluster and dropped outside;
+/// - `abandoned`: an administrator stopped the retries (`leases abandon`, audited).
+///
+/// Leases of other kinds have their cluster state only (`active`, `revoked`, `expired`).
+pub fn lease_state(lease: &Lease, effects: &[Effect]) -> &'static str {
+    if lease.grant.external_target().is_none() {
+        return lease.state.name();
+    }
+    if effects
+        .iter()
+        .any(|e| matches!(e.status, EffectStatus::Abandoned { .. }))
+    {
+        return "abandoned";
+    }
+    let pending = effects.iter().find(|e| e.status == EffectStatus::Pending);
+    match (pending, &lease.state) {
+        (Some(e), _) if e.attempts >= FAILED_AFTER_ATTEMPTS => "failed",
+        (Some(e), LeaseState::Active) if matches!(e.action, EffectAction::Create { .. }) => {
+            "pending"
+        }
+        (Some(e), _) if e.action == EffectAction::Drop => "revoking",
+        (_, state) => state.name(),
+    }
 }
 
 /// Every target with pending effects (the executor's list of queues).
@@ -321,6 +398,9 @@ pub(super) fn settle<R: KvRead + ?Sized>(
         None => {
             e.status = EffectStatus::Done { at_ms: now };
             kv.delete(due_key(&e.target, e.seq));
+            if e.action == EffectAction::Drop {
+                kv.delete(ix_key(PFX_EFFECT_LIVE, &e.target, &e.lease_id));
+            }
             store(kv, &e);
             Ok(Ok(Settled::Done(e)))
         }
@@ -354,6 +434,7 @@ pub fn abandon<R: KvRead + ?Sized>(
                 reason: reason.to_string(),
             };
             kv.delete(due_key(&e.target, e.seq));
+            kv.delete(ix_key(PFX_EFFECT_LIVE, &e.target, &e.lease_id));
             store(kv, &e);
             out.push(e);
         }

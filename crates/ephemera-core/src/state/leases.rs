@@ -37,6 +37,11 @@ pub(super) fn resolve_signer<R: KvRead + ?Sized>(
             trust_domain: get::<ClusterCa>(kv, META_CA)?.map(|ca| ca.trust_domain),
             serial: 0,
         },
+        SignerKind::None => Signer {
+            kid: String::new(),
+            trust_domain: None,
+            serial: 0,
+        },
         SignerKind::SshCa => {
             let Some(kid) = active_ssh_ca(kv)? else {
                 return Ok(Err(Error::Unavailable(
@@ -186,6 +191,11 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         Ok(g) => g,
         Err(e) => return Ok(Err(e)),
     };
+    if let crate::kind::Grant::Postgres(g) = &grant {
+        if db_connection(kv, &g.connection)?.is_none() {
+            return Ok(Err(Error::UnknownConnection(g.connection.clone())));
+        }
+    }
     // A certificate cannot be extended: its lease ends with it.
     let max_expires_at_ms = match role.spec.renewal() {
         Renewal::Extend => now + role.max_ttl_s * 1000,
@@ -214,6 +224,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
             Some(o) if o.subject == subject && o.role == role.name => {
                 revoke_lease(
                     kv,
+                    now,
                     &o,
                     &LeaseState::Revoked {
                         at_ms: now,
@@ -231,13 +242,24 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         }
     }
     insert_lease(kv, &lease)?;
+    if let Some(target) = lease.grant.external_target() {
+        effects::record(
+            kv,
+            now,
+            lease_id,
+            &target,
+            effects::EffectAction::Create {
+                valid_until_ms: expires_at_ms,
+            },
+        )?;
+    }
     match signer_kind {
         SignerKind::JwtKey => note_key_use(kv, &key_key(&lease.kid), expires_at_ms)?,
         SignerKind::SshCa => {
             note_key_use(kv, &ssh_ca_key(&lease.kid), expires_at_ms)?;
             kv.put(META_SSH_SERIAL.to_vec(), enc(&signer.serial));
         }
-        SignerKind::ClusterCa => {}
+        SignerKind::ClusterCa | SignerKind::None => {}
     }
     if let Some(request_id) = &intent.request_id {
         keep_until(kv, Kept::Request, now, &req_key(&actor.id, request_id));
@@ -430,8 +452,13 @@ pub(super) fn renew<R: KvRead + ?Sized>(
         Ok(stamp) => stamp,
         Err(e) => return Ok(Err(e)),
     };
-    let Some(kid) = active_kid(kv)? else {
-        return Ok(Err(Error::NoActiveSigningKey));
+    // A JWT is re-signed by the active key; a login outside the cluster has no signer.
+    let kid = match lease.grant.signer() {
+        SignerKind::JwtKey => match active_kid(kv)? {
+            Some(kid) => Some(kid),
+            None => return Ok(Err(Error::NoActiveSigningKey)),
+        },
+        _ => None,
     };
     let increment = intent.increment_s.unwrap_or(lease.ttl_s);
     let increment = stamp.max_ttl_s.map_or(increment, |cap| increment.min(cap));
@@ -441,12 +468,27 @@ pub(super) fn renew<R: KvRead + ?Sized>(
         .max(lease.expires_at_ms);
     kv.delete(deadline_key(lease.expires_at_ms, lease_id));
     kv.put(deadline_key(new_exp, lease_id), Vec::new());
-    if kid != lease.kid {
-        kv.delete(ix_key(PFX_KID_IX, &lease.kid, lease_id));
-        kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
-        lease.kid = kid.clone();
+    if let Some(kid) = kid {
+        if kid != lease.kid {
+            kv.delete(ix_key(PFX_KID_IX, &lease.kid, lease_id));
+            kv.put(ix_key(PFX_KID_IX, &kid, lease_id), Vec::new());
+            lease.kid = kid.clone();
+        }
+        note_key_use(kv, &key_key(&kid), new_exp)?;
     }
-    note_key_use(kv, &key_key(&kid), new_exp)?;
+    if let Some(target) = lease.grant.external_target() {
+        if new_exp != lease.expires_at_ms {
+            effects::record(
+                kv,
+                now,
+                lease_id,
+                &target,
+                effects::EffectAction::Extend {
+                    valid_until_ms: new_exp,
+                },
+            )?;
+        }
+    }
     lease.minted_at_ms = now;
     lease.expires_at_ms = new_exp;
     lease.renew_after_ms = now + (new_exp - now) * u64::from(renew_after_permille) / 1000;
@@ -471,7 +513,7 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
     };
     let revoke_one = |kv: &mut Overlay<'_, R>, id: &str| -> Result<u64, StorageError> {
         match load_lease(kv, id)? {
-            Some(lease) => revoke_lease(kv, &lease, &state),
+            Some(lease) => revoke_lease(kv, now, &lease, &state),
             None => Ok(0),
         }
     };
@@ -529,10 +571,11 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
 }
 
 /// Revokes one lease if it is active: its state, deadline entry, live counts, and the
-/// revocation artefacts of its kind (a revoked SSH certificate enters the KRL). Returns 1 if it
-/// was active.
+/// revocation artefacts of its kind (a revoked SSH certificate enters the KRL, a login outside
+/// the cluster gets its drop effect). Returns 1 if it was active.
 pub(super) fn revoke_lease<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
+    now: u64,
     lease: &Lease,
     state: &LeaseState,
 ) -> Result<u64, StorageError> {
@@ -549,7 +592,20 @@ pub(super) fn revoke_lease<R: KvRead + ?Sized>(
         kv.put(ssh_revoked_key(valid_before_s, serial), enc(&lease.kid));
         bump_krl_version(kv)?;
     }
+    record_drop(kv, now, &lease)?;
     Ok(1)
+}
+
+/// A dead lease's credential outside the cluster is dropped (revocation or expiry).
+pub(super) fn record_drop<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    now: u64,
+    lease: &Lease,
+) -> Result<(), StorageError> {
+    if let Some(target) = lease.grant.external_target() {
+        effects::record(kv, now, &lease.id, &target, effects::EffectAction::Drop)?;
+    }
+    Ok(())
 }
 
 pub(super) fn bump_krl_version<R: KvRead + ?Sized>(

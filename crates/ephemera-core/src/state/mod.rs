@@ -9,6 +9,7 @@
 //! `pol/v/{version:016x}` committed policy set versions, `pol/p/{id}` policy proposals,
 //! `fx/*` external effects and their indexes (see [`effects`]).
 
+mod db;
 pub mod effects;
 mod governance;
 mod identity;
@@ -17,6 +18,10 @@ mod node_certs;
 mod queries;
 mod retention;
 
+pub use db::{
+    db_connection, db_connections, password_aad, validate_db_connection, DbConnection, SslMode,
+    MAX_SEALED_PASSWORD,
+};
 use governance::*;
 use identity::*;
 pub use identity::{quarantine, quarantines};
@@ -86,8 +91,8 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "akey/", "audit/", "cnt/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/", "ncert/",
-    "pol/", "quar/", "req/", "role/", "sshca/",
+    "aj/", "akey/", "audit/", "cnt/", "db/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/",
+    "ncert/", "pol/", "quar/", "req/", "role/", "sshca/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).
@@ -316,6 +321,9 @@ fn action_name(op: &Op) -> &'static str {
         Op::AddAuditKey { .. } => "auditkey.add",
         Op::AuditCheckpoint { .. } => "audit.checkpoint",
         Op::IssueNodeCertificate(_) => "nodecert.issue",
+        Op::PutDbConnection(_) => "db.connection.put",
+        Op::DeleteDbConnection { .. } => "db.connection.delete",
+        Op::AbandonLease { .. } => "lease.abandon",
         Op::SettleEffect { .. } => "effect.settle",
     }
 }
@@ -465,6 +473,11 @@ fn apply_op<R: KvRead + ?Sized>(
             if let Err(e) = require_admin(actor) {
                 return Ok(Err(e));
             }
+            if let crate::kind::RoleSpec::Postgres(spec) = &role.spec {
+                if db_connection(kv, &spec.connection)?.is_none() {
+                    return Ok(Err(Error::UnknownConnection(spec.connection.clone())));
+                }
+            }
             let mut role = role.clone();
             role.spec.normalise();
             kv.put(role_key(&role.name), crate::legacy::encode(&role));
@@ -556,6 +569,11 @@ fn apply_op<R: KvRead + ?Sized>(
             signature,
         } => audit_checkpoint(kv, actor, now, (*seq, hash, kid, signature), audit),
         Op::IssueNodeCertificate(cert) => node_certs::issue(kv, actor, now, cert, audit),
+        Op::PutDbConnection(c) => db::put(kv, actor, now, c, audit),
+        Op::DeleteDbConnection { name, force } => db::delete(kv, actor, now, (name, *force), audit),
+        Op::AbandonLease { lease_id, reason } => {
+            db::abandon_lease(kv, actor, now, (lease_id, reason), audit)
+        }
         Op::SettleEffect {
             seq,
             attempt,
@@ -672,6 +690,7 @@ fn apply_op<R: KvRead + ?Sized>(
                         store_lease(kv, &lease);
                         keep_dead_lease(kv, &lease);
                         count_live(kv, &lease, false)?;
+                        record_drop(kv, now, &lease)?;
                         count += 1;
                     }
                 }

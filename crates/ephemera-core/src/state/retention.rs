@@ -135,7 +135,7 @@ pub(super) fn compact<R: KvRead + ?Sized>(
                 .to_vec();
             kv.delete(index_key);
             if kind == Kept::Lease {
-                forget_lease(kv, &target)?;
+                forget_lease(kv, now, &target)?;
             } else {
                 kv.delete(target);
             }
@@ -156,6 +156,7 @@ pub(super) fn compact<R: KvRead + ?Sized>(
 /// Removes a dead lease and every index entry that names it.
 fn forget_lease<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
+    now: u64,
     key: &[u8],
 ) -> Result<(), StorageError> {
     let id = std::str::from_utf8(&key[PFX_LEASE.len()..])
@@ -167,6 +168,18 @@ fn forget_lease<R: KvRead + ?Sized>(
     // upstream; the lease is kept, and only the entry goes).
     if lease.state == LeaseState::Active {
         return Ok(());
+    }
+    // A login outside the cluster that is still being dropped keeps its lease (the executor
+    // needs the grant, and operators the history) for another retention period.
+    if lease.grant.external_target().is_some() {
+        if effects::effects_of_lease(kv, id)?
+            .iter()
+            .any(|e| e.status == effects::EffectStatus::Pending)
+        {
+            keep_until(kv, Kept::Lease, now, key);
+            return Ok(());
+        }
+        effects::forget_lease(kv, id)?;
     }
     kv.delete(key.to_vec());
     kv.delete(deadline_key(lease.expires_at_ms, id));

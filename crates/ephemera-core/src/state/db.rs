@@ -1,0 +1,277 @@
+//! Database connections (where PostgreSQL logins are created) and the operator's way out of an
+//! external effect that can never succeed (`AbandonLease`).
+//!
+//! A connection's admin password is replicated sealed under the KEK (the receiving node seals
+//! it before proposing, bound to the connection's name), so the log, the state and snapshots
+//! never hold it in the clear; only the leader's effect executor unseals it, to connect.
+
+use super::*;
+use crate::state::effects;
+
+/// `db/{name}` → [`DbConnection`].
+const PFX_DB: &str = "db/";
+/// Largest sealed password accepted (a 256-byte password sealed, with room to spare).
+pub const MAX_SEALED_PASSWORD: usize = 512;
+pub const MAX_CA_PEM: usize = 64 * 1024;
+const MAX_HOST_LEN: usize = 253;
+/// PostgreSQL's identifier limit, for the database and the admin user.
+const MAX_PG_NAME: usize = 63;
+
+/// How the executor's connection to the database is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SslMode {
+    /// TLS, with the server's certificate checked against the connection's CA and its name.
+    VerifyFull,
+    /// TLS without checking the server's certificate (libpq's `require`).
+    Require,
+    /// No TLS (a database on loopback or a private link only; loud in the CLI).
+    Disable,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::VerifyFull => "verify-full",
+            SslMode::Require => "require",
+            SslMode::Disable => "disable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [SslMode::VerifyFull, SslMode::Require, SslMode::Disable]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbConnection {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    /// The administrative user the executor connects as.
+    pub user: String,
+    pub sslmode: SslMode,
+    /// The CA that signs the server's certificate (PEM), for `verify-full`.
+    pub ca_pem: Option<String>,
+    /// The admin password, sealed under the KEK (associated data: [`password_aad`]).
+    pub sealed_password: Vec<u8>,
+    /// A root rotation in progress: the new password, committed before `ALTER ROLE` runs, so
+    /// that a crash between the two recovers by trying both.
+    pub pending_sealed_password: Option<Vec<u8>>,
+    pub updated_ms: u64,
+}
+
+impl std::fmt::Debug for DbConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbConnection")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("sslmode", &self.sslmode)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .field("sealed_password", &"<sealed>")
+            .field(
+                "pending_sealed_password",
+                &self.pending_sealed_password.as_ref().map(|_| "<sealed>"),
+            )
+            .field("updated_ms", &self.updated_ms)
+            .finish()
+    }
+}
+
+/// The associated data a connection's password is sealed with: a sealed password moved to
+/// another connection does not unseal.
+pub fn password_aad(name: &str) -> String {
+    format!("db-connection/{name}")
+}
+
+fn db_key(name: &str) -> Vec<u8> {
+    format!("{PFX_DB}{name}").into_bytes()
+}
+
+pub fn db_connection(
+    kv: &(impl KvRead + ?Sized),
+    name: &str,
+) -> Result<Option<DbConnection>, StorageError> {
+    get(kv, &db_key(name))
+}
+
+/// Every connection, by name.
+pub fn db_connections(kv: &(impl KvRead + ?Sized)) -> Result<Vec<DbConnection>, StorageError> {
+    let pfx = PFX_DB.as_bytes();
+    // Connections are configured by hand: a few dozen at most.
+    kv.range(pfx, &prefix_end(pfx), usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| dec(&k, &v))
+        .collect()
+}
+
+fn text(what: &str, s: &str, max: usize) -> Result<(), Error> {
+    if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be 1 to {max} bytes without whitespace or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// What the receiving node and `apply` both check of a connection.
+pub fn validate_db_connection(c: &DbConnection) -> Result<(), Error> {
+    crate::command::validate_name("connection name", &c.name)?;
+    text("the database host", &c.host, MAX_HOST_LEN)?;
+    if c.port == 0 {
+        return Err(Error::InvalidArgument(
+            "the database port must not be 0".into(),
+        ));
+    }
+    text("the database name", &c.database, MAX_PG_NAME)?;
+    text("the database user", &c.user, MAX_PG_NAME)?;
+    for sealed in std::iter::once(&c.sealed_password).chain(&c.pending_sealed_password) {
+        if sealed.is_empty() || sealed.len() > MAX_SEALED_PASSWORD {
+            return Err(Error::InvalidArgument(format!(
+                "a sealed password must be 1 to {MAX_SEALED_PASSWORD} bytes"
+            )));
+        }
+    }
+    match &c.ca_pem {
+        Some(pem) if pem.len() > MAX_CA_PEM || !pem.contains("-----BEGIN CERTIFICATE-----") => {
+            Err(Error::InvalidArgument(format!(
+                "the CA must be PEM certificates of at most {MAX_CA_PEM} bytes"
+            )))
+        }
+        None if c.sslmode == SslMode::VerifyFull => Err(Error::InvalidArgument(
+            "sslmode verify-full needs the CA that signs the server's certificate (--ca-file)"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn audit_connection(audit: &mut AuditRecord, c: &DbConnection) {
+    audit.target = Some(format!("db:{}", c.name));
+    audit.details = [
+        ("host".to_string(), c.host.clone()),
+        ("port".to_string(), c.port.to_string()),
+        ("database".to_string(), c.database.clone()),
+        ("user".to_string(), c.user.clone()),
+        ("sslmode".to_string(), c.sslmode.as_str().to_string()),
+    ]
+    .into();
+}
+
+/// `Op::PutDbConnection`: an administrator creates or replaces a connection. The audit record
+/// names where it points, never its password.
+pub(super) fn put<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    c: &DbConnection,
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit_connection(audit, c);
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    if let Err(e) = validate_db_connection(c) {
+        return Ok(Err(e));
+    }
+    let mut c = c.clone();
+    c.updated_ms = now;
+    kv.put(db_key(&c.name), enc(&c));
+    Ok(Ok(Outcome::Done))
+}
+
+/// `Op::DeleteDbConnection`: refused while logins exist on its database or are being dropped,
+/// unless `force`, which revokes those leases and abandons their effects (each effect keeps
+/// who abandoned it and why).
+pub(super) fn delete<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    (name, force): (&str, bool),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(format!("db:{name}"));
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    if db_connection(kv, name)?.is_none() {
+        return Ok(Err(Error::UnknownConnection(name.to_string())));
+    }
+    let target = crate::kind::postgres::target_of(name);
+    let holders = effects::holders(kv, &target)?;
+    if !holders.is_empty() && !force {
+        return Ok(Err(Error::ConnectionInUse {
+            name: name.to_string(),
+            leases: holders.len() as u64,
+        }));
+    }
+    let reason = format!("database connection {name} deleted with --force");
+    for lease_id in &holders {
+        abandon_one(kv, actor, now, lease_id, &reason)?;
+    }
+    audit
+        .details
+        .insert("abandoned_leases".into(), holders.len().to_string());
+    kv.delete(db_key(name));
+    Ok(Ok(Outcome::Done))
+}
+
+/// Revokes the lease if it is still active and abandons its pending effects; how many effects
+/// it abandoned.
+fn abandon_one<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    lease_id: &str,
+    reason: &str,
+) -> Result<usize, StorageError> {
+    if let Some(lease) = load_lease(kv, lease_id)? {
+        revoke_lease(
+            kv,
+            now,
+            &lease,
+            &LeaseState::Revoked {
+                at_ms: now,
+                by: actor.id.clone(),
+            },
+        )?;
+    }
+    Ok(effects::abandon(kv, now, lease_id, &actor.id, reason)?.len())
+}
+
+/// `Op::AbandonLease`: an administrator has removed a credential by hand (or accepts that it
+/// cannot be); the lease is revoked if it was not, and its effects are no longer retried.
+pub(super) fn abandon_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    (lease_id, reason): (&str, &str),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.lease_id = Some(lease_id.to_string());
+    audit.reason = Some(reason.to_string());
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    let Some(lease) = load_lease(kv, lease_id)? else {
+        return Ok(Err(Error::LeaseNotFound(lease_id.to_string())));
+    };
+    audit.role = Some(lease.role.clone());
+    audit.subject = Some(lease.subject.clone());
+    let pending = effects::effects_of_lease(kv, lease_id)?
+        .iter()
+        .any(|e| e.status == effects::EffectStatus::Pending);
+    if lease.grant.external_target().is_none() || (!pending && lease.state != LeaseState::Active) {
+        return Ok(Err(Error::NothingToAbandon(lease_id.to_string())));
+    }
+    let n = abandon_one(kv, actor, now, lease_id, reason)?;
+    audit
+        .details
+        .insert("abandoned_effects".into(), n.to_string());
+    Ok(Ok(Outcome::Done))
+}
