@@ -23,6 +23,23 @@ if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null 2>&1; then
     { apt-get update >/dev/null && apt-get install -y --no-install-recommends openssh-server openssh-client >/dev/null; }
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+# The PostgreSQL tests start their own server on 127.0.0.1 (initdb and pg_ctl, as the postgres
+# user when run as root); the package's own cluster is never started.
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/run.sh: PostgreSQL's server is missing; install the postgresql package (as root)" >&2
+    exit 1
+  fi
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends postgresql >/dev/null ||
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends postgresql >/dev/null; }
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
 # The interoperability test drives a gRPC client on gRPC core (Python grpcio).
 if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then

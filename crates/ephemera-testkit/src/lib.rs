@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod files;
 pub mod overlay;
 pub mod ports;
+pub mod postgres;
 pub mod process;
 
 pub use cluster::{ClusterSpec, Layout, LocalCluster};
