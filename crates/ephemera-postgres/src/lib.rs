@@ -217,6 +217,34 @@ async fn exists(client: &Client, name: &str) -> Result<bool, Error> {
     Ok(!rows.is_empty())
 }
 
+/// Runs a role's `statements` of one `kind` (creation, renew, revocation) in one transaction,
+/// each rendered with `(name, password, expiration)`; an error names the statement.
+async fn in_transaction(
+    client: &mut Client,
+    kind: &str,
+    statements: &[String],
+    (name, password, expiration): (&str, Option<&str>, Option<&str>),
+    secrets: &[&str],
+) -> Result<(), Error> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| statement_error(format!("beginning the {kind}"), e, secrets))?;
+    for (i, template) in statements.iter().enumerate() {
+        let what = format!("{kind} statement {}", i + 1);
+        let sql = match render(template, name, password, expiration) {
+            Ok(sql) => sql,
+            Err(message) => return Err(Error::Statement { what, message }),
+        };
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| statement_error(what, e, secrets))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| statement_error(format!("committing the {kind}"), e, secrets))
+}
+
 /// Checks that the connection works and that its user may create logins.
 pub async fn check(c: &Connection, deadline: Duration) -> Result<(), Error> {
     within("checking the connection", deadline, async {
@@ -269,25 +297,8 @@ pub async fn create_login(
                 .await
                 .map_err(|e| statement_error("resetting the existing login", e, &secrets));
         }
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| statement_error("beginning the creation", e, &secrets))?;
-        for (i, template) in st.creation.iter().enumerate() {
-            let what = format!("creation statement {}", i + 1);
-            let sql = render(template, name, Some(password), Some(&expiration)).map_err(|m| {
-                Error::Statement {
-                    what: what.clone(),
-                    message: m,
-                }
-            })?;
-            tx.batch_execute(&sql)
-                .await
-                .map_err(|e| statement_error(what, e, &secrets))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| statement_error("committing the creation", e, &secrets))
+        let values = (name, Some(password), Some(expiration.as_str()));
+        in_transaction(&mut client, "creation", st.creation, values, &secrets).await
     })
     .await
 }
@@ -313,24 +324,8 @@ pub async fn extend_login(
         if !exists(&client, name).await? {
             return Err(Error::Missing(name.to_string()));
         }
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| statement_error("beginning the renewal", e, &secrets))?;
-        for (i, template) in statements.iter().enumerate() {
-            let what = format!("renew statement {}", i + 1);
-            let sql =
-                render(template, name, None, Some(&expiration)).map_err(|m| Error::Statement {
-                    what: what.clone(),
-                    message: m,
-                })?;
-            tx.batch_execute(&sql)
-                .await
-                .map_err(|e| statement_error(what, e, &secrets))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| statement_error("committing the renewal", e, &secrets))
+        let values = (name, None, Some(expiration.as_str()));
+        in_transaction(&mut client, "renew", statements, values, &secrets).await
     })
     .await
 }
@@ -378,19 +373,14 @@ pub async fn drop_login(
         } else {
             st.revocation
         };
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| statement_error("beginning the revocation", e, &secrets))?;
-        for (i, template) in statements.iter().enumerate() {
-            let what = format!("revocation statement {}", i + 1);
-            tx.batch_execute(&run(template).map_err(bad)?)
-                .await
-                .map_err(|e| statement_error(what, e, &secrets))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| statement_error("committing the revocation", e, &secrets))?;
+        in_transaction(
+            &mut client,
+            "revocation",
+            statements,
+            (name, None, None),
+            &secrets,
+        )
+        .await?;
         if exists(&client, name).await? {
             return Err(Error::StillThere(name.to_string()));
         }
