@@ -23,6 +23,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Quarantine(q) => quarantine(&cli, q).await,
         Command::Bench(b) => crate::bench::run(&cli, b).await,
         Command::Ssh(s) => crate::ssh::run(&cli, s).await,
+        Command::Db(crate::DbCmd::Connection(c)) => crate::db::connection(&cli, c).await,
+        Command::Leases(LeasesCmd::Abandon { lease_id, reason }) => {
+            crate::db::abandon(&cli, lease_id, reason).await
+        }
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;
@@ -139,6 +143,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                             fmt_time(l.expires_at_ms),
                             l.subject
                         ));
+                        if l.attempts > 0 {
+                            s.push_str(&format!(
+                                "\n    {} failed attempt(s); last error: {}",
+                                l.attempts, l.last_error
+                            ));
+                        }
                     }
                     if !r.next_page_token.is_empty() {
                         s.push_str(&format!("\n(more: --page-token {})", r.next_page_token));
@@ -287,8 +297,12 @@ async fn server(config: &std::path::Path) -> Result<()> {
 }
 
 fn print_credential(out: Output, c: &pb::Credential) {
+    if let Some(pb::credential::Body::Postgres(p)) = &c.body {
+        return print_login(out, c, p);
+    }
     let v = json!({
         "lease_id": c.lease_id,
+        "kind": c.kind,
         "token": c.token,
         "expires_at": fmt_time(c.expires_at_ms),
         "expires_at_ms": c.expires_at_ms,
@@ -316,6 +330,43 @@ fn print_credential(out: Output, c: &pb::Credential) {
     });
 }
 
+/// A PostgreSQL login: the one answer that carries a password, printed once.
+fn print_login(out: Output, c: &pb::Credential, p: &pb::PostgresLogin) {
+    let v = json!({
+        "lease_id": c.lease_id,
+        "kind": c.kind,
+        "username": p.username,
+        "password": p.password,
+        "connection": p.connection,
+        "host": p.host,
+        "port": p.port,
+        "database": p.database,
+        "expires_at": fmt_time(c.expires_at_ms),
+        "expires_at_ms": c.expires_at_ms,
+        "renew_after": fmt_time(c.renew_after_ms),
+        "renew_after_ms": c.renew_after_ms,
+        "max_expires_at": fmt_time(c.max_expires_at_ms),
+        "max_expires_at_ms": c.max_expires_at_ms,
+        "subject": c.subject,
+        "role": c.role,
+        "replayed": c.replayed,
+    });
+    print(out, v, || {
+        format!(
+            "lease_id:    {}\nusername:    {}\npassword:    {}\ndatabase:    {}:{}/{}\nexpires_at:  {}\nrenew_after: {}\nmax_expires: {}",
+            c.lease_id,
+            p.username,
+            p.password,
+            p.host,
+            p.port,
+            p.database,
+            fmt_time(c.expires_at_ms),
+            fmt_time(c.renew_after_ms),
+            fmt_time(c.max_expires_at_ms),
+        )
+    });
+}
+
 fn lease_json(l: &pb::Lease) -> Value {
     json!({
         "lease_id": l.id, "state": l.state, "role": l.role, "subject": l.subject,
@@ -324,7 +375,8 @@ fn lease_json(l: &pb::Lease) -> Value {
         "expires_at_ms": l.expires_at_ms, "max_expires_at": fmt_time(l.max_expires_at_ms),
         "max_expires_at_ms": l.max_expires_at_ms, "renew_after": fmt_time(l.renew_after_ms),
         "kid": l.kid, "renewals": l.renewals, "ttl_s": l.ttl_s, "kind": l.kind,
-        "principals": l.principals, "serial": l.serial,
+        "principals": l.principals, "serial": l.serial, "connection": l.connection,
+        "username": l.username, "attempts": l.attempts, "last_error": l.last_error,
     })
 }
 
@@ -336,7 +388,12 @@ fn role_json(r: &pb::Role) -> Value {
            "max_live_leases_per_identity": r.max_live_leases_per_identity,
            "max_live_leases": r.max_live_leases, "principals": r.principals,
            "extensions": r.extensions, "critical_options": r.critical_options,
-           "host_domains": r.host_domains, "allow_subdomains": r.allow_subdomains})
+           "host_domains": r.host_domains, "allow_subdomains": r.allow_subdomains,
+           "connection": r.connection, "creation_statements": r.creation_statements,
+           "revocation_statements": r.revocation_statements,
+           "renew_statements": r.renew_statements, "username_template": r.username_template,
+           "terminate_sessions": r.terminate_sessions, "password_length": r.password_length,
+           "password_classes": r.password_classes})
 }
 
 async fn quarantine(cli: &Cli, cmd: &crate::QuarantineCmd) -> Result<()> {
@@ -612,8 +669,33 @@ async fn role(cli: &Cli, cmd: &RoleCmd) -> Result<()> {
             issue_rate,
             max_live_leases_per_identity,
             max_live_leases,
+            connection,
+            creation_statements,
+            revocation_statements,
+            renew_statements,
+            username_template,
+            terminate_sessions,
+            password_length,
+            password_classes,
         } => {
+            let statements = |what: &str, f: &Option<std::path::PathBuf>| -> Result<Vec<String>> {
+                Ok(match f {
+                    Some(path) => vec![read_file(what, path)?],
+                    None => Vec::new(),
+                })
+            };
             let role = pb::Role {
+                connection: connection.clone().unwrap_or_default(),
+                creation_statements: statements("the creation statements", creation_statements)?,
+                revocation_statements: statements(
+                    "the revocation statements",
+                    revocation_statements,
+                )?,
+                renew_statements: statements("the renew statements", renew_statements)?,
+                username_template: username_template.clone().unwrap_or_default(),
+                terminate_sessions: *terminate_sessions,
+                password_length: *password_length,
+                password_classes: split_list(password_classes),
                 name: name.clone(),
                 kind: kind.clone(),
                 audience: audience.clone().unwrap_or_default(),

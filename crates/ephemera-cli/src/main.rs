@@ -4,6 +4,7 @@ mod audit;
 mod bench;
 mod commands;
 mod connect;
+mod db;
 mod dev;
 mod output;
 mod policy;
@@ -124,6 +125,51 @@ pub enum Command {
     Quarantine(QuarantineCmd),
     /// Load a running cluster (EPHEMERA_ADDR) and report throughput and latency percentiles.
     Bench(BenchArgs),
+    /// Databases that PostgreSQL logins are created on (see README, "PostgreSQL logins").
+    #[command(subcommand)]
+    Db(DbCmd),
+}
+
+#[derive(Subcommand)]
+pub enum DbCmd {
+    #[command(subcommand)]
+    Connection(DbConnectionCmd),
+}
+
+#[derive(Subcommand)]
+pub enum DbConnectionCmd {
+    /// Create or replace a connection; it is tried first (reachable, password accepted,
+    /// CREATEROLE), and nothing is stored when it does not work.
+    Put {
+        name: String,
+        /// postgres://USER@HOST:PORT/DATABASE (the password goes in --password-file).
+        #[arg(long)]
+        url: String,
+        /// A file holding the admin user's password (one line).
+        #[arg(long)]
+        password_file: PathBuf,
+        /// The CA (PEM) that signs the server's certificate; needed for verify-full.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// verify-full (the CA and the host name are checked), require (encrypted, not
+        /// checked) or disable (no TLS).
+        #[arg(long, default_value = "verify-full")]
+        sslmode: String,
+    },
+    Get {
+        name: String,
+    },
+    List,
+    /// Refused while logins exist on it; --force abandons them (each revoked and audited).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give the admin user a new password only the cluster knows.
+    RotateRoot {
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -386,7 +432,7 @@ pub enum RoleCmd {
     /// Define a role; each kind takes its own flags (a flag of another kind is refused).
     Put {
         name: String,
-        /// jwt, x509-svid, ssh-user or ssh-host.
+        /// jwt, x509-svid, ssh-user, ssh-host or postgres.
         #[arg(long, default_value = "jwt")]
         kind: String,
         /// jwt: the audience of every token.
@@ -439,6 +485,35 @@ pub enum RoleCmd {
         /// Live leases of this role in all.
         #[arg(long)]
         max_live_leases: Option<u64>,
+        /// postgres: the database connection logins are created on.
+        #[arg(long)]
+        connection: Option<String>,
+        /// postgres: a file of SQL run in one transaction to create a login, with {{name}},
+        /// {{password}} and {{expiration}} (quoted by the server's escaping rules).
+        #[arg(long)]
+        creation_statements: Option<PathBuf>,
+        /// postgres: SQL run to drop a login ({{name}}); default: revoke, reassign and drop
+        /// what it owns, drop the role.
+        #[arg(long)]
+        revocation_statements: Option<PathBuf>,
+        /// postgres: SQL run to extend a login ({{name}}, {{expiration}}); default: ALTER
+        /// ROLE ... VALID UNTIL.
+        #[arg(long)]
+        renew_statements: Option<PathBuf>,
+        /// postgres: the login name, from {{role}}, {{random}} (required) and {{unix_time}}
+        /// (default eph_{{role}}_{{random}}; at most 63 bytes).
+        #[arg(long)]
+        username_template: Option<String>,
+        /// postgres: terminate a login's sessions when it is dropped (default true).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        terminate_sessions: Option<bool>,
+        /// postgres: length of issued passwords (default 32).
+        #[arg(long)]
+        password_length: Option<u32>,
+        /// postgres: character classes every password contains, comma-separated: lower,
+        /// upper, digit, symbol (default lower,upper,digit).
+        #[arg(long)]
+        password_classes: Option<String>,
     },
     Get {
         name: String,
@@ -540,13 +615,21 @@ pub enum LeasesCmd {
         subject: Option<String>,
         #[arg(long)]
         role: Option<String>,
-        /// active, revoked or expired.
+        /// active, revoked or expired; for logins that live outside the cluster also pending,
+        /// revoking, failed (retried, with its last error) and abandoned.
         #[arg(long)]
         state: Option<String>,
         #[arg(long, default_value_t = 100)]
         page_size: u32,
         #[arg(long, default_value = "")]
         page_token: String,
+    },
+    /// Stop retrying a login's creation or removal (you removed it by hand, or accept that it
+    /// cannot be); the lease is revoked if it was not. Administrators only; audited.
+    Abandon {
+        lease_id: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 

@@ -224,6 +224,20 @@ pub enum Intent {
         lease_id: String,
         reason: String,
     },
+    /// A root rotation's first step: the connection's new admin password, sealed, recorded as
+    /// pending before the database is told (refused while another rotation is unfinished).
+    StageRootPassword {
+        name: String,
+        sealed_password: Vec<u8>,
+    },
+    /// A root rotation's last step: the pending password (named by its sealed bytes, so a
+    /// stale report changes nothing) becomes the connection's password, or is discarded when
+    /// the database still takes the old one.
+    SettleRootPassword {
+        name: String,
+        pending: Vec<u8>,
+        promote: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +372,15 @@ pub enum Op {
     AbandonLease {
         lease_id: String,
         reason: String,
+    },
+    StageRootPassword {
+        name: String,
+        sealed_password: Vec<u8>,
+    },
+    SettleRootPassword {
+        name: String,
+        pending: Vec<u8>,
+        promote: bool,
     },
 }
 
@@ -558,6 +581,22 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::PutDbConnection(c) => Op::PutDbConnection(c),
         Intent::DeleteDbConnection { name, force } => Op::DeleteDbConnection { name, force },
         Intent::AbandonLease { lease_id, reason } => Op::AbandonLease { lease_id, reason },
+        Intent::StageRootPassword {
+            name,
+            sealed_password,
+        } => Op::StageRootPassword {
+            name,
+            sealed_password,
+        },
+        Intent::SettleRootPassword {
+            name,
+            pending,
+            promote,
+        } => Op::SettleRootPassword {
+            name,
+            pending,
+            promote,
+        },
         Intent::RotateAuditKey => {
             let (kid, public_key, sealed_private_key) = new_sealed_key(kek, entropy);
             Op::AddAuditKey {
@@ -870,6 +909,18 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             validate_lease_id(lease_id)?;
             validate_text("the reason", reason, MAX_PURPOSE_LEN, true)
         }
+        Intent::StageRootPassword {
+            name,
+            sealed_password: sealed,
+        }
+        | Intent::SettleRootPassword {
+            name,
+            pending: sealed,
+            ..
+        } => {
+            validate_name("connection name", name)?;
+            crate::state::validate_sealed_password(sealed)
+        }
         Intent::SetBreakGlass { credential_hash } => match credential_hash.len() {
             0 | 32 => Ok(()),
             _ => Err(invalid(
@@ -1060,6 +1111,22 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         Op::AbandonLease { lease_id, reason } => Intent::AbandonLease {
             lease_id: lease_id.clone(),
             reason: reason.clone(),
+        },
+        Op::StageRootPassword {
+            name,
+            sealed_password,
+        } => Intent::StageRootPassword {
+            name: name.clone(),
+            sealed_password: sealed_password.clone(),
+        },
+        Op::SettleRootPassword {
+            name,
+            pending,
+            promote,
+        } => Intent::SettleRootPassword {
+            name: name.clone(),
+            pending: pending.clone(),
+            promote: *promote,
         },
         Op::SetBreakGlass { credential_hash } => Intent::SetBreakGlass {
             credential_hash: credential_hash.clone(),

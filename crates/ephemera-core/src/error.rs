@@ -137,6 +137,9 @@ pub enum Error {
     ConnectionInUse { name: String, leases: u64 },
     #[error("lease {0} has no external effect left to abandon")]
     NothingToAbandon(String),
+    /// A root rotation step that does not fit the connection's rotation state.
+    #[error("root rotation of {name:?}: {why}")]
+    RootRotation { name: String, why: String },
     #[error("{what} {value:?} is not allowed by role {role:?} (allowed: {allowed})")]
     NotAllowedByRole {
         /// `principal`, `extension`, `critical option`, `host name`.
@@ -186,7 +189,9 @@ impl Error {
             ProposalNotFound(_) | EffectNotFound { .. } => ErrorCode::NotFound,
             EffectNotAwaiting { .. } => ErrorCode::FailedPrecondition,
             UnknownConnection(_) => ErrorCode::NotFound,
-            ConnectionInUse { .. } | NothingToAbandon(_) => ErrorCode::FailedPrecondition,
+            ConnectionInUse { .. } | NothingToAbandon(_) | RootRotation { .. } => {
+                ErrorCode::FailedPrecondition
+            }
             RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
                 ErrorCode::ResourceExhausted
             }
@@ -245,6 +250,7 @@ impl Error {
             UnknownConnection(_) => "unknown_connection",
             ConnectionInUse { .. } => "connection_in_use",
             NothingToAbandon(_) => "nothing_to_abandon",
+            RootRotation { .. } => "root_rotation",
             NotAllowedByRole { .. } => "not_allowed_by_role",
         }
     }
@@ -319,6 +325,9 @@ impl Error {
                 vec![("connection", name.clone()), ("leases", leases.to_string())]
             }
             NothingToAbandon(l) => vec![("lease", l.clone())],
+            RootRotation { name, why } => {
+                vec![("connection", name.clone()), ("why", why.clone())]
+            }
             EffectNotFound { seq } => vec![("effect", seq.to_string())],
             EffectNotAwaiting {
                 seq,

@@ -8,7 +8,7 @@
 
 use ephemera_core::command::{validate_intent, Intent, IssueIntent, Outcome, Proposal};
 use ephemera_core::crypto::hash_secret;
-use ephemera_core::kind::{jwt, ssh, x509_svid, KindRequest};
+use ephemera_core::kind::{jwt, postgres, ssh, x509_svid, KindRequest};
 use ephemera_core::types::{AuthMethod, Lease, LeaseState, Principal, SVID_ROLE};
 use ephemera_core::Error;
 use ephemera_policy::AdminAction;
@@ -27,6 +27,8 @@ pub enum KindInput {
         csr_pem: String,
     },
     Ssh(ssh::Request),
+    /// A PostgreSQL login (the role decides everything about it).
+    Postgres,
 }
 
 /// An issuance request, as the transport received it.
@@ -103,6 +105,9 @@ impl Node {
         let Outcome::Lease { lease, replayed } = outcome else {
             return Err(Error::Internal("issue did not return a lease".into()));
         };
+        if lease.state == LeaseState::Active {
+            self.await_login(&lease).await?;
+        }
         let credential = self.credential_of(&lease)?;
         Ok(Issued {
             lease,
@@ -138,6 +143,11 @@ impl Node {
         }
         Ok(match &input.kind {
             KindInput::Jwt(r) => (KindRequest::Jwt(r.clone()), input.subject.clone(), None),
+            KindInput::Postgres => (
+                KindRequest::Postgres(postgres::Request {}),
+                input.subject.clone(),
+                None,
+            ),
             KindInput::Ssh(r) => {
                 let public_key = crate::mint::parse_public_key(&r.public_key)?;
                 (

@@ -25,6 +25,7 @@ pub mod bootstrap;
 pub mod coalesce;
 pub mod config;
 pub mod conn;
+pub mod db;
 pub mod grpc;
 pub mod guard;
 pub mod http;
@@ -408,6 +409,7 @@ pub async fn run(
             }
         }
     });
+    let executor = node::effects::spawn(node.clone(), stop_rx.clone());
     let renewer = tls
         .as_ref()
         .filter(|t| t.node_cert_ttl_s > 0)
@@ -433,6 +435,7 @@ pub async fn run(
         }
     };
     let _ = worker.await;
+    let _ = executor.await;
     if let Some(r) = renewer {
         let _ = r.await;
     }

@@ -98,10 +98,13 @@ pub enum AdminAction {
     SvidIssueFor,
     QuarantineRead,
     QuarantineRelease,
+    DbWrite,
+    DbRead,
+    LeaseAbandon,
 }
 
 impl AdminAction {
-    pub const ALL: [AdminAction; 17] = [
+    pub const ALL: [AdminAction; 20] = [
         AdminAction::RoleWrite,
         AdminAction::RoleRead,
         AdminAction::KeyRotate,
@@ -119,6 +122,9 @@ impl AdminAction {
         AdminAction::SvidIssueFor,
         AdminAction::QuarantineRead,
         AdminAction::QuarantineRelease,
+        AdminAction::DbWrite,
+        AdminAction::DbRead,
+        AdminAction::LeaseAbandon,
     ];
 
     pub fn name(self) -> &'static str {
@@ -140,6 +146,9 @@ impl AdminAction {
             AdminAction::SvidIssueFor => "svid.issue_for",
             AdminAction::QuarantineRead => "quarantine.read",
             AdminAction::QuarantineRelease => "quarantine.release",
+            AdminAction::DbWrite => "db.write",
+            AdminAction::DbRead => "db.read",
+            AdminAction::LeaseAbandon => "lease.abandon",
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct Statements<'a> {
 pub enum Error {
     #[error("cannot connect to {target}: {message}")]
     Connect { target: String, message: String },
+    /// The server refused the connection's user and password (SQLSTATE 28P01 or 28000): after
+    /// a root rotation whose outcome was lost, the other password may be the right one.
+    #[error("the database at {target} refused the connection's credentials")]
+    Authentication { target: String },
     #[error("TLS to the database: {0}")]
     Tls(String),
     #[error("{what} did not finish within {secs}s")]
@@ -147,7 +151,9 @@ async fn within<T>(
         }))
 }
 
-async fn connect(c: &Connection, deadline: Duration) -> Result<Client, Error> {
+/// A session as `c`'s user, with `c`'s TLS rules (what a relying party's client does; the
+/// operations below each open their own).
+pub async fn connect(c: &Connection, deadline: Duration) -> Result<Client, Error> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&c.host)
         .port(c.port)
@@ -155,10 +161,28 @@ async fn connect(c: &Connection, deadline: Duration) -> Result<Client, Error> {
         .user(&c.user)
         .password(c.password.as_bytes())
         .application_name("ephemera")
+        // The server ends a statement the client has given up on, so an attempt's effects end
+        // with its deadline on the server too (the executor's hold-off relies on that).
+        .options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms}",
+            ms = deadline.as_millis().max(1)
+        ))
         .connect_timeout(deadline);
-    let failed = |e: tokio_postgres::Error| Error::Connect {
-        target: format!("{}:{}/{}", c.host, c.port, c.database),
-        message: scrub(&e.to_string(), &[c.password.as_str()]),
+    let target = format!("{}:{}/{}", c.host, c.port, c.database);
+    let failed = |e: tokio_postgres::Error| {
+        let refused = e
+            .as_db_error()
+            .is_some_and(|db| matches!(db.code().code(), "28P01" | "28000"));
+        if refused {
+            Error::Authentication {
+                target: target.clone(),
+            }
+        } else {
+            Error::Connect {
+                target: target.clone(),
+                message: scrub(&e.to_string(), &[c.password.as_str()]),
+            }
+        }
     };
     let client = match c.sslmode {
         SslMode::Disable => {
@@ -264,6 +288,28 @@ pub async fn check(c: &Connection, deadline: Duration) -> Result<(), Error> {
                 message: format!("{} may not create roles (CREATEROLE)", c.user),
             })
         }
+    })
+    .await
+}
+
+/// Sets the connection user's own password to `new_password` (a root rotation), over a
+/// connection made with the current one.
+pub async fn rotate_password(
+    c: &Connection,
+    new_password: &str,
+    deadline: Duration,
+) -> Result<(), Error> {
+    let secrets = [new_password, c.password.as_str()];
+    within("rotating the connection's password", deadline, async {
+        let client = connect(c, deadline).await?;
+        let sql = Zeroizing::new(format!(
+            "ALTER ROLE CURRENT_USER WITH PASSWORD {}",
+            escape_literal(new_password)
+        ));
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| statement_error("setting the new password", e, &secrets))
     })
     .await
 }

@@ -119,6 +119,15 @@ fn text(what: &str, s: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+pub fn validate_sealed_password(sealed: &[u8]) -> Result<(), Error> {
+    if sealed.is_empty() || sealed.len() > MAX_SEALED_PASSWORD {
+        return Err(Error::InvalidArgument(format!(
+            "a sealed password must be 1 to {MAX_SEALED_PASSWORD} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// What the receiving node and `apply` both check of a connection.
 pub fn validate_db_connection(c: &DbConnection) -> Result<(), Error> {
     crate::command::validate_name("connection name", &c.name)?;
@@ -131,11 +140,7 @@ pub fn validate_db_connection(c: &DbConnection) -> Result<(), Error> {
     text("the database name", &c.database, MAX_PG_NAME)?;
     text("the database user", &c.user, MAX_PG_NAME)?;
     for sealed in std::iter::once(&c.sealed_password).chain(&c.pending_sealed_password) {
-        if sealed.is_empty() || sealed.len() > MAX_SEALED_PASSWORD {
-            return Err(Error::InvalidArgument(format!(
-                "a sealed password must be 1 to {MAX_SEALED_PASSWORD} bytes"
-            )));
-        }
+        validate_sealed_password(sealed)?;
     }
     match &c.ca_pem {
         Some(pem) if pem.len() > MAX_CA_PEM || !pem.contains("-----BEGIN CERTIFICATE-----") => {
@@ -273,5 +278,71 @@ pub(super) fn abandon_lease<R: KvRead + ?Sized>(
     audit
         .details
         .insert("abandoned_effects".into(), n.to_string());
+    Ok(Ok(Outcome::Done))
+}
+
+/// `Op::StageRootPassword`: the first step of a root rotation. Refused while an earlier
+/// rotation is unfinished: its pending password may be the one the database now takes, and
+/// replacing it could lose the only working password.
+pub(super) fn stage_root<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    (name, sealed): (&str, &[u8]),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(format!("db:{name}"));
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    let Some(mut c) = db_connection(kv, name)? else {
+        return Ok(Err(Error::UnknownConnection(name.to_string())));
+    };
+    if c.pending_sealed_password.is_some() {
+        return Ok(Err(Error::RootRotation {
+            name: name.to_string(),
+            why: "an earlier rotation is unfinished and must be settled first".into(),
+        }));
+    }
+    c.pending_sealed_password = Some(sealed.to_vec());
+    c.updated_ms = now;
+    kv.put(db_key(name), enc(&c));
+    Ok(Ok(Outcome::Done))
+}
+
+/// `Op::SettleRootPassword`: the pending password becomes the connection's (`promote`: the
+/// database took it) or is discarded (the database still takes the old one). An administrator
+/// or the leader's executor (which finds out by connecting) settles; a report about another
+/// pending password than the current one changes nothing.
+pub(super) fn settle_root<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    actor: &Principal,
+    now: u64,
+    (name, pending, promote): (&str, &[u8], bool),
+    audit: &mut AuditRecord,
+) -> Result<ApplyResult, StorageError> {
+    audit.target = Some(format!("db:{name}"));
+    audit.details.insert(
+        "result".into(),
+        if promote { "promoted" } else { "discarded" }.into(),
+    );
+    if let Err(e) = require_admin(actor) {
+        return Ok(Err(e));
+    }
+    let Some(mut c) = db_connection(kv, name)? else {
+        return Ok(Err(Error::UnknownConnection(name.to_string())));
+    };
+    if c.pending_sealed_password.as_deref() != Some(pending) {
+        return Ok(Err(Error::RootRotation {
+            name: name.to_string(),
+            why: "the password being settled is no longer the pending one".into(),
+        }));
+    }
+    if promote {
+        c.sealed_password = pending.to_vec();
+    }
+    c.pending_sealed_password = None;
+    c.updated_ms = now;
+    kv.put(db_key(name), enc(&c));
     Ok(Ok(Outcome::Done))
 }

@@ -349,6 +349,46 @@ pub fn lease_state(lease: &Lease, effects: &[Effect]) -> &'static str {
     }
 }
 
+/// A lease as operators see it: [`lease_state`], and while one of its effects is pending, that
+/// effect's failed attempts and last error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseStatus {
+    pub state: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+pub fn lease_status(
+    kv: &(impl KvRead + ?Sized),
+    lease: &Lease,
+) -> Result<LeaseStatus, StorageError> {
+    if lease.grant.external_target().is_none() {
+        return Ok(LeaseStatus {
+            state: lease.state.name(),
+            attempts: 0,
+            last_error: None,
+        });
+    }
+    let effects = effects_of_lease(kv, &lease.id)?;
+    let pending = effects.iter().find(|e| e.status == EffectStatus::Pending);
+    Ok(LeaseStatus {
+        state: lease_state(lease, &effects),
+        attempts: pending.map_or(0, |e| e.attempts),
+        last_error: pending.and_then(|e| e.last_error.clone()),
+    })
+}
+
+/// The states `leases list --state` filters on.
+pub const LEASE_STATES: [&str; 7] = [
+    "pending",
+    "active",
+    "revoking",
+    "failed",
+    "revoked",
+    "expired",
+    "abandoned",
+];
+
 /// Every target with pending effects (the executor's list of queues).
 pub fn targets_with_pending(kv: &(impl KvRead + ?Sized)) -> Result<Vec<String>, StorageError> {
     let pfx = PFX_EFFECT_DUE.as_bytes();

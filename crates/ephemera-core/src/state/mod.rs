@@ -19,8 +19,8 @@ mod queries;
 mod retention;
 
 pub use db::{
-    db_connection, db_connections, password_aad, validate_db_connection, DbConnection, SslMode,
-    MAX_SEALED_PASSWORD,
+    db_connection, db_connections, password_aad, validate_db_connection, validate_sealed_password,
+    DbConnection, SslMode, MAX_SEALED_PASSWORD,
 };
 use governance::*;
 use identity::*;
@@ -324,6 +324,8 @@ fn action_name(op: &Op) -> &'static str {
         Op::PutDbConnection(_) => "db.connection.put",
         Op::DeleteDbConnection { .. } => "db.connection.delete",
         Op::AbandonLease { .. } => "lease.abandon",
+        Op::StageRootPassword { .. } => "db.connection.rotate_root.stage",
+        Op::SettleRootPassword { .. } => "db.connection.rotate_root.settle",
         Op::SettleEffect { .. } => "effect.settle",
     }
 }
@@ -571,6 +573,15 @@ fn apply_op<R: KvRead + ?Sized>(
         Op::IssueNodeCertificate(cert) => node_certs::issue(kv, actor, now, cert, audit),
         Op::PutDbConnection(c) => db::put(kv, actor, now, c, audit),
         Op::DeleteDbConnection { name, force } => db::delete(kv, actor, now, (name, *force), audit),
+        Op::StageRootPassword {
+            name,
+            sealed_password,
+        } => db::stage_root(kv, actor, now, (name, sealed_password), audit),
+        Op::SettleRootPassword {
+            name,
+            pending,
+            promote,
+        } => db::settle_root(kv, actor, now, (name, pending, *promote), audit),
         Op::AbandonLease { lease_id, reason } => {
             db::abandon_lease(kv, actor, now, (lease_id, reason), audit)
         }

@@ -213,7 +213,8 @@ pub fn next_deadline(kv: &(impl KvRead + ?Sized)) -> Result<Option<u64>, Storage
 pub struct LeaseFilter {
     pub subject: Option<String>,
     pub role: Option<String>,
-    /// `active`, `revoked` or `expired`.
+    /// One of [`super::effects::LEASE_STATES`], as operators see them (a PostgreSQL login's
+    /// lease is `revoking` while its drop is retried, for instance).
     pub state: Option<String>,
 }
 
@@ -254,13 +255,13 @@ pub fn list_leases(
             let Some(lease) = get_lease(kv, id)? else {
                 continue;
             };
-            if filter.role.as_ref().is_some_and(|r| *r != lease.role)
-                || filter
-                    .state
-                    .as_ref()
-                    .is_some_and(|s| s != lease.state.name())
-            {
+            if filter.role.as_ref().is_some_and(|r| *r != lease.role) {
                 continue;
+            }
+            if let Some(wanted) = &filter.state {
+                if *wanted != super::effects::lease_status(kv, &lease)?.state {
+                    continue;
+                }
             }
             out.push(lease);
             if out.len() == limit {

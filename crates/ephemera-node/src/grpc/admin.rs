@@ -165,6 +165,48 @@ fn new_break_glass_credential() -> String {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for Api {
+    async fn put_db_connection(
+        &self,
+        req: Request<pb::PutDbConnectionRequest>,
+    ) -> Result<Response<pb::DbConnection>, Status> {
+        self.db_put(req).await
+    }
+
+    async fn get_db_connection(
+        &self,
+        req: Request<pb::GetDbConnectionRequest>,
+    ) -> Result<Response<pb::DbConnection>, Status> {
+        self.db_get(req).await
+    }
+
+    async fn list_db_connections(
+        &self,
+        req: Request<pb::ListDbConnectionsRequest>,
+    ) -> Result<Response<pb::ListDbConnectionsResponse>, Status> {
+        self.db_list(req).await
+    }
+
+    async fn delete_db_connection(
+        &self,
+        req: Request<pb::DeleteDbConnectionRequest>,
+    ) -> Result<Response<pb::DeleteDbConnectionResponse>, Status> {
+        self.db_delete(req).await
+    }
+
+    async fn rotate_db_root(
+        &self,
+        req: Request<pb::RotateDbRootRequest>,
+    ) -> Result<Response<pb::DbConnection>, Status> {
+        self.db_rotate_root(req).await
+    }
+
+    async fn abandon_lease(
+        &self,
+        req: Request<pb::AbandonLeaseRequest>,
+    ) -> Result<Response<pb::AbandonLeaseResponse>, Status> {
+        self.lease_abandon(req).await
+    }
+
     async fn create_join_token(
         &self,
         req: Request<pb::CreateJoinTokenRequest>,

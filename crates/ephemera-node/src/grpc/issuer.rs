@@ -77,7 +77,19 @@ impl pb::issuer_server::Issuer for Api {
         caller.environment = r.environment;
         caller.job_id = r.job_id;
         let jwt_fields = !r.scopes.is_empty() || r.audience.is_some();
+        // Without a kind, a request for a postgres role that asks nothing of a JWT is for
+        // its login (`apply` checks the role's kind again, on the committed role).
+        let postgres_role = r.kind.is_none()
+            && !jwt_fields
+            && matches!(
+                state::get_role(&self.node.view, &r.role),
+                Ok(Some(Role {
+                    spec: RoleSpec::Postgres(_),
+                    ..
+                }))
+            );
         let kind = match r.kind {
+            None if postgres_role => KindInput::Postgres,
             None => KindInput::Jwt(jwt::Request {
                 scopes: r.scopes,
                 audience: r.audience,
@@ -90,6 +102,7 @@ impl pb::issuer_server::Issuer for Api {
             Some(pb::issue_request::Kind::X509Svid(s)) => {
                 KindInput::X509Svid { csr_pem: s.csr_pem }
             }
+            Some(pb::issue_request::Kind::Postgres(_)) => KindInput::Postgres,
             Some(pb::issue_request::Kind::Ssh(s)) => KindInput::Ssh(ssh::Request {
                 public_key: s.public_key,
                 principals: s.principals,
@@ -171,6 +184,12 @@ impl pb::issuer_server::Issuer for Api {
         let Outcome::Lease { lease, replayed } = outcome else {
             return Err(to_status(Error::Internal("renew returned no lease".into())));
         };
+        if lease.state == LeaseState::Active {
+            self.node
+                .await_login(&lease)
+                .await
+                .map_err(|e| self.fail(e))?;
+        }
         let credential = self.node.credential_of(&lease).map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.renewed, 1);
         Ok(Response::new(self.credential(Issued {
@@ -264,9 +283,10 @@ impl pb::issuer_server::Issuer for Api {
         let actor = self.caller_of(&req)?;
         let r = req.get_ref().clone();
         if let Some(s) = &r.state {
-            if !matches!(s.as_str(), "active" | "revoked" | "expired") {
+            if !state::effects::LEASE_STATES.contains(&s.as_str()) {
                 return Err(self.fail(Error::InvalidArgument(format!(
-                    "state {s:?} must be one of active, revoked, expired"
+                    "state {s:?} must be one of {}",
+                    state::effects::LEASE_STATES.join(", ")
                 ))));
             }
         }
@@ -282,10 +302,19 @@ impl pb::issuer_server::Issuer for Api {
             r.page_size as usize
         };
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        let (leases, next) = state::list_leases(&self.node.view, &filter, after, page_size)
-            .map_err(|e| to_status(Error::Internal(e.to_string())))?;
+        let internal = |e: ephemera_core::StorageError| to_status(Error::Internal(e.to_string()));
+        let (leases, next) =
+            state::list_leases(&self.node.view, &filter, after, page_size).map_err(internal)?;
+        let leases = leases
+            .into_iter()
+            .map(|l| {
+                let status = state::effects::lease_status(&self.node.view, &l)?;
+                Ok(lease_to_pb(l, status))
+            })
+            .collect::<Result<_, ephemera_core::StorageError>>()
+            .map_err(internal)?;
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.into_iter().map(lease_to_pb).collect(),
+            leases,
             next_page_token: next.unwrap_or_default(),
         }))
     }

@@ -2,13 +2,23 @@
 
 use super::*;
 
-pub fn lease_to_pb(l: Lease) -> pb::Lease {
+/// A lease on the wire, with its state as operators see it (`status`, from the state's
+/// `effects::lease_status`).
+pub fn lease_to_pb(l: Lease, status: LeaseStatus) -> pb::Lease {
     let (principals, serial) = match &l.grant {
         Grant::Ssh(g) => (g.principals.clone(), g.serial),
         Grant::Jwt(_) | Grant::X509Svid(_) | Grant::Postgres(_) => (Vec::new(), 0),
     };
+    let (connection, username) = match &l.grant {
+        Grant::Postgres(g) => (g.connection.clone(), g.username.clone()),
+        _ => (String::new(), String::new()),
+    };
     pb::Lease {
-        state: l.state.name().to_string(),
+        state: status.state.to_string(),
+        attempts: status.attempts,
+        last_error: status.last_error.unwrap_or_default(),
+        connection,
+        username,
         kind: l.kind().as_str().to_string(),
         audience: l.audience().to_string(),
         scopes: l.scopes().to_vec(),
@@ -46,7 +56,43 @@ pub(super) fn role_to_pb(r: Role) -> pb::Role {
             critical_options: vec![],
         },
     };
+    let pg = match &r.spec {
+        RoleSpec::Postgres(s) => Some(s.clone()),
+        _ => None,
+    };
     pb::Role {
+        connection: pg
+            .as_ref()
+            .map(|s| s.connection.clone())
+            .unwrap_or_default(),
+        creation_statements: pg
+            .as_ref()
+            .map(|s| s.creation_statements.clone())
+            .unwrap_or_default(),
+        revocation_statements: pg
+            .as_ref()
+            .map(|s| s.revocation_statements.clone())
+            .unwrap_or_default(),
+        renew_statements: pg
+            .as_ref()
+            .map(|s| s.renew_statements.clone())
+            .unwrap_or_default(),
+        username_template: pg
+            .as_ref()
+            .map(|s| s.username_template.clone())
+            .unwrap_or_default(),
+        terminate_sessions: pg.as_ref().map(|s| s.terminate_sessions),
+        password_length: pg.as_ref().map(|s| u32::from(s.password.length)),
+        password_classes: pg
+            .as_ref()
+            .map(|s| {
+                s.password
+                    .classes
+                    .iter()
+                    .map(|c| c.as_str().to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
         name: r.name,
         kind,
         audience,
@@ -78,7 +124,7 @@ pub(super) fn spec_from_pb(r: &pb::Role) -> Result<RoleSpec, Error> {
             CredentialKind::ALL.map(|k| k.as_str()).join(", ")
         ))
     })?;
-    let set: [(&str, bool); 7] = [
+    let set: [(&str, bool); 15] = [
         ("audience", !r.audience.is_empty()),
         ("scopes", !r.allowed_scopes.is_empty()),
         ("principals", !r.principals.is_empty()),
@@ -86,23 +132,36 @@ pub(super) fn spec_from_pb(r: &pb::Role) -> Result<RoleSpec, Error> {
         ("allow subdomains", r.allow_subdomains),
         ("extensions", !r.extensions.is_empty()),
         ("critical options", !r.critical_options.is_empty()),
+        ("a connection", !r.connection.is_empty()),
+        ("creation statements", !r.creation_statements.is_empty()),
+        ("revocation statements", !r.revocation_statements.is_empty()),
+        ("renew statements", !r.renew_statements.is_empty()),
+        ("a username template", !r.username_template.is_empty()),
+        ("terminate sessions", r.terminate_sessions.is_some()),
+        ("a password length", r.password_length.is_some()),
+        ("password classes", !r.password_classes.is_empty()),
+    ];
+    const POSTGRES: &[&str] = &[
+        "a connection",
+        "creation statements",
+        "revocation statements",
+        "renew statements",
+        "a username template",
+        "terminate sessions",
+        "a password length",
+        "password classes",
     ];
     let allowed: &[&str] = match kind {
         CredentialKind::Jwt => &["audience", "scopes"],
         CredentialKind::X509Svid => &[],
         CredentialKind::SshUser => &["principals", "extensions", "critical options"],
         CredentialKind::SshHost => &["host domains", "allow subdomains"],
-        // The state machine has the kind; the wire does not carry its fields yet, and a role
-        // without its statements would be useless, so the API refuses it precisely.
-        CredentialKind::Postgres => {
-            return Err(Error::InvalidArgument(
-                "postgres roles cannot be created through this API version yet".into(),
-            ))
-        }
+        CredentialKind::Postgres => POSTGRES,
     };
     if let Some((field, _)) = set.iter().find(|(f, on)| *on && !allowed.contains(f)) {
         return Err(Error::InvalidArgument(format!(
-            "{field} do not apply to {kind} roles{}",
+            "{field} {} not apply to {kind} roles{}",
+            if field.ends_with('s') { "do" } else { "does" },
             if allowed.is_empty() {
                 String::new()
             } else {
@@ -128,7 +187,45 @@ pub(super) fn spec_from_pb(r: &pb::Role) -> Result<RoleSpec, Error> {
             extensions: r.extensions.clone(),
             critical_options: r.critical_options.clone(),
         }),
-        CredentialKind::Postgres => unreachable!("refused above"),
+        CredentialKind::Postgres => RoleSpec::Postgres(postgres_spec_from_pb(r)?),
+    })
+}
+
+fn postgres_spec_from_pb(r: &pb::Role) -> Result<postgres::Spec, Error> {
+    let defaults = postgres::PasswordPolicy::default();
+    let length = match r.password_length {
+        None => defaults.length,
+        Some(n) => u16::try_from(n).map_err(|_| {
+            Error::InvalidArgument(format!("a password length of {n} is out of range"))
+        })?,
+    };
+    let classes = if r.password_classes.is_empty() {
+        defaults.classes
+    } else {
+        r.password_classes
+            .iter()
+            .map(|c| {
+                postgres::CharClass::parse(c).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "unknown password character class {c:?} (classes: {})",
+                        postgres::CharClass::ALL.map(|c| c.as_str()).join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok(postgres::Spec {
+        connection: r.connection.clone(),
+        creation_statements: r.creation_statements.clone(),
+        revocation_statements: r.revocation_statements.clone(),
+        renew_statements: r.renew_statements.clone(),
+        username_template: if r.username_template.is_empty() {
+            postgres::DEFAULT_USERNAME_TEMPLATE.to_string()
+        } else {
+            r.username_template.clone()
+        },
+        terminate_sessions: r.terminate_sessions.unwrap_or(true),
+        password: postgres::PasswordPolicy { length, classes },
     })
 }
 

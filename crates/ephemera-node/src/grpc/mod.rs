@@ -5,6 +5,7 @@
 
 mod admin;
 mod cluster;
+mod db;
 mod issuer;
 mod mapping;
 
@@ -22,8 +23,9 @@ use ephemera_core::command::{
     validate_intent, Intent, Outcome, Proposal, RenewIntent, RevokeTarget,
 };
 use ephemera_core::crypto::hash_secret;
-use ephemera_core::kind::{jwt, ssh, Grant, RoleSpec};
+use ephemera_core::kind::{jwt, postgres, ssh, Grant, RoleSpec};
 use ephemera_core::policy::{PolicyGovernance, PolicyProposal, PolicyVersion, ProposalState};
+use ephemera_core::state::effects::LeaseStatus;
 use ephemera_core::state::{self, LeaseFilter};
 use ephemera_core::types::{
     AuthMethod, CredentialKind, Lease, LeaseState, Principal, Role, SVID_ROLE,
@@ -164,6 +166,27 @@ impl Api {
                     bundle_pem,
                 })),
             ),
+            Minted::Postgres { username, password } => {
+                let Grant::Postgres(g) = &lease.grant else {
+                    unreachable!("a login is minted from a PostgreSQL grant")
+                };
+                // Where to log in, as the connection is now (it cannot be deleted while the
+                // login exists).
+                let conn = state::db_connection(&self.node.view, &g.connection)
+                    .ok()
+                    .flatten();
+                (
+                    String::new(),
+                    Some(pb::credential::Body::Postgres(pb::PostgresLogin {
+                        username,
+                        password: password.expose().to_string(),
+                        connection: g.connection.clone(),
+                        host: conn.as_ref().map(|c| c.host.clone()).unwrap_or_default(),
+                        port: conn.as_ref().map_or(0, |c| u32::from(c.port)),
+                        database: conn.map(|c| c.database).unwrap_or_default(),
+                    })),
+                )
+            }
             Minted::Ssh(certificate) => {
                 let Grant::Ssh(g) = &lease.grant else {
                     unreachable!("an SSH certificate is minted from an SSH grant")

@@ -30,6 +30,27 @@ pub enum Minted {
     },
     /// An OpenSSH certificate line.
     Ssh(String),
+    /// A database login the executor has created.
+    Postgres {
+        username: String,
+        password: Password,
+    },
+}
+
+/// A password handed to its caller: zeroised when dropped, redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(zeroize::Zeroizing<String>);
+
+impl Password {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
 }
 
 /// Which replicated key store a signing key lives in.
@@ -47,11 +68,16 @@ impl Node {
             Grant::Jwt(_) => jwt::mint(self, lease).map(Minted::Jwt),
             Grant::X509Svid(g) => x509_svid::mint(self, lease, g),
             Grant::Ssh(g) => ssh::mint(self, lease, g).map(Minted::Ssh),
-            // Returned only once the leader's executor has created the login, which this
-            // version does not run yet.
-            Grant::Postgres(_) => Err(Error::Unavailable(
-                "PostgreSQL logins are not served by this version yet".into(),
-            )),
+            // The password is derived from the KEK and the lease id, as the leader's executor
+            // derived it to create the login (the caller waited for that: `await_login`).
+            Grant::Postgres(g) => Ok(Minted::Postgres {
+                username: g.username.clone(),
+                password: Password(ephemera_core::kind::postgres::password(
+                    &self.kek,
+                    &lease.id,
+                    &g.password,
+                )),
+            }),
         }
     }
 

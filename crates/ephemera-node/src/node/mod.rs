@@ -11,6 +11,7 @@
 
 mod authn;
 mod certs;
+pub mod effects;
 mod routing;
 mod workers;
 
@@ -200,6 +201,8 @@ pub struct Node {
     pub local: LocalAccess,
     /// The leader's housekeeping settings.
     housekeeping: Housekeeping,
+    /// The leader's executor of external effects (see [`effects`]).
+    pub(crate) effects: effects::Executor,
 }
 
 /// What the leader's housekeeping does besides expiry: compaction and audit checkpoints.
@@ -277,6 +280,7 @@ impl Node {
             verified_svids: Mutex::new(HashMap::new()),
             local,
             housekeeping,
+            effects: effects::Executor::default(),
         }
     }
 

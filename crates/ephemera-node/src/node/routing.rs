@@ -2,6 +2,7 @@
 //! changes, and the linearizable read barriers.
 
 use super::certs;
+use super::effects;
 use super::*;
 
 impl Node {
@@ -310,9 +311,15 @@ impl Node {
     }
 
     pub(super) async fn write_as_leader(&self, cmd: Command) -> LeaderAttempt {
+        let wake_executor = effects::may_record_effects(&cmd.op);
         match self.raft.client_write(cmd).await {
             Ok(resp) => LeaderAttempt::Done(Ok(ForwardReply::Applied {
-                result: resp.data,
+                result: {
+                    if wake_executor {
+                        self.effects.wake();
+                    }
+                    resp.data
+                },
                 log_index: resp.log_id.index,
             })),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
