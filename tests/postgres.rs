@@ -494,3 +494,65 @@ fn drops_survive_a_stopped_database_and_a_killed_leader() {
     }
     cluster.restart(leader);
 }
+
+#[test]
+fn rotate_root_leaves_the_admin_password_known_to_the_cluster_alone() {
+    let Setup {
+        cluster,
+        pg,
+        files: _files,
+    } = setup();
+    let rt = rt();
+    let before = cluster.cli_json(&["issue", "--role", "app"]);
+    let rotated = cluster.cli_json(&["db", "connection", "rotate-root", "orders"]);
+    assert_eq!(rotated["root_rotation_pending"], false);
+    let after = cluster.cli_json(&["issue", "--role", "app"]);
+    rt.block_on(async {
+        assert!(
+            login(&pg, ADMIN_USER, &pg.admin_password).await.is_err(),
+            "the old admin password still logs in"
+        );
+        for l in [&before, &after] {
+            let (user, password) = (
+                l["username"].as_str().unwrap(),
+                l["password"].as_str().unwrap(),
+            );
+            login(&pg, user, password).await.expect("the login works");
+        }
+    });
+    // Revoking the connection revokes every login on it, and the executor (with the rotated
+    // password) drops them.
+    let revoked = cluster.cli_json(&["revoke", "--connection", "orders"]);
+    assert_eq!(revoked["revoked"], 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = cluster.cli_json(&["leases", "list", "--role", "app"]);
+        let states: Vec<&str> = [&before, &after]
+            .iter()
+            .map(|l| {
+                lease(&listed, l["lease_id"].as_str().unwrap())["state"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        if states == ["revoked", "revoked"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not dropped: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt.block_on(async {
+        for l in [&before, &after] {
+            let (user, password) = (
+                l["username"].as_str().unwrap(),
+                l["password"].as_str().unwrap(),
+            );
+            assert!(
+                login(&pg, user, password).await.is_err(),
+                "{user} still logs in"
+            );
+        }
+    });
+    let listed = cluster.cli_json(&["db", "connection", "get", "orders"]);
+    assert_eq!(listed["live_leases"], 0);
+}

@@ -67,12 +67,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Revoke(a) => {
             use pb::revoke_request::Target;
-            let target = match (&a.lease_id, &a.subject, &a.role, &a.key) {
-                (Some(id), None, None, None) => Target::LeaseId(id.clone()),
-                (None, Some(s), None, None) => Target::Subject(s.clone()),
-                (None, None, Some(r), None) => Target::Role(r.clone()),
-                (None, None, None, Some(k)) => Target::Kid(k.clone()),
-                _ => bail!("give exactly one of LEASE_ID, --subject, --role or --key"),
+            let target = match (&a.lease_id, &a.subject, &a.role, &a.key, &a.connection) {
+                (Some(id), None, None, None, None) => Target::LeaseId(id.clone()),
+                (None, Some(s), None, None, None) => Target::Subject(s.clone()),
+                (None, None, Some(r), None, None) => Target::Role(r.clone()),
+                (None, None, None, Some(k), None) => Target::Kid(k.clone()),
+                (None, None, None, None, Some(c)) => Target::Connection(c.clone()),
+                _ => {
+                    bail!("give exactly one of LEASE_ID, --subject, --role, --key or --connection")
+                }
             };
             let r = client(&cli)?
                 .revoke(pb::RevokeRequest {

@@ -555,8 +555,11 @@ pub struct RevokeArgs {
     pub subject: Option<String>,
     #[arg(long, conflicts_with_all = ["lease_id", "subject", "key"])]
     pub role: Option<String>,
-    #[arg(long, conflicts_with_all = ["lease_id", "subject", "role"])]
+    #[arg(long, conflicts_with_all = ["lease_id", "subject", "role", "connection"])]
     pub key: Option<String>,
+    /// Every login on this database connection.
+    #[arg(long, conflicts_with_all = ["lease_id", "subject", "role", "key"])]
+    pub connection: Option<String>,
 }
 
 #[derive(Subcommand)]

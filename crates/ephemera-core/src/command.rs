@@ -115,6 +115,9 @@ pub enum RevokeTarget {
     Role(String),
     /// Key compromise: the key leaves the JWKS and every lease it signed is revoked.
     Key(String),
+    /// Every login on a database connection (new variants go last: the log holds them by
+    /// position).
+    Connection(String),
 }
 
 impl RevokeTarget {
@@ -124,6 +127,7 @@ impl RevokeTarget {
             RevokeTarget::Subject(s) => format!("subject:{s}"),
             RevokeTarget::Role(r) => format!("role:{r}"),
             RevokeTarget::Key(k) => format!("key:{k}"),
+            RevokeTarget::Connection(c) => format!("db:{c}"),
         }
     }
 }
@@ -875,6 +879,7 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
             RevokeTarget::Lease(id) => validate_lease_id(id),
             RevokeTarget::Subject(s) => validate_text("subject", s, MAX_SUBJECT_LEN, false),
             RevokeTarget::Role(r) => validate_name("role name", r),
+            RevokeTarget::Connection(c) => validate_name("connection name", c),
             RevokeTarget::Key(k) => validate_name("key id", k),
         },
         Intent::RotateKey | Intent::RotateSshCa | Intent::RotateAuditKey => Ok(()),

@@ -2905,4 +2905,116 @@ mod postgres_kind {
         );
         assert_eq!(rec.lease_id.as_deref(), Some(lease.id.as_str()));
     }
+
+    #[test]
+    fn a_root_rotation_is_staged_then_settled_once_and_never_overwritten() {
+        let mut w = world();
+        let stage = |w: &mut World, b: u8| {
+            w.admin(Intent::StageRootPassword {
+                name: "orders".into(),
+                sealed_password: vec![b; 60],
+            })
+        };
+        let settle = |w: &mut World, b: u8, promote: bool| {
+            w.admin(Intent::SettleRootPassword {
+                name: "orders".into(),
+                pending: vec![b; 60],
+                promote,
+            })
+        };
+        let conn = |w: &World| state::db_connection(&w.kv, "orders").unwrap().unwrap();
+        assert!(matches!(
+            w.admin(Intent::StageRootPassword {
+                name: "nope".into(),
+                sealed_password: vec![1; 60]
+            }),
+            Err(Error::UnknownConnection(_))
+        ));
+        // Nothing pending: a settle changes nothing.
+        let before = domain(&w);
+        assert!(matches!(
+            settle(&mut w, 8, true),
+            Err(Error::RootRotation { .. })
+        ));
+        assert_eq!(domain(&w), before);
+        stage(&mut w, 8).unwrap();
+        assert_eq!(conn(&w).pending_sealed_password, Some(vec![8; 60]));
+        // A second rotation may not replace the pending password (it may be the only one
+        // the database takes now).
+        let before = domain(&w);
+        assert!(matches!(stage(&mut w, 9), Err(Error::RootRotation { .. })));
+        // A settle for another password than the pending one changes nothing.
+        assert!(matches!(
+            settle(&mut w, 9, true),
+            Err(Error::RootRotation { .. })
+        ));
+        assert_eq!(domain(&w), before);
+        settle(&mut w, 8, true).unwrap();
+        let c = conn(&w);
+        assert_eq!(
+            (c.sealed_password, c.pending_sealed_password),
+            (vec![8; 60], None)
+        );
+        // Discarding keeps the old password.
+        stage(&mut w, 10).unwrap();
+        settle(&mut w, 10, false).unwrap();
+        let c = conn(&w);
+        assert_eq!(
+            (c.sealed_password, c.pending_sealed_password),
+            (vec![8; 60], None)
+        );
+        // Administrators only; the audit records name no password.
+        let stranger = Principal::svid(
+            "spiffe://example.org/web".into(),
+            "example.org".into(),
+            false,
+        );
+        assert!(matches!(
+            w.propose(
+                stranger,
+                Intent::StageRootPassword {
+                    name: "orders".into(),
+                    sealed_password: vec![1; 60]
+                }
+            ),
+            Err(Error::PermissionDenied(_))
+        ));
+        let stages = state::audit_records(&w.kv, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action.starts_with("db.connection.rotate_root"))
+            .count();
+        assert!(stages >= 4);
+    }
+
+    #[test]
+    fn revoking_a_connection_revokes_its_logins_only() {
+        let mut w = world();
+        w.admin(Intent::PutDbConnection(connection("billing")))
+            .unwrap();
+        w.admin(Intent::PutRole(role("billing", spec("billing"))))
+            .unwrap();
+        let a = w.issue(login("reporting")).unwrap();
+        let b = w.issue(login("reporting")).unwrap();
+        let other = w.issue(login("billing")).unwrap();
+        let jwt = w.issue(web(None)).unwrap();
+        assert!(matches!(
+            w.admin(Intent::Revoke(RevokeTarget::Connection("nope".into()))),
+            Err(Error::UnknownConnection(_))
+        ));
+        let out = w
+            .admin(Intent::Revoke(RevokeTarget::Connection("orders".into())))
+            .unwrap();
+        assert_eq!(out, Outcome::Revoked { count: 2 });
+        for id in [&a.id, &b.id] {
+            assert!(matches!(w.lease(id).state, LeaseState::Revoked { .. }));
+        }
+        assert_eq!(w.lease(&other.id).state, LeaseState::Active);
+        assert_eq!(w.lease(&jwt.id).state, LeaseState::Active);
+        // Again: nothing more to revoke (the drops are pending, not the leases).
+        let out = w
+            .admin(Intent::Revoke(RevokeTarget::Connection("orders".into())))
+            .unwrap();
+        assert_eq!(out, Outcome::Revoked { count: 0 });
+    }
 }

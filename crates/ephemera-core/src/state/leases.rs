@@ -526,6 +526,18 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
             let count = revoke_one(kv, id)?;
             return Ok(Ok(Outcome::Revoked { count }));
         }
+        RevokeTarget::Connection(name) => {
+            if super::db::db_connection(kv, name)?.is_none() {
+                return Ok(Err(Error::UnknownConnection(name.clone())));
+            }
+            // The logins that exist (or are being created) there; those already being dropped
+            // are dead and count nothing.
+            let mut count = 0;
+            for id in effects::holders(kv, &crate::kind::postgres::target_of(name))? {
+                count += revoke_one(kv, &id)?;
+            }
+            return Ok(Ok(Outcome::Revoked { count }));
+        }
         RevokeTarget::Subject(s) => (PFX_SUBJECT, s),
         RevokeTarget::Role(r) => (PFX_ROLE_IX, r),
         RevokeTarget::Key(kid) => {

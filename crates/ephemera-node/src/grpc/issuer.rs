@@ -211,9 +211,10 @@ impl pb::issuer_server::Issuer for Api {
             Some(Target::Subject(s)) => RevokeTarget::Subject(s),
             Some(Target::Role(r)) => RevokeTarget::Role(r),
             Some(Target::Kid(k)) => RevokeTarget::Key(k),
+            Some(Target::Connection(c)) => RevokeTarget::Connection(c),
             None => {
                 return Err(self.fail(Error::InvalidArgument(
-                    "one of lease_id, subject, role or kid is required".into(),
+                    "one of lease_id, subject, role, kid or connection is required".into(),
                 )))
             }
         };
