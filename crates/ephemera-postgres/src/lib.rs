@@ -5,7 +5,8 @@
 //! - **Create**: when the role already exists (a create whose outcome was lost), its password
 //!   and validity are set again, which is the same as creating it (the password is derived
 //!   from the lease, so every attempt sets the same one); otherwise the role's creation
-//!   statements run in one transaction.
+//!   statements run in one transaction, whose `COMMIT` the server refuses once the attempt's
+//!   deadline has passed (see `commit_fence`).
 //! - **Extend**: `ALTER ROLE … VALID UNTIL`, or the role's renew statements. A login that is
 //!   gone is an error, not a success: the lease says it should exist.
 //! - **Drop**: a role that does not exist is success. Otherwise logins are stopped first
@@ -249,9 +250,15 @@ async fn in_transaction(
     statements: &[String],
     (name, password, expiration): (&str, Option<&str>, Option<&str>),
     secrets: &[&str],
+    fence: Option<std::time::Instant>,
 ) -> Result<(), Error> {
-    let tx = client
-        .transaction()
+    let commit = match fence {
+        None => "COMMIT".to_string(),
+        Some(at) => commit_fence(client, at).await?,
+    };
+    // An error drops the connection with the transaction open: the server rolls it back.
+    client
+        .batch_execute("BEGIN")
         .await
         .map_err(|e| statement_error(format!("beginning the {kind}"), e, secrets))?;
     for (i, template) in statements.iter().enumerate() {
@@ -260,13 +267,44 @@ async fn in_transaction(
             Ok(sql) => sql,
             Err(message) => return Err(Error::Statement { what, message }),
         };
-        tx.batch_execute(&sql)
+        client
+            .batch_execute(&sql)
             .await
             .map_err(|e| statement_error(what, e, secrets))?;
     }
-    tx.commit()
+    client
+        .batch_execute(&commit)
         .await
         .map_err(|e| statement_error(format!("committing the {kind}"), e, secrets))
+}
+
+/// A `COMMIT` that the server refuses once the attempt's deadline (`at`, on this machine's
+/// monotonic clock) has passed, whatever happened to this process in between (a paused or
+/// descheduled leader resuming late): the deadline is translated into the server's own clock
+/// now (its time plus what remains), and checked by the server in the same message as the
+/// `COMMIT`, so no gap is left between the check and the commit.
+async fn commit_fence(client: &Client, at: std::time::Instant) -> Result<String, Error> {
+    let row = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| statement_error("reading the server's clock", e, &[]))?;
+    let server_ms = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+    let remaining = at.saturating_duration_since(std::time::Instant::now());
+    if remaining.is_zero() {
+        return Err(Error::Timeout {
+            what: "the attempt",
+            secs: 0,
+        });
+    }
+    let fence = escape_literal(&timestamp(server_ms + remaining.as_millis() as u64));
+    Ok(format!(
+        "DO $fence$ BEGIN IF clock_timestamp() > {fence}::timestamptz THEN \
+         RAISE EXCEPTION 'the attempt''s deadline passed before its commit'; END IF; END \
+         $fence$; COMMIT"
+    ))
 }
 
 /// Checks that the connection works and that its user may create logins.
@@ -325,6 +363,7 @@ pub async fn create_login(
 ) -> Result<(), Error> {
     let secrets = [password, c.password.as_str()];
     let expiration = timestamp(valid_until_ms);
+    let fence = std::time::Instant::now() + deadline;
     within("creating the login", deadline, async {
         let mut client = connect(c, deadline).await?;
         if exists(&client, name).await? {
@@ -344,7 +383,17 @@ pub async fn create_login(
                 .map_err(|e| statement_error("resetting the existing login", e, &secrets));
         }
         let values = (name, Some(password), Some(expiration.as_str()));
-        in_transaction(&mut client, "creation", st.creation, values, &secrets).await
+        // Fenced: a create must never land after its deadline, where a new leader's drop of
+        // the same login may already have run.
+        in_transaction(
+            &mut client,
+            "creation",
+            st.creation,
+            values,
+            &secrets,
+            Some(fence),
+        )
+        .await
     })
     .await
 }
@@ -371,7 +420,7 @@ pub async fn extend_login(
             return Err(Error::Missing(name.to_string()));
         }
         let values = (name, None, Some(expiration.as_str()));
-        in_transaction(&mut client, "renew", statements, values, &secrets).await
+        in_transaction(&mut client, "renew", statements, values, &secrets, None).await
     })
     .await
 }
@@ -425,6 +474,7 @@ pub async fn drop_login(
             statements,
             (name, None, None),
             &secrets,
+            None,
         )
         .await?;
         if exists(&client, name).await? {

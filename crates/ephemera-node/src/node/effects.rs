@@ -21,8 +21,14 @@
 //!    it must still await exactly this attempt. The settle names the attempt, so a duplicate
 //!    or a deposed leader's late report changes nothing (`state::effects::settle`).
 //! 2. Every attempt ends within [`ATTEMPT_DEADLINE`], counted from *before* that
-//!    confirmation, on the client (a timeout) and on the server (`statement_timeout` and
-//!    `lock_timeout` on the session).
+//!    confirmation: on the client (a timeout), and on the server (`statement_timeout` and
+//!    `lock_timeout` on the session). A timer in this process is not enough for a create,
+//!    because the process may be stopped (SIGSTOP, a stalled VM) and resume after the
+//!    deadline with its next statement ready to send; so a creation commits only under a
+//!    fence the *server* checks, in the same message as its `COMMIT`: the server's clock must
+//!    not have passed "the server's time when the fence was set, plus what then remained of the
+//!    deadline on this machine's monotonic clock". No clock has to agree with another; only
+//!    their rates must (`ephemera_postgres::create_login`).
 //! 3. A new leader runs drops and extends only once it has led for [`HOLD_OFF`] (more than
 //!    one attempt deadline). Why that suffices: a previous leader's attempt was confirmed by a
 //!    quorum that answered heartbeats sent after the attempt began; this node's election
@@ -33,10 +39,9 @@
 //!    retried, or resets the same password), and a create can never overtake its own drop
 //!    because only the oldest pending effect of a lease runs.
 //!
-//!    What remains: a `COMMIT` the database had already received when the deadline passed,
-//!    and executes only later (a database stalled by its host). Its login still expires at its
-//!    `VALID UNTIL` (the lease's expiry); this is the one case the design bounds by time
-//!    rather than excludes.
+//!    What remains: a database whose own process stalls between checking the fence and
+//!    committing (a frozen host). Its login still expires at its `VALID UNTIL` (the lease's
+//!    expiry); this is the one case the design bounds by time rather than excludes.
 //! 4. The admin password is unsealed only here, for the length of an attempt, and error texts
 //!    never carry it (`ephemera-postgres` scrubs them); the issued password is derived from the
 //!    KEK and the lease id, as the answering node derives it.
