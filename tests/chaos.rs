@@ -1,5 +1,6 @@
 //! CI smoke of the chaos harness: a short seeded run over real nodes with faults injected must
-//! finish with no violation, and produce its outputs.
+//! finish with no violation, and produce its outputs. It runs the PostgreSQL workload too, on a
+//! real server (`tests/run.sh` installs it).
 
 use std::process::Command;
 
@@ -15,6 +16,7 @@ fn seeded_chaos_smoke_finds_no_violation() {
             "25s",
             "--clients",
             "4",
+            "--postgres",
             "--out",
         ])
         .arg(out.path())
@@ -43,6 +45,14 @@ fn seeded_chaos_smoke_finds_no_violation() {
         .as_u64()
         .unwrap_or(0);
     assert!(ok_issues > 50, "{summary}");
+    // The PostgreSQL workload ran against the real server, and its check found the database
+    // as the cluster acknowledged it (no violation above).
+    let pg = &summary["postgres"];
+    assert!(pg["issued"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        pg["revocations_acknowledged"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
     let history = std::fs::read_to_string(out.path().join("history.jsonl")).unwrap();
     assert_eq!(
         history.lines().count() as u64,

@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod history;
+pub mod postgres;
 pub mod proxy;
 pub mod runner;
 pub mod schedule;

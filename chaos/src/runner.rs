@@ -42,6 +42,8 @@ pub struct ChaosOptions {
     pub out_dir: PathBuf,
     /// The `ephemera` binary that runs the nodes.
     pub ephemera_bin: PathBuf,
+    /// Also run the PostgreSQL workload against a real server (see [`crate::postgres`]).
+    pub postgres: bool,
 }
 
 pub struct Report {
@@ -652,8 +654,35 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
         max_ops: opts.max_ops,
         seed: opts.seed,
     });
+    let pg = match opts.postgres {
+        false => None,
+        true => {
+            let admin = cluster.client(1, Duration::from_secs(30))?;
+            let pg = crate::postgres::PgWorkload::setup(
+                &opts.out_dir.join("postgres"),
+                &admin,
+                ROLE_TTL_S,
+                ROLE_MAX_TTL_S,
+            )
+            .await
+            .map_err(ChaosError)?;
+            Some(Arc::new(pg))
+        }
+    };
+    let pg_stop = Arc::new(AtomicBool::new(false));
     let start_ms = now_ms();
     let mut workers = Vec::new();
+    if let Some(pg) = &pg {
+        let clients = (1..=opts.nodes)
+            .map(|id| cluster.client(id, Duration::from_secs(4)))
+            .collect::<Result<Vec<_>, _>>()?;
+        workers.push(tokio::spawn(pg.clone().client_loop(
+            clients,
+            opts.seed,
+            pg_stop.clone(),
+            opts.max_ops,
+        )));
+    }
     for p in 0..opts.clients {
         let clients = (1..=opts.nodes)
             .map(|id| cluster.client(id, Duration::from_secs(4)))
@@ -697,6 +726,7 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
     let heal_ms = now_ms();
     // The workload stops before the final state is read, so that state is final.
     workload.stop.store(true, Ordering::Relaxed);
+    pg_stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
     }
@@ -706,6 +736,10 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
         heal_ms - start_ms
     );
     let fin_recovery_and_state = final_state(&cluster, heal_ms).await;
+    let pg_violations = match &pg {
+        Some(pg) => pg.check(&cluster.client(1, Duration::from_secs(10))?).await,
+        None => Vec::new(),
+    };
     for id in 1..=opts.nodes {
         cluster.stop(id).await;
     }
@@ -716,7 +750,8 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
         clock_tolerance_ms: MAX_CLOCK_OFFSET_MS as u64 + 1_000,
         recovery_bound_ms: RECOVERY_BOUND_MS,
     };
-    let violations = check(&events, &fin_recovery_and_state, &cfg);
+    let mut violations = check(&events, &fin_recovery_and_state, &cfg);
+    violations.extend(pg_violations);
 
     // Outputs: history as JSON lines, the timeline, and the summary.
     let mut jsonl = String::new();
@@ -758,8 +793,9 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
         "fault_log": faults,
         "recovery_ms": fin_recovery_and_state.recovery_ms,
         "audit_records_verified": fin_recovery_and_state.audit_chain.as_ref().ok(),
+        "postgres": pg.as_ref().map(|p| p.stats.json()),
         "violations": violations,
-        "replay": format!("ephemera chaos --nodes {} --seed {} --duration {}s --clients {}", opts.nodes, opts.seed, opts.duration.as_secs(), opts.clients),
+        "replay": format!("ephemera chaos --nodes {} --seed {} --duration {}s --clients {}{}", opts.nodes, opts.seed, opts.duration.as_secs(), opts.clients, if opts.postgres { " --postgres" } else { "" }),
     });
     std::fs::write(
         opts.out_dir.join("summary.json"),

@@ -254,6 +254,7 @@ async fn chaos(a: &crate::ChaosArgs) -> Result<()> {
         max_ops: a.max_ops,
         out_dir: a.out.clone(),
         ephemera_bin: std::env::current_exe()?,
+        postgres: a.postgres,
     })
     .await?;
     let s = &report.summary;
@@ -268,6 +269,9 @@ async fn chaos(a: &crate::ChaosArgs) -> Result<()> {
         "audit chain: {} records verified",
         s["audit_records_verified"]
     );
+    if !s["postgres"].is_null() {
+        println!("postgres:    {}", s["postgres"]);
+    }
     println!("violations:  {}", report.violations.len());
     for v in &report.violations {
         println!("  [{}] {} (events {:?})", v.kind, v.message, v.events);

@@ -343,6 +343,10 @@ pub struct ChaosArgs {
     /// Where the summary, history.jsonl, timeline.svg and node logs go.
     #[arg(long, default_value = "chaos-out")]
     pub out: PathBuf,
+    /// Also issue, renew and revoke PostgreSQL logins on a real server started on 127.0.0.1
+    /// (PostgreSQL must be installed), and check the database after healing.
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 #[derive(Args)]

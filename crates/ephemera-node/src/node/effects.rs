@@ -70,6 +70,8 @@ const DISPATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Due effects one worker reads at a time, and runs at most this many at once.
 const BATCH: usize = 32;
 const PER_TARGET_CONCURRENCY: usize = 4;
+/// Due effects read at most, during the hold-off, to find the creates behind held ones.
+const HELD_SCAN: usize = 4096;
 /// Targets served at once (a cluster has a few database connections; this bounds the tasks).
 const MAX_TARGETS: usize = 256;
 
@@ -265,22 +267,27 @@ impl Node {
             if !self.leads(term) {
                 return;
             }
-            let due = match fx::due(&self.view, &target, self.stamp_time(), BATCH) {
+            let holding = Instant::now() < held_until;
+            // While drops and extends are held, look past them for creates (bounded).
+            let limit = if holding { HELD_SCAN } else { BATCH };
+            let due = match fx::due(&self.view, &target, self.stamp_time(), limit) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(%target, error = %e, "reading due effects failed");
                     return;
                 }
             };
-            let holding = Instant::now() < held_until;
-            let (ready, held): (Vec<Effect>, Vec<Effect>) = due
+            let (mut ready, held): (Vec<Effect>, Vec<Effect>) = due
                 .into_iter()
                 .partition(|e| !holding || matches!(e.action, EffectAction::Create { .. }));
+            ready.truncate(BATCH);
             if ready.is_empty() {
                 if held.is_empty() {
                     return;
                 }
-                tokio::time::sleep_until(held_until.into()).await;
+                // New creates may arrive during the hold-off: look again soon.
+                let wake = held_until.min(Instant::now() + DISPATCH_INTERVAL);
+                tokio::time::sleep_until(wake.into()).await;
                 continue;
             }
             futures::stream::iter(ready)
