@@ -556,3 +556,45 @@ fn rotate_root_leaves_the_admin_password_known_to_the_cluster_alone() {
     let listed = cluster.cli_json(&["db", "connection", "get", "orders"]);
     assert_eq!(listed["live_leases"], 0);
 }
+
+/// The README's tour: `ephemera dev --postgres` starts a server and configures the role
+/// `dev-db`; the login it issues works in `psql` with `sslmode=verify-full`, exactly as the
+/// printed instructions say.
+#[test]
+fn dev_postgres_tour_issues_a_login_that_psql_accepts() {
+    let cluster = DevCluster::start(1, &["--postgres"]);
+    let log = std::fs::read_to_string(cluster.dir.path().join("dev.log")).unwrap();
+    let instructions = log
+        .lines()
+        .find(|l| l.contains("psql \"host=localhost"))
+        .unwrap_or_else(|| panic!("no psql instructions in {log}"));
+    let conninfo = instructions
+        .split('"')
+        .nth(1)
+        .expect("a quoted conninfo")
+        .to_string();
+    let issued = cluster.cli_json(&["issue", "--role", "dev-db"]);
+    let user = issued["username"].as_str().unwrap();
+    let psql = ephemera_testkit::postgres::find_bin()
+        .expect("PostgreSQL is installed")
+        .join("psql");
+    let out = std::process::Command::new(psql)
+        .arg(conninfo.replace("USERNAME", user))
+        .args([
+            "-At",
+            "-c",
+            "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .env("PGPASSWORD", issued["password"].as_str().unwrap())
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{user}|t")
+    );
+}

@@ -130,15 +130,19 @@ pub async fn run(args: &DevArgs) -> Result<()> {
                 &env_path,
                 args.ssh_ca_key.as_deref(),
                 args.node_cert_ttl_s > 0,
+                args.postgres,
             )
             .await
         }
         Err(e) => Err(e.into()),
     };
-    if let Err(e) = result {
-        let _ = cluster.stop_all_async().await;
-        return Err(e.context(format!("see the node logs in {}", dir.display())));
-    }
+    let _postgres = match result {
+        Ok(pg) => pg,
+        Err(e) => {
+            let _ = cluster.stop_all_async().await;
+            return Err(e.context(format!("see the node logs in {}", dir.display())));
+        }
+    };
     eprintln!(
         "ephemera dev: {} node(s) running; Ctrl-C stops them",
         args.nodes
@@ -172,7 +176,8 @@ async fn setup(
     env_path: &Path,
     ssh_ca_key: Option<&Path>,
     renews: bool,
-) -> Result<String> {
+    postgres: bool,
+) -> Result<Option<ephemera_testkit::postgres::PgServer>> {
     let within = Duration::from_secs(20);
     let tls = cluster.tls(Some("admin"))?;
     for id in cluster.ids() {
@@ -245,7 +250,82 @@ async fn setup(
         layout.root().display(),
         pki = layout.root().join("pki").display(),
     );
+    // Before dev.env exists (its presence means "ready").
+    let postgres = match postgres {
+        true => Some(start_postgres(cluster, layout.root()).await?),
+        false => None,
+    };
     write_private(env_path, &env)?;
     println!("# written to {}\n{env}", env_path.display());
-    Ok(token)
+    Ok(postgres)
+}
+
+/// The PostgreSQL tour's connection and role.
+const DEV_CONNECTION: &str = "dev-postgres";
+const DEV_DB_ROLE: &str = "dev-db";
+
+/// Starts a fresh PostgreSQL server in `DIR/postgres` (TLS, SCRAM, 127.0.0.1 only) and points
+/// the connection `dev-postgres` and the role `dev-db` at it. The server lives as long as
+/// `ephemera dev`; logins issued against an earlier run's server fail their effects, which the
+/// cluster keeps retrying (revoke or abandon them).
+async fn start_postgres(
+    cluster: &LocalCluster,
+    dir: &Path,
+) -> Result<ephemera_testkit::postgres::PgServer> {
+    use ephemera_testkit::postgres::{PgServer, ADMIN_USER};
+    let pg_dir = dir.join("postgres");
+    if pg_dir.exists() {
+        std::fs::remove_dir_all(&pg_dir)
+            .with_context(|| format!("cannot remove {}", pg_dir.display()))?;
+    }
+    let server = PgServer::start(&pg_dir).context("starting PostgreSQL")?;
+    let ca_path = dir.join("postgres-ca.pem");
+    std::fs::write(&ca_path, &server.ca_pem)?;
+    let tls = cluster.tls(Some("admin"))?;
+    let admin = Client::with_tls(&cluster.api_addrs().join(","), None, Some(&tls))?;
+    admin
+        .admin_call(
+            pb::PutDbConnectionRequest {
+                name: DEV_CONNECTION.into(),
+                host: "localhost".into(),
+                port: u32::from(server.port),
+                database: "postgres".into(),
+                user: ADMIN_USER.into(),
+                password: server.admin_password.clone(),
+                sslmode: "verify-full".into(),
+                ca_pem: server.ca_pem.clone(),
+            },
+            |mut a, r| async move { a.put_db_connection(r).await },
+        )
+        .await
+        .context("configuring the connection dev-postgres")?;
+    let role = pb::Role {
+        name: DEV_DB_ROLE.into(),
+        kind: "postgres".into(),
+        connection: DEV_CONNECTION.into(),
+        creation_statements: vec![
+            "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};\n\
+             GRANT pg_read_all_data TO {{name}};"
+                .into(),
+        ],
+        default_ttl_s: 600,
+        max_ttl_s: 3600,
+        ..Default::default()
+    };
+    admin
+        .admin_call(
+            pb::PutRoleRequest { role: Some(role) },
+            |mut a, r| async move { a.put_role(r).await },
+        )
+        .await
+        .context("configuring the role dev-db")?;
+    println!(
+        "# PostgreSQL on 127.0.0.1:{port} (TLS; its CA is {ca}); the role {DEV_DB_ROLE} issues \
+         logins on it:\n#   ephemera issue --role {DEV_DB_ROLE} --output json\n#   psql \
+         \"host=localhost port={port} dbname=postgres user=USERNAME sslmode=verify-full \
+         sslrootcert={ca}\"",
+        port = server.port,
+        ca = ca_path.display(),
+    );
+    Ok(server)
 }

@@ -371,6 +371,10 @@ pub struct DevArgs {
     /// instead of generating one.
     #[arg(long)]
     pub ssh_ca_key: Option<PathBuf>,
+    /// Also start a throw-away PostgreSQL server on 127.0.0.1 (PostgreSQL must be installed)
+    /// and configure the connection `dev-postgres` and the role `dev-db` on it, for the tour.
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 #[derive(Subcommand)]
