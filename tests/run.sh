@@ -6,52 +6,38 @@ cd "$(dirname "$0")/.."
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
-# The SSH tests drive a real sshd and ssh-keygen on loopback (never started as a service).
-if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null 2>&1; then
+# Installs Debian packages as root, without letting them start their packaged services.
+install_debian() {
   if [ "$(id -u)" != 0 ]; then
-    echo "tests/run.sh: openssh-server and openssh-client are missing; install them (as root)" >&2
+    echo "tests/run.sh: $* missing; install them (as root)" >&2
     exit 1
   fi
-  # Keep the package from starting a system-wide sshd.
-  made_policy=
+  local made_policy=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     made_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends openssh-server openssh-client >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends openssh-server openssh-client >/dev/null; }
+  apt-get install -y --no-install-recommends "$@" >/dev/null ||
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$@" >/dev/null; }
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+}
+# The SSH tests drive a real sshd and ssh-keygen on loopback (never started as a service).
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null 2>&1; then
+  install_debian openssh-server openssh-client
 fi
 # The PostgreSQL tests start their own server on 127.0.0.1 (initdb and pg_ctl, as the postgres
 # user when run as root); the package's own cluster is never started.
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "tests/run.sh: PostgreSQL's server is missing; install the postgresql package (as root)" >&2
-    exit 1
-  fi
-  made_policy=
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    made_policy=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends postgresql >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends postgresql >/dev/null; }
-  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  install_debian postgresql
 fi
 # The interoperability test drives a gRPC client on gRPC core (Python grpcio).
 if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
     python3 -m pip install --quiet grpcio grpcio-tools ||
       python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
-  elif [ "$(id -u)" = 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends python3-grpcio python3-grpc-tools >/dev/null ||
-      { apt-get update >/dev/null && apt-get install -y --no-install-recommends python3-grpcio python3-grpc-tools >/dev/null; }
   else
-    echo "tests/run.sh: Python grpcio and grpcio-tools are missing; install them" >&2
-    exit 1
+    install_debian python3-grpcio python3-grpc-tools
   fi
 fi
 exec cargo nextest run --workspace --no-fail-fast "$@"

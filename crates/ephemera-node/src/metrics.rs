@@ -18,6 +18,9 @@ pub struct Metrics {
     pub policy_allowed: AtomicU64,
     pub policy_denied: AtomicU64,
     pub guard_refusals: AtomicU64,
+    /// External effects (database logins) this node executed as leader, by outcome.
+    pub effects_done: AtomicU64,
+    pub effects_failed: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -100,6 +103,16 @@ impl Metrics {
                 "ephemera_guard_refusals_total",
                 &self.guard_refusals,
                 "Requests the leader refused by a cluster-wide limit or storm mitigation",
+            ),
+            (
+                "ephemera_effects_done_total",
+                &self.effects_done,
+                "External effects (create, extend, drop a database login) this node completed as leader",
+            ),
+            (
+                "ephemera_effects_failed_total",
+                &self.effects_failed,
+                "Attempts at external effects that failed on this node (each is retried)",
             ),
         ];
         for (name, c, help) in counters {

@@ -324,6 +324,11 @@ impl Node {
         if !self.leads(term) {
             return;
         }
+        let counter = match &outcome {
+            Ok(()) => &self.metrics.effects_done,
+            Err(_) => &self.metrics.effects_failed,
+        };
+        Metrics::inc(counter, 1);
         match &outcome {
             Ok(()) => tracing::info!(
                 seq = e.seq, lease = %e.lease_id, target = %e.target,
