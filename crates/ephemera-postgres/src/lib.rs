@@ -352,7 +352,8 @@ pub async fn rotate_password(
     .await
 }
 
-/// Creates the login `name` with `password`, valid until `valid_until_ms`.
+/// Creates the login `name` with `password`, valid until `valid_until_ms`, within `deadline`
+/// (after which the server refuses to commit it, whatever happened to this process).
 pub async fn create_login(
     c: &Connection,
     st: &Statements<'_>,
@@ -361,9 +362,23 @@ pub async fn create_login(
     valid_until_ms: u64,
     deadline: Duration,
 ) -> Result<(), Error> {
+    let fence = std::time::Instant::now() + deadline;
+    create_login_fenced(c, st, (name, password, valid_until_ms), fence, deadline).await
+}
+
+/// [`create_login`] with the commit fence apart from the client's own deadline. Public for the
+/// test that shows the server enforcing the fence when the client's timer did not fire (as for
+/// a process that was stopped); the executor uses [`create_login`].
+#[doc(hidden)]
+pub async fn create_login_fenced(
+    c: &Connection,
+    st: &Statements<'_>,
+    (name, password, valid_until_ms): (&str, &str, u64),
+    fence: std::time::Instant,
+    deadline: Duration,
+) -> Result<(), Error> {
     let secrets = [password, c.password.as_str()];
     let expiration = timestamp(valid_until_ms);
-    let fence = std::time::Instant::now() + deadline;
     within("creating the login", deadline, async {
         let mut client = connect(c, deadline).await?;
         if exists(&client, name).await? {

@@ -212,3 +212,57 @@ async fn tls_is_checked_and_errors_never_carry_the_password() {
     assert!(err.to_string().contains("cannot connect"), "{err}");
     assert!(!err.to_string().contains(&pg.admin_password), "{err}");
 }
+
+/// The commit fence is the server's, not this process's timer: a creation whose statements are
+/// still running when the attempt's deadline passes (as when the leader was stopped halfway,
+/// and its own timer could not fire) is refused at `COMMIT`, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_a_creation_that_commits_after_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgServer::start(&dir.path().join("pg")).expect("PostgreSQL starts");
+    let root = admin_client(&pg).await;
+    let conn = admin(&pg, SslMode::VerifyFull);
+    let slow = vec![
+        "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}".to_string(),
+        "SELECT pg_sleep(1.5)".to_string(),
+    ];
+    let st = Statements {
+        creation: &slow,
+        revocation: &[],
+        renew: &[],
+        terminate_sessions: true,
+    };
+    let until = 4_102_444_800_000;
+    // The fence passes during the sleep; the client's own deadline is far away.
+    let fence = std::time::Instant::now() + Duration::from_millis(800);
+    let e = ephemera_postgres::create_login_fenced(
+        &conn,
+        &st,
+        ("late_login", "pw-late-123", until),
+        fence,
+        DEADLINE,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("deadline passed before its commit"),
+        "{e}"
+    );
+    assert_eq!(
+        valid_until(&root, "late_login").await,
+        None,
+        "the login was created"
+    );
+    // The same creation within its deadline commits.
+    let fence = std::time::Instant::now() + Duration::from_secs(15);
+    ephemera_postgres::create_login_fenced(
+        &conn,
+        &st,
+        ("timely_login", "pw-timely-123", until),
+        fence,
+        DEADLINE,
+    )
+    .await
+    .unwrap();
+    assert!(valid_until(&root, "timely_login").await.is_some());
+}
