@@ -283,6 +283,23 @@ async fn start_postgres(
     std::fs::write(&ca_path, &server.ca_pem)?;
     let tls = cluster.tls(Some("admin"))?;
     let admin = Client::with_tls(&cluster.api_addrs().join(","), None, Some(&tls))?;
+    // The previous run's server is gone, and its logins with it: abandon them (audited) rather
+    // than retry their drops against a server that never had them.
+    let forget = pb::DeleteDbConnectionRequest {
+        name: DEV_CONNECTION.into(),
+        force: true,
+    };
+    match admin
+        .admin_call(
+            forget,
+            |mut a, r| async move { a.delete_db_connection(r).await },
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+        Err(e) => return Err(anyhow::Error::new(e).context("forgetting the previous dev-postgres")),
+    }
     admin
         .admin_call(
             pb::PutDbConnectionRequest {

@@ -3017,4 +3017,28 @@ mod postgres_kind {
             .unwrap();
         assert_eq!(out, Outcome::Revoked { count: 0 });
     }
+
+    #[test]
+    fn a_connection_with_logins_is_not_pointed_at_another_database() {
+        let mut w = world();
+        w.issue(login("reporting")).unwrap();
+        let mut moved = connection("orders");
+        moved.host = "10.0.0.9".into();
+        let before = domain(&w);
+        assert!(matches!(
+            w.admin(Intent::PutDbConnection(moved.clone())),
+            Err(Error::ConnectionInUse { leases: 1, .. })
+        ));
+        assert_eq!(domain(&w), before);
+        // A new password (or CA, or mode) for the same database is fine.
+        let mut repassworded = connection("orders");
+        repassworded.sealed_password = vec![9; 60];
+        w.admin(Intent::PutDbConnection(repassworded)).unwrap();
+        // Once the logins are gone, it may move.
+        w.admin(Intent::Revoke(RevokeTarget::Connection("orders".into())))
+            .unwrap();
+        // The drop (which superseded the pending create) is done.
+        run_once(&mut w, None);
+        w.admin(Intent::PutDbConnection(moved)).unwrap();
+    }
 }

@@ -168,8 +168,9 @@ fn audit_connection(audit: &mut AuditRecord, c: &DbConnection) {
     .into();
 }
 
-/// `Op::PutDbConnection`: an administrator creates or replaces a connection. The audit record
-/// names where it points, never its password.
+/// `Op::PutDbConnection`: an administrator creates or replaces a connection (its password,
+/// CA, TLS mode or user at any time; where it points only while no login exists there). The
+/// audit record names where it points, never its password.
 pub(super) fn put<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
@@ -183,6 +184,19 @@ pub(super) fn put<R: KvRead + ?Sized>(
     }
     if let Err(e) = validate_db_connection(c) {
         return Ok(Err(e));
+    }
+    // Pointing a connection at another database while logins exist on the first would send
+    // their drops to a server that never had them ("does not exist" is success there), and the
+    // logins would outlive their leases.
+    if let Some(old) = db_connection(kv, &c.name)? {
+        let moved = (&old.host, old.port, &old.database) != (&c.host, c.port, &c.database);
+        let holders = effects::holders(kv, &crate::kind::postgres::target_of(&c.name))?;
+        if moved && !holders.is_empty() {
+            return Ok(Err(Error::ConnectionInUse {
+                name: c.name.clone(),
+                leases: holders.len() as u64,
+            }));
+        }
     }
     let mut c = c.clone();
     c.updated_ms = now;
