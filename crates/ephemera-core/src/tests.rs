@@ -2062,8 +2062,9 @@ mod effects {
     }
 
     fn due(w: &World, target: &str) -> Vec<(String, &'static str)> {
-        fx::due(&w.kv, target, w.now, 100)
+        fx::due(&w.kv, target, w.now, 0, 100)
             .unwrap()
+            .ready
             .into_iter()
             .map(|e| (e.lease_id, e.action.name()))
             .collect()
@@ -2071,6 +2072,42 @@ mod effects {
 
     fn pair(lease: &str, action: &'static str) -> (String, &'static str) {
         (lease.to_string(), action)
+    }
+
+    #[test]
+    fn due_effects_are_read_in_bounded_pages_that_say_when_to_look_again() {
+        let mut w = World::new();
+        let t = "postgres/orders";
+        let until = EffectAction::Create {
+            valid_until_ms: w.now + 60_000,
+        };
+        let a = record(&mut w, "l_a", t, until.clone());
+        let b = record(&mut w, "l_b", t, until.clone());
+        // An extend behind its lease's pending create waits for it.
+        let later = EffectAction::Extend {
+            valid_until_ms: w.now + 120_000,
+        };
+        let b_extend = record(&mut w, "l_b", t, later);
+        settle(&mut w, a, Some("connection refused"), 0).unwrap();
+        let retry_at = fx::effect(&w.kv, a).unwrap().unwrap().not_before_ms;
+        let page = |after: u64| fx::due(&w.kv, t, w.now, after, 1).unwrap();
+        let seqs = |p: &fx::DuePage| p.ready.iter().map(|e| e.seq).collect::<Vec<_>>();
+
+        let first = page(0);
+        assert_eq!((seqs(&first), first.next_ms), (vec![], Some(retry_at)));
+        assert_eq!((first.last_seq, first.more), (Some(a), true));
+        let second = page(a);
+        assert_eq!((seqs(&second), second.last_seq), (vec![b], Some(b)));
+        let third = page(b);
+        assert_eq!((seqs(&third), third.last_seq), (vec![], Some(b_extend)));
+        let end = page(b_extend);
+        assert_eq!(end, fx::DuePage::default());
+        // Once the create is done, its extend is the lease's oldest pending effect.
+        settle(&mut w, b, None, 0).unwrap();
+        assert_eq!(
+            seqs(&fx::due(&w.kv, t, w.now, 0, 10).unwrap()),
+            vec![b_extend]
+        );
     }
 
     #[test]
@@ -2218,7 +2255,7 @@ mod effects {
             EffectStatus::Superseded { by_seq: newer }
         );
         assert_eq!(
-            fx::due(&w.kv, a, w.now, 1).unwrap().len(),
+            fx::due(&w.kv, a, w.now, 0, 1).unwrap().ready.len(),
             1,
             "the limit holds"
         );
@@ -2391,7 +2428,7 @@ mod postgres_kind {
 
     /// The leader's executor reporting one attempt at the oldest due effect of the target.
     fn run_once(w: &mut World, error: Option<&str>) -> (String, &'static str) {
-        let due = fx::due(&w.kv, TARGET, w.now, 1).unwrap();
+        let due = fx::due(&w.kv, TARGET, w.now, 0, 100).unwrap().ready;
         let e = due.first().expect("an effect is due").clone();
         let cmd = fx::settle_command(&e, error.map(String::from), w.now, 500);
         apply_to(&mut w.kv, &cmd).unwrap();
@@ -2603,13 +2640,16 @@ mod postgres_kind {
         assert_eq!(fx::holders(&w.kv, TARGET).unwrap(), vec![lease.id.clone()]);
         assert_eq!(run_once(&mut w, None), (lease.id.clone(), "create"));
         assert_eq!(state_of(&w, &lease.id), "active");
-        assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+        assert!(fx::due(&w.kv, TARGET, w.now, 0, 10)
+            .unwrap()
+            .ready
+            .is_empty());
 
         // A renewal moves the login's validity.
         w.now += 60_000;
         let renewed = w.renew(&lease.id, Some(1200)).unwrap();
         assert_eq!(renewed.expires_at_ms, w.now + 1_200_000);
-        let due = fx::due(&w.kv, TARGET, w.now, 10).unwrap();
+        let due = fx::due(&w.kv, TARGET, w.now, 0, 10).unwrap().ready;
         assert_eq!(
             due[0].action,
             EffectAction::Extend {
@@ -2623,7 +2663,7 @@ mod postgres_kind {
             .unwrap();
         assert!(!w.lease(&lease.id).is_active_at(w.now));
         assert_eq!(state_of(&w, &lease.id), "revoking");
-        let due = fx::due(&w.kv, TARGET, w.now, 10).unwrap();
+        let due = fx::due(&w.kv, TARGET, w.now, 0, 10).unwrap().ready;
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].action, EffectAction::Drop);
 
@@ -2633,7 +2673,10 @@ mod postgres_kind {
                 run_once(&mut w, Some("connection refused")),
                 (lease.id.clone(), "drop")
             );
-            assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+            assert!(fx::due(&w.kv, TARGET, w.now, 0, 10)
+                .unwrap()
+                .ready
+                .is_empty());
             let e = &fx::effects_of_lease(&w.kv, &lease.id).unwrap()[2];
             assert_eq!(e.attempts, attempt);
             assert_eq!(e.last_error.as_deref(), Some("connection refused"));
@@ -2822,7 +2865,10 @@ mod postgres_kind {
         assert!(state::db_connection(&w.kv, "orders").unwrap().is_none());
         assert!(!w.lease(&lease.id).is_active_at(w.now));
         assert_eq!(state_of(&w, &lease.id), "abandoned");
-        assert!(fx::due(&w.kv, TARGET, w.now, 10).unwrap().is_empty());
+        assert!(fx::due(&w.kv, TARGET, w.now, 0, 10)
+            .unwrap()
+            .ready
+            .is_empty());
         assert!(fx::holders(&w.kv, TARGET).unwrap().is_empty());
         // Issuing on a role whose connection is gone is refused precisely.
         let before = domain(&w);
@@ -2886,8 +2932,9 @@ mod postgres_kind {
                 reason: "dropped by hand, ticket OPS-17".into()
             }
         );
-        assert!(fx::due(&w.kv, TARGET, w.now + 3_600_000, 10)
+        assert!(fx::due(&w.kv, TARGET, w.now + 3_600_000, 0, 10)
             .unwrap()
+            .ready
             .is_empty());
         // Twice is refused: there is nothing left.
         assert!(matches!(
@@ -2988,6 +3035,33 @@ mod postgres_kind {
     }
 
     #[test]
+    fn a_connection_is_not_replaced_while_its_rotation_may_still_land() {
+        let mut w = world();
+        w.admin(Intent::StageRootPassword {
+            name: "orders".into(),
+            sealed_password: vec![8; 60],
+        })
+        .unwrap();
+        let mut put = connection("orders");
+        put.sealed_password = vec![7; 60];
+        let before = domain(&w);
+        w.now += state::ROTATION_IN_FLIGHT_MS - 1;
+        assert!(matches!(
+            w.admin(Intent::PutDbConnection(put.clone())),
+            Err(Error::RootRotation { .. })
+        ));
+        assert_eq!(domain(&w), before);
+        // Once the rotation can no longer commit, the checked password replaces it.
+        w.now += 1;
+        w.admin(Intent::PutDbConnection(put)).unwrap();
+        let c = state::db_connection(&w.kv, "orders").unwrap().unwrap();
+        assert_eq!(
+            (c.sealed_password, c.pending_sealed_password),
+            (vec![7; 60], None)
+        );
+    }
+
+    #[test]
     fn revoking_a_connection_revokes_its_logins_only() {
         let mut w = world();
         w.admin(Intent::PutDbConnection(connection("billing")))
@@ -3022,14 +3096,28 @@ mod postgres_kind {
     fn a_connection_with_logins_is_not_pointed_at_another_database() {
         let mut w = world();
         w.issue(login("reporting")).unwrap();
+        type Move = fn(&mut DbConnection);
+        let moves: [(&str, Move); 4] = [
+            ("host", |c| c.host = "10.0.0.9".into()),
+            ("port", |c| c.port = 6543),
+            ("database", |c| c.database = "elsewhere".into()),
+            ("user", |c| c.user = "someone_else".into()),
+        ];
+        let before = domain(&w);
+        for (what, change) in moves {
+            let mut moved = connection("orders");
+            change(&mut moved);
+            assert!(
+                matches!(
+                    w.admin(Intent::PutDbConnection(moved)),
+                    Err(Error::ConnectionInUse { leases: 1, .. })
+                ),
+                "{what}"
+            );
+            assert_eq!(domain(&w), before, "{what}");
+        }
         let mut moved = connection("orders");
         moved.host = "10.0.0.9".into();
-        let before = domain(&w);
-        assert!(matches!(
-            w.admin(Intent::PutDbConnection(moved.clone())),
-            Err(Error::ConnectionInUse { leases: 1, .. })
-        ));
-        assert_eq!(domain(&w), before);
         // A new password (or CA, or mode) for the same database is fine.
         let mut repassworded = connection("orders");
         repassworded.sealed_password = vec![9; 60];

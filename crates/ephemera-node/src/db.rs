@@ -7,7 +7,7 @@
 use ephemera_core::command::{Intent, Proposal};
 use ephemera_core::crypto::{seal_secret, NONCE_LEN};
 use ephemera_core::kind::postgres::{password_from_seed, CharClass, PasswordPolicy};
-use ephemera_core::state::{self, DbConnection};
+use ephemera_core::state::{self, DbConnection, ROTATION_IN_FLIGHT_MS};
 use ephemera_core::types::Principal;
 use ephemera_core::Error;
 use ephemera_postgres as pg;
@@ -19,9 +19,11 @@ use crate::node::Node;
 
 /// The longest admin password accepted (sealed, it fits `state::MAX_SEALED_PASSWORD`).
 pub const MAX_ADMIN_PASSWORD: usize = 256;
-/// A staged rotation younger than this may still be running on another node: a second
-/// rotation refuses to settle it (it could discard the password the database now takes).
-const ROTATION_IN_FLIGHT_MS: u64 = 6 * ATTEMPT_DEADLINE.as_millis() as u64;
+// A staged rotation younger than `ROTATION_IN_FLIGHT_MS` may still be running on another node
+// (its `ALTER ROLE` is fenced to one attempt deadline): a second rotation refuses to settle it,
+// and `apply` refuses to replace it, since either could discard the password the database is
+// about to take.
+const _: () = assert!(ROTATION_IN_FLIGHT_MS > 2 * ATTEMPT_DEADLINE.as_millis() as u64);
 /// Length of a rotated admin password (letters and digits: any client library takes them).
 const ROOT_PASSWORD_LEN: u16 = 40;
 
@@ -132,15 +134,19 @@ impl Node {
             .map_err(|e| Error::Internal(e.to_string()))?;
         match pg::rotate_password(&current, &new_password, ATTEMPT_DEADLINE).await {
             Ok(()) => {}
-            // The database may or may not have taken it: the pending password stays, and the
-            // next use of the connection (or the next rotate-root) finds out which works.
-            Err(e @ pg::Error::Timeout { .. }) => {
+            // The database may or may not have taken it (no answer, or no answer in time): the
+            // pending password stays, and the next use of the connection (or the next
+            // rotate-root, once the fenced `ALTER ROLE` can no longer commit) finds out which
+            // works.
+            Err(e) if e.outcome_unknown() => {
                 return Err(Error::OutcomeUnknown(format!(
                     "the new password of {name:?} is staged, but the database did not confirm \
-                     it ({e}); run rotate-root again to settle it"
+                     it ({e}); run rotate-root again in {} s to settle it",
+                    ROTATION_IN_FLIGHT_MS / 1000
                 )))
             }
-            // Certainly not applied (no connection, or the statement failed): discard it.
+            // Certainly not applied (no session, or the server refused and rolled back):
+            // discard it.
             Err(e) => {
                 self.settle_root(actor, name, &staged, false).await?;
                 return Err(Error::Unavailable(format!(

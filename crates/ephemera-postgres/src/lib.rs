@@ -5,10 +5,22 @@
 //! - **Create**: when the role already exists (a create whose outcome was lost), its password
 //!   and validity are set again, which is the same as creating it (the password is derived
 //!   from the lease, so every attempt sets the same one); otherwise the role's creation
-//!   statements run in one transaction, whose `COMMIT` the server refuses once the attempt's
-//!   deadline has passed (see `commit_fence`).
+//!   statements run in one transaction.
 //! - **Extend**: `ALTER ROLE … VALID UNTIL`, or the role's renew statements. A login that is
 //!   gone is an error, not a success: the lease says it should exist.
+//! - **Rotate** the connection user's own password.
+//!
+//! Everything but a drop commits under a fence: the server refuses the `COMMIT` once the
+//! attempt's deadline has passed (see `commit_fence`), so a client that was paused cannot make
+//! a login exist, or live longer, or change the admin password, after its caller gave up.
+//! A drop landing late does no harm: it is final, and a login is never created again under the
+//! same name.
+//!
+//! **Passwords never reach the server in the clear.** `{{password}}` expands to the password's
+//! SCRAM-SHA-256 verifier (salted, 4096 iterations), which PostgreSQL stores as it is (as
+//! `psql`'s `\password` does); the server's log (`log_statement`, a failing statement) and
+//! `pg_stat_activity` can show that verifier, never the password. A role's creation statements
+//! must therefore use `{{password}}` where PostgreSQL expects a password (`PASSWORD …`).
 //! - **Drop**: a role that does not exist is success. Otherwise logins are stopped first
 //!   (`NOLOGIN`), its sessions terminated (unless the role says not to), and then either the
 //!   role's revocation statements run, or the default: `REASSIGN OWNED` to the connection's
@@ -76,12 +88,34 @@ pub enum Error {
     Tls(String),
     #[error("{what} did not finish within {secs}s")]
     Timeout { what: &'static str, secs: u64 },
+    /// The server refused a statement: it did not take effect (its transaction rolled back).
     #[error("{what} failed: {message}")]
     Statement { what: String, message: String },
+    /// The connection ended before the server answered: the statement may or may not have
+    /// taken effect.
+    #[error("{what}: the connection ended before the server answered ({message})")]
+    Lost { what: String, message: String },
     #[error("the login {0} does not exist")]
     Missing(String),
     #[error("the revocation statements left the login {0} in place")]
     StillThere(String),
+}
+
+impl Error {
+    /// Whether the operation may have taken effect although it failed (its reply was lost, or
+    /// its deadline passed while the server was working).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::Lost { .. })
+    }
+
+    /// Whether the failure shows that the connection's password was accepted: a session was
+    /// open and the server answered in it.
+    pub fn session_was_open(&self) -> bool {
+        matches!(
+            self,
+            Error::Statement { .. } | Error::Missing(_) | Error::StillThere(_)
+        )
+    }
 }
 
 /// `valid_until_ms` as a PostgreSQL `timestamptz` literal's text (UTC, millisecond precision).
@@ -108,7 +142,8 @@ pub fn timestamp(valid_until_ms: u64) -> String {
 }
 
 /// A statement template with its placeholders replaced by quoted values: `{{name}}` by the
-/// quoted identifier, `{{password}}` and `{{expiration}}` by quoted literals. A placeholder
+/// quoted identifier, `{{password}}` (the caller passes the password's verifier, see
+/// [`verifier`]) and `{{expiration}}` by quoted literals. A placeholder
 /// without a value is an error (the role's validation makes that impossible for its own
 /// statements).
 pub fn render(
@@ -138,6 +173,14 @@ pub fn render(
     Ok(out)
 }
 
+/// What the server is sent in place of `password`: its SCRAM-SHA-256 verifier, from a fresh
+/// salt (so two attempts for one login send different verifiers of the same password).
+pub fn verifier(password: &str) -> Zeroizing<String> {
+    Zeroizing::new(postgres_protocol::password::scram_sha_256(
+        password.as_bytes(),
+    ))
+}
+
 /// Bounds `op` by `deadline`.
 async fn within<T>(
     what: &'static str,
@@ -162,10 +205,12 @@ pub async fn connect(c: &Connection, deadline: Duration) -> Result<Client, Error
         .user(&c.user)
         .password(c.password.as_bytes())
         .application_name("ephemera")
-        // The server ends a statement the client has given up on, so an attempt's effects end
-        // with its deadline on the server too (the executor's hold-off relies on that).
+        // The server ends a statement the client has given up on, and a transaction left
+        // open by a client that stopped, so an attempt's effects and locks end with its
+        // deadline on the server too (the executor's hold-off relies on that).
         .options(format!(
-            "-c statement_timeout={ms} -c lock_timeout={ms}",
+            "-c statement_timeout={ms} -c lock_timeout={ms} \
+             -c idle_in_transaction_session_timeout={ms}",
             ms = deadline.as_millis().max(1)
         ))
         .connect_timeout(deadline);
@@ -221,13 +266,16 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
 
 fn statement_error(what: impl Into<String>, e: tokio_postgres::Error, secrets: &[&str]) -> Error {
     // The server's own message (code and text) says what went wrong; the wrapper's does not.
-    let message = match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    };
-    Error::Statement {
-        what: what.into(),
-        message: scrub(&message, secrets),
+    match e.as_db_error() {
+        Some(db) => Error::Statement {
+            what: what.into(),
+            message: scrub(&format!("{} ({})", db.message(), db.code().code()), secrets),
+        },
+        // No answer from the server (the connection closed or broke): the outcome is unknown.
+        None => Error::Lost {
+            what: what.into(),
+            message: scrub(&e.to_string(), secrets),
+        },
     }
 }
 
@@ -331,23 +379,29 @@ pub async fn check(c: &Connection, deadline: Duration) -> Result<(), Error> {
 }
 
 /// Sets the connection user's own password to `new_password` (a root rotation), over a
-/// connection made with the current one.
+/// connection made with the current one. Fenced: the server refuses to commit the change once
+/// `deadline` has passed, so a rotation its caller gave up on cannot land later.
 pub async fn rotate_password(
     c: &Connection,
     new_password: &str,
     deadline: Duration,
 ) -> Result<(), Error> {
-    let secrets = [new_password, c.password.as_str()];
+    let fence = std::time::Instant::now() + deadline;
+    let verifier = verifier(new_password);
+    let secrets = [new_password, c.password.as_str(), verifier.as_str()];
     within("rotating the connection's password", deadline, async {
-        let client = connect(c, deadline).await?;
-        let sql = Zeroizing::new(format!(
-            "ALTER ROLE CURRENT_USER WITH PASSWORD {}",
-            escape_literal(new_password)
-        ));
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| statement_error("setting the new password", e, &secrets))
+        let mut client = connect(c, deadline).await?;
+        let statements = ["ALTER ROLE CURRENT_USER WITH PASSWORD {{password}}".to_string()];
+        let values = ("", Some(verifier.as_str()), None);
+        in_transaction(
+            &mut client,
+            "rotation",
+            &statements,
+            values,
+            &secrets,
+            Some(fence),
+        )
+        .await
     })
     .await
 }
@@ -377,43 +431,30 @@ pub async fn create_login_fenced(
     fence: std::time::Instant,
     deadline: Duration,
 ) -> Result<(), Error> {
-    let secrets = [password, c.password.as_str()];
+    let verifier = verifier(password);
+    let secrets = [password, c.password.as_str(), verifier.as_str()];
     let expiration = timestamp(valid_until_ms);
     within("creating the login", deadline, async {
         let mut client = connect(c, deadline).await?;
-        if exists(&client, name).await? {
-            let sql = render(
-                "ALTER ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}",
-                name,
-                Some(password),
-                Some(&expiration),
-            )
-            .map_err(|m| Error::Statement {
-                what: "resetting the login".into(),
-                message: m,
-            })?;
-            return client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| statement_error("resetting the existing login", e, &secrets));
-        }
-        let values = (name, Some(password), Some(expiration.as_str()));
+        let values = (name, Some(verifier.as_str()), Some(expiration.as_str()));
+        let reset = [
+            "ALTER ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}"
+                .to_string(),
+        ];
+        let (kind, statements) = if exists(&client, name).await? {
+            ("reset of the existing login", &reset[..])
+        } else {
+            ("creation", st.creation)
+        };
         // Fenced: a create must never land after its deadline, where a new leader's drop of
         // the same login may already have run.
-        in_transaction(
-            &mut client,
-            "creation",
-            st.creation,
-            values,
-            &secrets,
-            Some(fence),
-        )
-        .await
+        in_transaction(&mut client, kind, statements, values, &secrets, Some(fence)).await
     })
     .await
 }
 
-/// Moves the login's validity to `valid_until_ms`.
+/// Moves the login's validity to `valid_until_ms`; fenced like a create (a late extend could
+/// move the validity back, under a newer one).
 pub async fn extend_login(
     c: &Connection,
     st: &Statements<'_>,
@@ -421,6 +462,7 @@ pub async fn extend_login(
     valid_until_ms: u64,
     deadline: Duration,
 ) -> Result<(), Error> {
+    let fence = std::time::Instant::now() + deadline;
     let secrets = [c.password.as_str()];
     let expiration = timestamp(valid_until_ms);
     let default = ["ALTER ROLE {{name}} VALID UNTIL {{expiration}}".to_string()];
@@ -435,7 +477,15 @@ pub async fn extend_login(
             return Err(Error::Missing(name.to_string()));
         }
         let values = (name, None, Some(expiration.as_str()));
-        in_transaction(&mut client, "renew", statements, values, &secrets, None).await
+        in_transaction(
+            &mut client,
+            "renew",
+            statements,
+            values,
+            &secrets,
+            Some(fence),
+        )
+        .await
     })
     .await
 }

@@ -196,6 +196,17 @@ async fn tls_is_checked_and_errors_never_carry_the_password() {
     .to_string();
     assert!(err.contains("creation statement 1"), "{err}");
     assert!(!err.contains(password), "{err}");
+    // The server logged the failing statement (and, with `log_statement=all`, every other):
+    // it saw the password's verifier, never the password.
+    let log = pg.log();
+    assert!(
+        log.contains("SCRAM-SHA-256$4096:"),
+        "the statement is logged"
+    );
+    assert!(
+        !log.contains(password),
+        "the server's log holds the password"
+    );
     let root = admin_client(&pg).await;
     assert_eq!(
         valid_until(&root, "eph_y").await,

@@ -156,10 +156,12 @@ impl PgServer {
                 "finding a free port".into()
             })?;
         }
+        // Every statement is logged, so that a test searching the server's log for secrets
+        // sees everything the cluster sent.
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories='{}' \
              -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key -c fsync=off \
-             -c max_connections=200",
+             -c max_connections=200 -c log_statement=all",
             self.port,
             self.data.display()
         );

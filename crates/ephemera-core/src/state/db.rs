@@ -16,6 +16,12 @@ pub const MAX_CA_PEM: usize = 64 * 1024;
 const MAX_HOST_LEN: usize = 253;
 /// PostgreSQL's identifier limit, for the database and the admin user.
 const MAX_PG_NAME: usize = 63;
+/// How long a staged root rotation may still land at the database: its `ALTER ROLE` commits
+/// only within the executor's attempt deadline (8 s) of its start, on the database server's
+/// clock, and this much longer covers that plus a skew of 40 s between the clock that stamped
+/// the staging and the clock of the node that later asks. Until then, nothing may settle or
+/// overwrite the pending password: it may be about to become the only one the database takes.
+pub const ROTATION_IN_FLIGHT_MS: u64 = 48_000;
 
 /// How the executor's connection to the database is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +66,7 @@ pub struct DbConnection {
     /// A root rotation in progress: the new password, committed before `ALTER ROLE` runs, so
     /// that a crash between the two recovers by trying both.
     pub pending_sealed_password: Option<Vec<u8>>,
+    /// When the connection last changed (a put, or a rotation staged or settled).
     pub updated_ms: u64,
 }
 
@@ -168,9 +175,12 @@ fn audit_connection(audit: &mut AuditRecord, c: &DbConnection) {
     .into();
 }
 
-/// `Op::PutDbConnection`: an administrator creates or replaces a connection (its password,
-/// CA, TLS mode or user at any time; where it points only while no login exists there). The
-/// audit record names where it points, never its password.
+/// `Op::PutDbConnection`: an administrator creates or replaces a connection: its password, CA
+/// or TLS mode at any time; where it points, or as whom, only while no login exists there; and
+/// not while a root rotation may still land (the password being put could stop working a
+/// moment later). A put replaces a rotation that stopped halfway: the receiving node has just
+/// connected with the password it carries. The audit record names where it points, never its
+/// password.
 pub(super) fn put<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
@@ -189,7 +199,26 @@ pub(super) fn put<R: KvRead + ?Sized>(
     // their drops to a server that never had them ("does not exist" is success there), and the
     // logins would outlive their leases.
     if let Some(old) = db_connection(kv, &c.name)? {
-        let moved = (&old.host, old.port, &old.database) != (&c.host, c.port, &c.database);
+        if old.pending_sealed_password.is_some() {
+            let age_ms = now.saturating_sub(old.updated_ms);
+            if age_ms < ROTATION_IN_FLIGHT_MS {
+                return Ok(Err(Error::RootRotation {
+                    name: c.name.clone(),
+                    why: format!(
+                        "a rotation staged {} s ago may still change the password; retry in {} s",
+                        age_ms / 1000,
+                        (ROTATION_IN_FLIGHT_MS - age_ms).div_ceil(1000)
+                    ),
+                }));
+            }
+            audit
+                .details
+                .insert("replaced_unfinished_rotation".into(), "true".into());
+        }
+        // Another user is a move too: the logins' drops need a user that may drop them (a
+        // member of each, or their creator's ADMIN OPTION on PostgreSQL 16).
+        let moved = (&old.host, old.port, &old.database, &old.user)
+            != (&c.host, c.port, &c.database, &c.user);
         let holders = effects::holders(kv, &crate::kind::postgres::target_of(&c.name))?;
         if moved && !holders.is_empty() {
             return Ok(Err(Error::ConnectionInUse {

@@ -8,7 +8,7 @@
 //! dropped while the login still works) is the failure we must not have.
 //!
 //! The mechanism: the entry that changes the lease also records its effect, in the same batch
-//! (`record`). The leader's executor reads the due effects (`due`), runs each with a deadline
+//! (`record`). The leader's executor reads the due effects (`due`, page by page), runs each with a deadline
 //! and idempotently (dropping a role that does not exist is success), and commits the outcome
 //! back through Raft (`Op::SettleEffect`, stamped with the next attempt's jittered time). A new
 //! leader reads the same state and carries on where the old one stopped. Effects are indexed
@@ -251,45 +251,75 @@ pub(super) fn forget_lease<R: KvRead + ?Sized>(
     Ok(())
 }
 
-/// The effects the executor may run now at `target`: pending, past their backoff, and the
-/// oldest pending effect of their lease; at most `limit`, oldest first.
+/// One page of a target's pending effects, read in commit order (see [`due`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DuePage {
+    /// Effects that may run now: past their backoff, and the oldest pending effect of their
+    /// lease.
+    pub ready: Vec<Effect>,
+    /// The earliest backoff among the page's effects that are not ready yet.
+    pub next_ms: Option<u64>,
+    /// The last seq read; `None` when the page was empty.
+    pub last_seq: Option<u64>,
+    /// Whether the target may have pending effects after `last_seq` (the page was full).
+    pub more: bool,
+}
+
+/// A page of at most `scan` pending effects at `target` with a seq above `after` (0: from the
+/// first), oldest first: which may run at `now`, and when the others may. A page costs `scan`
+/// index reads whatever the backlog, so the executor reads a large backlog of effects in
+/// backoff (a database down) page by page, and between pages sleeps until the earliest
+/// `next_ms` it saw instead of re-reading it.
 pub fn due(
     kv: &(impl KvRead + ?Sized),
     target: &str,
     now: u64,
-    limit: usize,
-) -> Result<Vec<Effect>, StorageError> {
+    after: u64,
+    scan: usize,
+) -> Result<DuePage, StorageError> {
     let pfx = ix_prefix(PFX_EFFECT_DUE, target);
-    let mut out = Vec::new();
-    let mut leases_seen = std::collections::BTreeSet::new();
-    let mut start = pfx.clone();
-    let end = prefix_end(&pfx);
-    'pages: loop {
-        let page = kv.range(&start, &end, SCAN_PAGE)?;
-        let Some((last, _)) = page.last() else {
-            break;
+    let start = if after == 0 {
+        pfx.clone()
+    } else {
+        due_key(target, after.saturating_add(1))
+    };
+    let keys = kv.range(&start, &prefix_end(&pfx), scan.max(1))?;
+    let mut page = DuePage {
+        more: keys.len() >= scan.max(1),
+        ..DuePage::default()
+    };
+    for (k, _) in keys {
+        let seq = seq_of(&k, pfx.len())?;
+        page.last_seq = Some(seq);
+        let Some(e) = effect(kv, seq)? else {
+            continue;
         };
-        start = last.clone();
-        start.push(0);
-        let full = page.len() == SCAN_PAGE;
-        for (k, _) in page {
-            let Some(e) = effect(kv, seq_of(&k, pfx.len())?)? else {
-                continue;
-            };
-            // Only the oldest pending effect of a lease may run, ready or not.
-            if !leases_seen.insert(e.lease_id.clone()) || e.not_before_ms > now {
-                continue;
-            }
-            out.push(e);
-            if out.len() >= limit {
-                break 'pages;
-            }
-        }
-        if !full {
-            break;
+        if e.not_before_ms > now {
+            page.next_ms = Some(
+                page.next_ms
+                    .map_or(e.not_before_ms, |n| n.min(e.not_before_ms)),
+            );
+        } else if oldest_pending_of_lease(kv, &e)? {
+            page.ready.push(e);
         }
     }
-    Ok(out)
+    Ok(page)
+}
+
+/// Whether no older effect of `e`'s lease is pending (a create runs before its extend). Read
+/// in O(1): `record` leaves at most a create pending before another pending effect of the same
+/// lease (a drop supersedes creates and extends, a newer extend an older one), and a lease's
+/// create is its first effect.
+fn oldest_pending_of_lease(kv: &(impl KvRead + ?Sized), e: &Effect) -> Result<bool, StorageError> {
+    let pfx = ix_prefix(PFX_EFFECT_LEASE, &e.lease_id);
+    let Some((k, _)) = kv.range(&pfx, &prefix_end(&pfx), 1)?.into_iter().next() else {
+        return Ok(true);
+    };
+    let first = seq_of(&k, pfx.len())?;
+    if first == e.seq {
+        return Ok(true);
+    }
+    Ok(!effect(kv, first)?.is_some_and(|f| f.status == EffectStatus::Pending))
 }
 
 /// The leases whose credential exists, or may still exist, at `target` (created or being

@@ -20,7 +20,7 @@ mod retention;
 
 pub use db::{
     db_connection, db_connections, password_aad, validate_db_connection, validate_sealed_password,
-    DbConnection, SslMode, MAX_SEALED_PASSWORD,
+    DbConnection, SslMode, MAX_SEALED_PASSWORD, ROTATION_IN_FLIGHT_MS,
 };
 use governance::*;
 use identity::*;

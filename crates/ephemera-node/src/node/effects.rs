@@ -13,7 +13,11 @@
 //! plus one leadership confirmation (a quorum heartbeat, shared with concurrent read barriers)
 //! and one Raft write to settle it. Effects of one target (database) run at most
 //! [`PER_TARGET_CONCURRENCY`] at a time, in their own task, so a database that is down only
-//! delays its own effects.
+//! delays its own effects. Finding them costs nothing while nothing is due: a target's worker
+//! reads its backlog in pages of [`BATCH`], then sleeps until the earliest retry time it saw;
+//! when woken by a new command it reads only the effects recorded since its last look (one
+//! index read), and it reads the whole backlog again at most every [`RETRY_FIRST`] while it
+//! is running effects (the soonest any of them can be due again).
 //!
 //! **The invariants.**
 //! 1. Only the leader executes, and only after confirming its leadership with a quorum
@@ -21,14 +25,16 @@
 //!    it must still await exactly this attempt. The settle names the attempt, so a duplicate
 //!    or a deposed leader's late report changes nothing (`state::effects::settle`).
 //! 2. Every attempt ends within [`ATTEMPT_DEADLINE`], counted from *before* that
-//!    confirmation: on the client (a timeout), and on the server (`statement_timeout` and
-//!    `lock_timeout` on the session). A timer in this process is not enough for a create,
-//!    because the process may be stopped (SIGSTOP, a stalled VM) and resume after the
-//!    deadline with its next statement ready to send; so a creation commits only under a
-//!    fence the *server* checks, in the same message as its `COMMIT`: the server's clock must
-//!    not have passed "the server's time when the fence was set, plus what then remained of the
+//!    confirmation: on the client (a timeout), and on the server (`statement_timeout`,
+//!    `lock_timeout` and `idle_in_transaction_session_timeout` on the session). A timer in
+//!    this process is not enough, because the process may be stopped (SIGSTOP, a stalled VM)
+//!    and resume after the deadline with its next statement ready to send; so a create, an
+//!    extend (which could move a validity back) and a root rotation commit only under a fence
+//!    the *server* checks, in the same message as their `COMMIT`: the server's clock must not
+//!    have passed "the server's time when the fence was set, plus what then remained of the
 //!    deadline on this machine's monotonic clock". No clock has to agree with another; only
-//!    their rates must (`ephemera_postgres::create_login`).
+//!    their rates must (`ephemera_postgres`'s `commit_fence`). A drop is not fenced: landing
+//!    late, it removes a login whose lease is already over.
 //! 3. A new leader runs drops and extends only once it has led for [`HOLD_OFF`] (more than
 //!    one attempt deadline). Why that suffices: a previous leader's attempt was confirmed by a
 //!    quorum that answered heartbeats sent after the attempt began; this node's election
@@ -42,9 +48,13 @@
 //!    What remains: a database whose own process stalls between checking the fence and
 //!    committing (a frozen host). Its login still expires at its `VALID UNTIL` (the lease's
 //!    expiry); this is the one case the design bounds by time rather than excludes.
-//! 4. The admin password is unsealed only here, for the length of an attempt, and error texts
-//!    never carry it (`ephemera-postgres` scrubs them); the issued password is derived from the
-//!    KEK and the lease id, as the answering node derives it.
+//! 4. The admin password is unsealed only for one attempt here, and for one request at the
+//!    node that receives a connection put or a root rotation (`crate::db`); error texts never
+//!    carry it (`ephemera-postgres` scrubs them). The issued password is derived from the KEK
+//!    and the lease id, as the answering node derives it, and only its SCRAM verifier is sent
+//!    to the database.
+//! 5. An admin password pending in a root rotation is promoted only on proof that the database
+//!    takes it: an attempt with it succeeded, or the server answered in a session it opened.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +63,7 @@ use ephemera_core::kind::{postgres, Grant, RoleSpec};
 use ephemera_core::state::effects::{self as fx, Effect, EffectAction, EffectStatus};
 use ephemera_core::state::DbConnection;
 use ephemera_core::types::Lease;
+use ephemera_core::StorageError;
 use ephemera_postgres as pg;
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -65,29 +76,53 @@ use super::*;
 pub const ATTEMPT_DEADLINE: Duration = Duration::from_secs(8);
 /// How long a new leader waits before it drops or extends anything (invariant 3).
 pub const HOLD_OFF: Duration = Duration::from_secs(10);
-/// How often the dispatcher looks for targets with due effects, besides being woken.
+/// An attempt that has less than this left after its leadership confirmation is not made (and
+/// not counted as a failure): it could only time out.
+const MIN_ATTEMPT_TIME: Duration = Duration::from_secs(1);
+/// How often the dispatcher looks for targets with pending effects and no worker, besides
+/// being woken.
 const DISPATCH_INTERVAL: Duration = Duration::from_millis(250);
-/// Due effects one worker reads at a time, and runs at most this many at once.
+/// Pending effects one worker reads per page, and so runs at most per round.
 const BATCH: usize = 32;
 const PER_TARGET_CONCURRENCY: usize = 4;
-/// Due effects read at most, during the hold-off, to find the creates behind held ones.
-const HELD_SCAN: usize = 4096;
+/// The soonest an effect that has just run can be due again (half the first retry delay, the
+/// least jitter gives), so the soonest a worker needs to read its backlog again after running.
+const RETRY_FIRST: Duration = Duration::from_millis(fx::RETRY_FIRST_MS / 2);
+/// The longest a worker sleeps without reading its backlog (a retry time can be at most this
+/// far away; this bounds the effect of a clock step).
+const LONGEST_SLEEP: Duration = Duration::from_millis(fx::RETRY_LONGEST_MS);
+/// How long a worker waits before it tries again to settle an outcome Raft did not take.
+const SETTLE_BACKOFF: Duration = Duration::from_secs(1);
 /// Targets served at once (a cluster has a few database connections; this bounds the tasks).
 const MAX_TARGETS: usize = 256;
 
 /// The executor's node-local state: the workers by target, and the term this node leads.
-#[derive(Default)]
 pub struct Executor {
     wake: Notify,
+    /// Bumped with every wake, so that sleeping workers look for new effects (a `watch`, so a
+    /// wake while a worker is busy is seen when it next waits).
+    recorded: tokio::sync::watch::Sender<u64>,
     workers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// The term this node leads and when it first saw itself leading it.
     leading: Mutex<Option<(u64, Instant)>>,
+}
+
+impl Default for Executor {
+    fn default() -> Self {
+        Executor {
+            wake: Notify::new(),
+            recorded: tokio::sync::watch::channel(0).0,
+            workers: Mutex::default(),
+            leading: Mutex::default(),
+        }
+    }
 }
 
 impl Executor {
     /// New effects may be due: look now rather than at the next interval.
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.recorded.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn stop_all(&self) {
@@ -97,6 +132,22 @@ impl Executor {
             w.abort();
         }
     }
+}
+
+/// What one round of a worker found.
+#[derive(Default)]
+struct Round {
+    /// The highest seq read.
+    high: u64,
+    /// Whether any effect is pending at the target.
+    pending: bool,
+    /// The earliest retry time seen (leader's clock, ms).
+    next_ms: Option<u64>,
+    ran: bool,
+    /// An outcome Raft did not take.
+    unsettled: bool,
+    /// A drop or extend waited out the hold-off.
+    held: bool,
 }
 
 /// Whether a command can record or unblock an effect (the executor is woken after it).
@@ -259,70 +310,151 @@ impl Node {
         }
     }
 
-    /// One target's worker: runs its due effects until none is due, then ends (the dispatcher
-    /// starts it again when more are).
+    /// One target's worker, for as long as this node leads `term` and the target has pending
+    /// effects: it runs what is due, then sleeps until the earliest retry time it saw or until
+    /// woken by a new command, when it reads only the effects recorded since it last looked.
     async fn run_target(self: Arc<Self>, target: String, term: u64, since: Instant) {
         let held_until = since + HOLD_OFF;
+        let mut recorded = self.effects.recorded.subscribe();
+        // The highest seq read so far: a wake reads only what follows it.
+        let mut high = 0u64;
+        // Whether the next round reads the whole backlog (else only what follows `high`), and
+        // when the whole backlog is next read.
+        let mut whole = true;
+        let mut next_whole = Instant::now();
         loop {
             if !self.leads(term) {
                 return;
             }
-            let holding = Instant::now() < held_until;
-            // While drops and extends are held, look past them for creates (bounded).
-            let limit = if holding { HELD_SCAN } else { BATCH };
-            let due = match fx::due(&self.view, &target, self.stamp_time(), limit) {
-                Ok(d) => d,
+            recorded.borrow_and_update();
+            let from = if whole { 0 } else { high };
+            let round = match self.run_round(&target, term, from, held_until).await {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(%target, error = %e, "reading due effects failed");
                     return;
                 }
             };
-            let (mut ready, held): (Vec<Effect>, Vec<Effect>) = due
-                .into_iter()
-                .partition(|e| !holding || matches!(e.action, EffectAction::Create { .. }));
-            ready.truncate(BATCH);
-            if ready.is_empty() {
-                if held.is_empty() {
-                    return;
-                }
-                // New creates may arrive during the hold-off: look again soon.
-                let wake = held_until.min(Instant::now() + DISPATCH_INTERVAL);
-                tokio::time::sleep_until(wake.into()).await;
-                continue;
+            high = high.max(round.high);
+            if whole && !round.pending {
+                return; // nothing pending: the dispatcher starts a worker when there is
             }
-            futures::stream::iter(ready)
-                .for_each_concurrent(PER_TARGET_CONCURRENCY, |e| {
-                    let node = self.clone();
-                    async move { node.attempt(e, term).await }
-                })
-                .await;
+            let at = self.look_again_at(&round, held_until);
+            next_whole = if whole { at } else { next_whole.min(at) };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_whole.into()) => whole = true,
+                changed = recorded.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    whole = false;
+                }
+            }
         }
     }
 
-    /// One attempt at `e`, settled through Raft unless leadership was lost.
-    async fn attempt(&self, e: Effect, term: u64) {
+    /// When a worker reads its whole backlog again after `round`: at the earliest retry time
+    /// it saw, soon after running anything (an outcome may be a retry), at the end of the
+    /// hold-off when something waited for it, and at least every [`LONGEST_SLEEP`].
+    fn look_again_at(&self, round: &Round, held_until: Instant) -> Instant {
+        let now = Instant::now();
+        let mut at = now + LONGEST_SLEEP;
+        if let Some(ms) = round.next_ms {
+            at = at.min(now + Duration::from_millis(ms.saturating_sub(self.stamp_time())));
+        }
+        if round.ran {
+            at = at.min(
+                now + if round.unsettled {
+                    SETTLE_BACKOFF
+                } else {
+                    RETRY_FIRST
+                },
+            );
+        }
+        if round.held {
+            at = at.min(held_until);
+        }
+        at
+    }
+
+    /// Reads `target`'s pending effects after seq `after`, page by page, running those due.
+    async fn run_round(
+        self: &Arc<Self>,
+        target: &str,
+        term: u64,
+        after: u64,
+        held_until: Instant,
+    ) -> Result<Round, StorageError> {
+        let mut round = Round {
+            high: after,
+            ..Round::default()
+        };
+        let mut after = after;
+        loop {
+            let page = fx::due(&self.view, target, self.stamp_time(), after, BATCH)?;
+            round.pending |= page.last_seq.is_some();
+            if let Some(ms) = page.next_ms {
+                round.next_ms = Some(round.next_ms.map_or(ms, |n| n.min(ms)));
+            }
+            // Drops and extends wait out a new leader's hold-off (invariant 3).
+            let holding = Instant::now() < held_until;
+            let (ready, held): (Vec<Effect>, Vec<Effect>) = page
+                .ready
+                .into_iter()
+                .partition(|e| !holding || matches!(e.action, EffectAction::Create { .. }));
+            round.held |= !held.is_empty();
+            if !ready.is_empty() {
+                round.ran = true;
+                let settled = futures::stream::iter(ready)
+                    .map(|e| {
+                        let node = self.clone();
+                        async move { node.attempt(e, term).await }
+                    })
+                    .buffer_unordered(PER_TARGET_CONCURRENCY)
+                    .fold(true, |all, one| async move { all && one })
+                    .await;
+                round.unsettled |= !settled;
+            }
+            if let Some(last) = page.last_seq {
+                round.high = round.high.max(last);
+                after = last;
+            }
+            if !page.more || !self.leads(term) {
+                return Ok(round);
+            }
+        }
+    }
+
+    /// One attempt at `e`, settled through Raft unless leadership was lost; whether nothing is
+    /// left to retry soon (false: an outcome Raft did not take, to be tried again after
+    /// [`SETTLE_BACKOFF`]).
+    async fn attempt(&self, e: Effect, term: u64) -> bool {
         let started = Instant::now();
         // Invariant 1: a quorum confirms this node leads, in a round that began after
         // `started`, and the state read afterwards holds everything committed before.
         if self.read_barrier().await.is_err() || !self.leads(term) {
-            return;
+            return false;
         }
         match fx::effect(&self.view, e.seq) {
             Ok(Some(now)) if now.status == EffectStatus::Pending && now.attempts == e.attempts => {}
-            _ => return,
+            _ => return true,
         }
         let outcome = match self.prepare(&e) {
-            Ok(Some((job, conn))) => {
+            Ok((job, conn)) => {
                 let remaining = ATTEMPT_DEADLINE.saturating_sub(started.elapsed());
+                if remaining < MIN_ATTEMPT_TIME {
+                    // The confirmation took the attempt's time: try again, not a failure.
+                    tracing::debug!(seq = e.seq, "no time left for the attempt; it waits");
+                    return false;
+                }
                 self.run_job(&job, &conn, remaining)
                     .await
                     .map_err(|err| err.to_string())
             }
-            Ok(None) => Ok(()),
             Err(why) => Err(why),
         };
         if !self.leads(term) {
-            return;
+            return false;
         }
         let counter = match &outcome {
             Ok(()) => &self.metrics.effects_done,
@@ -346,15 +478,26 @@ impl Node {
             u16::from_le_bytes(b) % 1001
         };
         let cmd = fx::settle_command(&e, outcome.err(), self.stamp_time(), jitter);
-        if let LeaderAttempt::Done(Err(err)) = self.write_as_leader(cmd).await {
-            tracing::warn!(seq = e.seq, error = %err, "settling an external effect failed");
+        match self.write_as_leader(cmd).await {
+            LeaderAttempt::Done(Ok(ForwardReply::Applied { result: Ok(_), .. })) => true,
+            // Another report settled it first (a duplicate), or it was superseded or
+            // abandoned meanwhile: nothing to retry.
+            LeaderAttempt::Done(Ok(ForwardReply::Applied {
+                result: Err(err), ..
+            })) => {
+                tracing::info!(seq = e.seq, error = %err, "an effect's outcome was not needed");
+                true
+            }
+            LeaderAttempt::Done(Err(err)) => {
+                tracing::warn!(seq = e.seq, error = %err, "settling an external effect failed");
+                false
+            }
+            _ => false,
         }
     }
 
-    /// What `e` does, and where: `Ok(None)` when there is nothing to do (the drop of a login
-    /// whose connection was deleted with `--force` is abandoned, not attempted). An `Err` is
-    /// the attempt's failure, recorded and retried.
-    fn prepare(&self, e: &Effect) -> Result<Option<(Job, DbConnection)>, String> {
+    /// What `e` does, and where. An `Err` is the attempt's failure, recorded and retried.
+    fn prepare(&self, e: &Effect) -> Result<(Job, DbConnection), String> {
         let lease: Lease = state::get_lease(&self.view, &e.lease_id)
             .map_err(|err| err.to_string())?
             .ok_or_else(|| format!("lease {} is not in the state", e.lease_id))?;
@@ -403,12 +546,13 @@ impl Node {
                 }
             }
         };
-        Ok(Some((job, conn)))
+        Ok((job, conn))
     }
 
     /// Runs `job` as the connection's admin. When the database refuses the password and a root
-    /// rotation is pending, the pending password is tried, and promoted if it works: the
-    /// rotation's `ALTER ROLE` ran but its last step was lost.
+    /// rotation is pending, the pending password is tried, and promoted when the database
+    /// proves it takes it (invariant 5): the rotation's `ALTER ROLE` ran but its last step was
+    /// lost.
     async fn run_job(
         &self,
         job: &Job,
@@ -426,7 +570,11 @@ impl Node {
                 let result = job
                     .run(&second, deadline.saturating_sub(started.elapsed()))
                     .await;
-                if !matches!(result, Err(pg::Error::Authentication { .. })) {
+                let taken = match &result {
+                    Ok(()) => true,
+                    Err(e) => e.session_was_open(),
+                };
+                if taken {
                     self.promote_root(conn, pending).await;
                 }
                 result
