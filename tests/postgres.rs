@@ -271,82 +271,60 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
     let Setup { cluster, pg, files } = setup();
     let dir = files.path();
     let before = cluster.cli_json(&["db", "connection", "list"]);
-    // A server that is not there: refused at put, nothing stored.
     let password_file = write(dir, "pw", &pg.admin_password);
     let ca_file = write(dir, "ca.pem", &pg.ca_pem);
+    let wrong = write(dir, "wrong", "not-the-password");
     let dead_port = ephemera_testkit::ports::free_loopback_port().unwrap();
     let dead = format!("postgres://{ADMIN_USER}@localhost:{dead_port}/postgres");
-    let e = cli_err(
-        &cluster,
-        &[
-            "db",
-            "connection",
-            "put",
-            "gone",
-            "--url",
-            &dead,
-            "--password-file",
-            &password_file,
-            "--ca-file",
-            &ca_file,
-        ],
-    );
-    assert!(
-        e.contains("does not work") && e.contains("cannot connect"),
-        "{e}"
-    );
-    // A wrong admin password: refused, and the error does not echo it.
-    let wrong = write(dir, "wrong", "not-the-password");
     let url = format!("postgres://{ADMIN_USER}@localhost:{}/postgres", pg.port);
-    let e = cli_err(
-        &cluster,
-        &[
-            "db",
-            "connection",
-            "put",
+    let with_ca: &[&str] = &["--ca-file", &ca_file];
+    // (name, url, password file, extra flags, what the error says); none may echo a password.
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [&'a str]);
+    let connections: [Case; 4] = [
+        // A server that is not there.
+        (
+            "gone",
+            &dead,
+            &password_file,
+            with_ca,
+            &["does not work", "cannot connect"],
+        ),
+        // A wrong admin password.
+        (
             "bad",
-            "--url",
             &url,
-            "--password-file",
             &wrong,
-            "--ca-file",
-            &ca_file,
-        ],
-    );
-    assert!(e.contains("refused the connection's credentials"), "{e}");
-    assert!(!e.contains("not-the-password"), "{e}");
-    // verify-full without a CA, and a password in the URL.
-    let e = cli_err(
-        &cluster,
-        &[
-            "db",
-            "connection",
-            "put",
-            "noca",
-            "--url",
-            &url,
-            "--password-file",
-            &password_file,
-        ],
-    );
-    assert!(e.contains("needs the CA"), "{e}");
-    let e = cli_err(
-        &cluster,
-        &[
-            "db",
-            "connection",
-            "put",
+            with_ca,
+            &["refused the connection's credentials"],
+        ),
+        // verify-full without a CA.
+        ("noca", &url, &password_file, &[], &["needs the CA"]),
+        // A password in the URL.
+        (
             "x",
-            "--url",
             "postgres://u:pw@h/d",
-            "--password-file",
             &password_file,
-        ],
-    );
-    assert!(e.contains("--password-file"), "{e}");
+            &[],
+            &["--password-file"],
+        ),
+    ];
+    for (name, url, password, extra, expect) in connections {
+        let mut args = vec!["db", "connection", "put", name, "--url", url];
+        args.extend(["--password-file", password]);
+        args.extend(extra);
+        let e = cli_err(&cluster, &args);
+        for part in expect {
+            assert!(e.contains(part), "{name}: {part}: {e}");
+        }
+        assert!(
+            !e.contains("not-the-password") && !e.contains(&pg.admin_password),
+            "{name}: {e}"
+        );
+    }
     assert_eq!(cluster.cli_json(&["db", "connection", "list"]), before);
 
-    // Roles: an unknown connection, a template without {{name}}, an unknown placeholder.
+    // Roles: an unknown connection, a template without {{name}}, an unknown placeholder, a
+    // flag of another kind (refused rather than ignored).
     let creation = write(dir, "creation.sql", CREATION);
     let no_name = write(
         dir,
@@ -354,56 +332,25 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         "CREATE ROLE x LOGIN PASSWORD {{password}}",
     );
     let unknown = write(dir, "unknown.sql", &format!("{CREATION} -- {{{{user}}}}"));
-    for (file, connection, expect) in [
-        (&creation, "nope", "unknown database connection"),
-        (&no_name, "orders", "{{name}}"),
-        (&unknown, "orders", "{{user}}"),
-    ] {
-        let e = cli_err(
-            &cluster,
-            &[
-                "role",
-                "put",
-                "bad",
-                "--kind",
-                "postgres",
-                "--connection",
-                connection,
-                "--creation-statements",
-                file,
-                "--ttl",
-                "10m",
-                "--max-ttl",
-                "1h",
-            ],
-        );
+    let roles: [(&str, &str, &[&str], &str); 4] = [
+        (&creation, "nope", &[], "unknown database connection"),
+        (&no_name, "orders", &[], "{{name}}"),
+        (&unknown, "orders", &[], "{{user}}"),
+        (
+            &creation,
+            "orders",
+            &["--audience", "x"],
+            "audience does not apply to postgres roles",
+        ),
+    ];
+    for (file, connection, extra, expect) in roles {
+        let mut args = vec!["role", "put", "bad", "--kind", "postgres"];
+        args.extend(["--connection", connection, "--creation-statements", file]);
+        args.extend(extra);
+        args.extend(["--ttl", "10m", "--max-ttl", "1h"]);
+        let e = cli_err(&cluster, &args);
         assert!(e.contains(expect), "{expect}: {e}");
     }
-    // A flag of another kind is refused rather than ignored.
-    let e = cli_err(
-        &cluster,
-        &[
-            "role",
-            "put",
-            "bad",
-            "--kind",
-            "postgres",
-            "--connection",
-            "orders",
-            "--creation-statements",
-            &creation,
-            "--audience",
-            "x",
-            "--ttl",
-            "10m",
-            "--max-ttl",
-            "1h",
-        ],
-    );
-    assert!(
-        e.contains("audience does not apply to postgres roles"),
-        "{e}"
-    );
     assert!(cluster.cli(&["role", "get", "bad"]).status.code() != Some(0));
 
     // A TTL over the cap: refused, and no login is created.

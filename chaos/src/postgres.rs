@@ -1,9 +1,12 @@
 //! The PostgreSQL workload of a chaos run (`--postgres`): a real server on 127.0.0.1, logins
 //! issued, renewed and revoked on it while the faults run, and, after healing, the database
 //! itself checked against what the cluster acknowledged: every login whose lease the cluster
-//! reports active exists, and once every lease has settled no login of the workload's role is
-//! left (so every acknowledged revocation, and every expiry, was carried out).
+//! reports active exists, takes the password it was issued with, and is valid at least until
+//! the last expiry the cluster acknowledged and never past the lease's; and once every lease
+//! has settled no login of the workload's role is left (so every acknowledged revocation, and
+//! every expiry, was carried out).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +25,10 @@ const USERNAME_PATTERN: &str = "eph\\_chaos-pg\\_%";
 /// How long the leases may take to settle after healing: the role's cap, the drops' retry
 /// backoff after a fault, and a new leader's hold-off.
 const SETTLE_WITHIN: Duration = Duration::from_secs(120);
+/// Logins whose password the check tries (each is a TLS and SCRAM handshake).
+const PASSWORDS_TRIED: usize = 50;
+/// The most leases of the role the check reads.
+const MAX_LEASES: usize = 100_000;
 
 /// What the workload did, for the summary.
 #[derive(Default)]
@@ -46,25 +53,40 @@ impl Stats {
     }
 }
 
+/// A login as the cluster handed it out.
+struct Issued {
+    username: String,
+    password: zeroize::Zeroizing<String>,
+    /// The latest expiry an issue or renew reply acknowledged.
+    acked_expires_at_ms: u64,
+}
+
 /// The database and what the workload was told.
 pub struct PgWorkload {
     pub server: PgServer,
     pub stats: Stats,
-    /// (lease, username) of every issued login, and of the revocations acknowledged.
-    issued: Mutex<Vec<(String, String)>>,
+    /// Every issued login by lease id, with the order they were issued in (renew and revoke
+    /// pick recent ones).
+    issued: Mutex<(HashMap<String, Issued>, Vec<String>)>,
+    /// (lease, username) of the revocations acknowledged.
     revoked: Mutex<Vec<(String, String)>>,
 }
 
-fn admin(server: &PgServer) -> ephemera_postgres::Connection {
+/// A session to `server` as `user` (verify-full, as a relying party connects).
+fn as_user(server: &PgServer, user: &str, password: &str) -> ephemera_postgres::Connection {
     ephemera_postgres::Connection {
         host: "localhost".into(),
         port: server.port,
         database: "postgres".into(),
-        user: ADMIN_USER.into(),
-        password: server.admin_password.clone().into(),
+        user: user.into(),
+        password: password.to_string().into(),
         sslmode: SslMode::VerifyFull,
         ca_pem: Some(server.ca_pem.clone()),
     }
+}
+
+fn admin(server: &PgServer) -> ephemera_postgres::Connection {
+    as_user(server, ADMIN_USER, &server.admin_password)
 }
 
 impl PgWorkload {
@@ -76,24 +98,8 @@ impl PgWorkload {
         max_ttl_s: u64,
     ) -> Result<PgWorkload, String> {
         let server = PgServer::start(dir).map_err(|e| format!("starting PostgreSQL: {e}"))?;
-        let req = pb::PutDbConnectionRequest {
-            name: CONNECTION.into(),
-            host: "localhost".into(),
-            port: u32::from(server.port),
-            database: "postgres".into(),
-            user: ADMIN_USER.into(),
-            password: server.admin_password.clone(),
-            sslmode: "verify-full".into(),
-            ca_pem: server.ca_pem.clone(),
-        };
-        admin_client
-            .admin_call(req, |mut a, r| async move { a.put_db_connection(r).await })
-            .await
-            .map_err(|e| format!("putting the connection: {e}"))?;
         let role = pb::Role {
             name: ROLE.into(),
-            kind: "postgres".into(),
-            connection: CONNECTION.into(),
             creation_statements: vec![
                 "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}"
                     .into(),
@@ -102,17 +108,14 @@ impl PgWorkload {
             max_ttl_s,
             ..Default::default()
         };
-        admin_client
-            .admin_call(
-                pb::PutRoleRequest { role: Some(role) },
-                |mut a, r| async move { a.put_role(r).await },
-            )
+        server
+            .configure(admin_client, CONNECTION, role)
             .await
-            .map_err(|e| format!("putting the role: {e}"))?;
+            .map_err(|e| format!("configuring the connection and the role: {e}"))?;
         Ok(PgWorkload {
             server,
             stats: Stats::default(),
-            issued: Mutex::new(Vec::new()),
+            issued: Mutex::default(),
             revoked: Mutex::new(Vec::new()),
         })
     }
@@ -134,8 +137,13 @@ impl PgWorkload {
             let client = &clients[rng.gen_range(0..clients.len())];
             let recent = {
                 let issued = self.issued.lock().expect("issued");
-                let len = issued.len();
-                (len > 0).then(|| issued[len - 1 - rng.gen_range(0..len.min(20))].clone())
+                let order = &issued.1;
+                let len = order.len();
+                (len > 0).then(|| {
+                    let lease = order[len - 1 - rng.gen_range(0..len.min(20))].clone();
+                    let user = issued.0[&lease].username.clone();
+                    (lease, user)
+                })
             };
             let pick = rng.gen_range(0..100);
             let result: Result<(), String> = match (pick, recent) {
@@ -152,11 +160,20 @@ impl PgWorkload {
                         .await;
                     match r {
                         Ok(c) => {
-                            let user = match c.body {
-                                Some(pb::credential::Body::Postgres(p)) => p.username,
-                                _ => String::new(),
+                            let (username, password) = match c.body {
+                                Some(pb::credential::Body::Postgres(p)) => (p.username, p.password),
+                                _ => Default::default(),
                             };
-                            self.issued.lock().expect("issued").push((c.lease_id, user));
+                            let login = Issued {
+                                username,
+                                password: password.into(),
+                                acked_expires_at_ms: c.expires_at_ms,
+                            };
+                            let mut issued = self.issued.lock().expect("issued");
+                            // A retried request_id answers with the same lease.
+                            if issued.0.insert(c.lease_id.clone(), login).is_none() {
+                                issued.1.push(c.lease_id);
+                            }
                             self.stats.issued.fetch_add(1, Ordering::Relaxed);
                             Ok(())
                         }
@@ -166,11 +183,16 @@ impl PgWorkload {
                 (50..=69, Some((lease, _))) => {
                     let r = client
                         .renew(pb::RenewRequest {
-                            lease_id: lease,
+                            lease_id: lease.clone(),
                             ..Default::default()
                         })
                         .await;
-                    r.map(|_| {
+                    r.map(|c| {
+                        let mut issued = self.issued.lock().expect("issued");
+                        if let Some(login) = issued.0.get_mut(&lease) {
+                            login.acked_expires_at_ms =
+                                login.acked_expires_at_ms.max(c.expires_at_ms);
+                        }
                         self.stats.renewed.fetch_add(1, Ordering::Relaxed);
                     })
                     .map_err(|e| format!("renew: {e}"))
@@ -205,18 +227,76 @@ impl PgWorkload {
         }
     }
 
-    async fn logins_at_server(&self) -> Result<Vec<String>, String> {
+    /// The workload's logins at the server, with their `VALID UNTIL` (ms).
+    async fn logins_at_server(&self) -> Result<HashMap<String, Option<u64>>, String> {
         let c = ephemera_postgres::connect(&admin(&self.server), Duration::from_secs(10))
             .await
             .map_err(|e| e.to_string())?;
         let rows = c
             .query(
-                "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname LIKE $1",
+                "SELECT rolname, (extract(epoch FROM rolvaliduntil) * 1000)::bigint \
+                 FROM pg_catalog.pg_roles WHERE rolname LIKE $1",
                 &[&USERNAME_PATTERN],
             )
             .await
             .map_err(|e| e.to_string())?;
-        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let until: Option<i64> = r.get(1);
+                (r.get::<_, String>(0), until.map(|ms| ms.max(0) as u64))
+            })
+            .collect())
+    }
+
+    /// An active lease's login against what the cluster acknowledged: it exists, is valid at
+    /// least until the last acknowledged expiry and never past the lease's, and (for the first
+    /// few) takes its password.
+    async fn check_active(
+        &self,
+        l: &pb::Lease,
+        at_server: &HashMap<String, Option<u64>>,
+        try_password: bool,
+    ) -> Option<String> {
+        let Some(until) = at_server.get(&l.username) else {
+            return Some(format!(
+                "lease {} is active but its login {} does not exist",
+                l.id, l.username
+            ));
+        };
+        let (acked, password) = {
+            let issued = self.issued.lock().expect("issued");
+            match issued.0.get(&l.id) {
+                Some(i) => (i.acked_expires_at_ms, Some(i.password.clone())),
+                None => (0, None),
+            }
+        };
+        match *until {
+            Some(ms) if ms < acked => {
+                return Some(format!(
+                    "the login {} is valid until {ms}, before the expiry {acked} the cluster \
+                     acknowledged",
+                    l.username
+                ))
+            }
+            Some(ms) if ms > l.expires_at_ms => {
+                return Some(format!(
+                    "the login {} is valid until {ms}, past its lease's expiry {}",
+                    l.username, l.expires_at_ms
+                ))
+            }
+            Some(_) => {}
+            None => return Some(format!("the login {} has no VALID UNTIL", l.username)),
+        }
+        let password = password.filter(|_| try_password)?;
+        let session = as_user(&self.server, &l.username, &password);
+        match ephemera_postgres::connect(&session, Duration::from_secs(10)).await {
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "the login {} does not take the password it was issued with: {e}",
+                l.username
+            )),
+        }
     }
 
     /// After healing: the database against the cluster's answers.
@@ -227,42 +307,47 @@ impl PgWorkload {
             events: vec![],
         };
         let mut out = Vec::new();
-        // 1. Every login the cluster reports active (created, and not about to expire) exists.
+        // 1. Every login the cluster reports active (created, and not about to expire) exists,
+        //    with the validity and the password the cluster acknowledged.
         let leases = match role_leases(client).await {
             Ok(l) => l,
-            Err(e) => return vec![violation(format!("listing the leases failed: {e}"))],
+            Err(e) => return vec![violation(format!("listing the role's leases failed: {e}"))],
         };
         let at_server = match self.logins_at_server().await {
             Ok(l) => l,
             Err(e) => return vec![violation(format!("reading pg_roles failed: {e}"))],
         };
         let soon = now_ms() + 1_000;
-        for l in &leases {
-            if l.state == "active" && l.expires_at_ms > soon && !at_server.contains(&l.username) {
-                out.push(violation(format!(
-                    "lease {} is active but its login {} does not exist",
-                    l.id, l.username
-                )));
+        let active = leases
+            .iter()
+            .filter(|l| l.state == "active" && l.expires_at_ms > soon);
+        for (i, l) in active.enumerate() {
+            if let Some(v) = self.check_active(l, &at_server, i < PASSWORDS_TRIED).await {
+                out.push(violation(v));
             }
         }
         // 2. Once every lease has settled, no login of the role is left at the server.
         let deadline = Instant::now() + SETTLE_WITHIN;
         loop {
-            let unsettled = match role_leases(client).await {
-                Ok(l) => l
-                    .into_iter()
+            let unsettled = role_leases(client).await.map(|l| {
+                l.into_iter()
                     .filter(|l| !matches!(l.state.as_str(), "revoked" | "expired" | "abandoned"))
-                    .count(),
-                Err(_) => usize::MAX,
-            };
-            if unsettled == 0 {
+                    .count()
+            });
+            if unsettled == Ok(0) {
                 break;
             }
             if Instant::now() > deadline {
-                out.push(violation(format!(
-                    "{unsettled} lease(s) had not settled {} s after healing",
-                    SETTLE_WITHIN.as_secs()
-                )));
+                out.push(violation(match unsettled {
+                    Ok(n) => format!(
+                        "{n} lease(s) had not settled {} s after healing",
+                        SETTLE_WITHIN.as_secs()
+                    ),
+                    Err(e) => format!(
+                        "the role's leases could not be listed {} s after healing: {e}",
+                        SETTLE_WITHIN.as_secs()
+                    ),
+                }));
                 return out;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -270,7 +355,7 @@ impl PgWorkload {
         match self.logins_at_server().await {
             Ok(left) => {
                 let revoked = self.revoked.lock().expect("revoked").clone();
-                for name in &left {
+                for name in left.keys() {
                     let acked = revoked.iter().find(|(_, u)| u == name);
                     out.push(violation(match acked {
                         Some((lease, _)) => format!(
@@ -287,37 +372,15 @@ impl PgWorkload {
     }
 }
 
-struct RoleLease {
-    id: String,
-    state: String,
-    username: String,
-    expires_at_ms: u64,
-}
-
-async fn role_leases(client: &Client) -> Result<Vec<RoleLease>, String> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = client
-            .list_leases(pb::ListLeasesRequest {
-                role: Some(ROLE.into()),
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        out.extend(r.leases.into_iter().map(|l| RoleLease {
-            id: l.id,
-            state: l.state,
-            username: l.username,
-            expires_at_ms: l.expires_at_ms,
-        }));
-        if r.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        token = r.next_page_token;
-    }
+async fn role_leases(client: &Client) -> Result<Vec<pb::Lease>, String> {
+    let filter = pb::ListLeasesRequest {
+        role: Some(ROLE.into()),
+        ..Default::default()
+    };
+    client
+        .list_all_leases(filter, MAX_LEASES)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn now_ms() -> u64 {

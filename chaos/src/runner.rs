@@ -56,6 +56,9 @@ const ROLE: &str = "chaos";
 const ROLE_TTL_S: u64 = 4;
 const ROLE_MAX_TTL_S: u64 = 10;
 const RECOVERY_BOUND_MS: u64 = 15_000;
+/// The most leases the final check reads from one node (a run's operations are bounded far
+/// below this).
+pub(crate) const MAX_LEASES_READ: usize = 1_000_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -609,29 +612,21 @@ async fn final_state(c: &Cluster, heal_ms: u64) -> FinalState {
     for id in 1..=n {
         let leases = async {
             let client = c.client(id, Duration::from_secs(10)).ok()?;
-            let mut out = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = client
-                    .list_leases(pb::ListLeasesRequest {
-                        page_size: 1000,
-                        page_token: token.clone(),
-                        ..Default::default()
+            let all = client
+                .list_all_leases(pb::ListLeasesRequest::default(), MAX_LEASES_READ)
+                .await
+                .ok()?;
+            Some(
+                all.into_iter()
+                    .map(|l| FinalLease {
+                        id: l.id,
+                        state: l.state,
+                        issued_at_ms: l.issued_at_ms,
+                        expires_at_ms: l.expires_at_ms,
+                        max_expires_at_ms: l.max_expires_at_ms,
                     })
-                    .await
-                    .ok()?;
-                out.extend(r.leases.into_iter().map(|l| FinalLease {
-                    id: l.id,
-                    state: l.state,
-                    issued_at_ms: l.issued_at_ms,
-                    expires_at_ms: l.expires_at_ms,
-                    max_expires_at_ms: l.max_expires_at_ms,
-                }));
-                if r.next_page_token.is_empty() {
-                    return Some(out);
-                }
-                token = r.next_page_token;
-            }
+                    .collect::<Vec<_>>(),
+            )
         }
         .await;
         fin.leases.push((id, leases));

@@ -377,23 +377,9 @@ pub async fn converged(clients: &[Client], within: Duration) -> Vec<pb::StateDig
 
 /// All leases one node holds, paging through ListLeases on that node only.
 pub async fn all_leases(c: &Client) -> Vec<pb::Lease> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = c
-            .list_leases(pb::ListLeasesRequest {
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("list leases");
-        out.extend(r.leases);
-        if r.next_page_token.is_empty() {
-            return out;
-        }
-        token = r.next_page_token;
-    }
+    c.list_all_leases(pb::ListLeasesRequest::default(), usize::MAX)
+        .await
+        .expect("list leases")
 }
 
 /// A test OIDC issuer `https://ci.example.test` (audience `ephemera`, key id `ci-1`): an Ed25519

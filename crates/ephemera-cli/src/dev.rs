@@ -272,7 +272,7 @@ async fn start_postgres(
     cluster: &LocalCluster,
     dir: &Path,
 ) -> Result<ephemera_testkit::postgres::PgServer> {
-    use ephemera_testkit::postgres::{PgServer, ADMIN_USER};
+    use ephemera_testkit::postgres::PgServer;
     let pg_dir = dir.join("postgres");
     if pg_dir.exists() {
         std::fs::remove_dir_all(&pg_dir)
@@ -300,26 +300,8 @@ async fn start_postgres(
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
         Err(e) => return Err(anyhow::Error::new(e).context("forgetting the previous dev-postgres")),
     }
-    admin
-        .admin_call(
-            pb::PutDbConnectionRequest {
-                name: DEV_CONNECTION.into(),
-                host: "localhost".into(),
-                port: u32::from(server.port),
-                database: "postgres".into(),
-                user: ADMIN_USER.into(),
-                password: server.admin_password.clone(),
-                sslmode: "verify-full".into(),
-                ca_pem: server.ca_pem.clone(),
-            },
-            |mut a, r| async move { a.put_db_connection(r).await },
-        )
-        .await
-        .context("configuring the connection dev-postgres")?;
     let role = pb::Role {
         name: DEV_DB_ROLE.into(),
-        kind: "postgres".into(),
-        connection: DEV_CONNECTION.into(),
         creation_statements: vec![
             "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};\n\
              GRANT pg_read_all_data TO {{name}};"
@@ -329,13 +311,10 @@ async fn start_postgres(
         max_ttl_s: 3600,
         ..Default::default()
     };
-    admin
-        .admin_call(
-            pb::PutRoleRequest { role: Some(role) },
-            |mut a, r| async move { a.put_role(r).await },
-        )
+    server
+        .configure(&admin, DEV_CONNECTION, role)
         .await
-        .context("configuring the role dev-db")?;
+        .context("configuring the connection dev-postgres and the role dev-db")?;
     println!(
         "# PostgreSQL on 127.0.0.1:{port} (TLS; its CA is {ca}); the role {DEV_DB_ROLE} issues \
          logins on it:\n#   ephemera issue --role {DEV_DB_ROLE} --output json\n#   psql \

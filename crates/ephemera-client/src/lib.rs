@@ -361,6 +361,34 @@ impl Client {
         .await
     }
 
+    /// Every lease `filter` selects, page by page (its `page_token` is ignored), with at most
+    /// `max` leases read (a bound on memory; the caller says how many it can hold).
+    pub async fn list_all_leases(
+        &self,
+        filter: pb::ListLeasesRequest,
+        max: usize,
+    ) -> Result<Vec<pb::Lease>, ClientError> {
+        let mut out = Vec::new();
+        let mut req = pb::ListLeasesRequest {
+            page_size: if filter.page_size == 0 {
+                1000
+            } else {
+                filter.page_size
+            },
+            page_token: String::new(),
+            ..filter
+        };
+        loop {
+            let page = self.list_leases(req.clone()).await?;
+            out.extend(page.leases);
+            if page.next_page_token.is_empty() || out.len() >= max {
+                out.truncate(max);
+                return Ok(out);
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
     /// Runs an admin call with failover; `f` receives a ready client and an authenticated request.
     /// Admin calls include non-idempotent ones (key rotation, membership), so they fail over
     /// only when the request certainly did not execute.

@@ -105,10 +105,7 @@ impl Node {
         let Outcome::Lease { lease, replayed } = outcome else {
             return Err(Error::Internal("issue did not return a lease".into()));
         };
-        if lease.state == LeaseState::Active {
-            self.await_login(&lease).await?;
-        }
-        let credential = self.credential_of(&lease)?;
+        let credential = self.credential_of(&lease).await?;
         Ok(Issued {
             lease,
             replayed,
@@ -116,13 +113,18 @@ impl Node {
         })
     }
 
-    /// The credential of a lease that was just issued or renewed. A replayed request id returns
-    /// the lease as it is now; a dead lease gets no credential.
-    pub fn credential_of(&self, lease: &Lease) -> Result<Minted, Error> {
+    /// The credential of a lease that was just issued or renewed (the pipeline's last step,
+    /// after commit), once it works: for a kind with an external part, once the login is
+    /// created or its validity moved (`await_login`). A replayed request id returns the lease as
+    /// it is now; a dead lease gets no credential.
+    pub async fn credential_of(&self, lease: &Lease) -> Result<Minted, Error> {
         match lease.state {
             LeaseState::Revoked { .. } => Err(Error::LeaseRevoked(lease.id.clone())),
             LeaseState::Expired { .. } => Err(Error::LeaseExpired(lease.id.clone())),
-            LeaseState::Active => self.mint(lease),
+            LeaseState::Active => {
+                self.await_login(lease).await?;
+                self.mint(lease)
+            }
         }
     }
 

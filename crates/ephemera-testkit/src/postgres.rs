@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use ephemera_client::{pb, Client, ClientError};
 use ephemera_pki::{Ca, LeafUse, SpiffeId};
 
 use crate::files::{random_hex, write_private};
@@ -203,6 +204,39 @@ impl PgServer {
     /// The data directory (a test searches it for secrets that must not be there).
     pub fn data_dir(&self) -> &Path {
         &self.data
+    }
+
+    /// Configures a cluster through `admin` to issue logins on this server: the connection
+    /// `connection` (as [`ADMIN_USER`], `verify-full` to `localhost`), then `role`, pointed at
+    /// it.
+    pub async fn configure(
+        &self,
+        admin: &Client,
+        connection: &str,
+        mut role: pb::Role,
+    ) -> std::result::Result<(), ClientError> {
+        let put = pb::PutDbConnectionRequest {
+            name: connection.into(),
+            host: "localhost".into(),
+            port: u32::from(self.port),
+            database: "postgres".into(),
+            user: ADMIN_USER.into(),
+            password: self.admin_password.clone(),
+            sslmode: "verify-full".into(),
+            ca_pem: self.ca_pem.clone(),
+        };
+        admin
+            .admin_call(put, |mut a, r| async move { a.put_db_connection(r).await })
+            .await?;
+        role.kind = "postgres".into();
+        role.connection = connection.into();
+        admin
+            .admin_call(
+                pb::PutRoleRequest { role: Some(role) },
+                |mut a, r| async move { a.put_role(r).await },
+            )
+            .await?;
+        Ok(())
     }
 }
 

@@ -184,13 +184,11 @@ impl pb::issuer_server::Issuer for Api {
         let Outcome::Lease { lease, replayed } = outcome else {
             return Err(to_status(Error::Internal("renew returned no lease".into())));
         };
-        if lease.state == LeaseState::Active {
-            self.node
-                .await_login(&lease)
-                .await
-                .map_err(|e| self.fail(e))?;
-        }
-        let credential = self.node.credential_of(&lease).map_err(|e| self.fail(e))?;
+        let credential = self
+            .node
+            .credential_of(&lease)
+            .await
+            .map_err(|e| self.fail(e))?;
         Metrics::inc(&self.node.metrics.renewed, 1);
         Ok(Response::new(self.credential(Issued {
             lease,
