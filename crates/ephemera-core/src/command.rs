@@ -36,6 +36,23 @@ pub struct IssueIntent {
     pub policy: Option<PolicyStamp>,
 }
 
+/// An RFC 8693 token exchange: an access token derived from a subject token the cluster issued,
+/// as a child lease of that token's lease (see `state::delegation`). The receiving node has
+/// verified the subject token (its signature and `jti`) and the actor token, and decided the
+/// policy (`exchange`); `apply` checks again, at commit, what can change in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeIntent {
+    /// The new token, as an Issue of a JWT role; its subject is the subject token's.
+    pub issue: IssueIntent,
+    /// The subject token's lease (its `jti`).
+    pub parent_lease: String,
+    /// This hop's actor (`act.sub`), the actor token's subject, when one was presented.
+    pub actor: Option<String>,
+    /// The deepest chain the receiving node allows (its configuration); `apply` also holds
+    /// `state::MAX_DELEGATION_DEPTH`.
+    pub max_depth: u32,
+}
+
 /// The runtime context a request was decided in, kept in its audit record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestContext {
@@ -242,6 +259,7 @@ pub enum Intent {
         pending: Vec<u8>,
         promote: bool,
     },
+    Exchange(ExchangeIntent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +403,12 @@ pub enum Op {
         name: String,
         pending: Vec<u8>,
         promote: bool,
+    },
+    /// A token exchange, stamped like an Issue.
+    Exchange {
+        intent: ExchangeIntent,
+        lease_id: String,
+        renew_after_permille: u16,
     },
 }
 
@@ -562,6 +586,11 @@ pub fn stamp(proposal: Proposal, now_ms: u64, entropy: &mut dyn Entropy, kek: &K
         Intent::Renew(intent) => Op::Renew {
             intent,
             renew_after_permille: random_permille(entropy),
+        },
+        Intent::Exchange(intent) => Op::Exchange {
+            lease_id: new_lease_id(entropy),
+            renew_after_permille: random_permille(entropy),
+            intent,
         },
         Intent::Revoke(target) => Op::Revoke(target),
         Intent::ProposePolicy { text, comment } => Op::ProposePolicy {
@@ -801,37 +830,20 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
         }
         Intent::PutRole(role) => validate_role(role),
         Intent::DeleteRole { name } => validate_name("role name", name),
-        Intent::Issue(i) => {
-            validate_name("role name", &i.role)?;
-            if let Some(r) = &i.request_id {
-                if r.is_empty()
-                    || r.len() > MAX_REQUEST_ID_LEN
-                    || !r
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-                {
-                    return Err(invalid(format!(
-                        "request id must be 1 to {MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]"
-                    )));
-                }
+        Intent::Issue(i) => validate_issue(i),
+        Intent::Exchange(x) => {
+            validate_issue(&x.issue)?;
+            validate_lease_id(&x.parent_lease)?;
+            if let Some(a) = &x.actor {
+                validate_text("actor", a, MAX_SUBJECT_LEN, false)?;
             }
-            if let Some(s) = &i.subject {
-                validate_text("subject", s, MAX_SUBJECT_LEN, false)?;
+            if x.max_depth == 0 || x.max_depth > crate::state::MAX_DELEGATION_DEPTH {
+                return Err(invalid(format!(
+                    "the delegation depth limit must be 1 to {}",
+                    crate::state::MAX_DELEGATION_DEPTH
+                )));
             }
-            if let Some(t) = i.ttl_s {
-                validate_ttl("TTL", t)?;
-            }
-            i.request.validate()?;
-            if i.join_token_hash.as_ref().is_some_and(|h| h.len() != 32) {
-                return Err(invalid("join token hash must be 32 bytes".into()));
-            }
-            if let Some(l) = &i.supersedes {
-                validate_lease_id(l)?;
-            }
-            if let Some(p) = &i.purpose {
-                validate_text("purpose", p, MAX_PURPOSE_LEN, true)?;
-            }
-            validate_context(&i.context)
+            Ok(())
         }
         Intent::Renew(r) => {
             validate_lease_id(&r.lease_id)?;
@@ -996,6 +1008,40 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
     }
 }
 
+/// What every Issue (direct or by exchange) must satisfy before it is proposed.
+fn validate_issue(i: &IssueIntent) -> Result<(), Error> {
+    validate_name("role name", &i.role)?;
+    if let Some(r) = &i.request_id {
+        if r.is_empty()
+            || r.len() > MAX_REQUEST_ID_LEN
+            || !r
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err(invalid(format!(
+                "request id must be 1 to {MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]"
+            )));
+        }
+    }
+    if let Some(s) = &i.subject {
+        validate_text("subject", s, MAX_SUBJECT_LEN, false)?;
+    }
+    if let Some(t) = i.ttl_s {
+        validate_ttl("TTL", t)?;
+    }
+    i.request.validate()?;
+    if i.join_token_hash.as_ref().is_some_and(|h| h.len() != 32) {
+        return Err(invalid("join token hash must be 32 bytes".into()));
+    }
+    if let Some(l) = &i.supersedes {
+        validate_lease_id(l)?;
+    }
+    if let Some(p) = &i.purpose {
+        validate_text("purpose", p, MAX_PURPOSE_LEN, true)?;
+    }
+    validate_context(&i.context)
+}
+
 fn validate_policy_text(text: &str) -> Result<(), Error> {
     if text.len() > MAX_POLICY_TEXT_LEN {
         return Err(invalid(format!(
@@ -1051,6 +1097,7 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         Op::PutRole(r) => Intent::PutRole(r.clone()),
         Op::DeleteRole { name } => Intent::DeleteRole { name: name.clone() },
         Op::Issue { intent, .. } => Intent::Issue(intent.clone()),
+        Op::Exchange { intent, .. } => Intent::Exchange(intent.clone()),
         Op::Renew { intent, .. } => Intent::Renew(intent.clone()),
         Op::Revoke(t) => Intent::Revoke(t.clone()),
         Op::ProposePolicy { text, comment, .. } => Intent::ProposePolicy {

@@ -140,6 +140,15 @@ pub enum Error {
     /// A root rotation step that does not fit the connection's rotation state.
     #[error("root rotation of {name:?}: {why}")]
     RootRotation { name: String, why: String },
+    /// RFC 8693 `invalid_grant`: the subject token cannot be exchanged (its lease is revoked,
+    /// expired, unknown, or not an access token).
+    #[error("the subject token cannot be exchanged: {0}")]
+    SubjectTokenRefused(String),
+    /// RFC 8693 `invalid_scope`: an exchange may only narrow.
+    #[error("scope {scope:?} is not among the subject token's scopes")]
+    ScopeNotInSubjectToken { scope: String },
+    #[error("the delegation chain would be {depth} exchanges deep; at most {max} are allowed")]
+    DelegationTooDeep { depth: u32, max: u32 },
     #[error("{what} {value:?} is not allowed by role {role:?} (allowed: {allowed})")]
     NotAllowedByRole {
         /// `principal`, `extension`, `critical option`, `host name`.
@@ -192,6 +201,9 @@ impl Error {
             ConnectionInUse { .. } | NothingToAbandon(_) | RootRotation { .. } => {
                 ErrorCode::FailedPrecondition
             }
+            SubjectTokenRefused(_) => ErrorCode::PermissionDenied,
+            ScopeNotInSubjectToken { .. } => ErrorCode::InvalidArgument,
+            DelegationTooDeep { .. } => ErrorCode::PermissionDenied,
             RateLimited { .. } | BudgetExceeded { .. } | RenewalDeferred { .. } => {
                 ErrorCode::ResourceExhausted
             }
@@ -252,6 +264,9 @@ impl Error {
             NothingToAbandon(_) => "nothing_to_abandon",
             RootRotation { .. } => "root_rotation",
             NotAllowedByRole { .. } => "not_allowed_by_role",
+            SubjectTokenRefused(_) => "subject_token_refused",
+            ScopeNotInSubjectToken { .. } => "scope_not_in_subject_token",
+            DelegationTooDeep { .. } => "delegation_too_deep",
         }
     }
 }
@@ -366,6 +381,11 @@ impl Error {
                 ("allowed", allowed.clone()),
             ],
             UnknownMethod(m) => vec![("method", m.clone())],
+            ScopeNotInSubjectToken { scope } => vec![("scope", scope.clone())],
+            DelegationTooDeep { depth, max } => {
+                vec![("depth", depth.to_string()), ("max", max.to_string())]
+            }
+            SubjectTokenRefused(_) => vec![],
             InvalidArgument(_) | Unauthenticated(_) | PermissionDenied(_) | Unavailable(_)
             | OutcomeUnknown(_) | Internal(_) | PolicyDenied(_) | NoActiveSigningKey
             | AlreadyInitialized | NotInitialized => vec![],

@@ -55,6 +55,7 @@ impl World {
         match &mut intent {
             Intent::Issue(i) if i.policy.is_none() => i.policy = decided,
             Intent::Renew(r) if r.policy.is_none() => r.policy = decided,
+            Intent::Exchange(x) if x.issue.policy.is_none() => x.issue.policy = decided,
             _ => {}
         }
         self.propose_raw(actor, intent)
@@ -3128,5 +3129,270 @@ mod postgres_kind {
         // The drop (which superseded the pending create) is done.
         run_once(&mut w, None);
         w.admin(Intent::PutDbConnection(moved)).unwrap();
+    }
+}
+
+mod exchange {
+    use super::*;
+
+    const AGENT: &str = "spiffe://example.org/agent";
+    const TOOL: &str = "spiffe://example.org/tool";
+
+    fn caller(id: &str) -> Principal {
+        Principal::svid(id.into(), "example.org".into(), false)
+    }
+
+    fn ask(parent: &str, actor: Option<&str>, scopes: &[&str], ttl: Option<u64>) -> Intent {
+        Intent::Exchange(ExchangeIntent {
+            issue: IssueIntent {
+                subject: None,
+                ttl_s: ttl,
+                request: jwt_req(scopes, None),
+                ..web(None)
+            },
+            parent_lease: parent.into(),
+            actor: actor.map(str::to_string),
+            max_depth: 5,
+        })
+    }
+
+    /// An exchange presented by `actor` (or the tool when there is none).
+    fn exchange(
+        w: &mut World,
+        parent: &str,
+        actor: Option<&str>,
+        scopes: &[&str],
+    ) -> Result<Lease, Error> {
+        let by = caller(actor.unwrap_or(TOOL));
+        match w.propose(by, ask(parent, actor, scopes, None))? {
+            Outcome::Lease { lease, .. } => Ok(lease),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    fn root(w: &mut World) -> Lease {
+        w.issue(IssueIntent {
+            request: jwt_req(&["read", "write"], None),
+            ..web(None)
+        })
+        .unwrap()
+    }
+
+    fn chain(w: &World, id: &str) -> (Vec<String>, u32) {
+        let d = state::delegation(&w.kv, id).unwrap().expect("a delegation");
+        (d.act, d.hops)
+    }
+
+    fn all_but_audit(w: &World) -> Vec<(Vec<u8>, Vec<u8>)> {
+        w.kv.range(b"", &[0xff], usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| {
+                !k.starts_with(b"audit/")
+                    && k.as_slice() != b"meta/audit_head"
+                    && k.as_slice() != b"meta/time"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_exchange_narrows_and_the_actor_chain_only_grows() {
+        let mut w = World::new();
+        let root = root(&mut w);
+        let a = exchange(&mut w, &root.id, Some(AGENT), &["read"]).unwrap();
+        assert_eq!(
+            (a.subject.as_str(), a.parent.as_deref(), a.scopes()),
+            (
+                root.subject.as_str(),
+                Some(root.id.as_str()),
+                &["read".to_string()][..]
+            )
+        );
+        assert_eq!(a.client_id, AGENT);
+        assert!(a.expires_at_ms <= root.expires_at_ms);
+        assert!(a.max_expires_at_ms <= root.expires_at_ms);
+        assert_eq!(chain(&w, &a.id), (vec![AGENT.to_string()], 1));
+        // RFC 8693 4.1: the new actor first, the previous chain nested inside.
+        let b = exchange(&mut w, &a.id, Some(TOOL), &["read"]).unwrap();
+        assert_eq!(chain(&w, &b.id), (vec![TOOL.into(), AGENT.into()], 2));
+        // Without an actor the chain is carried on, never dropped.
+        let c = exchange(&mut w, &b.id, None, &[]).unwrap();
+        assert_eq!(chain(&w, &c.id), (vec![TOOL.into(), AGENT.into()], 3));
+        assert!(state::delegation(&w.kv, &root.id).unwrap().is_none());
+
+        // Refusals change nothing but the audit chain.
+        let before = all_but_audit(&w);
+        type Expected = fn(&Error) -> bool;
+        let cases: [(Intent, Expected); 5] = [
+            // Wider than the subject token.
+            (
+                ask(&a.id, None, &["write"], None),
+                |e| matches!(e, Error::ScopeNotInSubjectToken { scope } if scope == "write"),
+            ),
+            // An unknown subject token lease.
+            (
+                ask("l_00000000000000000000000000000000", None, &[], None),
+                |e| matches!(e, Error::SubjectTokenRefused(_)),
+            ),
+            // Another subject than the subject token's.
+            (
+                Intent::Exchange(ExchangeIntent {
+                    issue: IssueIntent {
+                        subject: Some("spiffe://example.org/other".into()),
+                        request: jwt_req(&[], None),
+                        ..web(None)
+                    },
+                    parent_lease: a.id.clone(),
+                    actor: None,
+                    max_depth: 5,
+                }),
+                |e| matches!(e, Error::InvalidArgument(_)),
+            ),
+            // A TTL above the role's cap.
+            (ask(&a.id, None, &[], Some(3600)), |e| {
+                matches!(e, Error::TtlAboveCap { .. })
+            }),
+            // No policy decision.
+            (
+                match ask(&a.id, None, &[], None) {
+                    Intent::Exchange(mut x) => {
+                        x.issue.policy = Some(PolicyStamp {
+                            version: 999,
+                            determining: vec!["test-permit".into()],
+                            scopes: None,
+                            max_ttl_s: None,
+                        });
+                        Intent::Exchange(x)
+                    }
+                    _ => unreachable!(),
+                },
+                |e| matches!(e, Error::PolicyChanged { .. }),
+            ),
+        ];
+        for (intent, expected) in cases {
+            let err = w.propose(caller(TOOL), intent).unwrap_err();
+            assert!(expected(&err), "{err}");
+            assert_eq!(all_but_audit(&w), before, "{err}");
+        }
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_limit_is_refused() {
+        let mut w = World::new();
+        let mut parent = root(&mut w).id;
+        for hop in 1..=5u32 {
+            let l = exchange(&mut w, &parent, Some(AGENT), &["read"]).unwrap();
+            assert_eq!(chain(&w, &l.id).1, hop);
+            parent = l.id;
+        }
+        assert!(matches!(
+            exchange(&mut w, &parent, Some(AGENT), &["read"]),
+            Err(Error::DelegationTooDeep { depth: 6, max: 5 })
+        ));
+        // The limit cannot be raised past what apply holds.
+        let mut too_deep = ask(&parent, None, &[], None);
+        if let Intent::Exchange(x) = &mut too_deep {
+            x.max_depth = state::MAX_DELEGATION_DEPTH + 1;
+        }
+        assert!(matches!(
+            validate_intent(&too_deep),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn revoking_a_lease_revokes_every_descendant_in_the_same_entry() {
+        let mut w = World::new();
+        let root = root(&mut w);
+        let a = exchange(&mut w, &root.id, Some(AGENT), &["read"]).unwrap();
+        let b1 = exchange(&mut w, &a.id, Some(TOOL), &["read"]).unwrap();
+        let b2 = exchange(&mut w, &a.id, None, &[]).unwrap();
+        let c = exchange(&mut w, &root.id, None, &["write"]).unwrap();
+        let other_root = root_other(&mut w);
+        let d = exchange(&mut w, &other_root.id, None, &[]).unwrap();
+        let entries = w.log.len();
+        let out = w.admin(Intent::Revoke(RevokeTarget::Lease(root.id.clone())));
+        assert_eq!(out, Ok(Outcome::Revoked { count: 5 }));
+        assert_eq!(w.log.len(), entries + 1, "one entry");
+        for id in [&root.id, &a.id, &b1.id, &b2.id, &c.id] {
+            assert!(
+                matches!(w.lease(id).state, LeaseState::Revoked { .. }),
+                "{id}"
+            );
+        }
+        assert_eq!(w.lease(&d.id).state, LeaseState::Active);
+        assert_eq!(w.lease(&other_root.id).state, LeaseState::Active);
+        // A revoked subject token exchanges into nothing; revoking again revokes nothing.
+        assert!(matches!(
+            exchange(&mut w, &a.id, None, &[]),
+            Err(Error::SubjectTokenRefused(m)) if m.contains("revoked")
+        ));
+        assert_eq!(
+            w.admin(Intent::Revoke(RevokeTarget::Lease(a.id.clone()))),
+            Ok(Outcome::Revoked { count: 0 })
+        );
+        // Bulk revocation cascades too (the subject's other root, and its child).
+        let out = w.admin(Intent::Revoke(RevokeTarget::Role("web".into())));
+        assert_eq!(out, Ok(Outcome::Revoked { count: 2 }));
+    }
+
+    fn root_other(w: &mut World) -> Lease {
+        w.issue(IssueIntent {
+            request: jwt_req(&["read"], None),
+            purpose: Some("another job".into()),
+            ..web(None)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_exchanged_token_never_outlives_its_subject_token() {
+        let mut w = World::new();
+        let root = root(&mut w);
+        w.now += 30_000;
+        let by = caller(TOOL);
+        let Outcome::Lease { lease, .. } = w
+            .propose(by.clone(), ask(&root.id, None, &["read"], Some(300)))
+            .unwrap()
+        else {
+            panic!("a lease")
+        };
+        assert_eq!(lease.expires_at_ms, root.expires_at_ms);
+        assert_eq!(lease.max_expires_at_ms, root.expires_at_ms);
+        assert!(lease.renew_after_ms > w.now && lease.renew_after_ms < lease.expires_at_ms);
+        // Renewal cannot take it past its subject token's expiry either: it is at its cap.
+        w.now += 10_000;
+        assert!(matches!(
+            w.renew(&lease.id, Some(300)),
+            Err(Error::LeaseAtMaxLifetime(_))
+        ));
+        // Past the subject token's expiry, it cannot be exchanged.
+        w.now = root.expires_at_ms;
+        assert!(matches!(
+            w.propose(by, ask(&root.id, None, &["read"], None)),
+            Err(Error::SubjectTokenRefused(m)) if m.contains("expired")
+        ));
+    }
+
+    #[test]
+    fn retention_forgets_a_dead_derived_lease_with_its_delegation() {
+        let mut w = World::new();
+        let root = root(&mut w);
+        let a = exchange(&mut w, &root.id, Some(AGENT), &["read"]).unwrap();
+        w.admin(Intent::Revoke(RevokeTarget::Lease(root.id.clone())))
+            .unwrap();
+        w.now = a.expires_at_ms + 8 * 86_400_000;
+        let cmd = Command {
+            now_ms: w.now,
+            actor: Principal::system(),
+            op: Op::Compact {
+                retention: Retention::default(),
+                limit: 10_000,
+            },
+        };
+        apply_to(&mut w.kv, &cmd).unwrap();
+        assert!(state::get_lease(&w.kv, &a.id).unwrap().is_none());
+        assert!(state::delegation(&w.kv, &a.id).unwrap().is_none());
+        assert!(state::children(&w.kv, &root.id).unwrap().is_empty());
     }
 }

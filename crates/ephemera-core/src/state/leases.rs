@@ -67,6 +67,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     intent: &IssueIntent,
     (lease_id, renew_after_permille, kind_stamp): (&str, u16, &KindStamp),
     audit: &mut AuditRecord,
+    derived: Option<&delegation::Derived<'_>>,
 ) -> Result<ApplyResult, StorageError> {
     audit.role = Some(intent.role.clone());
     audit.ttl_s = intent.ttl_s;
@@ -79,10 +80,23 @@ pub(super) fn issue<R: KvRead + ?Sized>(
             .details
             .insert("principals".into(), asked.principals.join(","));
     }
-    let subject = intent.subject.clone().unwrap_or_else(|| actor.id.clone());
+    // An exchanged token's subject is its subject token's, whoever presents it (possession of
+    // the subject token, and the policy, decide).
+    let subject = match derived {
+        Some(d) => d.parent.subject.clone(),
+        None => intent.subject.clone().unwrap_or_else(|| actor.id.clone()),
+    };
     audit.subject = Some(subject.clone());
     audit_context(audit, &intent.context);
-    if subject != actor.id && !actor.is_admin() {
+    if let (Some(d), Some(asked)) = (derived, &intent.subject) {
+        if *asked != d.parent.subject {
+            return Ok(Err(Error::InvalidArgument(format!(
+                "an exchanged token's subject is its subject token's ({})",
+                d.parent.subject
+            ))));
+        }
+    }
+    if derived.is_none() && subject != actor.id && !actor.is_admin() {
         return Ok(Err(Error::PermissionDenied(
             "only an administrator may issue on behalf of another subject".into(),
         )));
@@ -94,7 +108,10 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     if let Err(e) = check_quarantine(kv, [&actor.id, &subject])? {
         return Ok(Err(e));
     }
-    let fp = fingerprint(intent, &subject);
+    let fp = match derived {
+        Some(d) => fingerprint(intent, &format!("{subject}{}", d.fingerprint_part())),
+        None => fingerprint(intent, &subject),
+    };
     if let Some(request_id) = &intent.request_id {
         if let Some(prior) = get::<RequestRecord>(kv, &req_key(&actor.id, request_id))? {
             if prior.fingerprint != fp {
@@ -174,7 +191,10 @@ pub(super) fn issue<R: KvRead + ?Sized>(
             "lease id {lease_id} collides"
         ))));
     }
-    let expires_at_ms = now + ttl_s * 1000;
+    // A derived token never outlives the token it came from.
+    let expires_at_ms = derived.map_or(now + ttl_s * 1000, |d| {
+        (now + ttl_s * 1000).min(d.parent.expires_at_ms)
+    });
     let grant = match role.spec.grant(
         &intent.request,
         &GrantContext {
@@ -197,9 +217,10 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         }
     }
     // A certificate cannot be extended: its lease ends with it.
-    let max_expires_at_ms = match role.spec.renewal() {
-        Renewal::Extend => now + role.max_ttl_s * 1000,
-        Renewal::Reissue { .. } => expires_at_ms,
+    let max_expires_at_ms = match (role.spec.renewal(), derived) {
+        (Renewal::Extend, None) => now + role.max_ttl_s * 1000,
+        (Renewal::Extend, Some(d)) => (now + role.max_ttl_s * 1000).min(d.parent.expires_at_ms),
+        (Renewal::Reissue { .. }, _) => expires_at_ms,
     };
     let lease = Lease {
         id: lease_id.to_string(),
@@ -207,13 +228,13 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         subject: subject.clone(),
         client_id: actor.id.clone(),
         purpose: intent.purpose.clone(),
-        parent: None,
+        parent: derived.map(|d| d.parent.id.clone()),
         ttl_s,
         issued_at_ms: now,
         minted_at_ms: now,
         expires_at_ms,
         max_expires_at_ms,
-        renew_after_ms: now + ttl_s * u64::from(renew_after_permille),
+        renew_after_ms: now + (expires_at_ms - now) * u64::from(renew_after_permille) / 1000,
         kid: signer.kid.clone(),
         renewals: 0,
         state: LeaseState::Active,
@@ -242,6 +263,9 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         }
     }
     insert_lease(kv, &lease)?;
+    if let Some(d) = derived {
+        delegation::record(kv, lease_id, &d.delegation);
+    }
     if let Some(target) = lease.grant.external_target() {
         effects::record(
             kv,
@@ -582,10 +606,24 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
     Ok(Ok(Outcome::Revoked { count }))
 }
 
+/// Revokes a lease if it is active, and with it every active lease derived from it (token
+/// exchange); how many it revoked.
+pub(super) fn revoke_lease<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    now: u64,
+    lease: &Lease,
+    state: &LeaseState,
+) -> Result<u64, StorageError> {
+    if revoke_one_lease(kv, now, lease, state)? == 0 {
+        return Ok(0);
+    }
+    Ok(1 + delegation::revoke_descendants(kv, now, &lease.id, state)?)
+}
+
 /// Revokes one lease if it is active: its state, deadline entry, live counts, and the
 /// revocation artefacts of its kind (a revoked SSH certificate enters the KRL, a login outside
 /// the cluster gets its drop effect). Returns 1 if it was active.
-pub(super) fn revoke_lease<R: KvRead + ?Sized>(
+pub(super) fn revoke_one_lease<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     now: u64,
     lease: &Lease,

@@ -10,6 +10,7 @@
 //! `fx/*` external effects and their indexes (see [`effects`]).
 
 mod db;
+mod delegation;
 pub mod effects;
 mod governance;
 mod identity;
@@ -22,6 +23,7 @@ pub use db::{
     db_connection, db_connections, password_aad, validate_db_connection, validate_sealed_password,
     DbConnection, SslMode, MAX_SEALED_PASSWORD, ROTATION_IN_FLIGHT_MS,
 };
+pub use delegation::{children, delegation, Delegation, MAX_DELEGATION_DEPTH};
 use governance::*;
 use identity::*;
 pub use identity::{quarantine, quarantines};
@@ -91,7 +93,7 @@ const PFX_AUDIT: &str = "audit/r/";
 /// Every key the domain state owns starts with one of these; the Raft layer keeps its own
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
-    "aj/", "akey/", "audit/", "cnt/", "db/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/",
+    "aj/", "akey/", "audit/", "cnt/", "db/", "dg/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/",
     "ncert/", "pol/", "quar/", "req/", "role/", "sshca/",
 ];
 
@@ -298,6 +300,7 @@ fn action_name(op: &Op) -> &'static str {
         Op::PutRole(_) => "role.put",
         Op::DeleteRole { .. } => "role.delete",
         Op::Issue { .. } => "lease.issue",
+        Op::Exchange { .. } => "lease.exchange",
         Op::Renew { .. } => "lease.renew",
         Op::Revoke(_) => "lease.revoke",
         Op::AddSigningKey { .. } => "key.add",
@@ -508,6 +511,19 @@ fn apply_op<R: KvRead + ?Sized>(
             now,
             intent,
             (lease_id, *renew_after_permille, kind_stamp),
+            audit,
+            None,
+        ),
+        Op::Exchange {
+            intent,
+            lease_id,
+            renew_after_permille,
+        } => delegation::exchange(
+            kv,
+            actor,
+            now,
+            intent,
+            (lease_id, *renew_after_permille, &KindStamp::None),
             audit,
         ),
         Op::Renew {

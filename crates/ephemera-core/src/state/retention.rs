@@ -181,6 +181,7 @@ fn forget_lease<R: KvRead + ?Sized>(
         }
         effects::forget_lease(kv, id)?;
     }
+    delegation::forget(kv, id)?;
     kv.delete(key.to_vec());
     kv.delete(deadline_key(lease.expires_at_ms, id));
     kv.delete(ix_key(PFX_SUBJECT, &lease.subject, id));
