@@ -31,6 +31,41 @@ pub struct Claims {
     pub jti: String,
     pub scope: String,
     pub client_id: String,
+    /// RFC 8693 §4.1: who acts for `sub`, the current actor outermost and earlier actors
+    /// nested inside (a token obtained by exchange with an actor token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Act>,
+}
+
+/// An RFC 8693 actor claim: `{"sub": actor, "act": {earlier actor}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Act {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Act>>,
+}
+
+impl Act {
+    /// The claim for a chain of actors, newest first; `None` for an empty chain.
+    pub fn from_chain(chain: &[String]) -> Option<Act> {
+        chain.iter().rev().fold(None, |inner, sub| {
+            Some(Act {
+                sub: sub.clone(),
+                act: inner.map(Box::new),
+            })
+        })
+    }
+
+    /// The chain, newest first.
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = vec![self.sub.clone()];
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            out.push(a.sub.clone());
+            next = a.act.as_deref();
+        }
+        out
+    }
 }
 
 impl Claims {
@@ -46,7 +81,14 @@ impl Claims {
             jti: lease.id.clone(),
             scope: lease.scopes().join(" "),
             client_id: lease.client_id.clone(),
+            act: None,
         }
+    }
+
+    /// The claims of a token obtained by exchange: `act` from its actor chain (newest first).
+    pub fn with_act(mut self, chain: &[String]) -> Self {
+        self.act = Act::from_chain(chain);
+        self
     }
 }
 
@@ -204,6 +246,26 @@ mod tests {
             parsed.verify(&other.verifying_key().to_bytes()),
             Err(TokenError::BadSignature)
         );
+    }
+
+    #[test]
+    fn act_nests_the_earlier_actors_inside_the_current_one() {
+        let chain = [
+            "spiffe://x/tool".to_string(),
+            "spiffe://x/agent".to_string(),
+        ];
+        let claims = Claims::for_lease(&lease(), "https://iss").with_act(&chain);
+        let json = serde_json::to_value(&claims).unwrap();
+        assert_eq!(
+            json["act"],
+            serde_json::json!({"sub": "spiffe://x/tool", "act": {"sub": "spiffe://x/agent"}})
+        );
+        assert_eq!(claims.act.as_ref().unwrap().chain(), chain);
+        let key = SigningKey::from_bytes(&[3; 32]);
+        assert_eq!(parse(&sign(&claims, "k", &key)).unwrap().claims, claims);
+        // No chain, no claim (a directly issued token has no `act` at all).
+        let plain = serde_json::to_value(Claims::for_lease(&lease(), "https://iss")).unwrap();
+        assert!(plain.get("act").is_none());
     }
 
     #[test]

@@ -316,6 +316,25 @@ impl Node {
             .await
     }
 
+    /// Decides a token exchange on `role` (`exchange`): the context is the Issue's, with the
+    /// new token's delegation depth (exchanges since the token the cluster issued directly).
+    pub async fn decide_exchange(
+        &self,
+        principal: &Principal,
+        role: &Role,
+        intent: &IssueIntent,
+        delegation_depth: u32,
+        caller: &CallerContext,
+    ) -> Result<PolicyStamp, Error> {
+        if principal.auth_method == AuthMethod::BootstrapAdmin {
+            return self.break_glass_stamp();
+        }
+        let mut ctx = issue_context(role, intent, caller, self.clock.now_ms());
+        ctx.delegation_depth = delegation_depth;
+        self.decide_workload(principal, Action::Exchange, role, &ctx, None, caller)
+            .await
+    }
+
     /// Decides a Renew, a Revoke or an Introspect of an existing lease.
     pub async fn decide_on_lease(
         &self,

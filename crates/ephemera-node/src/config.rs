@@ -63,6 +63,14 @@ pub struct NodeConfig {
     pub retention: ephemera_core::command::Retention,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The most exchanges (RFC 8693) between a token the cluster issued directly and one
+    /// derived from it; a deeper exchange is refused (`invalid_grant`). 1 to 16.
+    #[serde(default = "default_max_delegation_depth")]
+    pub max_delegation_depth: u32,
+}
+
+fn default_max_delegation_depth() -> u32 {
+    5
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -320,6 +328,7 @@ impl NodeConfig {
             listeners: Default::default(),
             retention: Default::default(),
             audit: Default::default(),
+            max_delegation_depth: default_max_delegation_depth(),
         }
     }
 
@@ -375,6 +384,12 @@ impl NodeConfig {
         }
         self.break_glass.networks()?;
         self.listeners.validate().map_err(ConfigError::Invalid)?;
+        let deepest = ephemera_core::state::MAX_DELEGATION_DEPTH;
+        if !(1..=deepest).contains(&self.max_delegation_depth) {
+            return Err(ConfigError::Invalid(format!(
+                "max_delegation_depth must be 1 to {deepest}"
+            )));
+        }
         if self.audit.checkpoint_interval_s == 0 {
             return Err(ConfigError::Invalid(
                 "audit.checkpoint_interval_s must be positive".into(),

@@ -71,6 +71,7 @@ pub const ROUTES: &[&str] = &[
     "GET /.well-known/jwks.json",
     "GET /.well-known/oauth-authorization-server",
     "POST /oauth2/introspect",
+    "POST /oauth2/token",
     "GET /v1/ssh/ca.pub",
     "GET /v1/ssh/krl",
     "GET /metrics",
@@ -83,6 +84,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/oauth2/introspect", post(introspect))
+        .route("/oauth2/token", post(token_exchange))
         .route("/v1/ssh/ca.pub", get(ssh_ca))
         .route("/v1/ssh/krl", get(ssh_krl))
         .route("/metrics", get(metrics))
@@ -166,6 +168,9 @@ async fn metadata(State(node): State<Arc<Node>>) -> Response {
                 "jwks_uri": format!("{base}/.well-known/jwks.json"),
                 "introspection_endpoint": format!("{base}/oauth2/introspect"),
                 "introspection_endpoint_auth_methods_supported": ["tls_client_auth", "bearer"],
+                "token_endpoint": format!("{base}/oauth2/token"),
+                "token_endpoint_auth_methods_supported": ["tls_client_auth", "bearer"],
+                "grant_types_supported": [crate::exchange::GRANT_TYPE],
                 "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
                 "response_types_supported": [],
             }))
@@ -210,6 +215,57 @@ async fn introspect(
         // RFC 7662 §2.2: a token that is malformed, unknown or dead is simply not active.
         Ok(None) | Err(Error::InvalidArgument(_)) => Json(json!({"active": false})).into_response(),
         Err(e) => error_response(e),
+    }
+}
+
+/// RFC 8693 token exchange. Refusals are RFC 6749 §5.2 error bodies (400, `no-store`); an
+/// error of the cluster itself (unavailable, rate limited) is mapped as on every route.
+async fn token_exchange(
+    State(node): State<Arc<Node>>,
+    Extension(conn): Extension<ConnInfo>,
+    Extension(gated): Extension<crate::methods::Gated>,
+    form: Result<Form<crate::exchange::ExchangeRequest>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    use crate::exchange::ExchangeError;
+    let Some(principal) = gated.principal else {
+        return error_response(Error::Internal("the exchange was not authenticated".into()));
+    };
+    let no_store = || [(header::CACHE_CONTROL, "no-store")];
+    let refuse = |e: ExchangeError| match e.oauth_code() {
+        Some(code) => (
+            StatusCode::BAD_REQUEST,
+            no_store(),
+            Json(json!({"error": code, "error_description": e.to_string()})),
+        )
+            .into_response(),
+        None => match e {
+            ExchangeError::Other(e) => error_response(e),
+            _ => unreachable!("every other refusal has an RFC code"),
+        },
+    };
+    let form = match form {
+        Ok(Form(f)) => f,
+        Err(e) => {
+            return refuse(ExchangeError::InvalidRequest(format!(
+                "expected an application/x-www-form-urlencoded body with the RFC 8693 \
+                 parameters: {e}"
+            )))
+        }
+    };
+    let caller = crate::authz::CallerContext::from_addr(conn.remote);
+    match node.exchange_token(&principal, &caller, form).await {
+        Ok(x) => (
+            no_store(),
+            Json(json!({
+                "access_token": x.access_token,
+                "issued_token_type": x.issued_token_type,
+                "token_type": "Bearer",
+                "expires_in": x.expires_in,
+                "scope": x.scope,
+            })),
+        )
+            .into_response(),
+        Err(e) => refuse(e),
     }
 }
 

@@ -26,6 +26,7 @@ pub mod coalesce;
 pub mod config;
 pub mod conn;
 pub mod db;
+pub mod exchange;
 pub mod grpc;
 pub mod guard;
 pub mod http;
@@ -294,7 +295,10 @@ pub async fn run(
             offset_ms: cfg.test_clock_offset_ms,
         }),
         Box::new(node::OsEntropy),
-        Duration::from_millis(cfg.request_timeout_ms),
+        (
+            Duration::from_millis(cfg.request_timeout_ms),
+            cfg.max_delegation_depth,
+        ),
         tls.as_ref().map(|t| node::NodeTls {
             trust_domain: t.trust_domain.clone(),
             bundles: t.all_bundles.clone(),

@@ -402,6 +402,13 @@ pub const METHODS: &[Method] = &[
         Limited,
         false,
     ),
+    row(
+        "POST /oauth2/token",
+        Auth::Workload(Action::Exchange),
+        Write,
+        Limited,
+        true,
+    ),
     row("GET /v1/ssh/ca.pub", Anonymous, Public, Unlimited, false),
     // Takes a read barrier: limited per source.
     row("GET /v1/ssh/krl", Anonymous, Public, Source, false),
@@ -629,7 +636,8 @@ mod tests {
         for m in METHODS {
             let mints = m.path.ends_with("/Issue")
                 || m.path.ends_with("/Renew")
-                || m.path.ends_with("/IssueSvid");
+                || m.path.ends_with("/IssueSvid")
+                || m.path == "POST /oauth2/token";
             assert_eq!(m.clock_check, mints, "{}", m.path);
         }
         assert!(lookup("/ephemera.v1.Issuer/NotAMethod").is_none());

@@ -180,6 +180,8 @@ pub struct Node {
     /// Unsealed signing keys (JWT keys and SSH CA keys), by key id.
     pub(crate) keys: Mutex<HashMap<String, Arc<SigningKey>>>,
     request_timeout: Duration,
+    /// The deepest token exchange this node allows (`max_delegation_depth`).
+    pub(crate) max_delegation_depth: u32,
     tls: Option<NodeTls>,
     oidc: crate::oidc::Verifier,
     /// Refused authentications are audited through Raft; under a flood only this many per
@@ -244,7 +246,7 @@ impl Node {
         kek: Kek,
         clock: Arc<dyn Clock>,
         entropy: Box<dyn Entropy + Send>,
-        request_timeout: Duration,
+        (request_timeout, max_delegation_depth): (Duration, u32),
         tls: Option<NodeTls>,
         oidc: crate::oidc::Verifier,
         guard: crate::guard::GuardConfig,
@@ -264,6 +266,7 @@ impl Node {
             entropy: Mutex::new(entropy),
             keys: Mutex::new(HashMap::new()),
             request_timeout,
+            max_delegation_depth,
             tls,
             oidc,
             denial_audits: governor::RateLimiter::direct(

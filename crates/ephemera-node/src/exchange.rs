@@ -1,0 +1,427 @@
+//! RFC 8693 token exchange at the receiving node: the request is checked, the subject token
+//! (and the actor token, when one is presented) verified, the role chosen, the policy decided
+//! (`exchange`, with the new token's delegation depth), and `Intent::Exchange` proposed; `apply`
+//! checks again at commit what may have changed in between (`ephemera_core::state::delegation`),
+//! and the answer is the new token, minted after commit like every JWT.
+//!
+//! Only access tokens this cluster issued are exchanged so far (`subject_token_type`
+//! `access_token` or `jwt`); assertions of configured OIDC issuers are refused with a precise
+//! `invalid_request`.
+
+use ephemera_core::command::{ExchangeIntent, Intent, IssueIntent, Outcome};
+use ephemera_core::kind::{jwt, KindRequest, RoleSpec};
+use ephemera_core::state;
+use ephemera_core::token::{self, Claims};
+use ephemera_core::types::{Lease, Principal, Role};
+use ephemera_core::Error;
+use rand::RngCore;
+
+use crate::authz::CallerContext;
+use crate::mint::Minted;
+use crate::node::{Node, KEY_PUBLISH_GRACE_MS};
+
+pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// The token types an exchange accepts and issues (our access tokens are JWTs).
+const OUR_TOKEN_TYPES: [&str; 2] = [ACCESS_TOKEN, JWT];
+/// Scopes one request may name.
+const MAX_SCOPES: usize = 64;
+
+/// An exchange request's parameters (RFC 8693 §2.1), plus `role`, which names the role that
+/// templates the new token when the audience alone does not.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct ExchangeRequest {
+    pub grant_type: String,
+    pub subject_token: String,
+    pub subject_token_type: String,
+    pub actor_token: Option<String>,
+    pub actor_token_type: Option<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub scope: Option<String>,
+    pub requested_token_type: Option<String>,
+    pub role: Option<String>,
+}
+
+/// The answer (RFC 8693 §2.2.1).
+pub struct Exchanged {
+    pub access_token: String,
+    pub issued_token_type: &'static str,
+    pub expires_in: u64,
+    pub scope: String,
+    pub lease: Lease,
+}
+
+/// An exchange's refusal, as RFC 6749 §5.2 and RFC 8693 §2.2.2 name it; `Other` is an error
+/// of the cluster (unavailable, rate limited, internal), mapped as everywhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    UnsupportedGrantType(String),
+    #[error("{0}")]
+    InvalidGrant(String),
+    #[error("{0}")]
+    InvalidScope(String),
+    #[error("{0}")]
+    InvalidTarget(String),
+    #[error("{0}")]
+    UnauthorizedClient(String),
+    #[error(transparent)]
+    Other(Error),
+}
+
+impl ExchangeError {
+    /// The RFC error code; `None` for `Other`.
+    pub fn oauth_code(&self) -> Option<&'static str> {
+        Some(match self {
+            ExchangeError::InvalidRequest(_) => "invalid_request",
+            ExchangeError::UnsupportedGrantType(_) => "unsupported_grant_type",
+            ExchangeError::InvalidGrant(_) => "invalid_grant",
+            ExchangeError::InvalidScope(_) => "invalid_scope",
+            ExchangeError::InvalidTarget(_) => "invalid_target",
+            ExchangeError::UnauthorizedClient(_) => "unauthorized_client",
+            ExchangeError::Other(_) => return None,
+        })
+    }
+}
+
+impl From<Error> for ExchangeError {
+    fn from(e: Error) -> Self {
+        let text = e.to_string();
+        match e {
+            Error::SubjectTokenRefused(_) | Error::DelegationTooDeep { .. } => {
+                ExchangeError::InvalidGrant(text)
+            }
+            Error::ScopeNotInSubjectToken { .. }
+            | Error::NoScopeGranted { .. }
+            | Error::NotAllowedByRole { .. } => ExchangeError::InvalidScope(text),
+            // RFC 8693 §2.2.2: a target the server will not issue for, by role or by policy.
+            Error::AudienceNotAllowed { .. } | Error::UnknownRole(_) | Error::PolicyDenied(_) => {
+                ExchangeError::InvalidTarget(text)
+            }
+            Error::InvalidArgument(_) | Error::TtlAboveCap { .. } | Error::KindMismatch { .. } => {
+                ExchangeError::InvalidRequest(text)
+            }
+            Error::PermissionDenied(_) | Error::Quarantined(_) => {
+                ExchangeError::UnauthorizedClient(text)
+            }
+            other => ExchangeError::Other(other),
+        }
+    }
+}
+
+fn invalid(m: impl Into<String>) -> ExchangeError {
+    ExchangeError::InvalidRequest(m.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ExchangeError {
+    ExchangeError::Other(Error::Internal(e.to_string()))
+}
+
+impl Node {
+    /// Exchanges `req`'s subject token for a narrower access token, for the authenticated
+    /// `caller_principal`.
+    pub async fn exchange_token(
+        &self,
+        caller_principal: &Principal,
+        caller: &CallerContext,
+        req: ExchangeRequest,
+    ) -> Result<Exchanged, ExchangeError> {
+        if req.grant_type != GRANT_TYPE {
+            return Err(ExchangeError::UnsupportedGrantType(format!(
+                "grant_type must be {GRANT_TYPE}"
+            )));
+        }
+        let audience = check_request(&req)?;
+        // Linearizable from here: a subject or actor token revoked before this point is
+        // refused (and `apply` refuses a subject token revoked before the commit).
+        self.read_barrier().await?;
+        let (subject_claims, parent) = self.verified(&req.subject_token, "subject token")?;
+        let actor = match &req.actor_token {
+            Some(t) => Some(self.verified(t, "actor token")?.0.sub),
+            None => None,
+        };
+        let role = self.exchange_role(req.role.as_deref(), audience.as_deref())?;
+        let RoleSpec::Jwt(spec) = &role.spec else {
+            unreachable!("exchange_role returns JWT roles only")
+        };
+        // Narrowing only: the scopes asked for, or else those of the subject token the role
+        // allows.
+        let scopes: Vec<String> = match &req.scope {
+            Some(s) => s
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            None => subject_claims
+                .scope
+                .split(' ')
+                .filter(|s| spec.allowed_scopes.iter().any(|a| a == s))
+                .map(String::from)
+                .collect(),
+        };
+        if scopes.len() > MAX_SCOPES {
+            return Err(invalid(format!("at most {MAX_SCOPES} scopes")));
+        }
+        let depth = state::delegation(&self.view, &parent.id)
+            .map_err(internal)?
+            .map_or(1, |d| d.hops + 1);
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let issue = IssueIntent {
+            // The node's own id, so that its retries of this proposal cannot issue twice.
+            request_id: Some(format!("srv-{}", hex::encode(id))),
+            role: role.name.clone(),
+            subject: None,
+            ttl_s: None,
+            purpose: None,
+            request: KindRequest::Jwt(jwt::Request {
+                scopes,
+                audience: Some(spec.audience.clone()),
+            }),
+            join_token_hash: None,
+            supersedes: None,
+            context: caller.for_audit(),
+            policy: None,
+        };
+        let intent = ExchangeIntent {
+            issue,
+            parent_lease: parent.id.clone(),
+            actor,
+            max_depth: self.max_delegation_depth,
+        };
+        ephemera_core::command::validate_intent(&Intent::Exchange(intent.clone()))?;
+        let outcome = self
+            .propose_decided(caller_principal, || async {
+                let mut x = intent.clone();
+                let policy = self
+                    .decide_exchange(caller_principal, &role, &x.issue, depth, caller)
+                    .await?;
+                x.issue.policy = Some(policy);
+                Ok(Intent::Exchange(x))
+            })
+            .await?;
+        let Outcome::Lease { lease, .. } = outcome else {
+            return Err(internal("an exchange did not return a lease"));
+        };
+        let Minted::Jwt(access_token) = self.credential_of(&lease).await? else {
+            return Err(internal("an exchange minted something else than a JWT"));
+        };
+        let now = self.clock.now_ms();
+        Ok(Exchanged {
+            access_token,
+            issued_token_type: ACCESS_TOKEN,
+            expires_in: lease.expires_at_ms.saturating_sub(now) / 1000,
+            scope: lease.scopes().join(" "),
+            lease,
+        })
+    }
+
+    /// A token this cluster issued, that verifies and is live at this node now.
+    fn verified(&self, text: &str, what: &str) -> Result<(Claims, Lease), ExchangeError> {
+        let refused = |why: String| ExchangeError::InvalidGrant(format!("the {what} {why}"));
+        let parsed = token::parse(text).map_err(|e| refused(format!("is malformed: {e}")))?;
+        let key = state::get_key(&self.view, &parsed.header.kid)
+            .map_err(internal)?
+            .ok_or_else(|| refused("was not signed by this cluster".into()))?;
+        let issuer = self.issuer()?;
+        if parsed.verify(&key.public_key).is_err() || parsed.claims.iss != issuer {
+            return Err(refused("does not verify".into()));
+        }
+        let now = self.clock.now_ms();
+        let now_s = now / 1000;
+        if !key.is_published_at(now, KEY_PUBLISH_GRACE_MS)
+            || parsed.claims.exp <= now_s
+            || parsed.claims.nbf > now_s
+        {
+            return Err(refused(
+                "is expired, not yet valid, or its key was retired".into(),
+            ));
+        }
+        let lease = state::get_lease(&self.view, &parsed.claims.jti)
+            .map_err(internal)?
+            .ok_or_else(|| refused("names no lease of this cluster".into()))?;
+        if !lease.is_active_at(now) {
+            return Err(refused(format!("is no longer active (lease {})", lease.id)));
+        }
+        Ok((parsed.claims, lease))
+    }
+
+    /// The JWT role that templates the new token: the one named, or the one whose audience is
+    /// the requested one.
+    fn exchange_role(
+        &self,
+        name: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Role, ExchangeError> {
+        let target = |m: String| ExchangeError::InvalidTarget(m);
+        let role = match name {
+            Some(name) => state::get_role(&self.view, name)
+                .map_err(internal)?
+                .ok_or_else(|| target(format!("unknown role {name:?}")))?,
+            None => {
+                let audience = audience.expect("checked: an audience or a role");
+                let mut matching: Vec<Role> = state::list_roles(&self.view)
+                    .map_err(internal)?
+                    .into_iter()
+                    .filter(|r| matches!(&r.spec, RoleSpec::Jwt(s) if s.audience == audience))
+                    .collect();
+                match matching.len() {
+                    0 => {
+                        return Err(target(format!(
+                            "no role issues tokens for the audience {audience:?}"
+                        )))
+                    }
+                    1 => matching.remove(0),
+                    n => {
+                        return Err(target(format!(
+                            "{n} roles issue tokens for the audience {audience:?}; name one \
+                             with the role parameter"
+                        )))
+                    }
+                }
+            }
+        };
+        match &role.spec {
+            RoleSpec::Jwt(s) if audience.is_none_or(|a| a == s.audience) => Ok(role),
+            RoleSpec::Jwt(s) => Err(target(format!(
+                "role {:?} issues tokens for the audience {:?}, not {:?}",
+                role.name,
+                s.audience,
+                audience.unwrap_or_default()
+            ))),
+            _ => Err(target(format!(
+                "role {:?} does not issue access tokens",
+                role.name
+            ))),
+        }
+    }
+}
+
+/// The request's parameters checked for presence and consistency (`invalid_request`); the
+/// target audience (`audience`, else `resource`).
+fn check_request(req: &ExchangeRequest) -> Result<Option<String>, ExchangeError> {
+    if req.subject_token.is_empty() {
+        return Err(invalid("subject_token is required"));
+    }
+    if req.subject_token_type.is_empty() {
+        return Err(invalid("subject_token_type is required"));
+    }
+    let ours = |t: &str| OUR_TOKEN_TYPES.contains(&t);
+    if !ours(&req.subject_token_type) {
+        return Err(invalid(format!(
+            "subject_token_type {:?} is not supported: only access tokens this cluster issued \
+             are exchanged ({ACCESS_TOKEN} or {JWT})",
+            req.subject_token_type
+        )));
+    }
+    match (&req.actor_token, &req.actor_token_type) {
+        (Some(_), None) => return Err(invalid("actor_token needs actor_token_type")),
+        (None, Some(_)) => return Err(invalid("actor_token_type without actor_token")),
+        (Some(_), Some(t)) if !ours(t) => {
+            return Err(invalid(format!(
+                "actor_token_type {t:?} is not supported ({ACCESS_TOKEN} or {JWT})"
+            )))
+        }
+        _ => {}
+    }
+    if let Some(t) = &req.requested_token_type {
+        if !ours(t) {
+            return Err(invalid(format!(
+                "requested_token_type {t:?} is not issued here ({ACCESS_TOKEN})"
+            )));
+        }
+    }
+    let audience = match (&req.audience, &req.resource) {
+        (Some(a), Some(r)) if a != r => {
+            return Err(invalid("audience and resource name different targets"))
+        }
+        (a, r) => a.clone().or_else(|| r.clone()),
+    };
+    if audience.is_none() && req.role.is_none() {
+        return Err(invalid("name the target: audience (or resource), or role"));
+    }
+    Ok(audience)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> ExchangeRequest {
+        ExchangeRequest {
+            grant_type: GRANT_TYPE.into(),
+            subject_token: "t".into(),
+            subject_token_type: ACCESS_TOKEN.into(),
+            audience: Some("api".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inconsistent_parameters_are_invalid_requests() {
+        type Change = fn(&mut ExchangeRequest);
+        let cases: [(Change, &str); 7] = [
+            (|r| r.subject_token.clear(), "subject_token is required"),
+            (
+                |r| r.subject_token_type.clear(),
+                "subject_token_type is required",
+            ),
+            (
+                |r| r.subject_token_type = "urn:ietf:params:oauth:token-type:id_token".into(),
+                "not supported",
+            ),
+            (
+                |r| r.actor_token = Some("a".into()),
+                "needs actor_token_type",
+            ),
+            (
+                |r| r.actor_token_type = Some(JWT.into()),
+                "without actor_token",
+            ),
+            (
+                |r| r.resource = Some("elsewhere".into()),
+                "different targets",
+            ),
+            (|r| r.audience = None, "name the target"),
+        ];
+        for (change, expected) in cases {
+            let mut r = req();
+            change(&mut r);
+            match check_request(&r) {
+                Err(ExchangeError::InvalidRequest(m)) => assert!(m.contains(expected), "{m}"),
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
+        assert_eq!(check_request(&req()).unwrap().as_deref(), Some("api"));
+        let mut by_resource = req();
+        by_resource.audience = None;
+        by_resource.resource = Some("api".into());
+        assert_eq!(check_request(&by_resource).unwrap().as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn core_errors_become_rfc_codes() {
+        let code = |e: Error| ExchangeError::from(e).oauth_code();
+        assert_eq!(
+            code(Error::SubjectTokenRefused("revoked".into())),
+            Some("invalid_grant")
+        );
+        assert_eq!(
+            code(Error::ScopeNotInSubjectToken { scope: "w".into() }),
+            Some("invalid_scope")
+        );
+        assert_eq!(
+            code(Error::PolicyDenied("no".into())),
+            Some("invalid_target")
+        );
+        assert_eq!(
+            code(Error::DelegationTooDeep { depth: 6, max: 5 }),
+            Some("invalid_grant")
+        );
+        assert_eq!(code(Error::Unavailable("x".into())), None);
+    }
+}

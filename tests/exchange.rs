@@ -1,0 +1,226 @@
+//! RFC 8693 token exchange over real node processes: narrowing, the nested actor chain, the
+//! depth limit, RFC errors, and cascading revocation seen by every node.
+
+mod common;
+
+use common::*;
+use ephemera_client::pb;
+use serde_json::Value;
+
+const WORKLOAD: &str = "spiffe://ephemera.dev/workload/demo";
+const AGENT: &str = "spiffe://example.org/agent";
+const TOOL: &str = "spiffe://example.org/tool";
+const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+/// Posts an exchange to `node` (1-based) as dev's workload: (HTTP status, body).
+async fn exchange(cluster: &DevCluster, node: usize, form: &[(&str, &str)]) -> (u16, Value) {
+    let http = cluster.https(Some((
+        &cluster.pki("workload.crt"),
+        &cluster.pki("workload.key"),
+    )));
+    let resp = http
+        .post(format!("{}/oauth2/token", cluster.http_urls()[node - 1]))
+        .form(form)
+        .send()
+        .await
+        .expect("the token endpoint answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON body"))
+}
+
+/// The form of an exchange of `subject` for the `tools.example` audience.
+fn form<'a>(subject: &'a str, scope: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("grant_type", GRANT),
+        ("subject_token", subject),
+        ("subject_token_type", ACCESS_TOKEN),
+        ("audience", "tools.example"),
+        ("scope", scope),
+    ]
+}
+
+fn with_actor<'a>(
+    mut f: Vec<(&'static str, &'a str)>,
+    actor: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    f.push(("actor_token", actor));
+    f.push(("actor_token_type", ACCESS_TOKEN));
+    f
+}
+
+fn refused(got: (u16, Value), error: &str, what: &str) {
+    assert_eq!(got.0, 400, "{what}: {}", got.1);
+    assert_eq!(got.1["error"], error, "{what}: {}", got.1);
+    assert!(got.1["error_description"]
+        .as_str()
+        .is_some_and(|d| !d.is_empty()));
+}
+
+#[test]
+fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        let admin = cluster.client();
+        put_role(&admin, "web", 300, 3600).await;
+        let mut tools = role("tools", 300, 3600);
+        tools.role.as_mut().unwrap().audience = "tools.example".into();
+        admin
+            .admin_call(tools, |mut a, r| async move { a.put_role(r).await })
+            .await
+            .unwrap();
+        // The subject token: the workload's own; actor tokens: issued to the agent and the tool.
+        let subject = cluster
+            .client_as("workload", None)
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                scopes: vec!["read".into(), "write".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let actor_of = |sub: &'static str| pb::IssueRequest {
+            subject: Some(sub.into()),
+            ..issue_req("web")
+        };
+        let agent = admin.issue(actor_of(AGENT)).await.unwrap().token;
+        let tool = admin.issue(actor_of(TOOL)).await.unwrap().token;
+
+        // One hop, through node 2: sub is the subject, act the agent, the scope narrower.
+        let (status, one) = exchange(
+            &cluster,
+            2,
+            &with_actor(form(&subject.token, "read"), &agent),
+        )
+        .await;
+        assert_eq!(status, 200, "{one}");
+        assert_eq!(one["issued_token_type"], ACCESS_TOKEN);
+        assert_eq!(one["token_type"], "Bearer");
+        assert_eq!(one["scope"], "read");
+        let first = one["access_token"].as_str().unwrap().to_string();
+
+        // It verifies with a standard JWT library against another node's JWKS.
+        let http = &cluster.http_urls()[2];
+        let jwks: jsonwebtoken::jwk::JwkSet = cluster
+            .https(None)
+            .get(format!("{http}/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let meta: Value = cluster
+            .https(None)
+            .get(format!("{http}/.well-known/oauth-authorization-server"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(meta["token_endpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("/oauth2/token"));
+        assert_eq!(meta["grant_types_supported"][0], GRANT);
+        let verify = |token: &str| {
+            let header = jsonwebtoken::decode_header(token).unwrap();
+            let key = jsonwebtoken::DecodingKey::from_jwk(
+                jwks.find(header.kid.as_deref().unwrap())
+                    .expect("kid in JWKS"),
+            )
+            .unwrap();
+            let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+            v.set_audience(&["tools.example"]);
+            v.set_issuer(&[meta["issuer"].as_str().unwrap()]);
+            jsonwebtoken::decode::<Value>(token, &key, &v)
+                .expect("the exchanged token verifies")
+                .claims
+        };
+        let subject_exp = subject.expires_at_ms / 1000;
+        let c = verify(&first);
+        assert_eq!(c["sub"], WORKLOAD);
+        assert_eq!(c["act"], serde_json::json!({"sub": AGENT}));
+        assert_eq!(c["scope"], "read");
+        assert!(c["exp"].as_u64().unwrap() <= subject_exp);
+
+        // A second hop nests the first actor inside the new one.
+        let (status, two) = exchange(&cluster, 3, &with_actor(form(&first, "read"), &tool)).await;
+        assert_eq!(status, 200, "{two}");
+        let second = two["access_token"].as_str().unwrap().to_string();
+        assert_eq!(
+            verify(&second)["act"],
+            serde_json::json!({"sub": TOOL, "act": {"sub": AGENT}})
+        );
+
+        // Refusals, each with its RFC code.
+        refused(
+            exchange(&cluster, 1, &form(&first, "read write")).await,
+            "invalid_scope",
+            "wider scope",
+        );
+        let mut elsewhere = form(&first, "read");
+        elsewhere[3] = ("audience", "nowhere.example");
+        refused(
+            exchange(&cluster, 1, &elsewhere).await,
+            "invalid_target",
+            "unknown audience",
+        );
+        let mut untyped = form(&first, "read");
+        untyped.remove(2);
+        refused(
+            exchange(&cluster, 1, &untyped).await,
+            "invalid_request",
+            "no subject_token_type",
+        );
+        let mut grant = form(&first, "read");
+        grant[0] = ("grant_type", "client_credentials");
+        refused(
+            exchange(&cluster, 1, &grant).await,
+            "unsupported_grant_type",
+            "grant type",
+        );
+        refused(
+            exchange(&cluster, 1, &form("not.a.token", "read")).await,
+            "invalid_grant",
+            "malformed",
+        );
+
+        // Depth: five exchanges from the subject token are allowed, the sixth is not.
+        let mut token = second.clone();
+        for _ in 3..=5 {
+            let (status, next) = exchange(&cluster, 1, &form(&token, "read")).await;
+            assert_eq!(status, 200, "{next}");
+            token = next["access_token"].as_str().unwrap().to_string();
+        }
+        let (_, sixth) = exchange(&cluster, 1, &form(&token, "read")).await;
+        assert_eq!(sixth["error"], "invalid_grant", "{sixth}");
+        assert!(sixth["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("at most 5"));
+
+        // Revoking the subject token's lease makes the whole chain inactive on every node at
+        // the acknowledgement.
+        admin
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::LeaseId(
+                    subject.lease_id.clone(),
+                )),
+            })
+            .await
+            .unwrap();
+        for node in 1..=3 {
+            let c = cluster.node_client(node);
+            for t in [&subject.token, &first, &second, &token] {
+                assert!(!c.introspect(t).await.unwrap().active, "node {node}");
+            }
+        }
+        refused(
+            exchange(&cluster, 2, &form(&first, "read")).await,
+            "invalid_grant",
+            "revoked subject",
+        );
+    });
+}
