@@ -154,6 +154,28 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             serde_json::json!({"sub": TOOL, "act": {"sub": AGENT}})
         );
 
+        // Introspection returns `act` exactly as the token carries it, and the parent lease.
+        let first_jti = verify(&first)["jti"].as_str().unwrap().to_string();
+        let introspected: Value = cluster
+            .https(Some((
+                &cluster.pki("workload.crt"),
+                &cluster.pki("workload.key"),
+            )))
+            .post(format!("{}/oauth2/introspect", cluster.http_urls()[0]))
+            .form(&[("token", second.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(introspected["active"], true);
+        assert_eq!(introspected["act"], verify(&second)["act"]);
+        assert_eq!(introspected["parent_lease_id"], first_jti.as_str());
+        let over_grpc = cluster.node_client(2).introspect(&second).await.unwrap();
+        assert_eq!(over_grpc.act, [TOOL, AGENT]);
+        assert_eq!(over_grpc.parent_lease_id, first_jti);
+
         // Refusals, each with its RFC code.
         refused(
             exchange(&cluster, 1, &form(&first, "read write")).await,

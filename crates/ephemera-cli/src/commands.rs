@@ -92,7 +92,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let v = if r.active {
                 json!({"active": true, "iss": r.iss, "sub": r.sub, "aud": r.aud, "scope": r.scope,
                        "client_id": r.client_id, "exp": r.exp, "iat": r.iat, "nbf": r.nbf, "jti": r.jti,
-                       "token_type": r.token_type})
+                       "token_type": r.token_type, "act": r.act, "parent_lease_id": r.parent_lease_id})
             } else {
                 json!({"active": false})
             };

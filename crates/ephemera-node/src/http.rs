@@ -206,12 +206,21 @@ async fn introspect(
     };
     let caller = crate::authz::CallerContext::from_addr(conn.remote);
     match node.introspect(&principal, &caller, &form.token).await {
-        Ok(Some(c)) => Json(json!({
-            "active": true,
-            "iss": c.iss, "sub": c.sub, "aud": c.aud, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,
-            "jti": c.jti, "scope": c.scope, "client_id": c.client_id, "token_type": "Bearer",
-        }))
-        .into_response(),
+        Ok(Some((c, lease))) => {
+            let mut body = json!({
+                "active": true,
+                "iss": c.iss, "sub": c.sub, "aud": c.aud, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,
+                "jti": c.jti, "scope": c.scope, "client_id": c.client_id, "token_type": "Bearer",
+            });
+            // An exchanged token: `act` exactly as the token carries it, and where it came from.
+            if let Some(act) = &c.act {
+                body["act"] = json!(act);
+            }
+            if let Some(parent) = &lease.parent {
+                body["parent_lease_id"] = json!(parent);
+            }
+            Json(body).into_response()
+        }
         // RFC 7662 §2.2: a token that is malformed, unknown or dead is simply not active.
         Ok(None) | Err(Error::InvalidArgument(_)) => Json(json!({"active": false})).into_response(),
         Err(e) => error_response(e),

@@ -259,8 +259,10 @@ impl pb::issuer_server::Issuer for Api {
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(match claims {
             None => pb::IntrospectResponse::default(),
-            Some(c) => pb::IntrospectResponse {
+            Some((c, lease)) => pb::IntrospectResponse {
                 active: true,
+                act: c.act.as_ref().map(|a| a.chain()).unwrap_or_default(),
+                parent_lease_id: lease.parent.unwrap_or_default(),
                 sub: c.sub,
                 aud: c.aud,
                 scope: c.scope,

@@ -319,14 +319,15 @@ impl Node {
             .ok_or(Error::NotInitialized)
     }
 
-    /// RFC 7662 semantics: `Ok(Some(claims))` for an active token, `Ok(None)` for any token that
-    /// is not (unknown key, bad signature, revoked, expired). Malformed input is an error.
+    /// RFC 7662 semantics: `Ok(Some((claims, lease)))` for an active token, `Ok(None)` for any
+    /// token that is not (unknown key, bad signature, revoked, expired). Malformed input is an
+    /// error.
     pub async fn introspect(
         &self,
         principal: &Principal,
         caller: &crate::authz::CallerContext,
         token_text: &str,
-    ) -> Result<Option<Claims>, Error> {
+    ) -> Result<Option<(Claims, ephemera_core::types::Lease)>, Error> {
         Metrics::inc(&self.metrics.introspections, 1);
         let parsed = token::parse(token_text)
             .map_err(|e| Error::InvalidArgument(format!("malformed token: {e}")))?;
@@ -364,7 +365,7 @@ impl Node {
             && lease.is_active_at(now)
             && parsed.claims.exp > now_s
             && parsed.claims.nbf <= now_s;
-        Ok(live.then_some(parsed.claims))
+        Ok(live.then_some((parsed.claims, lease)))
     }
 
     // ---- cluster --------------------------------------------------------------------------
