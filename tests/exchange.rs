@@ -246,3 +246,126 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         );
     });
 }
+
+/// Waits until `path` exists (a child's signal that it got there), within a deadline.
+fn wait_for(path: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `ephemera exec`: the child gets a live credential, its exit code is the wrapper's, SIGTERM
+/// reaches it, a long run sees its credential renewed, and every lease is revoked at the end.
+#[test]
+fn exec_binds_a_credential_to_the_life_of_a_command() {
+    let cluster = DevCluster::start(3, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    rt().block_on(async {
+        let admin = cluster.client();
+        put_role(&admin, "web", 300, 3600).await;
+        put_role(&admin, "brief", 2, 60).await;
+    });
+    // The child checks its credential with the CLI (it inherits the wrapper's environment).
+    let script = format!(
+        "printf %s \"$EPHEMERA_CREDENTIAL\" > {d}/token; printf %s \"$EPHEMERA_LEASE_ID\" > \
+         {d}/lease; {bin} introspect \"$EPHEMERA_CREDENTIAL\" --output json > {d}/seen.json; \
+         exit 7",
+        d = d.display(),
+        bin = BIN
+    );
+    let out = cluster.cli_as(
+        "workload",
+        &["exec", "--role", "web", "--", "sh", "-c", &script],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(&read(&d.join("seen.json"))).unwrap();
+    assert_eq!(
+        seen["active"], true,
+        "the child's credential was active during the run"
+    );
+    assert_eq!(seen["sub"], WORKLOAD);
+    let token = read(&d.join("token"));
+    rt().block_on(async {
+        for node in 1..=3 {
+            let r = cluster.node_client(node).introspect(&token).await.unwrap();
+            assert!(!r.active, "revoked at exit, seen by node {node}");
+        }
+    });
+
+    // SIGTERM to the wrapper reaches the child, whose exit code the wrapper returns.
+    let script = format!(
+        "trap 'echo term > {d}/term; exit 3' TERM; printf %s \"$EPHEMERA_CREDENTIAL\" > \
+         {d}/token2; echo > {d}/ready; while true; do sleep 0.1; done",
+        d = d.display()
+    );
+    let mut wrapper = cluster
+        .cli_command(
+            "workload",
+            &[
+                "exec", "--role", "web", "--grace", "20s", "--", "sh", "-c", &script,
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_for(&d.join("ready"), "the child started");
+    // SAFETY: kill(2) on the wrapper we started and have not reaped.
+    unsafe { libc::kill(wrapper.id() as i32, libc::SIGTERM) };
+    let status = wrapper.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(read(&d.join("term")).trim(), "term");
+    let token2 = read(&d.join("token2"));
+    rt().block_on(async {
+        assert!(!cluster.client().introspect(&token2).await.unwrap().active);
+    });
+
+    // A child that outlives renew_after sees its credential renewed (the file is rewritten).
+    let file = d.join("cred");
+    let script = format!(
+        "cp {f} {d}/first; i=0; while cmp -s {f} {d}/first && [ $i -lt 300 ]; do sleep 0.1; \
+         i=$((i+1)); done; cp {f} {d}/second",
+        f = file.display(),
+        d = d.display()
+    );
+    let out = cluster.cli_as(
+        "workload",
+        &[
+            "exec",
+            "--role",
+            "brief",
+            "--file",
+            file.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (first, second) = (read(&d.join("first")), read(&d.join("second")));
+    assert_ne!(
+        first, second,
+        "the credential was renewed while the child ran"
+    );
+    let exp = |t: &str| ephemera_core::token::parse(t).unwrap().claims.exp;
+    assert!(
+        exp(&second) >= exp(&first),
+        "a renewal never moves the expiry back"
+    );
+    assert!(!file.exists(), "the credential file is removed at exit");
+}

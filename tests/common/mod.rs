@@ -194,16 +194,22 @@ impl DevCluster {
 
     /// Runs the CLI against the cluster as one of dev's identities (`admin`, `approver`, ...).
     pub fn cli_as(&self, identity: &str, args: &[&str]) -> Output {
+        self.cli_command(identity, args)
+            .output()
+            .expect("run ephemera")
+    }
+
+    /// The CLI as one of dev's identities, not started yet (a test that signals it).
+    pub fn cli_command(&self, identity: &str, args: &[&str]) -> Command {
         let pki = self.dir.path().join("pki");
-        Command::new(BIN)
-            .args(args)
+        let mut c = Command::new(BIN);
+        c.args(args)
             .env("EPHEMERA_ADDR", &self.env["EPHEMERA_ADDR"])
             .env("EPHEMERA_CA", &self.env["EPHEMERA_CA"])
             .env("EPHEMERA_CERT", pki.join(format!("{identity}.crt")))
             .env("EPHEMERA_KEY", pki.join(format!("{identity}.key")))
-            .env_remove("EPHEMERA_TOKEN")
-            .output()
-            .expect("run ephemera")
+            .env_remove("EPHEMERA_TOKEN");
+        c
     }
 
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {

@@ -27,6 +27,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Leases(LeasesCmd::Abandon { lease_id, reason }) => {
             crate::db::abandon(&cli, lease_id, reason).await
         }
+        Command::Exec(a) => {
+            let code = crate::exec::run(&cli, a).await?;
+            std::process::exit(code)
+        }
         Command::Issue(a) => {
             let c = client(&cli)?;
             let ttl_s = a.ttl.as_deref().map(parse_duration_s).transpose()?;

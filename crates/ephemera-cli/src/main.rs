@@ -6,6 +6,7 @@ mod commands;
 mod connect;
 mod db;
 mod dev;
+mod exec;
 mod output;
 mod policy;
 mod ssh;
@@ -82,6 +83,9 @@ pub enum Command {
     Role(RoleCmd),
     /// Issue a credential.
     Issue(IssueArgs),
+    /// Run a command with a credential that lives as long as it does: issued before it starts,
+    /// renewed while it runs, revoked when it ends (`ephemera exec --role R -- CMD ARGS...`).
+    Exec(exec::ExecArgs),
     /// Extend a lease (never past its role's max TTL). Policy decides again, in the current
     /// context.
     Renew {

@@ -118,6 +118,19 @@ pub fn forbid_core_dumps() -> Result<()> {
     Ok(())
 }
 
+/// The wall clock, Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long until the wall-clock time `at_ms` (zero once it has passed).
+pub fn until_ms(at_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(at_ms.saturating_sub(now_ms()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
