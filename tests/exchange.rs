@@ -209,12 +209,22 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             "malformed",
         );
 
+        // An oversized body is refused before anything is parsed.
+        let huge = "x".repeat(64 * 1024);
+        refused(
+            exchange(&cluster, 1, &form(&huge, "read")).await,
+            "invalid_request",
+            "oversized body",
+        );
+
         // Depth: five exchanges from the subject token are allowed, the sixth is not.
         let mut token = second.clone();
+        let mut chain = vec![subject.token.clone(), first.clone(), second.clone()];
         for _ in 3..=5 {
             let (status, next) = exchange(&cluster, 1, &form(&token, "read")).await;
             assert_eq!(status, 200, "{next}");
             token = next["access_token"].as_str().unwrap().to_string();
+            chain.push(token.clone());
         }
         let (_, sixth) = exchange(&cluster, 1, &form(&token, "read")).await;
         assert_eq!(sixth["error"], "invalid_grant", "{sixth}");
@@ -223,6 +233,8 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             .unwrap()
             .contains("at most 5"));
 
+        // A subscriber on node 3 follows the revocations from here on.
+        let mut watch = cluster.node_client(3).watch_revocations(0).await.unwrap();
         // Revoking the subject token's lease makes the whole chain inactive on every node at
         // the acknowledgement.
         admin
@@ -244,6 +256,24 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             "invalid_grant",
             "revoked subject",
         );
+        // The subscriber received every lease of the chain, in one run of sequence numbers.
+        let expected: std::collections::BTreeSet<String> = chain
+            .iter()
+            .map(|t| ephemera_core::token::parse(t).unwrap().claims.jti)
+            .collect();
+        let mut got = std::collections::BTreeSet::new();
+        let mut seqs = Vec::new();
+        while got.len() < expected.len() {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(30), watch.message())
+                .await
+                .expect("the revocations arrive")
+                .unwrap()
+                .expect("the stream stays open");
+            seqs.push(e.seq);
+            got.insert(e.lease_id);
+        }
+        assert_eq!(got, expected);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     });
 }
 
@@ -368,4 +398,18 @@ fn exec_binds_a_credential_to_the_life_of_a_command() {
         "a renewal never moves the expiry back"
     );
     assert!(!file.exists(), "the credential file is removed at exit");
+
+    // The CLI follows the revocation log: the first exec's lease was the first revocation.
+    let lines = cluster.cli_as(
+        "workload",
+        &["watch", "revocations", "--from", "0", "--limit", "1"],
+    );
+    assert!(
+        lines.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lines.stderr)
+    );
+    let first: Value = serde_json::from_slice(&lines.stdout).unwrap();
+    assert_eq!(first["seq"], 1);
+    assert_eq!(first["lease_id"], read(&d.join("lease")).as_str());
 }

@@ -27,6 +27,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Leases(LeasesCmd::Abandon { lease_id, reason }) => {
             crate::db::abandon(&cli, lease_id, reason).await
         }
+        Command::Watch(crate::WatchCmd::Revocations { from, limit }) => {
+            watch_revocations(&cli, *from, *limit).await
+        }
         Command::Exec(a) => {
             let code = crate::exec::run(&cli, a).await?;
             std::process::exit(code)
@@ -304,6 +307,40 @@ async fn server(config: &std::path::Path) -> Result<()> {
         .init();
     let cfg = ephemera_node::NodeConfig::load(config)?;
     ephemera_node::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `watch revocations`: JSON lines; a stream that ends because this reader fell behind says
+/// where to resume.
+async fn watch_revocations(cli: &Cli, from: u64, limit: Option<u64>) -> Result<()> {
+    let mut stream = client(cli)?.watch_revocations(from).await?;
+    let mut seen = 0u64;
+    let mut last = from;
+    while limit.is_none_or(|l| seen < l) {
+        let event = tokio::select! {
+            e = stream.message() => e,
+            _ = shutdown_signal() => return Ok(()),
+        };
+        match event {
+            Ok(Some(e)) => {
+                last = e.seq;
+                seen += 1;
+                let mut line = json!({"seq": e.seq, "at_ms": e.at_ms});
+                if !e.lease_id.is_empty() {
+                    line["lease_id"] = json!(e.lease_id);
+                    line["expires_at_ms"] = json!(e.expires_at_ms);
+                }
+                if !e.kid.is_empty() {
+                    line["kid"] = json!(e.kid);
+                }
+                println!("{line}");
+            }
+            Ok(None) => {
+                bail!("the node ended the stream after seq {last}; resume with --from {last}")
+            }
+            Err(status) => bail!("{}; resume with --from {last}", status.message()),
+        }
+    }
     Ok(())
 }
 

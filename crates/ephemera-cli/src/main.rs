@@ -86,6 +86,9 @@ pub enum Command {
     /// Run a command with a credential that lives as long as it does: issued before it starts,
     /// renewed while it runs, revoked when it ends (`ephemera exec --role R -- CMD ARGS...`).
     Exec(exec::ExecArgs),
+    /// Follow the cluster's revocations (for verifiers that check tokens offline).
+    #[command(subcommand)]
+    Watch(WatchCmd),
     /// Extend a lease (never past its role's max TTL). Policy decides again, in the current
     /// context.
     Renew {
@@ -558,6 +561,20 @@ pub struct IssueArgs {
     pub subject: Option<String>,
     #[command(flatten)]
     pub context: ContextArgs,
+}
+
+#[derive(Subcommand)]
+pub enum WatchCmd {
+    /// Print each revocation as a JSON line, in commit order: those after `--from`, then new
+    /// ones as they commit (until interrupted, or `--limit` lines).
+    Revocations {
+        /// The last sequence number already seen (0: from the oldest the cluster keeps).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many revocations.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Args)]

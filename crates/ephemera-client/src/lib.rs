@@ -190,8 +190,15 @@ impl Client {
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
+        let mut req = self.untimed_request(msg);
         req.set_timeout(self.timeout);
+        req
+    }
+
+    /// A request without the per-call deadline: a server stream that lives as long as its
+    /// subscriber wants it (the connection attempt is still bounded).
+    fn untimed_request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
         if let Some(t) = &self.token {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
                 req.metadata_mut().insert("authorization", v);
@@ -357,6 +364,21 @@ impl Client {
         self.call(|ch| {
             let r = self.request(req.clone());
             async move { Ok(Self::issuer(ch).list_leases(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// The revocations after `from_seq`, then each new one as the node applies it (see
+    /// `WatchRevocations`). The stream ends with `RESOURCE_EXHAUSTED` naming the sequence to
+    /// resume from when the reader falls too far behind; resume on any node.
+    pub async fn watch_revocations(
+        &self,
+        from_seq: u64,
+    ) -> Result<tonic::Streaming<pb::RevocationEvent>, ClientError> {
+        let req = pb::WatchRevocationsRequest { from_seq };
+        self.call_with(Retry::ConnectOnly, |ch| {
+            let r = self.untimed_request(req);
+            async move { Ok(Self::issuer(ch).watch_revocations(r).await?.into_inner()) }
         })
         .await
     }

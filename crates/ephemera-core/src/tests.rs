@@ -379,8 +379,8 @@ fn compaction_forgets_only_what_retention_allows() {
     let rest = compact(&mut w, 100);
     assert_eq!(
         rest,
-        6 + 1 + 1 - 4,
-        "6 leases, 1 request record, 1 join token"
+        6 + 6 + 1 + 1 - 4,
+        "6 leases, their 6 revocation-log entries, 1 request record, 1 join token"
     );
     assert!(!state::compaction_due(&w.kv, w.now, &retention).unwrap());
     for l in dead.iter().chain([&requested]) {
@@ -414,7 +414,7 @@ fn compaction_forgets_only_what_retention_allows() {
         .filter(|r| r.action == "state.compact")
         .map(|r| r.count)
         .collect();
-    assert_eq!(compactions, [Some(0), Some(4), Some(4)]);
+    assert_eq!(compactions, [Some(0), Some(4), Some(10)]);
     let mut replayed = MemKv::default();
     for c in &w.log {
         apply_to(&mut replayed, c).ok();
@@ -3395,4 +3395,75 @@ mod exchange {
         assert!(state::delegation(&w.kv, &a.id).unwrap().is_none());
         assert!(state::children(&w.kv, &root.id).unwrap().is_empty());
     }
+}
+
+/// Every revocation enters the log in commit order (a cascade's descendants, a bulk revoke's
+/// leases, a key retired early), numbered from 1; retention forgets an entry once the
+/// credential it revokes has expired.
+#[test]
+fn revocations_are_logged_in_commit_order_until_their_credentials_expire() {
+    use crate::state::Revoked;
+    let mut w = World::new();
+    let a = w.issue(web(Some(60))).unwrap();
+    let b = w.issue(web(Some(60))).unwrap();
+    let c = w.issue(web(Some(120))).unwrap();
+    assert_eq!(state::last_revocation_seq(&w.kv).unwrap(), 0);
+    w.admin(Intent::Revoke(RevokeTarget::Lease(b.id.clone())))
+        .unwrap();
+    // Revoking it again logs nothing.
+    w.admin(Intent::Revoke(RevokeTarget::Lease(b.id.clone())))
+        .unwrap();
+    let kid = a.kid.clone();
+    w.admin(Intent::Revoke(RevokeTarget::Key(kid.clone())))
+        .unwrap();
+    let log = state::revocations_after(&w.kv, 0, 100).unwrap();
+    let what: Vec<(u64, Revoked)> = log.iter().map(|r| (r.seq, r.what.clone())).collect();
+    let lease = |l: &Lease| Revoked::Lease {
+        id: l.id.clone(),
+        expires_at_ms: l.expires_at_ms,
+    };
+    // The key's revocation revokes what it signed (a and c, in index order) after logging
+    // itself.
+    let mut signed = vec![lease(&a), lease(&c)];
+    signed.sort_by_key(|r| match r {
+        Revoked::Lease { id, .. } => id.clone(),
+        Revoked::Key { .. } => String::new(),
+    });
+    let mut expected = vec![(1, lease(&b)), (2, Revoked::Key { kid })];
+    expected.extend(signed.into_iter().zip(3..).map(|(r, s)| (s, r)));
+    assert_eq!(what, expected);
+    assert_eq!(state::last_revocation_seq(&w.kv).unwrap(), 4);
+    // Resuming after seq 2 gives the rest.
+    let rest: Vec<u64> = state::revocations_after(&w.kv, 2, 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(rest, [3, 4]);
+    // Retention: once a and b have expired (and the retention passed), their entries go; c's
+    // stays until it expires too.
+    let retention = Retention {
+        dead_lease_s: 1,
+        ..Retention::default()
+    };
+    w.now = a.expires_at_ms + 2_000;
+    let compact = Command {
+        now_ms: w.now,
+        actor: Principal::system(),
+        op: Op::Compact {
+            retention,
+            limit: 10_000,
+        },
+    };
+    apply_to(&mut w.kv, &compact).unwrap();
+    let left: Vec<Revoked> = state::revocations_after(&w.kv, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.what)
+        .collect();
+    assert!(left.contains(&lease(&c)), "{left:?}");
+    assert!(
+        !left.contains(&lease(&a)) && !left.contains(&lease(&b)),
+        "{left:?}"
+    );
 }

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod mint;
 pub mod node;
 pub mod oidc;
+pub mod revocation_watch;
 pub mod secret_files;
 
 pub use config::NodeConfig;

@@ -143,6 +143,14 @@ pub const METHODS: &[Method] = &[
         Limited,
         false,
     ),
+    // Any authenticated caller (a verifier): the events carry lease ids and key ids only.
+    row(
+        "/ephemera.v1.Issuer/WatchRevocations",
+        Auth::Workload(Action::Introspect),
+        Probe,
+        Limited,
+        false,
+    ),
     row(
         "/ephemera.v1.Issuer/ListLeases",
         Admin(A::LeaseList),

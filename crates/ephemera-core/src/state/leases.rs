@@ -577,6 +577,14 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
             };
             rec.state = KeyState::Revoked { at_ms: now };
             kv.put(key, enc(&rec));
+            // Useful to a verifier until the last credential the key signed has expired.
+            let useful_until = rec.max_token_expiry_ms;
+            revocations::record(
+                kv,
+                now,
+                revocations::Revoked::Key { kid: kid.clone() },
+                useful_until,
+            )?;
             if active == META_ACTIVE_SSH_CA {
                 bump_krl_version(kv)?;
             }
@@ -643,6 +651,15 @@ pub(super) fn revoke_one_lease<R: KvRead + ?Sized>(
         bump_krl_version(kv)?;
     }
     record_drop(kv, now, &lease)?;
+    revocations::record(
+        kv,
+        now,
+        revocations::Revoked::Lease {
+            id: lease.id.clone(),
+            expires_at_ms: lease.expires_at_ms,
+        },
+        lease.expires_at_ms,
+    )?;
     Ok(1)
 }
 

@@ -18,6 +18,7 @@ mod leases;
 mod node_certs;
 mod queries;
 mod retention;
+mod revocations;
 
 pub use db::{
     db_connection, db_connections, password_aad, validate_db_connection, validate_sealed_password,
@@ -33,6 +34,7 @@ pub use node_certs::{node_certificate, NodeCertificate, MAX_NODE_HOST_NAMES};
 pub use queries::*;
 pub use retention::compaction_due;
 use retention::{keep_dead_lease, keep_until, Kept};
+pub use revocations::{last_revocation_seq, revocations_after, Revocation, Revoked};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -94,7 +96,7 @@ const PFX_AUDIT: &str = "audit/r/";
 /// bookkeeping outside them.
 pub const STATE_PREFIXES: &[&str] = &[
     "aj/", "akey/", "audit/", "cnt/", "db/", "dg/", "fx/", "ix/", "jt/", "key/", "lease/", "meta/",
-    "ncert/", "pol/", "quar/", "req/", "role/", "sshca/",
+    "ncert/", "pol/", "quar/", "req/", "role/", "rv/", "sshca/",
 ];
 
 /// How far past its latest token's expiry a retiring key stays in the JWKS (verifier clock skew).

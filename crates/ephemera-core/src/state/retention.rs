@@ -23,15 +23,18 @@ pub(super) enum Kept {
     JoinToken,
     Assertion,
     Proposal,
+    /// An entry of the revocation log (kept as long as a dead lease).
+    Revocation,
 }
 
 impl Kept {
-    const ALL: [Kept; 5] = [
+    const ALL: [Kept; 6] = [
         Kept::Lease,
         Kept::Request,
         Kept::JoinToken,
         Kept::Assertion,
         Kept::Proposal,
+        Kept::Revocation,
     ];
 
     fn tag(self) -> &'static str {
@@ -41,12 +44,13 @@ impl Kept {
             Kept::JoinToken => "jt/",
             Kept::Assertion => "aj/",
             Kept::Proposal => "pp/",
+            Kept::Revocation => "rv/",
         }
     }
 
     fn retention_ms(self, r: &Retention) -> u64 {
         let s = match self {
-            Kept::Lease => r.dead_lease_s,
+            Kept::Lease | Kept::Revocation => r.dead_lease_s,
             Kept::Request => r.request_s,
             Kept::JoinToken => r.join_token_s,
             Kept::Assertion => r.assertion_s,

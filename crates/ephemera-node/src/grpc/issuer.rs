@@ -4,6 +4,46 @@ use super::*;
 
 #[tonic::async_trait]
 impl pb::issuer_server::Issuer for Api {
+    type WatchRevocationsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = crate::revocation_watch::Event> + Send>>;
+
+    async fn watch_revocations(
+        &self,
+        req: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        self.caller_of(&req)?;
+        let from = req.into_inner().from_seq;
+        let slot = self
+            .node
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.fail(Error::Unavailable(format!(
+                    "this node serves {} revocation watches already; try another",
+                    crate::revocation_watch::MAX_WATCHERS
+                )))
+            })?;
+        // A resume point the cluster has not reached is a mistake, not a wait.
+        self.node.read_barrier().await.map_err(|e| self.fail(e))?;
+        let last = state::last_revocation_seq(&self.node.view)
+            .map_err(|e| self.fail(Error::Internal(e.to_string())))?;
+        if from > last {
+            return Err(self.fail(Error::InvalidArgument(format!(
+                "from_seq {from} is ahead of the latest revocation ({last})"
+            ))));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(crate::revocation_watch::BUFFER);
+        tokio::spawn(crate::revocation_watch::feed(
+            self.node.clone(),
+            from,
+            tx,
+            slot,
+        ));
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn issue_svid(
         &self,
         mut req: Request<pb::IssueSvidRequest>,

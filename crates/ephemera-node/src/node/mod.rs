@@ -182,6 +182,8 @@ pub struct Node {
     request_timeout: Duration,
     /// The deepest token exchange this node allows (`max_delegation_depth`).
     pub(crate) max_delegation_depth: u32,
+    /// Places for open `WatchRevocations` streams.
+    pub(crate) watchers: Arc<tokio::sync::Semaphore>,
     tls: Option<NodeTls>,
     oidc: crate::oidc::Verifier,
     /// Refused authentications are audited through Raft; under a flood only this many per
@@ -267,6 +269,9 @@ impl Node {
             keys: Mutex::new(HashMap::new()),
             request_timeout,
             max_delegation_depth,
+            watchers: Arc::new(tokio::sync::Semaphore::new(
+                crate::revocation_watch::MAX_WATCHERS,
+            )),
             tls,
             oidc,
             denial_audits: governor::RateLimiter::direct(
