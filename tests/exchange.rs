@@ -209,6 +209,25 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             "malformed",
         );
 
+        // The gRPC equivalent: the same exchange, and the same refusal with its RFC code.
+        let grpc = cluster.client_as("workload", Some(1));
+        let ask = |scope: &str| pb::ExchangeRequest {
+            subject_token: first.clone(),
+            subject_token_type: ACCESS_TOKEN.into(),
+            audience: Some("tools.example".into()),
+            scope: Some(scope.into()),
+            ..Default::default()
+        };
+        let over_grpc = grpc.exchange(ask("read")).await.unwrap();
+        assert_eq!(over_grpc.scope, "read");
+        assert_eq!(
+            verify(&over_grpc.access_token)["act"],
+            serde_json::json!({"sub": AGENT})
+        );
+        let wider = grpc.exchange(ask("read write")).await.unwrap_err();
+        assert_eq!(wider.code(), Some(tonic::Code::InvalidArgument), "{wider}");
+        assert!(wider.to_string().contains("invalid_scope"), "{wider}");
+
         // An oversized body is refused before anything is parsed.
         let huge = "x".repeat(64 * 1024);
         refused(
@@ -219,7 +238,12 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
 
         // Depth: five exchanges from the subject token are allowed, the sixth is not.
         let mut token = second.clone();
-        let mut chain = vec![subject.token.clone(), first.clone(), second.clone()];
+        let mut chain = vec![
+            subject.token.clone(),
+            first.clone(),
+            second.clone(),
+            over_grpc.access_token.clone(),
+        ];
         for _ in 3..=5 {
             let (status, next) = exchange(&cluster, 1, &form(&token, "read")).await;
             assert_eq!(status, 200, "{next}");

@@ -368,6 +368,19 @@ impl Client {
         .await
     }
 
+    /// RFC 8693 token exchange over gRPC. Not retried on another node unless the request
+    /// certainly did not reach one (each exchange is a new lease).
+    pub async fn exchange(
+        &self,
+        req: pb::ExchangeRequest,
+    ) -> Result<pb::ExchangeResponse, ClientError> {
+        self.call_with(Retry::ConnectOnly, |ch| {
+            let r = self.request(req.clone());
+            async move { Ok(Self::issuer(ch).exchange(r).await?.into_inner()) }
+        })
+        .await
+    }
+
     /// The revocations after `from_seq`, then each new one as the node applies it (see
     /// `WatchRevocations`). The stream ends with `RESOURCE_EXHAUSTED` naming the sequence to
     /// resume from when the reader falls too far behind; resume on any node.

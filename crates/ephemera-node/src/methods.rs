@@ -143,6 +143,13 @@ pub const METHODS: &[Method] = &[
         Limited,
         false,
     ),
+    row(
+        "/ephemera.v1.Issuer/Exchange",
+        Auth::Workload(Action::Exchange),
+        Write,
+        Limited,
+        true,
+    ),
     // Any authenticated caller (a verifier): the events carry lease ids and key ids only.
     row(
         "/ephemera.v1.Issuer/WatchRevocations",
@@ -645,6 +652,7 @@ mod tests {
             let mints = m.path.ends_with("/Issue")
                 || m.path.ends_with("/Renew")
                 || m.path.ends_with("/IssueSvid")
+                || m.path.ends_with("/Exchange")
                 || m.path == "POST /oauth2/token";
             assert_eq!(m.clock_check, mints, "{}", m.path);
         }

@@ -7,6 +7,49 @@ impl pb::issuer_server::Issuer for Api {
     type WatchRevocationsStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = crate::revocation_watch::Event> + Send>>;
 
+    async fn exchange(
+        &self,
+        req: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        use crate::exchange::{ExchangeError, ExchangeRequest, GRANT_TYPE};
+        let actor = self.caller_of(&req)?;
+        let caller = caller(&req);
+        let r = req.into_inner();
+        let form = ExchangeRequest {
+            grant_type: GRANT_TYPE.into(),
+            subject_token: r.subject_token,
+            subject_token_type: r.subject_token_type,
+            actor_token: r.actor_token,
+            actor_token_type: r.actor_token_type,
+            audience: r.audience,
+            resource: r.resource,
+            scope: r.scope,
+            requested_token_type: r.requested_token_type,
+            role: r.role,
+        };
+        match self.node.exchange_token(&actor, &caller, form).await {
+            Ok(x) => Ok(Response::new(pb::ExchangeResponse {
+                access_token: x.access_token,
+                issued_token_type: x.issued_token_type.into(),
+                token_type: "Bearer".into(),
+                expires_in: x.expires_in,
+                scope: x.scope,
+                lease_id: x.lease.id,
+            })),
+            Err(ExchangeError::Other(e)) => Err(self.fail(e)),
+            Err(e) => {
+                let code = e.oauth_code().unwrap_or("invalid_request");
+                let message = format!("{code}: {e}");
+                Err(match e {
+                    ExchangeError::InvalidGrant(_) | ExchangeError::UnauthorizedClient(_) => {
+                        Status::permission_denied(message)
+                    }
+                    _ => Status::invalid_argument(message),
+                })
+            }
+        }
+    }
+
     async fn watch_revocations(
         &self,
         req: Request<pb::WatchRevocationsRequest>,
