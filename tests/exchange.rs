@@ -423,6 +423,29 @@ fn exec_binds_a_credential_to_the_life_of_a_command() {
     );
     assert!(!file.exists(), "the credential file is removed at exit");
 
+    // The client's guard: released, or dropped, the lease is revoked.
+    rt().block_on(async {
+        let c = std::sync::Arc::new(cluster.client_as("workload", None));
+        let ask = || pb::IssueRequest {
+            role: "web".into(),
+            ..Default::default()
+        };
+        let (released, guard) = c.issue_guarded(ask()).await.unwrap();
+        assert!(c.introspect(&released.token).await.unwrap().active);
+        guard.release().await.unwrap();
+        assert!(!c.introspect(&released.token).await.unwrap().active);
+        let (dropped, guard) = c.issue_guarded(ask()).await.unwrap();
+        drop(guard);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while c.introspect(&dropped.token).await.unwrap().active {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a dropped guard revokes"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+
     // The CLI follows the revocation log: the first exec's lease was the first revocation.
     let lines = cluster.cli_as(
         "workload",

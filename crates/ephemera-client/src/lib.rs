@@ -10,7 +10,10 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+mod guard;
+
 pub use ephemera_proto::v1 as pb;
+pub use guard::LeaseGuard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
