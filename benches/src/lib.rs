@@ -96,6 +96,7 @@ permit (principal is Ephemera::Admin, action, resource);
             job_id: "",
             now_ms: 1_795_429_800_000,
             delegation_depth: 0,
+            actors: &[],
             lease_owner: false,
         }
     }

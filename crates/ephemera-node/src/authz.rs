@@ -137,6 +137,7 @@ fn context<'a>(
         job_id: caller.job_id.as_deref().unwrap_or(""),
         now_ms,
         delegation_depth: 0,
+        actors: &[],
         lease_owner,
     }
 }
@@ -317,13 +318,14 @@ impl Node {
     }
 
     /// Decides a token exchange on `role` (`exchange`): the context is the Issue's, with the
-    /// new token's delegation depth (exchanges since the token the cluster issued directly).
+    /// new token's delegation depth (exchanges since the token the cluster issued directly)
+    /// and its actors.
     pub async fn decide_exchange(
         &self,
         principal: &Principal,
         role: &Role,
         intent: &IssueIntent,
-        delegation_depth: u32,
+        (delegation_depth, actors): (u32, &[String]),
         caller: &CallerContext,
     ) -> Result<PolicyStamp, Error> {
         if principal.auth_method == AuthMethod::BootstrapAdmin {
@@ -331,6 +333,7 @@ impl Node {
         }
         let mut ctx = issue_context(role, intent, caller, self.clock.now_ms());
         ctx.delegation_depth = delegation_depth;
+        ctx.actors = actors;
         self.decide_workload(principal, Action::Exchange, role, &ctx, None, caller)
             .await
     }

@@ -166,9 +166,14 @@ impl Node {
         if scopes.len() > MAX_SCOPES {
             return Err(invalid(format!("at most {MAX_SCOPES} scopes")));
         }
-        let depth = state::delegation(&self.view, &parent.id)
-            .map_err(internal)?
-            .map_or(1, |d| d.hops + 1);
+        let before = state::delegation(&self.view, &parent.id).map_err(internal)?;
+        let depth = before.as_ref().map_or(1, |d| d.hops + 1);
+        // The new token's chain, as `apply` will build it: this hop's actor, then the earlier.
+        let actors: Vec<String> = actor
+            .iter()
+            .cloned()
+            .chain(before.into_iter().flat_map(|d| d.act))
+            .collect();
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let issue = IssueIntent {
@@ -198,7 +203,7 @@ impl Node {
             .propose_decided(caller_principal, || async {
                 let mut x = intent.clone();
                 let policy = self
-                    .decide_exchange(caller_principal, &role, &x.issue, depth, caller)
+                    .decide_exchange(caller_principal, &role, &x.issue, (depth, &actors), caller)
                     .await?;
                 x.issue.policy = Some(policy);
                 Ok(Intent::Exchange(x))

@@ -168,6 +168,9 @@ pub struct WorkloadContext<'a> {
     /// The receiving node's clock, Unix milliseconds.
     pub now_ms: u64,
     pub delegation_depth: u32,
+    /// Who acts in an exchanged token's chain (RFC 8693 `act`): the new actor and every earlier
+    /// one; empty for a credential obtained directly.
+    pub actors: &'a [String],
     pub lease_owner: bool,
 }
 
@@ -636,7 +639,7 @@ fn union_of_grants<'a>(grants: impl Iterator<Item = Option<&'a Grant>>) -> Grant
 }
 
 /// The `WorkloadContext` record of the schema.
-fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 10] {
+fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 11] {
     [
         ("ttl_s", long(ctx.ttl_s)),
         ("scopes", string_set(ctx.scopes)),
@@ -647,6 +650,7 @@ fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpr
         ("job_id", string(ctx.job_id)),
         ("time", time(ctx.now_ms)),
         ("delegation_depth", long(u64::from(ctx.delegation_depth))),
+        ("actors", string_set(ctx.actors)),
         (
             "lease_owner",
             RestrictedExpression::new_bool(ctx.lease_owner),

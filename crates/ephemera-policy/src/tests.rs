@@ -72,6 +72,7 @@ fn ctx<'a>(scopes: &'a [String], now_ms: u64, ip: &str) -> WorkloadContext<'a> {
         job_id: "",
         now_ms,
         delegation_depth: 0,
+        actors: &[],
         lease_owner: false,
     }
 }
@@ -288,6 +289,35 @@ fn grants_narrow_scopes_and_cap_ttl() {
     c.delegation_depth = 0;
     let d = open.decide(&agent, Action::Issue, &tools, &c);
     assert_eq!(d.grant, Grant::default());
+}
+
+#[test]
+fn an_exchange_is_decided_on_its_depth_and_its_actors() {
+    let b = book(
+        "@id(\"exchange\") permit (principal, action == Ephemera::Action::\"exchange\", resource)\n\
+         when { context.delegation_depth <= 2 };\n\
+         @id(\"no-untrusted-agent\") forbid (principal, action == Ephemera::Action::\"exchange\", resource)\n\
+         when { context.actors.contains(\"spiffe://acme.internal/agent/untrusted\") };",
+    );
+    let tools = role("tools", &[], None);
+    let caller = svid("spiffe://acme.internal/tool");
+    let scopes: [String; 0] = [];
+    let mut c = ctx(&scopes, 0, "10.0.0.1");
+    let trusted = ["spiffe://acme.internal/agent/trusted".to_string()];
+    let untrusted = ["spiffe://acme.internal/agent/untrusted".to_string()];
+    c.delegation_depth = 1;
+    c.actors = &trusted;
+    assert!(b.decide(&caller, Action::Exchange, &tools, &c).allowed);
+    c.actors = &untrusted;
+    let d = b.decide(&caller, Action::Exchange, &tools, &c);
+    assert!(!d.allowed);
+    assert_eq!(d.determining, ["no-untrusted-agent"]);
+    c.actors = &trusted;
+    c.delegation_depth = 3;
+    assert!(!b.decide(&caller, Action::Exchange, &tools, &c).allowed);
+    // Issuing is another action: the exchange permit does not allow it.
+    c.delegation_depth = 0;
+    assert!(!b.decide(&caller, Action::Issue, &tools, &c).allowed);
 }
 
 #[test]
