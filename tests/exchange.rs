@@ -8,16 +8,29 @@ use ephemera_client::pb;
 use serde_json::Value;
 
 const WORKLOAD: &str = "spiffe://ephemera.dev/workload/demo";
-const AGENT: &str = "spiffe://example.org/agent";
-const TOOL: &str = "spiffe://example.org/tool";
+/// The user a chain acts for, and its two actors: dev's admin identity plays the agent and its
+/// workload identity the tool (an actor token must be its presenter's own).
+const USER: &str = "spiffe://example.org/user";
+const AGENT: &str = "spiffe://ephemera.dev/admin";
+const TOOL: &str = WORKLOAD;
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
 /// Posts an exchange to `node` (1-based) as dev's workload: (HTTP status, body).
 async fn exchange(cluster: &DevCluster, node: usize, form: &[(&str, &str)]) -> (u16, Value) {
+    exchange_as(cluster, "workload", node, form).await
+}
+
+/// Posts an exchange to `node` as one of dev's identities.
+async fn exchange_as(
+    cluster: &DevCluster,
+    who: &str,
+    node: usize,
+    form: &[(&str, &str)],
+) -> (u16, Value) {
     let http = cluster.https(Some((
-        &cluster.pki("workload.crt"),
-        &cluster.pki("workload.key"),
+        &cluster.pki(&format!("{who}.crt")),
+        &cluster.pki(&format!("{who}.key")),
     )));
     let resp = http
         .post(format!("{}/oauth2/token", cluster.http_urls()[node - 1]))
@@ -69,26 +82,42 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             .admin_call(tools, |mut a, r| async move { a.put_role(r).await })
             .await
             .unwrap();
-        // The subject token: the workload's own; actor tokens: issued to the agent and the tool.
-        let subject = cluster
-            .client_as("workload", None)
+        // The subject token: the user's; actor tokens: the agent's and the tool's own.
+        let subject = admin
             .issue(pb::IssueRequest {
-                role: "web".into(),
-                scopes: vec!["read".into(), "write".into()],
-                ..Default::default()
+                subject: Some(USER.into()),
+                ..issue_req("web")
             })
             .await
             .unwrap();
-        let actor_of = |sub: &'static str| pb::IssueRequest {
-            subject: Some(sub.into()),
-            ..issue_req("web")
+        let own = pb::IssueRequest {
+            role: "web".into(),
+            ..Default::default()
         };
-        let agent = admin.issue(actor_of(AGENT)).await.unwrap().token;
-        let tool = admin.issue(actor_of(TOOL)).await.unwrap().token;
+        let agent = admin.issue(own.clone()).await.unwrap().token;
+        let tool = cluster
+            .client_as("workload", None)
+            .issue(own)
+            .await
+            .unwrap()
+            .token;
+        // Someone else's token is no actor token of the caller's.
+        refused(
+            exchange(
+                &cluster,
+                1,
+                &with_actor(form(&subject.token, "read"), &agent),
+            )
+            .await,
+            "invalid_grant",
+            "an actor token of another identity",
+        );
 
-        // One hop, through node 2: sub is the subject, act the agent, the scope narrower.
-        let (status, one) = exchange(
+        // One hop, through node 2, by the agent: sub is the user, act the agent, the scope
+        // narrower.
+        let (status, one) = exchange_as(
             &cluster,
+            "admin",
             2,
             &with_actor(form(&subject.token, "read"), &agent),
         )
@@ -140,7 +169,7 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         };
         let subject_exp = subject.expires_at_ms / 1000;
         let c = verify(&first);
-        assert_eq!(c["sub"], WORKLOAD);
+        assert_eq!(c["sub"], USER);
         assert_eq!(c["act"], serde_json::json!({"sub": AGENT}));
         assert_eq!(c["scope"], "read");
         assert!(c["exp"].as_u64().unwrap() <= subject_exp);
@@ -326,12 +355,16 @@ fn exec_binds_a_credential_to_the_life_of_a_command() {
         put_role(&admin, "web", 300, 3600).await;
         put_role(&admin, "brief", 2, 60).await;
     });
-    // The child checks its credential with the CLI (it inherits the wrapper's environment).
+    // The child does not inherit the wrapper's own credentials; it checks the one it was given
+    // with the CLI, under an identity of its own.
     let script = format!(
-        "printf %s \"$EPHEMERA_CREDENTIAL\" > {d}/token; printf %s \"$EPHEMERA_LEASE_ID\" > \
-         {d}/lease; {bin} introspect \"$EPHEMERA_CREDENTIAL\" --output json > {d}/seen.json; \
-         exit 7",
+        "[ -z \"$EPHEMERA_CERT$EPHEMERA_KEY$EPHEMERA_TOKEN\" ] || exit 9; \
+         printf %s \"$EPHEMERA_CREDENTIAL\" > {d}/token; printf %s \"$EPHEMERA_LEASE_ID\" > \
+         {d}/lease; EPHEMERA_CERT={cert} EPHEMERA_KEY={key} {bin} introspect \
+         \"$EPHEMERA_CREDENTIAL\" --output json > {d}/seen.json; exit 7",
         d = d.display(),
+        cert = cluster.pki_path("workload.crt").display(),
+        key = cluster.pki_path("workload.key").display(),
         bin = BIN
     );
     let out = cluster.cli_as(

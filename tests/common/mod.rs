@@ -108,6 +108,11 @@ impl DevCluster {
         std::fs::read_to_string(self.dir.path().join("pki").join(file)).unwrap()
     }
 
+    /// The path of a file of dev's `pki/` directory.
+    pub fn pki_path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join("pki").join(file)
+    }
+
     /// TLS as the cluster administrator (its X.509-SVID).
     pub fn admin_tls(&self) -> TlsFiles {
         TlsFiles {

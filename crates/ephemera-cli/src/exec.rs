@@ -4,8 +4,13 @@
 //! period after SIGINT or SIGTERM is over), and revokes the lease when the child ends, whatever
 //! the reason. A `kill -9` of the wrapper leaves only the credential's TTL.
 //!
+//! The child does not inherit the wrapper's own cluster credentials (`EPHEMERA_TOKEN`,
+//! `EPHEMERA_ASSERTION`, `EPHEMERA_CERT`, `EPHEMERA_KEY` and dev's approver pair): it holds
+//! only the credential it was given, which ends with it. If the wrapper fails after the child
+//! started, it kills the child (and waits for it) before it revokes.
+//!
 //! Exit status: the child's, or 128 + the signal that ended it; 1 when the wrapper itself
-//! failed before the child ran.
+//! failed.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -80,6 +85,24 @@ fn signal_number(name: &str) -> Option<i32> {
     })
 }
 
+/// The wrapper's own credentials, which the child must not inherit.
+const WRAPPER_CREDENTIALS: [&str; 6] = [
+    "EPHEMERA_TOKEN",
+    "EPHEMERA_ASSERTION",
+    "EPHEMERA_CERT",
+    "EPHEMERA_KEY",
+    "EPHEMERA_APPROVER_CERT",
+    "EPHEMERA_APPROVER_KEY",
+];
+
+/// The signals forwarded to the child, registered before anything is issued (so that one that
+/// arrives early does not end the wrapper with the lease left to its TTL).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
 /// How one run of the child ended.
 enum Ended {
     Exited(i32),
@@ -91,6 +114,11 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> Result<i32> {
     let on_denied = parse_on_denied(a.on_renew_denied.as_deref())?;
     let grace = Duration::from_secs(parse_duration_s(&a.grace)?);
     let ttl_s = a.issue.ttl.as_deref().map(parse_duration_s).transpose()?;
+    let mut signals = Signals {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     let c = client(cli)?;
     loop {
         let cred = c
@@ -108,7 +136,7 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> Result<i32> {
             })
             .await
             .context("issuing the credential")?;
-        let ended = supervise(&c, &cred, a, grace, on_denied).await;
+        let ended = supervise(&c, &cred, a, (grace, on_denied), &mut signals).await;
         // Whatever happened, the lease ends with the run.
         if let Some(f) = &a.file {
             let _ = std::fs::remove_file(f);
@@ -152,16 +180,24 @@ fn secret_of(cred: &pb::Credential) -> (String, Vec<(&'static str, String)>) {
     }
 }
 
+/// Writes `secret` to `path` atomically: a new 0600 file beside it, renamed over it, so a
+/// reader sees the old credential or the new one, never a part, and a file or symlink already
+/// at `path` neither keeps its mode nor redirects the write.
 fn write_secret(path: &Path, secret: &str) -> Result<()> {
     use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -171,28 +207,51 @@ async fn supervise(
     c: &Client,
     cred: &pb::Credential,
     a: &ExecArgs,
-    grace: Duration,
-    on_denied: OnDenied,
+    (grace, on_denied): (Duration, OnDenied),
+    signals: &mut Signals,
 ) -> Result<Ended> {
     let (secret, extra) = secret_of(cred);
     if let Some(f) = &a.file {
         write_secret(f, &secret)?;
     }
-    let mut child = tokio::process::Command::new(&a.command[0])
-        .args(&a.command[1..])
+    let mut command = tokio::process::Command::new(&a.command[0]);
+    command.args(&a.command[1..]);
+    for name in WRAPPER_CREDENTIALS {
+        command.env_remove(name);
+    }
+    let mut child = command
         .env(&a.env, &secret)
         .env("EPHEMERA_LEASE_ID", &cred.lease_id)
         .envs(extra)
         .spawn()
         .with_context(|| format!("cannot start {:?}", a.command[0]))?;
-    let pid = child.id().context("the child has no pid")? as i32;
+    let Some(pid) = child.id() else {
+        bail!("the child ended before it could be supervised");
+    };
+    let pid = pid as i32;
+    let result = run_child(c, cred, a, (grace, on_denied), signals, &mut child, pid).await;
+    if result.is_err() {
+        // The wrapper cannot supervise any more: the child must not outlive its credential.
+        // SAFETY: kill(2) with the child's pid, which we have not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = child.wait().await;
+    }
+    result
+}
+
+async fn run_child(
+    c: &Client,
+    cred: &pb::Credential,
+    a: &ExecArgs,
+    (grace, on_denied): (Duration, OnDenied),
+    signals: &mut Signals,
+    child: &mut tokio::process::Child,
+    pid: i32,
+) -> Result<Ended> {
     let send = |sig: i32| {
         // SAFETY: kill(2) with the child's pid, which we have not reaped yet.
         unsafe { libc::kill(pid, sig) };
     };
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut current = cred.clone();
     let mut renewing = true;
     let mut kill_at: Option<tokio::time::Instant> = None;
@@ -208,15 +267,18 @@ async fn supervise(
                 let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
                 return Ok(Ended::Exited(code));
             }
-            _ = sigint.recv() => {
+            // A stop asked for by the user is final, even during a restart.
+            _ = signals.int.recv() => {
+                restart = false;
                 send(libc::SIGINT);
                 kill_at.get_or_insert(tokio::time::Instant::now() + grace);
             }
-            _ = sigterm.recv() => {
+            _ = signals.term.recv() => {
+                restart = false;
                 send(libc::SIGTERM);
                 kill_at.get_or_insert(tokio::time::Instant::now() + grace);
             }
-            _ = sighup.recv() => send(libc::SIGHUP),
+            _ = signals.hup.recv() => send(libc::SIGHUP),
             _ = async { tokio::time::sleep_until(kill_at.expect("set")).await }, if kill_at.is_some() => {
                 eprintln!("ephemera exec: the child did not stop within {grace:?}; killing it");
                 send(libc::SIGKILL);

@@ -31,12 +31,16 @@ impl LeaseGuard {
     }
 
     /// Revokes the lease now.
+    /// Revokes the lease now. If this future is dropped before it finishes, or the revocation
+    /// fails, the guard's drop tries again.
     pub async fn release(mut self) -> Result<(), ClientError> {
-        self.released = true;
-        self.client
+        let result = self
+            .client
             .revoke(revoke_request(&self.lease_id))
             .await
-            .map(|_| ())
+            .map(|_| ());
+        self.released = result.is_ok();
+        result
     }
 }
 

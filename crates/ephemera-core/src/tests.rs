@@ -3212,6 +3212,14 @@ mod exchange {
         assert!(a.expires_at_ms <= root.expires_at_ms);
         assert!(a.max_expires_at_ms <= root.expires_at_ms);
         assert_eq!(chain(&w, &a.id), (vec![AGENT.to_string()], 1));
+        // The audit record names where the token came from and who acts.
+        let rec = state::audit_records(&w.kv, 0, 10_000)
+            .unwrap()
+            .into_iter()
+            .rfind(|r| r.action == "lease.exchange")
+            .unwrap();
+        assert_eq!(rec.details.get("parent"), Some(&root.id));
+        assert_eq!(rec.details.get("act").map(String::as_str), Some(AGENT));
         // RFC 8693 4.1: the new actor first, the previous chain nested inside.
         let b = exchange(&mut w, &a.id, Some(TOOL), &["read"]).unwrap();
         assert_eq!(chain(&w, &b.id), (vec![TOOL.into(), AGENT.into()], 2));

@@ -30,7 +30,7 @@ const MAX_SCOPES: usize = 64;
 
 /// An exchange request's parameters (RFC 8693 §2.1), plus `role`, which names the role that
 /// templates the new token when the audience alone does not.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[derive(Default, Clone, serde::Deserialize)]
 pub struct ExchangeRequest {
     pub grant_type: String,
     pub subject_token: String,
@@ -42,6 +42,27 @@ pub struct ExchangeRequest {
     pub scope: Option<String>,
     pub requested_token_type: Option<String>,
     pub role: Option<String>,
+}
+
+/// Tokens are credentials: `Debug` names everything else.
+impl std::fmt::Debug for ExchangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("grant_type", &self.grant_type)
+            .field("subject_token", &"<redacted>")
+            .field("subject_token_type", &self.subject_token_type)
+            .field(
+                "actor_token",
+                &self.actor_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("actor_token_type", &self.actor_token_type)
+            .field("audience", &self.audience)
+            .field("resource", &self.resource)
+            .field("scope", &self.scope)
+            .field("requested_token_type", &self.requested_token_type)
+            .field("role", &self.role)
+            .finish()
+    }
 }
 
 /// The answer (RFC 8693 §2.2.1).
@@ -140,8 +161,26 @@ impl Node {
         // refused (and `apply` refuses a subject token revoked before the commit).
         self.read_barrier().await?;
         let (subject_claims, parent) = self.verified(&req.subject_token, "subject token")?;
+        // An actor token is the caller's own: otherwise anyone holding a token derived from
+        // someone could name that someone as the actor.
         let actor = match &req.actor_token {
-            Some(t) => Some(self.verified(t, "actor token")?.0.sub),
+            Some(t) => {
+                let (claims, _) = self.verified(t, "actor token")?;
+                if claims.sub != caller_principal.id {
+                    return Err(ExchangeError::InvalidGrant(format!(
+                        "the actor token's subject is {:?}, not the caller {:?}: an actor token \
+                         must be the caller's own",
+                        claims.sub, caller_principal.id
+                    )));
+                }
+                if claims.act.is_some() {
+                    return Err(ExchangeError::InvalidGrant(
+                        "an actor token must not itself be an exchanged token (it carries act)"
+                            .into(),
+                    ));
+                }
+                Some(claims.sub)
+            }
             None => None,
         };
         let role = self.exchange_role(req.role.as_deref(), audience.as_deref())?;

@@ -3,10 +3,12 @@
 //! applies it.
 //!
 //! **Bounds.** Each subscriber has its own buffer of [`BUFFER`] events, filled by one task
-//! that reads the log in pages of [`PAGE`]. A subscriber that lets the buffer fill (it reads
-//! slower than revocations commit) is sent a precise `RESOURCE_EXHAUSTED` with the sequence
-//! number to resume from, and its stream ends: a slow reader never makes the node hold an
-//! unbounded backlog. At most [`MAX_WATCHERS`] streams are open per node.
+//! that reads the log in pages of [`PAGE`] (a catch-up from far back goes as fast as the
+//! subscriber reads). A subscriber that leaves the buffer full for [`STALL`] (it stopped
+//! reading, or reads slower than revocations commit) is sent a precise `RESOURCE_EXHAUSTED`
+//! with the sequence number to resume from, and its stream ends: a slow reader never makes the
+//! node hold more than one buffer and one page for it. At most [`MAX_WATCHERS`] streams are
+//! open per node.
 //!
 //! **Staleness.** An event reaches a subscriber once the node it is connected to has applied
 //! the entry: a follower lags the leader by its replication delay (milliseconds on a healthy
@@ -35,6 +37,8 @@ pub const BUFFER: usize = 1024;
 const PAGE: usize = 256;
 /// Open streams per node.
 pub const MAX_WATCHERS: usize = 1024;
+/// How long a full buffer may stay full before its subscriber counts as too far behind.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub type Event = Result<pb::RevocationEvent, Status>;
 
@@ -78,23 +82,20 @@ pub async fn feed(
         let full = page.len() == PAGE;
         for r in page {
             let seq = r.seq;
-            match tx.try_send(Ok(event(r))) {
-                Ok(()) => next = seq,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The buffer is full: nothing more can be queued, so the error goes once a
-                    // slot frees (or not at all if the subscriber never reads again).
+            match tokio::time::timeout(STALL, tx.send(Ok(event(r)))).await {
+                Ok(Ok(())) => next = seq,
+                Ok(Err(_)) => return, // the subscriber went away
+                Err(_) => {
+                    // The buffer stayed full: the error goes once a slot frees (or not at all
+                    // if the subscriber never reads again).
                     let behind = Status::resource_exhausted(format!(
-                        "the subscriber fell {BUFFER} revocations behind; resume with \
-                         from_seq={next}"
+                        "the subscriber left {BUFFER} revocations unread for {}s; resume with \
+                         from_seq={next}",
+                        STALL.as_secs()
                     ));
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        tx.send(Err(behind)),
-                    )
-                    .await;
+                    let _ = tokio::time::timeout(STALL, tx.send(Err(behind))).await;
                     return;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
         if full {

@@ -33,6 +33,9 @@ const PFX_DELEGATION: &str = "dg/";
 /// from a token the cluster issued (with or without an actor), so that cascades and chains stay
 /// bounded.
 pub const MAX_DELEGATION_DEPTH: u32 = 16;
+/// The most bytes of actor identities one chain may carry (its tokens must stay well under
+/// `token::MAX_TOKEN_LEN` once base64-encoded with the rest of the claims).
+pub const MAX_ACT_BYTES: usize = 2048;
 
 /// How a derived lease came to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +186,13 @@ pub(super) fn exchange<R: KvRead + ?Sized>(
     let mut act: Vec<String> = x.actor.iter().cloned().collect();
     act.extend(before.as_ref().map(|d| d.act.clone()).unwrap_or_default());
     let hops = before.map_or(1, |d| d.hops + 1);
+    // The chain travels in every token of it: bounded, so a token stays under the size the
+    // cluster itself parses (`token::MAX_TOKEN_LEN`).
+    if act.iter().map(|a| a.len() + 16).sum::<usize>() > MAX_ACT_BYTES {
+        return Ok(Err(Error::InvalidArgument(format!(
+            "the actor chain would exceed {MAX_ACT_BYTES} bytes"
+        ))));
+    }
     // Each exchange adds at most one actor, so the hops bound the chain too.
     let max = x.max_depth.min(MAX_DELEGATION_DEPTH);
     if hops > max {

@@ -300,6 +300,14 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     audit.scopes = lease.scopes().to_vec();
     audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
     audit.details = lease.grant.audit();
+    if let Some(d) = derived {
+        audit.details.insert("parent".into(), d.parent.id.clone());
+        if !d.delegation.act.is_empty() {
+            audit
+                .details
+                .insert("act".into(), d.delegation.act.join(" "));
+        }
+    }
     audit
         .details
         .insert("kind".into(), lease.kind().as_str().into());

@@ -15,9 +15,11 @@ pub(super) fn mint(node: &Node, lease: &Lease) -> Result<String, Error> {
     if lease.parent.is_some() {
         let delegation =
             state::delegation(&node.view, &lease.id).map_err(|e| Error::Internal(e.to_string()))?;
-        if let Some(d) = delegation {
-            claims = claims.with_act(&d.act);
-        }
+        // Fail closed: a derived token without its chain would hide who acted.
+        let d = delegation.ok_or_else(|| {
+            Error::Internal(format!("lease {} has a parent but no delegation", lease.id))
+        })?;
+        claims = claims.with_act(&d.act);
     }
     Ok(token::sign(&claims, &lease.kid, &key))
 }
