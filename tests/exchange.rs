@@ -129,43 +129,16 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         let first = one["access_token"].as_str().unwrap().to_string();
 
         // It verifies with a standard JWT library against another node's JWKS.
-        let http = &cluster.http_urls()[2];
-        let jwks: jsonwebtoken::jwk::JwkSet = cluster
-            .https(None)
-            .get(format!("{http}/.well-known/jwks.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let meta: Value = cluster
-            .https(None)
-            .get(format!("{http}/.well-known/oauth-authorization-server"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let rp = RelyingParty::of(&cluster, 3).await;
+        let meta = &rp.metadata;
         assert!(meta["token_endpoint"]
             .as_str()
             .unwrap()
             .ends_with("/oauth2/token"));
         assert_eq!(meta["grant_types_supported"][0], GRANT);
         let verify = |token: &str| {
-            let header = jsonwebtoken::decode_header(token).unwrap();
-            let key = jsonwebtoken::DecodingKey::from_jwk(
-                jwks.find(header.kid.as_deref().unwrap())
-                    .expect("kid in JWKS"),
-            )
-            .unwrap();
-            let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
-            v.set_audience(&["tools.example"]);
-            v.set_issuer(&[meta["issuer"].as_str().unwrap()]);
-            jsonwebtoken::decode::<Value>(token, &key, &v)
+            rp.verify(token, "tools.example")
                 .expect("the exchanged token verifies")
-                .claims
         };
         let subject_exp = subject.expires_at_ms / 1000;
         let c = verify(&first);
@@ -205,38 +178,60 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         assert_eq!(over_grpc.act, [TOOL, AGENT]);
         assert_eq!(over_grpc.parent_lease_id, first_jti);
 
-        // Refusals, each with its RFC code.
-        refused(
-            exchange(&cluster, 1, &form(&first, "read write")).await,
-            "invalid_scope",
-            "wider scope",
-        );
-        let mut elsewhere = form(&first, "read");
-        elsewhere[3] = ("audience", "nowhere.example");
-        refused(
-            exchange(&cluster, 1, &elsewhere).await,
-            "invalid_target",
-            "unknown audience",
-        );
-        let mut untyped = form(&first, "read");
-        untyped.remove(2);
-        refused(
-            exchange(&cluster, 1, &untyped).await,
-            "invalid_request",
-            "no subject_token_type",
-        );
-        let mut grant = form(&first, "read");
-        grant[0] = ("grant_type", "client_credentials");
-        refused(
-            exchange(&cluster, 1, &grant).await,
-            "unsupported_grant_type",
-            "grant type",
-        );
-        refused(
-            exchange(&cluster, 1, &form("not.a.token", "read")).await,
-            "invalid_grant",
-            "malformed",
-        );
+        // Refusals, each with its RFC code, and none leaves a lease behind.
+        let leases_before = all_leases(&admin).await.len();
+        let edited = |edit: fn(&mut Vec<(&'static str, &str)>)| {
+            let mut f = form(&first, "read");
+            edit(&mut f);
+            f
+        };
+        let huge = "x".repeat(64 * 1024);
+        let refusals = [
+            ("a wider scope", form(&first, "read write"), "invalid_scope"),
+            (
+                "an unknown audience",
+                edited(|f| f[3] = ("audience", "nowhere.example")),
+                "invalid_target",
+            ),
+            (
+                "no subject_token_type",
+                edited(|f| {
+                    f.remove(2);
+                }),
+                "invalid_request",
+            ),
+            (
+                "another grant type",
+                edited(|f| f[0] = ("grant_type", "client_credentials")),
+                "unsupported_grant_type",
+            ),
+            (
+                "an actor token without its type",
+                edited(|f| f.push(("actor_token", "a.b.c"))),
+                "invalid_request",
+            ),
+            (
+                "a token type not issued here",
+                edited(|f| {
+                    f.push((
+                        "requested_token_type",
+                        "urn:ietf:params:oauth:token-type:refresh_token",
+                    ))
+                }),
+                "invalid_request",
+            ),
+            (
+                "a malformed subject token",
+                form("not.a.token", "read"),
+                "invalid_grant",
+            ),
+            // Refused before anything is parsed.
+            ("an oversized body", form(&huge, "read"), "invalid_request"),
+        ];
+        for (what, bad, code) in refusals {
+            refused(exchange(&cluster, 1, &bad).await, code, what);
+        }
+        assert_eq!(all_leases(&admin).await.len(), leases_before);
 
         // The gRPC equivalent: the same exchange, and the same refusal with its RFC code.
         let grpc = cluster.client_as("workload", Some(1));
@@ -256,14 +251,6 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         let wider = grpc.exchange(ask("read write")).await.unwrap_err();
         assert_eq!(wider.code(), Some(tonic::Code::InvalidArgument), "{wider}");
         assert!(wider.to_string().contains("invalid_scope"), "{wider}");
-
-        // An oversized body is refused before anything is parsed.
-        let huge = "x".repeat(64 * 1024);
-        refused(
-            exchange(&cluster, 1, &form(&huge, "read")).await,
-            "invalid_request",
-            "oversized body",
-        );
 
         // Depth: five exchanges from the subject token are allowed, the sixth is not.
         let mut token = second.clone();

@@ -451,6 +451,54 @@ impl TestIssuer {
     }
 }
 
+/// A relying party of one node, as a real one verifies: the node's JWKS and issuer, fetched
+/// once over HTTPS, and `jsonwebtoken` (not Ephemera's code) to check signatures and claims.
+pub struct RelyingParty {
+    jwks: jsonwebtoken::jwk::JwkSet,
+    /// The node's RFC 8414 metadata document.
+    pub metadata: serde_json::Value,
+}
+
+impl RelyingParty {
+    /// Fetches the JWKS and metadata of `node` (1-based).
+    pub async fn of(cluster: &DevCluster, node: usize) -> Self {
+        let http = &cluster.http_urls()[node - 1];
+        let get = |path: &str| {
+            let req = cluster.https(None).get(format!("{http}{path}"));
+            async move { req.send().await.unwrap().error_for_status().unwrap() }
+        };
+        RelyingParty {
+            jwks: get("/.well-known/jwks.json").await.json().await.unwrap(),
+            metadata: get("/.well-known/oauth-authorization-server")
+                .await
+                .json()
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// The claims of `token` if it is an EdDSA access token (`typ` `at+jwt`) signed by a key
+    /// of the JWKS, for `audience`, from the node's issuer, and not expired.
+    pub fn verify(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<serde_json::Value, jsonwebtoken::errors::Error> {
+        let header = jsonwebtoken::decode_header(token)?;
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        let jwk = self
+            .jwks
+            .find(header.kid.as_deref().expect("a kid"))
+            .expect("the kid is in the JWKS");
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        validation.set_audience(&[audience]);
+        validation.set_issuer(&[self.metadata["issuer"].as_str().expect("an issuer")]);
+        Ok(jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)?.claims)
+    }
+}
+
 /// The newest `limit` audit records (as the administrator).
 pub async fn audit_tail(c: &Client, limit: u32) -> pb::AuditTailResponse {
     c.admin_call(

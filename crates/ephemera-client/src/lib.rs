@@ -193,14 +193,13 @@ impl Client {
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = self.untimed_request(msg);
+        let mut req = self.authorized(msg);
         req.set_timeout(self.timeout);
         req
     }
 
-    /// A request without the per-call deadline: a server stream that lives as long as its
-    /// subscriber wants it (the connection attempt is still bounded).
-    fn untimed_request<T>(&self, msg: T) -> Request<T> {
+    /// A request carrying the bearer token, if any, and no deadline (see [`Self::open_stream`]).
+    fn authorized<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Some(t) = &self.token {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
@@ -392,9 +391,38 @@ impl Client {
         from_seq: u64,
     ) -> Result<tonic::Streaming<pb::RevocationEvent>, ClientError> {
         let req = pb::WatchRevocationsRequest { from_seq };
+        self.open_stream(
+            |ch, r| async move { Self::issuer(ch).watch_revocations(r).await },
+            req,
+        )
+        .await
+    }
+
+    /// Opens a server stream on the first node that takes it. Opening it (the connection,
+    /// authorisation and the response headers) is bounded by the call timeout, as every call
+    /// is; the stream itself then lives as long as its reader wants it, which a per-call
+    /// deadline would cut short.
+    pub async fn open_stream<M, T, F, Fut>(
+        &self,
+        open: F,
+        msg: M,
+    ) -> Result<tonic::Streaming<T>, ClientError>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, Status>>,
+    {
+        let deadline = self.timeout;
         self.call_with(Retry::ConnectOnly, |ch| {
-            let r = self.untimed_request(req);
-            async move { Ok(Self::issuer(ch).watch_revocations(r).await?.into_inner()) }
+            let opening = open(ch, self.authorized(msg.clone()));
+            async move {
+                match tokio::time::timeout(deadline, opening).await {
+                    Ok(opened) => Ok(opened?.into_inner()),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "the stream did not open within {deadline:?}"
+                    ))),
+                }
+            }
         })
         .await
     }

@@ -142,6 +142,21 @@ impl World {
             .unwrap()
             .0
     }
+
+    /// Everything but the audit chain and the clock: a refusal is audited (and moves the
+    /// state's time), and must change nothing else.
+    fn all_but_audit(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.kv
+            .range(b"", &[0xff], usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| {
+                !k.starts_with(b"audit/")
+                    && k.as_slice() != b"meta/audit_head"
+                    && k.as_slice() != b"meta/time"
+            })
+            .collect()
+    }
 }
 
 impl World {
@@ -2409,19 +2424,6 @@ mod postgres_kind {
         w
     }
 
-    /// Everything but the audit chain (a refusal is audited, and must change nothing else).
-    fn domain(w: &World) -> Vec<(Vec<u8>, Vec<u8>)> {
-        w.kv.range(b"", &[0xff], usize::MAX)
-            .unwrap()
-            .into_iter()
-            .filter(|(k, _)| {
-                !k.starts_with(b"audit/")
-                    && k.as_slice() != b"meta/audit_head"
-                    && k.as_slice() != b"meta/time"
-            })
-            .collect()
-    }
-
     fn state_of(w: &World, lease: &str) -> &'static str {
         let l = w.lease(lease);
         fx::lease_state(&l, &fx::effects_of_lease(&w.kv, lease).unwrap())
@@ -2512,16 +2514,16 @@ mod postgres_kind {
         ];
         let mut w = world();
         for (what, s, needle) in cases {
-            let before = domain(&w);
+            let before = w.all_but_audit();
             let err = w
                 .admin(Intent::PutRole(role("bad", s)))
                 .expect_err(what)
                 .to_string();
             assert!(err.contains(needle), "{what}: {err}");
-            assert_eq!(domain(&w), before, "{what} changed the state");
+            assert_eq!(w.all_but_audit(), before, "{what} changed the state");
         }
         // A role on a connection that does not exist.
-        let before = domain(&w);
+        let before = w.all_but_audit();
         let err = w
             .admin(Intent::PutRole(role("bad", spec("billing"))))
             .unwrap_err();
@@ -2529,7 +2531,7 @@ mod postgres_kind {
             matches!(err, Error::UnknownConnection(ref c) if c == "billing"),
             "{err}"
         );
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         // The widest template that fits, fits.
         let widest = format!("{}{{{{random}}}}", "a".repeat(MAX_USERNAME_LEN - 32));
         w.admin(Intent::PutRole(role("wide", {
@@ -2755,7 +2757,7 @@ mod postgres_kind {
     fn connections_are_admin_only_validated_and_not_deleted_under_live_logins() {
         let mut w = world();
         // Only an administrator; bad connections change nothing.
-        let before = domain(&w);
+        let before = w.all_but_audit();
         let stranger = Principal::svid(
             "spiffe://example.org/web".into(),
             "example.org".into(),
@@ -2822,7 +2824,7 @@ mod postgres_kind {
                 .to_string();
             assert!(err.contains(needle), "{what}: {err}");
         }
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         // The audit record names where it points, never the sealed password.
         let (_, head) = state::audit_head(&w.kv).unwrap();
         assert!(!head.is_empty());
@@ -2838,7 +2840,7 @@ mod postgres_kind {
 
         // In use: a login exists (or may), so delete is refused and changes nothing.
         let lease = w.issue(login("reporting")).unwrap();
-        let before = domain(&w);
+        let before = w.all_but_audit();
         let err = w
             .admin(Intent::DeleteDbConnection {
                 name: "orders".into(),
@@ -2849,7 +2851,7 @@ mod postgres_kind {
             matches!(err, Error::ConnectionInUse { leases: 1, .. }),
             "{err}"
         );
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         assert!(matches!(
             w.admin(Intent::DeleteDbConnection {
                 name: "nope".into(),
@@ -2872,12 +2874,12 @@ mod postgres_kind {
             .is_empty());
         assert!(fx::holders(&w.kv, TARGET).unwrap().is_empty());
         // Issuing on a role whose connection is gone is refused precisely.
-        let before = domain(&w);
+        let before = w.all_but_audit();
         assert!(matches!(
             w.issue(login("reporting")),
             Err(Error::UnknownConnection(_))
         ));
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
     }
 
     #[test]
@@ -2979,24 +2981,24 @@ mod postgres_kind {
             Err(Error::UnknownConnection(_))
         ));
         // Nothing pending: a settle changes nothing.
-        let before = domain(&w);
+        let before = w.all_but_audit();
         assert!(matches!(
             settle(&mut w, 8, true),
             Err(Error::RootRotation { .. })
         ));
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         stage(&mut w, 8).unwrap();
         assert_eq!(conn(&w).pending_sealed_password, Some(vec![8; 60]));
         // A second rotation may not replace the pending password (it may be the only one
         // the database takes now).
-        let before = domain(&w);
+        let before = w.all_but_audit();
         assert!(matches!(stage(&mut w, 9), Err(Error::RootRotation { .. })));
         // A settle for another password than the pending one changes nothing.
         assert!(matches!(
             settle(&mut w, 9, true),
             Err(Error::RootRotation { .. })
         ));
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         settle(&mut w, 8, true).unwrap();
         let c = conn(&w);
         assert_eq!(
@@ -3045,13 +3047,13 @@ mod postgres_kind {
         .unwrap();
         let mut put = connection("orders");
         put.sealed_password = vec![7; 60];
-        let before = domain(&w);
+        let before = w.all_but_audit();
         w.now += state::ROTATION_IN_FLIGHT_MS - 1;
         assert!(matches!(
             w.admin(Intent::PutDbConnection(put.clone())),
             Err(Error::RootRotation { .. })
         ));
-        assert_eq!(domain(&w), before);
+        assert_eq!(w.all_but_audit(), before);
         // Once the rotation can no longer commit, the checked password replaces it.
         w.now += 1;
         w.admin(Intent::PutDbConnection(put)).unwrap();
@@ -3104,7 +3106,7 @@ mod postgres_kind {
             ("database", |c| c.database = "elsewhere".into()),
             ("user", |c| c.user = "someone_else".into()),
         ];
-        let before = domain(&w);
+        let before = w.all_but_audit();
         for (what, change) in moves {
             let mut moved = connection("orders");
             change(&mut moved);
@@ -3115,7 +3117,7 @@ mod postgres_kind {
                 ),
                 "{what}"
             );
-            assert_eq!(domain(&w), before, "{what}");
+            assert_eq!(w.all_but_audit(), before, "{what}");
         }
         let mut moved = connection("orders");
         moved.host = "10.0.0.9".into();
@@ -3183,18 +3185,6 @@ mod exchange {
         (d.act, d.hops)
     }
 
-    fn all_but_audit(w: &World) -> Vec<(Vec<u8>, Vec<u8>)> {
-        w.kv.range(b"", &[0xff], usize::MAX)
-            .unwrap()
-            .into_iter()
-            .filter(|(k, _)| {
-                !k.starts_with(b"audit/")
-                    && k.as_slice() != b"meta/audit_head"
-                    && k.as_slice() != b"meta/time"
-            })
-            .collect()
-    }
-
     #[test]
     fn an_exchange_narrows_and_the_actor_chain_only_grows() {
         let mut w = World::new();
@@ -3229,7 +3219,7 @@ mod exchange {
         assert!(state::delegation(&w.kv, &root.id).unwrap().is_none());
 
         // Refusals change nothing but the audit chain.
-        let before = all_but_audit(&w);
+        let before = w.all_but_audit();
         type Expected = fn(&Error) -> bool;
         let cases: [(Intent, Expected); 5] = [
             // Wider than the subject token.
@@ -3280,7 +3270,7 @@ mod exchange {
         for (intent, expected) in cases {
             let err = w.propose(caller(TOOL), intent).unwrap_err();
             assert!(expected(&err), "{err}");
-            assert_eq!(all_but_audit(&w), before, "{err}");
+            assert_eq!(w.all_but_audit(), before, "{err}");
         }
     }
 

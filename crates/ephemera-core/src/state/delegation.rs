@@ -61,26 +61,7 @@ pub fn delegation(
 
 /// The direct children of `lease_id`, in id order.
 pub fn children(kv: &(impl KvRead + ?Sized), lease_id: &str) -> Result<Vec<String>, StorageError> {
-    let prefix = ix_prefix(PFX_PARENT_IX, lease_id);
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
-    let mut out = Vec::new();
-    loop {
-        let page = kv.range(&start, &end, SCAN_PAGE)?;
-        let Some((last, _)) = page.last() else {
-            return Ok(out);
-        };
-        start = last.clone();
-        start.push(0);
-        let full = page.len() == SCAN_PAGE;
-        out.extend(
-            page.iter()
-                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned()),
-        );
-        if !full {
-            return Ok(out);
-        }
-    }
+    ids_under(kv, PFX_PARENT_IX, lease_id)
 }
 
 /// What `issue` needs to know of an exchange: the parent, and the child's chain.

@@ -325,25 +325,7 @@ fn oldest_pending_of_lease(kv: &(impl KvRead + ?Sized), e: &Effect) -> Result<bo
 /// The leases whose credential exists, or may still exist, at `target` (created or being
 /// created, and not yet dropped or abandoned), in lease-id order.
 pub fn holders(kv: &(impl KvRead + ?Sized), target: &str) -> Result<Vec<String>, StorageError> {
-    let pfx = ix_prefix(PFX_EFFECT_LIVE, target);
-    let end = prefix_end(&pfx);
-    let mut start = pfx.clone();
-    let mut out = Vec::new();
-    loop {
-        let page = kv.range(&start, &end, SCAN_PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        start = last.clone();
-        start.push(0);
-        let full = page.len() == SCAN_PAGE;
-        out.extend(
-            page.iter()
-                .map(|(k, _)| String::from_utf8_lossy(&k[pfx.len()..]).into_owned()),
-        );
-        if !full {
-            break;
-        }
-    }
-    Ok(out)
+    ids_under(kv, PFX_EFFECT_LIVE, target)
 }
 
 /// A lease's state as operators see it, for a credential that lives outside the cluster:

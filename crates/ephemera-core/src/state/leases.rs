@@ -602,21 +602,11 @@ pub(super) fn revoke<R: KvRead + ?Sized>(
             (PFX_KID_IX, kid)
         }
     };
-    let prefix = ix_prefix(pfx, value);
-    let end = prefix_end(&prefix);
-    let mut start = prefix.clone();
+    let mut pages = IdPages::new(ix_prefix(pfx, value));
     let mut count = 0;
-    loop {
-        let page = kv.range(&start, &end, SCAN_PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        start = last.clone();
-        start.push(0);
-        for (k, _) in &page {
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+    while let Some(page) = pages.next_page(&*kv)? {
+        for id in page {
             count += revoke_one(kv, &id)?;
-        }
-        if page.len() < SCAN_PAGE {
-            break;
         }
     }
     Ok(Ok(Outcome::Revoked { count }))
@@ -632,6 +622,11 @@ pub(super) fn revoke_lease<R: KvRead + ?Sized>(
 ) -> Result<u64, StorageError> {
     if revoke_one_lease(kv, now, lease, state)? == 0 {
         return Ok(0);
+    }
+    // Only an access token can be exchanged, so only a JWT lease can have children: a bulk
+    // revocation of other kinds does not pay an index read per lease.
+    if !matches!(lease.grant, crate::kind::Grant::Jwt(_)) {
+        return Ok(1);
     }
     Ok(1 + delegation::revoke_descendants(kv, now, &lease.id, state)?)
 }

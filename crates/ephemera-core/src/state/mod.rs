@@ -174,6 +174,65 @@ fn ix_prefix(pfx: &str, value: &str) -> Vec<u8> {
     k.push(0);
     k
 }
+
+/// The ids an index holds under one value (`ix_prefix`), read a page of [`SCAN_PAGE`] at a
+/// time so that a large index is never held whole by a caller that does not need it whole.
+struct IdPages {
+    prefix: Vec<u8>,
+    end: Vec<u8>,
+    next: Option<Vec<u8>>,
+}
+
+impl IdPages {
+    fn new(prefix: Vec<u8>) -> Self {
+        IdPages {
+            end: prefix_end(&prefix),
+            next: Some(prefix.clone()),
+            prefix,
+        }
+    }
+
+    /// The next page of ids in id order, or `None` once the index is exhausted. Each page is
+    /// read afresh, so a caller may change the state between pages (entries it deletes behind
+    /// the cursor are not seen again).
+    fn next_page(
+        &mut self,
+        kv: &(impl KvRead + ?Sized),
+    ) -> Result<Option<Vec<String>>, StorageError> {
+        let Some(start) = self.next.take() else {
+            return Ok(None);
+        };
+        let page = kv.range(&start, &self.end, SCAN_PAGE)?;
+        if page.len() == SCAN_PAGE {
+            let mut after = page[page.len() - 1].0.clone();
+            after.push(0);
+            self.next = Some(after);
+        }
+        if page.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            page.iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
+                .collect(),
+        ))
+    }
+}
+
+/// Every id an index holds under one value, in id order.
+fn ids_under(
+    kv: &(impl KvRead + ?Sized),
+    pfx: &str,
+    value: &str,
+) -> Result<Vec<String>, StorageError> {
+    let mut pages = IdPages::new(ix_prefix(pfx, value));
+    let mut out = Vec::new();
+    while let Some(page) = pages.next_page(kv)? {
+        out.extend(page);
+    }
+    Ok(out)
+}
+
 fn ix_key(pfx: &str, value: &str, id: &str) -> Vec<u8> {
     let mut k = ix_prefix(pfx, value);
     k.extend_from_slice(id.as_bytes());

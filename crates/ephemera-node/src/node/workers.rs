@@ -183,7 +183,9 @@ impl Node {
         }
         let now = self.clock.now_ms();
         let refused = match &p.intent {
-            Intent::Issue(i) => {
+            // An exchange mints a new token: the same limits, storms and baselines as an issue.
+            Intent::Issue(i)
+            | Intent::Exchange(ephemera_core::command::ExchangeIntent { issue: i, .. }) => {
                 let role = state::get_role(&self.view, &i.role).map_err(internal)?;
                 self.guard
                     .admit_issue(now, &p.actor, role.as_ref(), &i.request, i.ttl_s)
