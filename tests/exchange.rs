@@ -62,6 +62,18 @@ fn with_actor<'a>(
     f
 }
 
+/// As [`refused`], and the description says why.
+fn refused_for(got: (u16, Value), error: &str, why: &str) {
+    assert!(
+        got.1["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains(why)),
+        "{why}: {}",
+        got.1
+    );
+    refused(got, error, why);
+}
+
 fn refused(got: (u16, Value), error: &str, what: &str) {
     assert_eq!(got.0, 400, "{what}: {}", got.1);
     assert_eq!(got.1["error"], error, "{what}: {}", got.1);
@@ -314,6 +326,95 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
         }
         assert_eq!(got, expected);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    });
+}
+
+/// An OIDC issuer's identity assertion as the subject token: the new token is for the
+/// assertion's subject, acted for by the agent `may_act` names, narrowed to its scope claim, no
+/// longer-lived than it, and the assertion serves once, cluster-wide.
+#[test]
+fn an_oidc_assertion_is_exchanged_once_for_its_subject_as_may_act_allows() {
+    const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::configure(dir.path(), &[]);
+    let cluster = DevCluster::start_in(dir, 3, &[]);
+    let now = unix_now_s();
+    let assertion = |jti: &str, may_act: &str| {
+        issuer.sign(
+            "ci-1",
+            &serde_json::json!({"iss": TestIssuer::ISSUER, "aud": "ephemera", "sub": "alice",
+                "exp": now + 120, "iat": now, "jti": jti, "scope": "read",
+                "may_act": {"sub": may_act}}),
+        )
+    };
+    rt().block_on(async {
+        let admin = cluster.client();
+        put_role(&admin, "web", 300, 3600).await;
+        let mut tools = role("tools", 300, 3600);
+        tools.role.as_mut().unwrap().audience = "tools.example".into();
+        admin
+            .admin_call(tools, |mut a, r| async move { a.put_role(r).await })
+            .await
+            .unwrap();
+        let agent = admin
+            .issue(pb::IssueRequest {
+                role: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .token;
+        let by_agent = |node: usize, subject: String, scope: &'static str| {
+            let agent = agent.clone();
+            let cluster = &cluster;
+            async move {
+                let mut f = with_actor(form(&subject, scope), &agent);
+                f[2] = ("subject_token_type", ID_TOKEN);
+                exchange_as(cluster, "admin", node, &f).await
+            }
+        };
+        let leases_before = all_leases(&admin).await.len();
+        // Refused, and none uses its assertion up: wider than its scope claim, an actor
+        // may_act does not name, and a token of this cluster presented as an id_token.
+        refused_for(
+            by_agent(1, assertion("a1", AGENT), "read write").await,
+            "invalid_scope",
+            "write",
+        );
+        refused_for(
+            by_agent(1, assertion("a2", TOOL), "read").await,
+            "invalid_grant",
+            "may_act does not name",
+        );
+        refused_for(
+            by_agent(1, agent.clone(), "read").await,
+            "invalid_grant",
+            "is not trusted",
+        );
+        assert_eq!(all_leases(&admin).await.len(), leases_before);
+
+        let (status, got) = by_agent(1, assertion("a1", AGENT), "read").await;
+        assert_eq!(status, 200, "{got}");
+        let token = got["access_token"].as_str().unwrap().to_string();
+        let c = RelyingParty::of(&cluster, 2)
+            .await
+            .verify(&token, "tools.example")
+            .expect("the exchanged token verifies");
+        assert_eq!(c["sub"], format!("{}#alice", TestIssuer::ISSUER));
+        assert_eq!(c["act"], serde_json::json!({"sub": AGENT}));
+        assert_eq!(c["scope"], "read");
+        assert!(c["exp"].as_u64().unwrap() <= now + 120);
+        // It has no parent lease (the assertion lives outside the cluster).
+        let seen = cluster.node_client(3).introspect(&token).await.unwrap();
+        assert!(seen.active);
+        assert_eq!(seen.act, [AGENT]);
+        assert_eq!(seen.parent_lease_id, "");
+        // The same assertion again, on another node, is a replay.
+        refused_for(
+            by_agent(2, assertion("a1", AGENT), "read").await,
+            "invalid_grant",
+            "already used",
+        );
     });
 }
 

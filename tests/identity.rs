@@ -565,10 +565,7 @@ fn jwt_assertions_authenticate_and_bad_ones_are_refused() {
     let public = issuer.public_key;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let cluster = DevCluster::start_in(dir, 3, &[]);
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now_s();
     let claims = |aud: &str, exp: u64, jti: &str| {
         serde_json::json!({"iss": "https://ci.example.test", "aud": aud, "sub": "repo:acme/app:ref:refs/heads/main",
                            "exp": exp, "iat": now, "jti": jti, "repository": "acme/app"})

@@ -95,6 +95,7 @@ permit (principal is Ephemera::Admin, action, resource);
             environment: "",
             job_id: "",
             now_ms: 1_795_429_800_000,
+            subject: "repo:acme/repo-0:ref:refs/heads/main",
             delegation_depth: 0,
             actors: &[],
             lease_owner: false,

@@ -304,6 +304,14 @@ fn dev_logs(dir: &Path) -> String {
     out
 }
 
+/// The wall clock, Unix seconds (assertions' `iat` and `exp`).
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

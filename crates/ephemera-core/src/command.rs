@@ -36,21 +36,52 @@ pub struct IssueIntent {
     pub policy: Option<PolicyStamp>,
 }
 
-/// An RFC 8693 token exchange: an access token derived from a subject token the cluster issued,
-/// as a child lease of that token's lease (see `state::delegation`). The receiving node has
-/// verified the subject token (its signature and `jti`) and the actor token, and decided the
-/// policy (`exchange`); `apply` checks again, at commit, what can change in between.
+/// An RFC 8693 token exchange: an access token derived from a subject token (see
+/// `state::delegation`). The receiving node has verified the subject token and the actor
+/// token, and decided the policy (`exchange`); `apply` checks again, at commit, what can change
+/// in between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExchangeIntent {
     /// The new token, as an Issue of a JWT role; its subject is the subject token's.
     pub issue: IssueIntent,
-    /// The subject token's lease (its `jti`).
-    pub parent_lease: String,
+    /// What the subject token was.
+    pub subject: ExchangeSubject,
     /// This hop's actor (`act.sub`), the actor token's subject, when one was presented.
     pub actor: Option<String>,
     /// The deepest chain the receiving node allows (its configuration); `apply` also holds
     /// `state::MAX_DELEGATION_DEPTH`.
     pub max_depth: u32,
+}
+
+/// The subject token of an exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExchangeSubject {
+    /// An access token this cluster issued: its lease (the token's `jti`) becomes the new
+    /// token's parent, and `apply` reads its subject, scopes and expiry from the state.
+    Lease(String),
+    /// An assertion of a configured OIDC issuer (an `id_token` or another JWT), verified by the
+    /// receiving node, which stamps what it proved: it lives outside the cluster, so nothing
+    /// can revoke it here, and the new token has no parent.
+    Assertion(SubjectAssertion),
+}
+
+/// What the receiving node verified of an OIDC subject token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectAssertion {
+    /// The principal it names, `{issuer}#{sub}` as for assertion callers.
+    pub subject: String,
+    /// Its `exp`: the new token expires no later.
+    pub expires_at_ms: u64,
+    /// Its `scope` claim, when it has one: the new token's scopes are a subset. An identity
+    /// assertion without one bounds nothing beyond the role and the policy.
+    pub scopes: Option<Vec<String>>,
+    /// Its issuer, and its `jti` when that issuer refuses replays: consumed in the entry that
+    /// issues the new token, so a replayed assertion is refused on every node, and a refused
+    /// exchange does not use it up.
+    pub issuer: String,
+    pub jti: Option<String>,
+    /// How long the `jti` stays consumed (the assertion's expiry plus the issuer's leeway).
+    pub replay_until_ms: u64,
 }
 
 /// The runtime context a request was decided in, kept in its audit record.
@@ -833,7 +864,19 @@ pub fn validate_intent(intent: &Intent) -> Result<(), Error> {
         Intent::Issue(i) => validate_issue(i),
         Intent::Exchange(x) => {
             validate_issue(&x.issue)?;
-            validate_lease_id(&x.parent_lease)?;
+            match &x.subject {
+                ExchangeSubject::Lease(id) => validate_lease_id(id)?,
+                ExchangeSubject::Assertion(a) => {
+                    validate_text("subject", &a.subject, MAX_SUBJECT_LEN, false)?;
+                    validate_text("issuer", &a.issuer, MAX_SUBJECT_LEN, false)?;
+                    if let Some(jti) = &a.jti {
+                        validate_text("jti", jti, MAX_SUBJECT_LEN, false)?;
+                    }
+                    if let Some(scopes) = &a.scopes {
+                        crate::kind::jwt::validate_scopes(scopes)?;
+                    }
+                }
+            }
             if let Some(a) = &x.actor {
                 validate_text("actor", a, MAX_SUBJECT_LEN, false)?;
             }

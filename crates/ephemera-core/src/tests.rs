@@ -3152,7 +3152,7 @@ mod exchange {
                 request: jwt_req(scopes, None),
                 ..web(None)
             },
-            parent_lease: parent.into(),
+            subject: ExchangeSubject::Lease(parent.into()),
             actor: actor.map(str::to_string),
             max_depth: 5,
         })
@@ -3240,7 +3240,7 @@ mod exchange {
                         request: jwt_req(&[], None),
                         ..web(None)
                     },
-                    parent_lease: a.id.clone(),
+                    subject: ExchangeSubject::Lease(a.id.clone()),
                     actor: None,
                     max_depth: 5,
                 }),
@@ -3370,6 +3370,112 @@ mod exchange {
             w.propose(by, ask(&root.id, None, &["read"], None)),
             Err(Error::SubjectTokenRefused(m)) if m.contains("expired")
         ));
+    }
+
+    const USER: &str = "https://idp.example.org#alice";
+
+    fn from_assertion(w: &World, scopes: Option<&[&str]>, jti: Option<&str>) -> Intent {
+        match ask(
+            "l_00000000000000000000000000000000",
+            Some(AGENT),
+            &["read"],
+            None,
+        ) {
+            Intent::Exchange(mut x) => {
+                x.subject = ExchangeSubject::Assertion(SubjectAssertion {
+                    subject: USER.into(),
+                    expires_at_ms: w.now + 30_000,
+                    scopes: scopes.map(|s| s.iter().map(|s| s.to_string()).collect()),
+                    issuer: "https://idp.example.org".into(),
+                    jti: jti.map(str::to_string),
+                    replay_until_ms: w.now + 60_000,
+                });
+                Intent::Exchange(x)
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn an_assertion_is_exchanged_narrowed_once_and_without_a_parent() {
+        let mut w = World::new();
+        let agent = caller(AGENT);
+        let Outcome::Lease { lease: a, .. } = w
+            .propose(
+                agent.clone(),
+                from_assertion(&w, Some(&["read"]), Some("j1")),
+            )
+            .unwrap()
+        else {
+            panic!("a lease")
+        };
+        // The assertion's subject, no later than its expiry (the role's TTL is 60 s), no
+        // parent, and the actor chain recorded.
+        assert_eq!(
+            (
+                a.subject.as_str(),
+                a.parent.as_deref(),
+                a.client_id.as_str()
+            ),
+            (USER, None, AGENT)
+        );
+        assert_eq!(a.expires_at_ms, w.now + 30_000);
+        assert_eq!(a.max_expires_at_ms, a.expires_at_ms);
+        assert_eq!(chain(&w, &a.id), (vec![AGENT.to_string()], 1));
+        let rec = state::audit_records(&w.kv, 0, 10_000)
+            .unwrap()
+            .into_iter()
+            .rfind(|r| r.action == "lease.exchange")
+            .unwrap();
+        assert_eq!(
+            rec.details.get("subject_assertion").map(String::as_str),
+            Some(USER)
+        );
+        // It is a subject token in turn: its children die with it.
+        let b = exchange(&mut w, &a.id, Some(TOOL), &["read"]).unwrap();
+        assert_eq!(chain(&w, &b.id), (vec![TOOL.into(), AGENT.into()], 2));
+
+        // Refusals change nothing but the audit chain; a refused exchange does not use up its
+        // assertion.
+        let before = w.all_but_audit();
+        let expired = match from_assertion(&w, None, Some("j2")) {
+            Intent::Exchange(mut x) => {
+                if let ExchangeSubject::Assertion(s) = &mut x.subject {
+                    s.expires_at_ms = w.now;
+                }
+                Intent::Exchange(x)
+            }
+            _ => unreachable!(),
+        };
+        type Expected = fn(&Error) -> bool;
+        let cases: [(Intent, Expected); 3] = [
+            // The same jti again: a replay.
+            (
+                from_assertion(&w, None, Some("j1")),
+                |e| matches!(e, Error::SubjectTokenRefused(m) if m.contains("already used")),
+            ),
+            // Wider than the assertion's scope claim (j2 is not used up by it).
+            (
+                from_assertion(&w, Some(&["write"]), Some("j2")),
+                |e| matches!(e, Error::ScopeNotInSubjectToken { scope } if scope == "read"),
+            ),
+            (
+                expired,
+                |e| matches!(e, Error::SubjectTokenRefused(m) if m.contains("expired")),
+            ),
+        ];
+        for (intent, expected) in cases {
+            let err = w.propose(agent.clone(), intent).unwrap_err();
+            assert!(expected(&err), "{err}");
+            assert_eq!(w.all_but_audit(), before, "{err}");
+        }
+        // An assertion without a scope claim bounds nothing beyond the role; j2 still serves.
+        assert!(w
+            .propose(agent.clone(), from_assertion(&w, None, Some("j2")))
+            .is_ok());
+        // Revoking the exchanged token revokes its child.
+        let out = w.admin(Intent::Revoke(RevokeTarget::Lease(a.id.clone())));
+        assert_eq!(out, Ok(Outcome::Revoked { count: 2 }));
     }
 
     #[test]

@@ -108,7 +108,18 @@ pub type EvaluationErrors = Vec<String>;
 
 /// The context of an Issue on `role`: what the request asks of the role's kind (the role's
 /// defaults where it asks nothing), and the caller's runtime context.
+/// What the policy sees of an exchange beyond an Issue's context.
+pub struct ExchangeContext<'a> {
+    /// The subject token's subject: the new token's.
+    pub subject: &'a str,
+    /// Exchanges since a token obtained directly (1 for the first exchange).
+    pub delegation_depth: u32,
+    /// The new token's actors, newest first.
+    pub actors: &'a [String],
+}
+
 pub fn issue_context<'a>(
+    principal: &'a Principal,
     role: &'a Role,
     intent: &'a IssueIntent,
     caller: &'a CallerContext,
@@ -116,13 +127,15 @@ pub fn issue_context<'a>(
 ) -> WorkloadContext<'a> {
     let asked = role.spec.cedar_request(&intent.request);
     let ttl_s = intent.ttl_s.unwrap_or(role.default_ttl_s);
-    context(asked, ttl_s, caller, now_ms, false)
+    let subject = intent.subject.as_deref().unwrap_or(&principal.id);
+    context(asked, ttl_s, subject, caller, now_ms, false)
 }
 
 /// The context of a request for a credential the kind's view describes.
 fn context<'a>(
     view: ephemera_core::kind::CedarView<'a>,
     ttl_s: u64,
+    subject: &'a str,
     caller: &'a CallerContext,
     now_ms: u64,
     lease_owner: bool,
@@ -136,6 +149,7 @@ fn context<'a>(
         environment: caller.environment.as_deref().unwrap_or(""),
         job_id: caller.job_id.as_deref().unwrap_or(""),
         now_ms,
+        subject,
         delegation_depth: 0,
         actors: &[],
         lease_owner,
@@ -152,7 +166,14 @@ pub fn lease_context<'a>(
 ) -> WorkloadContext<'a> {
     let owner = lease.subject == principal.id || lease.client_id == principal.id;
     let ttl_s = ttl_s.unwrap_or(lease.ttl_s);
-    context(lease.grant.cedar(), ttl_s, caller, now_ms, owner)
+    context(
+        lease.grant.cedar(),
+        ttl_s,
+        &lease.subject,
+        caller,
+        now_ms,
+        owner,
+    )
 }
 
 fn verdict(
@@ -312,28 +333,28 @@ impl Node {
                 read()?.ok_or_else(|| Error::UnknownRole(intent.role.clone()))?
             }
         };
-        let ctx = issue_context(&role, intent, caller, self.clock.now_ms());
+        let ctx = issue_context(principal, &role, intent, caller, self.clock.now_ms());
         self.decide_workload(principal, Action::Issue, &role, &ctx, None, caller)
             .await
     }
 
-    /// Decides a token exchange on `role` (`exchange`): the context is the Issue's, with the
-    /// new token's delegation depth (exchanges since the token the cluster issued directly)
-    /// and its actors.
+    /// Decides a token exchange on `role` (`exchange`): the context is the Issue's, with what
+    /// the new token derives from.
     pub async fn decide_exchange(
         &self,
         principal: &Principal,
         role: &Role,
         intent: &IssueIntent,
-        (delegation_depth, actors): (u32, &[String]),
+        derived: &ExchangeContext<'_>,
         caller: &CallerContext,
     ) -> Result<PolicyStamp, Error> {
         if principal.auth_method == AuthMethod::BootstrapAdmin {
             return self.break_glass_stamp();
         }
-        let mut ctx = issue_context(role, intent, caller, self.clock.now_ms());
-        ctx.delegation_depth = delegation_depth;
-        ctx.actors = actors;
+        let mut ctx = issue_context(principal, role, intent, caller, self.clock.now_ms());
+        ctx.subject = derived.subject;
+        ctx.delegation_depth = derived.delegation_depth;
+        ctx.actors = derived.actors;
         self.decide_workload(principal, Action::Exchange, role, &ctx, None, caller)
             .await
     }
@@ -511,8 +532,9 @@ permit (principal is Ephemera::Admin, action == Ephemera::Action::"role.read", r
     fn decide_issue(role: &Role, request: KindRequest) -> Verdict {
         let intent = issue(role, request);
         let c = caller();
-        let ctx = issue_context(role, &intent, &c, NOW);
-        decide_workload(&book(), &workload(), Action::Issue, role, &ctx, None, &c).0
+        let who = workload();
+        let ctx = issue_context(&who, role, &intent, &c, NOW);
+        decide_workload(&book(), &who, Action::Issue, role, &ctx, None, &c).0
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //! checks again at commit what may have changed in between (`ephemera_core::state::delegation`),
 //! and the answer is the new token, minted after commit like every JWT.
 //!
-//! Only access tokens this cluster issued are exchanged so far (`subject_token_type`
-//! `access_token` or `jwt`); assertions of configured OIDC issuers are refused with a precise
-//! `invalid_request`.
+//! A subject token is an access token this cluster issued (`access_token`, or `jwt` with this
+//! cluster's `iss`): the new token is a child of its lease. Or it is an assertion of a
+//! configured OIDC issuer (`id_token`, or `jwt` with that issuer's `iss`), verified as assertion
+//! callers are: the new token is for the assertion's subject, expires no later than it, is
+//! narrowed to its `scope` claim when it has one, and a `may_act` claim must name the actor.
+//! An actor token is always an access token of this cluster (the caller's own).
 
-use ephemera_core::command::{ExchangeIntent, Intent, IssueIntent, Outcome};
+use ephemera_core::command::{
+    ExchangeIntent, ExchangeSubject, Intent, IssueIntent, Outcome, SubjectAssertion,
+};
 use ephemera_core::kind::{jwt, KindRequest, RoleSpec};
 use ephemera_core::state;
 use ephemera_core::token::{self, Claims};
@@ -23,8 +28,12 @@ use crate::node::{Node, KEY_PUBLISH_GRACE_MS};
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 pub const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
-/// The token types an exchange accepts and issues (our access tokens are JWTs).
+pub const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// The token types an exchange issues, and accepts as actor tokens (our access tokens are
+/// JWTs).
 const OUR_TOKEN_TYPES: [&str; 2] = [ACCESS_TOKEN, JWT];
+/// The subject token types: ours, and OIDC issuers' identity assertions.
+const SUBJECT_TOKEN_TYPES: [&str; 3] = [ACCESS_TOKEN, JWT, ID_TOKEN];
 /// Scopes one request may name.
 const MAX_SCOPES: usize = 64;
 
@@ -160,7 +169,7 @@ impl Node {
         // Linearizable from here: a subject or actor token revoked before this point is
         // refused (and `apply` refuses a subject token revoked before the commit).
         self.read_barrier().await?;
-        let (subject_claims, parent) = self.verified(&req.subject_token, "subject token")?;
+        let subject = self.verified_subject(&req).await?;
         // An actor token is the caller's own: otherwise anyone holding a token derived from
         // someone could name that someone as the actor.
         let actor = match &req.actor_token {
@@ -183,29 +192,36 @@ impl Node {
             }
             None => None,
         };
+        subject.check_may_act(actor.as_deref(), &caller_principal.id)?;
         let role = self.exchange_role(req.role.as_deref(), audience.as_deref())?;
         let RoleSpec::Jwt(spec) = &role.spec else {
             unreachable!("exchange_role returns JWT roles only")
         };
         // Narrowing only: the scopes asked for, or else those of the subject token the role
-        // allows.
+        // allows (none, for an assertion without a scope claim).
         let scopes: Vec<String> = match &req.scope {
             Some(s) => s
                 .split(' ')
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect(),
-            None => subject_claims
-                .scope
-                .split(' ')
+            None => subject
+                .scopes()
+                .unwrap_or_default()
+                .into_iter()
                 .filter(|s| spec.allowed_scopes.iter().any(|a| a == s))
-                .map(String::from)
                 .collect(),
         };
         if scopes.len() > MAX_SCOPES {
             return Err(invalid(format!("at most {MAX_SCOPES} scopes")));
         }
-        let before = state::delegation(&self.view, &parent.id).map_err(internal)?;
+        let before = match &subject {
+            SubjectToken::Ours(ours) => {
+                let parent = &ours.1;
+                state::delegation(&self.view, &parent.id).map_err(internal)?
+            }
+            SubjectToken::Assertion(..) => None,
+        };
         let depth = before.as_ref().map_or(1, |d| d.hops + 1);
         // The new token's chain, as `apply` will build it: this hop's actor, then the earlier.
         let actors: Vec<String> = actor
@@ -231,18 +247,24 @@ impl Node {
             context: caller.for_audit(),
             policy: None,
         };
+        let subject_id = subject.subject().to_string();
         let intent = ExchangeIntent {
             issue,
-            parent_lease: parent.id.clone(),
+            subject: subject.into_intent(),
             actor,
             max_depth: self.max_delegation_depth,
         };
         ephemera_core::command::validate_intent(&Intent::Exchange(intent.clone()))?;
+        let derived = crate::authz::ExchangeContext {
+            subject: &subject_id,
+            delegation_depth: depth,
+            actors: &actors,
+        };
         let outcome = self
             .propose_decided(caller_principal, || async {
                 let mut x = intent.clone();
                 let policy = self
-                    .decide_exchange(caller_principal, &role, &x.issue, (depth, &actors), caller)
+                    .decide_exchange(caller_principal, &role, &x.issue, &derived, caller)
                     .await?;
                 x.issue.policy = Some(policy);
                 Ok(Intent::Exchange(x))
@@ -262,6 +284,35 @@ impl Node {
             scope: lease.scopes().join(" "),
             lease,
         })
+    }
+
+    /// The subject token, verified as its type (and for `jwt`, its issuer) says.
+    async fn verified_subject(&self, req: &ExchangeRequest) -> Result<SubjectToken, ExchangeError> {
+        let text = &req.subject_token;
+        let ours = match req.subject_token_type.as_str() {
+            ID_TOKEN => false,
+            JWT => {
+                let this_cluster = self.issuer().ok();
+                unverified_issuer(text).is_none_or(|iss| Some(iss) == this_cluster)
+            }
+            _ => true,
+        };
+        if ours {
+            let (claims, lease) = self.verified(text, "subject token")?;
+            return Ok(SubjectToken::Ours(Box::new((claims, lease))));
+        }
+        if self.oidc.is_empty() {
+            return Err(ExchangeError::InvalidGrant(
+                "the subject token is not this cluster's, and no OIDC issuer is configured".into(),
+            ));
+        }
+        let now_s = self.clock.now_ms() / 1000;
+        let verified = self
+            .oidc
+            .verify(text, now_s)
+            .await
+            .map_err(|e| ExchangeError::InvalidGrant(format!("the subject token: {e}")))?;
+        Ok(SubjectToken::Assertion(verified))
     }
 
     /// A token this cluster issued, that verifies and is live at this node now.
@@ -345,6 +396,99 @@ impl Node {
     }
 }
 
+/// A verified subject token.
+enum SubjectToken {
+    /// An access token this cluster issued, and its (active) lease.
+    Ours(Box<(Claims, Lease)>),
+    /// An assertion of a configured OIDC issuer.
+    Assertion(crate::oidc::VerifiedAssertion),
+}
+
+impl SubjectToken {
+    /// Whom the new token is for.
+    fn subject(&self) -> &str {
+        match self {
+            SubjectToken::Ours(ours) => &ours.0.sub,
+            SubjectToken::Assertion(a) => &a.principal.id,
+        }
+    }
+
+    /// The scopes the new token is narrowed to; `None`: the subject token bounds none.
+    fn scopes(&self) -> Option<Vec<String>> {
+        let scope = match self {
+            SubjectToken::Ours(ours) => &ours.0.scope,
+            SubjectToken::Assertion(a) => a.scope.as_ref()?,
+        };
+        Some(
+            scope
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    /// RFC 8693 §4.4: a `may_act` claim, when present, names who may act for the subject: the
+    /// actor token's subject, or else the caller when the caller is not the subject itself.
+    fn check_may_act(&self, actor: Option<&str>, caller: &str) -> Result<(), ExchangeError> {
+        let SubjectToken::Assertion(a) = self else {
+            return Ok(());
+        };
+        let Some(allowed) = &a.may_act else {
+            return Ok(());
+        };
+        let acting = actor.or((caller != a.principal.id).then_some(caller));
+        match acting {
+            Some(who) if !allowed.iter().any(|m| m == who) => Err(ExchangeError::InvalidGrant(
+                format!("the subject token's may_act does not name {who:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// What `apply` is told of it.
+    fn into_intent(self) -> ExchangeSubject {
+        match self {
+            SubjectToken::Ours(ours) => ExchangeSubject::Lease(ours.1.id),
+            SubjectToken::Assertion(a) => {
+                // Only scopes this cluster could ever grant matter for narrowing: one it could
+                // not is dropped, which narrows further.
+                let scopes = a.scope.as_ref().map(|s| {
+                    s.split(' ')
+                        .filter(|s| ephemera_core::command::validate_scope(s).is_ok())
+                        .take(MAX_SCOPES)
+                        .map(String::from)
+                        .collect()
+                });
+                let (jti, replay_until_s) = match a.jti {
+                    Some((jti, until)) => (Some(jti), until),
+                    None => (None, a.expires_at_s),
+                };
+                ExchangeSubject::Assertion(SubjectAssertion {
+                    subject: a.principal.id,
+                    expires_at_ms: a.expires_at_s.saturating_mul(1000),
+                    scopes,
+                    issuer: a.principal.issuer.unwrap_or_default(),
+                    jti,
+                    replay_until_ms: replay_until_s.saturating_mul(1000),
+                })
+            }
+        }
+    }
+}
+
+/// The `iss` claim of a JWT, read without verifying anything: only to tell which verifier
+/// applies (this cluster's or an OIDC issuer's), each of which then verifies it fully.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("iss")?.as_str().map(str::to_string)
+}
+
 /// The request's parameters checked for presence and consistency (`invalid_request`); the
 /// target audience (`audience`, else `resource`).
 fn check_request(req: &ExchangeRequest) -> Result<Option<String>, ExchangeError> {
@@ -355,10 +499,9 @@ fn check_request(req: &ExchangeRequest) -> Result<Option<String>, ExchangeError>
         return Err(invalid("subject_token_type is required"));
     }
     let ours = |t: &str| OUR_TOKEN_TYPES.contains(&t);
-    if !ours(&req.subject_token_type) {
+    if !SUBJECT_TOKEN_TYPES.contains(&req.subject_token_type.as_str()) {
         return Err(invalid(format!(
-            "subject_token_type {:?} is not supported: only access tokens this cluster issued \
-             are exchanged ({ACCESS_TOKEN} or {JWT})",
+            "subject_token_type {:?} is not supported ({ACCESS_TOKEN}, {JWT} or {ID_TOKEN})",
             req.subject_token_type
         )));
     }
@@ -415,7 +558,7 @@ mod tests {
                 "subject_token_type is required",
             ),
             (
-                |r| r.subject_token_type = "urn:ietf:params:oauth:token-type:id_token".into(),
+                |r| r.subject_token_type = "urn:ietf:params:oauth:token-type:saml2".into(),
                 "not supported",
             ),
             (

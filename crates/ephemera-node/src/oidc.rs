@@ -63,6 +63,25 @@ pub struct VerifiedAssertion {
     pub principal: Principal,
     /// For replay refusal: the `jti` and the last second (expiry plus leeway) it is accepted.
     pub jti: Option<(String, u64)>,
+    /// Its `exp`, Unix seconds.
+    pub expires_at_s: u64,
+    /// Its `scope` claim (space-separated), when it has one; what a token exchanged from it is
+    /// narrowed to.
+    pub scope: Option<String>,
+    /// RFC 8693 §4.4 `may_act`, when present: the principal ids it names as allowed to act for
+    /// the subject (empty when it names none in a form this cluster reads).
+    pub may_act: Option<Vec<String>>,
+}
+
+/// The principal ids a `may_act` claim names: its `sub` as it stands (an identity of this
+/// cluster, such as a SPIFFE ID), and as a subject of its `iss` (the assertion's issuer when it
+/// has none), which is how this cluster names the issuer's subjects.
+fn may_act_ids(claim: &serde_json::Value, issuer: &str) -> Vec<String> {
+    let Some(sub) = claim.get("sub").and_then(|s| s.as_str()) else {
+        return Vec::new();
+    };
+    let iss = claim.get("iss").and_then(|s| s.as_str()).unwrap_or(issuer);
+    vec![sub.to_string(), format!("{iss}#{sub}")]
 }
 
 struct Issuer {
@@ -290,6 +309,12 @@ impl Verifier {
                 presented: Default::default(),
             },
             jti,
+            expires_at_s: exp,
+            scope: data.claims["scope"].as_str().map(str::to_string),
+            may_act: data
+                .claims
+                .get("may_act")
+                .map(|m| may_act_ids(m, &issuer.config.issuer)),
         })
     }
 

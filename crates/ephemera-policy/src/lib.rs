@@ -167,6 +167,8 @@ pub struct WorkloadContext<'a> {
     pub job_id: &'a str,
     /// The receiving node's clock, Unix milliseconds.
     pub now_ms: u64,
+    /// Whom the credential is for (see the schema's `subject`).
+    pub subject: &'a str,
     pub delegation_depth: u32,
     /// Who acts in an exchanged token's chain (RFC 8693 `act`): the new actor and every earlier
     /// one; empty for a credential obtained directly.
@@ -639,7 +641,7 @@ fn union_of_grants<'a>(grants: impl Iterator<Item = Option<&'a Grant>>) -> Grant
 }
 
 /// The `WorkloadContext` record of the schema.
-fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 11] {
+fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpression); 12] {
     [
         ("ttl_s", long(ctx.ttl_s)),
         ("scopes", string_set(ctx.scopes)),
@@ -649,6 +651,7 @@ fn workload_context(ctx: &WorkloadContext<'_>) -> [(&'static str, RestrictedExpr
         ("environment", string(ctx.environment)),
         ("job_id", string(ctx.job_id)),
         ("time", time(ctx.now_ms)),
+        ("subject", string(ctx.subject)),
         ("delegation_depth", long(u64::from(ctx.delegation_depth))),
         ("actors", string_set(ctx.actors)),
         (

@@ -71,6 +71,7 @@ fn ctx<'a>(scopes: &'a [String], now_ms: u64, ip: &str) -> WorkloadContext<'a> {
         environment: "",
         job_id: "",
         now_ms,
+        subject: "spiffe://acme.internal/ns/web/sa/api",
         delegation_depth: 0,
         actors: &[],
         lease_owner: false,
@@ -292,17 +293,20 @@ fn grants_narrow_scopes_and_cap_ttl() {
 }
 
 #[test]
-fn an_exchange_is_decided_on_its_depth_and_its_actors() {
+fn an_exchange_is_decided_on_its_depth_its_actors_and_its_subject() {
     let b = book(
         "@id(\"exchange\") permit (principal, action == Ephemera::Action::\"exchange\", resource)\n\
          when { context.delegation_depth <= 2 };\n\
          @id(\"no-untrusted-agent\") forbid (principal, action == Ephemera::Action::\"exchange\", resource)\n\
-         when { context.actors.contains(\"spiffe://acme.internal/agent/untrusted\") };",
+         when { context.actors.contains(\"spiffe://acme.internal/agent/untrusted\") };\n\
+         @id(\"only-our-users\") forbid (principal, action == Ephemera::Action::\"exchange\", resource)\n\
+         unless { context.subject like \"https://idp.acme.internal#*\" };",
     );
     let tools = role("tools", &[], None);
     let caller = svid("spiffe://acme.internal/tool");
     let scopes: [String; 0] = [];
     let mut c = ctx(&scopes, 0, "10.0.0.1");
+    c.subject = "https://idp.acme.internal#alice";
     let trusted = ["spiffe://acme.internal/agent/trusted".to_string()];
     let untrusted = ["spiffe://acme.internal/agent/untrusted".to_string()];
     c.delegation_depth = 1;
@@ -313,6 +317,10 @@ fn an_exchange_is_decided_on_its_depth_and_its_actors() {
     assert!(!d.allowed);
     assert_eq!(d.determining, ["no-untrusted-agent"]);
     c.actors = &trusted;
+    c.subject = "https://idp.elsewhere.example#alice";
+    let d = b.decide(&caller, Action::Exchange, &tools, &c);
+    assert_eq!(d.determining, ["only-our-users"]);
+    c.subject = "https://idp.acme.internal#alice";
     c.delegation_depth = 3;
     assert!(!b.decide(&caller, Action::Exchange, &tools, &c).allowed);
     // Issuing is another action: the exchange permit does not allow it.

@@ -1,5 +1,7 @@
 //! Derived credentials (RFC 8693 token exchange): a token exchanged from a subject token the
-//! cluster issued is a child lease of that token's lease, narrowed, and revoked with it.
+//! cluster issued is a child lease of that token's lease, narrowed, and revoked with it. A token
+//! exchanged from an OIDC issuer's assertion is narrowed to it the same way (subject, expiry,
+//! scopes when it has them) but has no parent: the assertion lives outside the cluster.
 //!
 //! The problem: a delegated token is only as trustworthy as the chain it came from. If revoking
 //! a CI job's token left the tokens it exchanged for its tools alive, revocation would stop at
@@ -22,7 +24,7 @@
 //! descendants, and a child expires no later than its parent).
 
 use super::*;
-use crate::command::ExchangeIntent;
+use crate::command::{ExchangeIntent, ExchangeSubject};
 use crate::kind::{Grant, KindRequest};
 
 /// `ix/parent/{parent}\0{child}`.
@@ -40,7 +42,8 @@ pub const MAX_ACT_BYTES: usize = 2048;
 /// How a derived lease came to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delegation {
-    pub parent: String,
+    /// The subject token's lease; `None` for a token exchanged from an OIDC assertion.
+    pub parent: Option<String>,
     /// The actors, newest first (`act.sub`, then `act.act.sub`, ...).
     pub act: Vec<String>,
     /// Exchanges between the original token and this one (1 for a direct child).
@@ -64,19 +67,23 @@ pub fn children(kv: &(impl KvRead + ?Sized), lease_id: &str) -> Result<Vec<Strin
     ids_under(kv, PFX_PARENT_IX, lease_id)
 }
 
-/// What `issue` needs to know of an exchange: the parent, and the child's chain.
-pub(super) struct Derived<'a> {
-    pub parent: &'a Lease,
+/// What `issue` needs to know of an exchange: whom the new token is for, how long it may live
+/// at most, and its chain (with its parent, if any).
+pub(super) struct Derived {
+    pub subject: String,
+    /// The subject token's expiry: the new token's expiry and cap are no later.
+    pub expires_at_ms: u64,
     pub delegation: Delegation,
 }
 
-impl Derived<'_> {
-    /// Part of the idempotency fingerprint: the same request id for another parent or actor is
-    /// another request.
+impl Derived {
+    /// Part of the idempotency fingerprint: the same request id for another subject token or
+    /// actor is another request.
     pub fn fingerprint_part(&self) -> String {
         format!(
-            "\0exchange\0{}\0{}",
-            self.parent.id,
+            "\0exchange\0{}\0{}\0{}",
+            self.delegation.parent.as_deref().unwrap_or(""),
+            self.expires_at_ms,
             self.delegation.act.join("\0")
         )
     }
@@ -84,7 +91,9 @@ impl Derived<'_> {
 
 /// Records a new derived lease's delegation and parent index (in `issue`'s batch).
 pub(super) fn record<R: KvRead + ?Sized>(kv: &mut Overlay<'_, R>, child: &str, d: &Delegation) {
-    kv.put(ix_key(PFX_PARENT_IX, &d.parent, child), Vec::new());
+    if let Some(parent) = &d.parent {
+        kv.put(ix_key(PFX_PARENT_IX, parent, child), Vec::new());
+    }
     kv.put(delegation_key(child), enc(d));
 }
 
@@ -94,7 +103,9 @@ pub(super) fn forget<R: KvRead + ?Sized>(
     lease_id: &str,
 ) -> Result<(), StorageError> {
     if let Some(d) = delegation(kv, lease_id)? {
-        kv.delete(ix_key(PFX_PARENT_IX, &d.parent, lease_id));
+        if let Some(parent) = &d.parent {
+            kv.delete(ix_key(PFX_PARENT_IX, parent, lease_id));
+        }
         kv.delete(delegation_key(lease_id));
     }
     Ok(())
@@ -125,7 +136,66 @@ pub(super) fn revoke_descendants<R: KvRead + ?Sized>(
     Ok(count)
 }
 
-/// `Op::Exchange`: a narrowed token from a subject token's lease, as its child.
+/// What an exchange derives from: the subject token's subject, expiry, scopes (when it bounds
+/// them) and earlier delegation, or the reason it is refused.
+struct Source {
+    subject: String,
+    expires_at_ms: u64,
+    scopes: Option<Vec<String>>,
+    parent: Option<String>,
+    before: Option<Delegation>,
+}
+
+fn source<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    now: u64,
+    subject: &ExchangeSubject,
+) -> Result<Result<Source, Error>, StorageError> {
+    let refused = |why: String| Ok(Err(Error::SubjectTokenRefused(why)));
+    match subject {
+        ExchangeSubject::Lease(id) => {
+            let Some(parent) = load_lease(kv, id)? else {
+                return refused(format!("its lease {id} does not exist"));
+            };
+            if !parent.is_active_at(now) {
+                let state = match parent.state {
+                    LeaseState::Active => "expired",
+                    ref s => s.name(),
+                };
+                return refused(format!("its lease {} is {state}", parent.id));
+            }
+            let Grant::Jwt(parent_grant) = &parent.grant else {
+                return refused(format!("lease {} is not an access token", parent.id));
+            };
+            Ok(Ok(Source {
+                scopes: Some(parent_grant.scopes.clone()),
+                before: delegation(kv, &parent.id)?,
+                subject: parent.subject,
+                expires_at_ms: parent.expires_at_ms,
+                parent: Some(parent.id),
+            }))
+        }
+        // Verified by the receiving node; only its expiry, and a replay, can have happened since.
+        ExchangeSubject::Assertion(a) if a.expires_at_ms <= now => refused("it has expired".into()),
+        ExchangeSubject::Assertion(a) => {
+            if let Some(jti) = &a.jti {
+                // Discarded with the rest of the entry's writes if the exchange is refused.
+                if !consume_assertion(kv, now, &a.issuer, jti, a.replay_until_ms)? {
+                    return refused("it was already used (its jti was consumed)".into());
+                }
+            }
+            Ok(Ok(Source {
+                subject: a.subject.clone(),
+                expires_at_ms: a.expires_at_ms,
+                scopes: a.scopes.clone(),
+                parent: None,
+                before: None,
+            }))
+        }
+    }
+}
+
+/// `Op::Exchange`: a narrowed token from a subject token, as its lease's child when it has one.
 pub(super) fn exchange<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     actor: &Principal,
@@ -134,36 +204,27 @@ pub(super) fn exchange<R: KvRead + ?Sized>(
     stamp: (&str, u16, &KindStamp),
     audit: &mut AuditRecord,
 ) -> Result<ApplyResult, StorageError> {
-    audit
-        .details
-        .insert("parent".into(), x.parent_lease.clone());
-    let refused = |why: String| Ok(Err(Error::SubjectTokenRefused(why)));
-    let Some(parent) = load_lease(kv, &x.parent_lease)? else {
-        return refused(format!("its lease {} does not exist", x.parent_lease));
+    match &x.subject {
+        ExchangeSubject::Lease(id) => audit.details.insert("parent".into(), id.clone()),
+        ExchangeSubject::Assertion(a) => audit
+            .details
+            .insert("subject_assertion".into(), a.subject.clone()),
     };
-    if !parent.is_active_at(now) {
-        let state = match parent.state {
-            LeaseState::Active => "expired",
-            ref s => s.name(),
-        };
-        return refused(format!("its lease {} is {state}", parent.id));
-    }
-    let Grant::Jwt(parent_grant) = &parent.grant else {
-        return refused(format!("lease {} is not an access token", parent.id));
+    let src = match source(kv, now, &x.subject)? {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
     };
     let KindRequest::Jwt(request) = &x.issue.request else {
         return Ok(Err(Error::InvalidArgument(
             "an exchange issues an access token".into(),
         )));
     };
-    if let Some(s) = request
-        .scopes
-        .iter()
-        .find(|s| !parent_grant.scopes.contains(s))
-    {
-        return Ok(Err(Error::ScopeNotInSubjectToken { scope: s.clone() }));
+    if let Some(bound) = &src.scopes {
+        if let Some(s) = request.scopes.iter().find(|s| !bound.contains(s)) {
+            return Ok(Err(Error::ScopeNotInSubjectToken { scope: s.clone() }));
+        }
     }
-    let before = delegation(kv, &parent.id)?;
+    let before = src.before;
     let mut act: Vec<String> = x.actor.iter().cloned().collect();
     act.extend(before.as_ref().map(|d| d.act.clone()).unwrap_or_default());
     let hops = before.map_or(1, |d| d.hops + 1);
@@ -183,9 +244,10 @@ pub(super) fn exchange<R: KvRead + ?Sized>(
         audit.details.insert("act".into(), act.join(" "));
     }
     let derived = Derived {
-        parent: &parent,
+        subject: src.subject,
+        expires_at_ms: src.expires_at_ms,
         delegation: Delegation {
-            parent: parent.id.clone(),
+            parent: src.parent,
             act,
             hops,
         },

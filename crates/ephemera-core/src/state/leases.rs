@@ -67,7 +67,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     intent: &IssueIntent,
     (lease_id, renew_after_permille, kind_stamp): (&str, u16, &KindStamp),
     audit: &mut AuditRecord,
-    derived: Option<&delegation::Derived<'_>>,
+    derived: Option<&delegation::Derived>,
 ) -> Result<ApplyResult, StorageError> {
     audit.role = Some(intent.role.clone());
     audit.ttl_s = intent.ttl_s;
@@ -83,16 +83,16 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     // An exchanged token's subject is its subject token's, whoever presents it (possession of
     // the subject token, and the policy, decide).
     let subject = match derived {
-        Some(d) => d.parent.subject.clone(),
+        Some(d) => d.subject.clone(),
         None => intent.subject.clone().unwrap_or_else(|| actor.id.clone()),
     };
     audit.subject = Some(subject.clone());
     audit_context(audit, &intent.context);
     if let (Some(d), Some(asked)) = (derived, &intent.subject) {
-        if *asked != d.parent.subject {
+        if *asked != d.subject {
             return Ok(Err(Error::InvalidArgument(format!(
                 "an exchanged token's subject is its subject token's ({})",
-                d.parent.subject
+                d.subject
             ))));
         }
     }
@@ -193,7 +193,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     }
     // A derived token never outlives the token it came from.
     let expires_at_ms = derived.map_or(now + ttl_s * 1000, |d| {
-        (now + ttl_s * 1000).min(d.parent.expires_at_ms)
+        (now + ttl_s * 1000).min(d.expires_at_ms)
     });
     let grant = match role.spec.grant(
         &intent.request,
@@ -219,7 +219,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     // A certificate cannot be extended: its lease ends with it.
     let max_expires_at_ms = match (role.spec.renewal(), derived) {
         (Renewal::Extend, None) => now + role.max_ttl_s * 1000,
-        (Renewal::Extend, Some(d)) => (now + role.max_ttl_s * 1000).min(d.parent.expires_at_ms),
+        (Renewal::Extend, Some(d)) => (now + role.max_ttl_s * 1000).min(d.expires_at_ms),
         (Renewal::Reissue { .. }, _) => expires_at_ms,
     };
     let lease = Lease {
@@ -228,7 +228,7 @@ pub(super) fn issue<R: KvRead + ?Sized>(
         subject: subject.clone(),
         client_id: actor.id.clone(),
         purpose: intent.purpose.clone(),
-        parent: derived.map(|d| d.parent.id.clone()),
+        parent: derived.and_then(|d| d.delegation.parent.clone()),
         ttl_s,
         issued_at_ms: now,
         minted_at_ms: now,
@@ -301,7 +301,13 @@ pub(super) fn issue<R: KvRead + ?Sized>(
     audit.audience = Some(lease.audience().to_string()).filter(|a| !a.is_empty());
     audit.details = lease.grant.audit();
     if let Some(d) = derived {
-        audit.details.insert("parent".into(), d.parent.id.clone());
+        match &d.delegation.parent {
+            Some(parent) => audit.details.insert("parent".into(), parent.clone()),
+            // Exchanged from an OIDC issuer's assertion: the record says so.
+            None => audit
+                .details
+                .insert("subject_assertion".into(), d.subject.clone()),
+        };
         if !d.delegation.act.is_empty() {
             audit
                 .details

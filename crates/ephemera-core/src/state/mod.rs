@@ -861,24 +861,39 @@ fn apply_op<R: KvRead + ?Sized>(
             expires_at_ms,
         } => {
             audit.target = Some(format!("issuer:{issuer}"));
-            let mut h = Sha256::new();
-            h.update(issuer.as_bytes());
-            h.update([0]);
-            h.update(jti.as_bytes());
-            let key = format!("{PFX_ASSERTION}{}", hex::encode(h.finalize())).into_bytes();
-            if let Some(until) = get::<u64>(kv, &key)? {
-                if now <= until {
-                    return Ok(Err(Error::Unauthenticated(
-                        "assertion replayed (its jti was already used)".into(),
-                    )));
-                }
+            if !consume_assertion(kv, now, issuer, jti, *expires_at_ms)? {
+                return Ok(Err(Error::Unauthenticated(
+                    "assertion replayed (its jti was already used)".into(),
+                )));
             }
-            // A replay within the lifetime enters a second index entry; both go, harmlessly.
-            keep_until(kv, Kept::Assertion, *expires_at_ms, &key);
-            kv.put(key, enc(expires_at_ms));
             Ok(Ok(Outcome::Done))
         }
     }
+}
+
+/// Marks an OIDC assertion's `jti` used until `expires_at_ms`; false if it was already used
+/// within its lifetime (a replay).
+fn consume_assertion<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    now: u64,
+    issuer: &str,
+    jti: &str,
+    expires_at_ms: u64,
+) -> Result<bool, StorageError> {
+    let mut h = Sha256::new();
+    h.update(issuer.as_bytes());
+    h.update([0]);
+    h.update(jti.as_bytes());
+    let key = format!("{PFX_ASSERTION}{}", hex::encode(h.finalize())).into_bytes();
+    if let Some(until) = get::<u64>(kv, &key)? {
+        if now <= until {
+            return Ok(false);
+        }
+    }
+    // A replay within the lifetime enters a second index entry; both go, harmlessly.
+    keep_until(kv, Kept::Assertion, expires_at_ms, &key);
+    kv.put(key, enc(&expires_at_ms));
+    Ok(true)
 }
 
 /// Stores a checkpoint once `apply` has checked it: the leader's own, signed by an audit key of

@@ -12,14 +12,20 @@ use crate::node::Node;
 pub(super) fn mint(node: &Node, lease: &Lease) -> Result<String, Error> {
     let key = node.unsealed_key(KeyStore::Jwt, &lease.kid)?;
     let mut claims = Claims::for_lease(lease, &node.issuer()?);
-    if lease.parent.is_some() {
-        let delegation =
-            state::delegation(&node.view, &lease.id).map_err(|e| Error::Internal(e.to_string()))?;
+    // Every exchanged token has a delegation record (one exchanged from an OIDC assertion has
+    // no parent, but may have actors).
+    let delegation =
+        state::delegation(&node.view, &lease.id).map_err(|e| Error::Internal(e.to_string()))?;
+    match delegation {
+        Some(d) => claims = claims.with_act(&d.act),
         // Fail closed: a derived token without its chain would hide who acted.
-        let d = delegation.ok_or_else(|| {
-            Error::Internal(format!("lease {} has a parent but no delegation", lease.id))
-        })?;
-        claims = claims.with_act(&d.act);
+        None if lease.parent.is_some() => {
+            return Err(Error::Internal(format!(
+                "lease {} has a parent but no delegation",
+                lease.id
+            )))
+        }
+        None => {}
     }
     Ok(token::sign(&claims, &lease.kid, &key))
 }

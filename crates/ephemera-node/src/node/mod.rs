@@ -185,7 +185,7 @@ pub struct Node {
     /// Places for open `WatchRevocations` streams.
     pub(crate) watchers: Arc<tokio::sync::Semaphore>,
     tls: Option<NodeTls>,
-    oidc: crate::oidc::Verifier,
+    pub(crate) oidc: crate::oidc::Verifier,
     /// Refused authentications are audited through Raft; under a flood only this many per
     /// second are, so unauthenticated traffic cannot be turned into unbounded Raft writes.
     denial_audits: governor::DefaultDirectRateLimiter,
