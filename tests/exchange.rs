@@ -544,6 +544,81 @@ fn exec_binds_a_credential_to_the_life_of_a_command() {
     );
     assert!(!file.exists(), "the credential file is removed at exit");
 
+    // Several credentials: each in its variable, active while the child runs, all revoked at
+    // the end.
+    let script = format!(
+        "printf %s \"$EPHEMERA_CREDENTIAL\" > {d}/web; printf %s \"$BRIEF\" > {d}/brief; \
+         printf %s \"$BRIEF_LEASE_ID\" > {d}/brief_lease; EPHEMERA_CERT={cert} \
+         EPHEMERA_KEY={key} {bin} introspect \"$BRIEF\" --output json > {d}/brief.json",
+        d = d.display(),
+        cert = cluster.pki_path("workload.crt").display(),
+        key = cluster.pki_path("workload.key").display(),
+        bin = BIN
+    );
+    let out = cluster.cli_as(
+        "workload",
+        &[
+            "exec",
+            "--role",
+            "web",
+            "--with",
+            "brief=BRIEF",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(&read(&d.join("brief.json"))).unwrap();
+    assert_eq!(seen["active"], true);
+    assert_eq!(seen["jti"], read(&d.join("brief_lease")).as_str());
+    let (web, brief) = (read(&d.join("web")), read(&d.join("brief")));
+    rt().block_on(async {
+        for t in [&web, &brief] {
+            assert!(!cluster.client().introspect(t).await.unwrap().active);
+        }
+    });
+
+    // A credential that cannot be issued: the child never starts, and those issued before it
+    // are revoked.
+    let active = || {
+        rt().block_on(async {
+            all_leases(&cluster.client())
+                .await
+                .into_iter()
+                .filter(|l| l.state == "active")
+                .count()
+        })
+    };
+    // Every lease of the runs above was revoked at their exits.
+    assert_eq!(active(), 0);
+    let out = cluster.cli_as(
+        "workload",
+        &[
+            "exec",
+            "--role",
+            "web",
+            "--with",
+            "brief",
+            "--with",
+            "no-such-role",
+            "--",
+            "sh",
+            "-c",
+            &format!("touch {}/ran", d.display()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-role"), "{stderr}");
+    assert!(!d.join("ran").exists(), "the child did not start");
+    assert_eq!(active(), 0, "the leases issued first were revoked");
+
     // The client's guard: released, or dropped, the lease is revoked.
     rt().block_on(async {
         let c = std::sync::Arc::new(cluster.client_as("workload", None));
