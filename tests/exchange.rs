@@ -315,17 +315,32 @@ fn exchanged_tokens_narrow_nest_act_and_die_with_their_subject_token() {
             .collect();
         let mut got = std::collections::BTreeSet::new();
         let mut seqs = Vec::new();
-        while got.len() < expected.len() {
-            let e = tokio::time::timeout(std::time::Duration::from_secs(30), watch.message())
+        async fn next(watch: &mut tonic::Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
+            tokio::time::timeout(std::time::Duration::from_secs(30), watch.message())
                 .await
-                .expect("the revocations arrive")
+                .expect("an event arrives")
                 .unwrap()
-                .expect("the stream stays open");
+                .expect("the stream stays open")
+        }
+        while got.len() < expected.len() {
+            let e = next(&mut watch).await;
+            if e.heartbeat {
+                continue;
+            }
             seqs.push(e.seq);
             got.insert(e.lease_id);
         }
         assert_eq!(got, expected);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        // Then a heartbeat vouches for them: node 3 confirmed it had applied everything.
+        let beat = loop {
+            let e = next(&mut watch).await;
+            if e.heartbeat {
+                break e;
+            }
+        };
+        assert_eq!(beat.seq, *seqs.last().unwrap());
+        assert!(beat.lease_id.is_empty() && beat.at_ms > 0);
     });
 }
 

@@ -27,9 +27,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Leases(LeasesCmd::Abandon { lease_id, reason }) => {
             crate::db::abandon(&cli, lease_id, reason).await
         }
-        Command::Watch(crate::WatchCmd::Revocations { from, limit }) => {
-            watch_revocations(&cli, *from, *limit).await
-        }
+        Command::Watch(crate::WatchCmd::Revocations {
+            from,
+            limit,
+            heartbeats,
+        }) => watch_revocations(&cli, *from, *limit, *heartbeats).await,
         Command::Exec(a) => {
             let code = crate::exec::run(&cli, a).await?;
             std::process::exit(code)
@@ -312,7 +314,12 @@ async fn server(config: &std::path::Path) -> Result<()> {
 
 /// `watch revocations`: JSON lines; a stream that ends because this reader fell behind says
 /// where to resume.
-async fn watch_revocations(cli: &Cli, from: u64, limit: Option<u64>) -> Result<()> {
+async fn watch_revocations(
+    cli: &Cli,
+    from: u64,
+    limit: Option<u64>,
+    heartbeats: bool,
+) -> Result<()> {
     let mut stream = client(cli)?.watch_revocations(from).await?;
     let mut seen = 0u64;
     let mut last = from;
@@ -322,6 +329,14 @@ async fn watch_revocations(cli: &Cli, from: u64, limit: Option<u64>) -> Result<(
             _ = shutdown_signal() => return Ok(()),
         };
         match event {
+            Ok(Some(e)) if e.heartbeat => {
+                if heartbeats {
+                    println!(
+                        "{}",
+                        json!({"heartbeat": true, "seq": e.seq, "at_ms": e.at_ms})
+                    );
+                }
+            }
             Ok(Some(e)) => {
                 last = e.seq;
                 seen += 1;

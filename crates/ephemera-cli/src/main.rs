@@ -574,6 +574,10 @@ pub enum WatchCmd {
         /// Stop after this many revocations.
         #[arg(long)]
         limit: Option<u64>,
+        /// Also print the heartbeats (`{"heartbeat":true,"seq":…,"at_ms":…}`): every
+        /// revocation committed before `at_ms` has been printed.
+        #[arg(long)]
+        heartbeats: bool,
     },
 }
 

@@ -76,11 +76,12 @@ impl pb::issuer_server::Issuer for Api {
                 "from_seq {from} is ahead of the latest revocation ({last})"
             ))));
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel(crate::revocation_watch::BUFFER);
+        let (tx, mut rx) = crate::revocation_watch::channel();
         tokio::spawn(crate::revocation_watch::feed(
-            self.node.clone(),
+            crate::revocation_watch::NodeLog::new(self.node.clone()),
             from,
             tx,
+            crate::revocation_watch::PACE,
             slot,
         ));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
