@@ -403,8 +403,8 @@ fn an_oidc_assertion_is_exchanged_once_for_its_subject_as_may_act_allows() {
         );
         refused_for(
             by_agent(1, agent.clone(), "read").await,
-            "invalid_grant",
-            "is not trusted",
+            "invalid_request",
+            "not urn:ietf:params:oauth:token-type:id_token",
         );
         assert_eq!(all_leases(&admin).await.len(), leases_before);
 

@@ -168,8 +168,20 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> Result<i32> {
         .iter()
         .map(|w| parse_with(w))
         .collect::<Result<Vec<_>>>()?;
-    let mut names: Vec<&str> = with.iter().map(|(_, env)| env.as_str()).collect();
-    names.push(&a.env);
+    // Every variable the child gets from the wrapper, so no two credentials share one.
+    let mut names: Vec<String> = ["EPHEMERA_LEASE_ID", "PGUSER", "PGPASSWORD", "PGHOST"]
+        .into_iter()
+        .chain(["PGPORT", "PGDATABASE"])
+        .map(String::from)
+        .chain(std::iter::once(a.env.clone()))
+        .collect();
+    for (_, env) in &with {
+        names.extend([
+            env.clone(),
+            format!("{env}_LEASE_ID"),
+            format!("{env}_USER"),
+        ]);
+    }
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
         bail!("two credentials would share the variable {}", w[0]);
@@ -376,9 +388,15 @@ async fn run_child(
         Box<dyn std::future::Future<Output = (usize, Result<pb::Credential, ClientError>)> + 'a>,
     >;
     let mut in_flight: Option<InFlight<'_>> = None;
+    // Renewals start at least a second apart: a client clock ahead of the cluster's must not
+    // turn them into a loop.
+    let mut earliest = tokio::time::Instant::now();
     loop {
         let due = match (&in_flight, next_renewal(held)) {
-            (None, Some((i, at))) => Some((i, crate::util::until_ms(at))),
+            (None, Some((i, at))) => {
+                let at = tokio::time::Instant::now() + crate::util::until_ms(at);
+                Some((i, at.max(earliest)))
+            }
             _ => None,
         };
         tokio::select! {
@@ -407,8 +425,9 @@ async fn run_child(
                 send(libc::SIGKILL);
                 kill_at = None;
             }
-            _ = async { tokio::time::sleep(due.expect("set").1).await }, if due.is_some() => {
+            _ = async { tokio::time::sleep_until(due.expect("set").1).await }, if due.is_some() => {
                 let i = due.expect("set").0;
+                earliest = tokio::time::Instant::now() + Duration::from_secs(1);
                 let lease_id = held[i].cred.lease_id.clone();
                 in_flight = Some(Box::pin(async move { (i, renew(c, &lease_id).await) }));
             }

@@ -289,12 +289,20 @@ impl Node {
     /// The subject token, verified as its type (and for `jwt`, its issuer) says.
     async fn verified_subject(&self, req: &ExchangeRequest) -> Result<SubjectToken, ExchangeError> {
         let text = &req.subject_token;
+        // A token naming this cluster as its issuer is never taken down the OIDC path (an
+        // operator who listed the cluster itself as an OIDC issuer would otherwise let a
+        // derived token shed its parent and its actor chain).
+        let this_cluster = self.issuer().ok();
+        let names_us = unverified_issuer(text).is_some_and(|iss| Some(iss) == this_cluster);
         let ours = match req.subject_token_type.as_str() {
-            ID_TOKEN => false,
-            JWT => {
-                let this_cluster = self.issuer().ok();
-                unverified_issuer(text).is_none_or(|iss| Some(iss) == this_cluster)
+            ID_TOKEN if names_us => {
+                return Err(invalid(format!(
+                    "the subject token is an access token of this cluster: its type is \
+                     {ACCESS_TOKEN} or {JWT}, not {ID_TOKEN}"
+                )))
             }
+            ID_TOKEN => false,
+            JWT => names_us || unverified_issuer(text).is_none(),
             _ => true,
         };
         if ours {

@@ -73,15 +73,17 @@ pub struct VerifiedAssertion {
     pub may_act: Option<Vec<String>>,
 }
 
-/// The principal ids a `may_act` claim names: its `sub` as it stands (an identity of this
-/// cluster, such as a SPIFFE ID), and as a subject of its `iss` (the assertion's issuer when it
-/// has none), which is how this cluster names the issuer's subjects.
+/// The principal ids a `may_act` claim names. With an `iss`, its `sub` is that issuer's
+/// subject, `{iss}#{sub}` as this cluster names it. Without one, `sub` is an identity of this
+/// cluster as it stands (such as a SPIFFE ID), or a subject of the assertion's own issuer.
 fn may_act_ids(claim: &serde_json::Value, issuer: &str) -> Vec<String> {
     let Some(sub) = claim.get("sub").and_then(|s| s.as_str()) else {
         return Vec::new();
     };
-    let iss = claim.get("iss").and_then(|s| s.as_str()).unwrap_or(issuer);
-    vec![sub.to_string(), format!("{iss}#{sub}")]
+    match claim.get("iss").and_then(|s| s.as_str()) {
+        Some(iss) => vec![format!("{iss}#{sub}")],
+        None => vec![sub.to_string(), format!("{issuer}#{sub}")],
+    }
 }
 
 struct Issuer {
