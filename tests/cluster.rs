@@ -623,6 +623,68 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
     });
 }
 
+/// A client that first reaches a follower learns the leader from its answer and sends its
+/// later writes there: the follower forwards only the first, and the leader serves the rest.
+/// Reads stay where they were sent.
+#[test]
+fn writes_go_to_the_leader_the_nodes_name() {
+    let cluster = DevCluster::start(3, &[]);
+    rt().block_on(async {
+        let any = cluster.client();
+        put_role(&any, "web", 300, 3600).await;
+        let leader = status(&any).await.leader_id;
+        let follower = (1..=3).find(|n| *n != leader).unwrap();
+        let apis = cluster.apis();
+        let mut order = vec![apis[follower as usize - 1].clone()];
+        order.extend(
+            (1..=3u64)
+                .filter(|n| *n != follower)
+                .map(|n| apis[n as usize - 1].clone()),
+        );
+        let client = Client::with_tls(&order.join(","), None, Some(&cluster.admin_tls()))
+            .unwrap()
+            .with_timeout(Duration::from_secs(10));
+        let counters = |node: u64| {
+            let url = format!("{}/metrics", cluster.http_urls()[node as usize - 1]);
+            let https = cluster.https(None);
+            async move {
+                let text = https.get(url).send().await.unwrap().text().await.unwrap();
+                [
+                    "ephemera_credentials_issued_total",
+                    "ephemera_forwarded_total",
+                    "ephemera_revoke_requests_total",
+                    "ephemera_introspections_total",
+                ]
+                .map(|name| metric(&text, name))
+            }
+        };
+        let (f0, l0) = (counters(follower).await, counters(leader).await);
+
+        let mut creds = Vec::new();
+        for _ in 0..5 {
+            creds.push(client.issue(issue_req("web")).await.unwrap());
+        }
+        client
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::LeaseId(
+                    creds[0].lease_id.clone(),
+                )),
+            })
+            .await
+            .unwrap();
+        assert!(!client.introspect(&creds[0].token).await.unwrap().active);
+
+        let (f1, l1) = (counters(follower).await, counters(leader).await);
+        let delta = |a: [u64; 4], b: [u64; 4]| [0, 1, 2, 3].map(|i| b[i] - a[i]);
+        let (f, l) = (delta(f0, f1), delta(l0, l1));
+        assert_eq!(f[0], 1, "the follower served only the first issue: {f:?}");
+        assert_eq!(f[1], 1, "and forwarded it: {f:?}");
+        assert_eq!(l[0], 4, "the leader served the other four: {l:?}");
+        assert_eq!((f[2], l[2]), (0, 1), "the revoke went to the leader");
+        assert_eq!((f[3], l[3]), (1, 0), "the read stayed on the follower");
+    });
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))

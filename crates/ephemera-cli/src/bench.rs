@@ -400,7 +400,10 @@ fn build_target(cli: &Cli, args: &BenchArgs, mix: &[(OpKind, u32)]) -> Result<Ta
             for i in 0..connections {
                 let mut rotated = nodes.clone();
                 rotated.rotate_left(i % nodes.len().max(1));
-                clients.push(crate::connect::client_at(cli, &rotated.join(","))?);
+                clients.push(
+                    crate::connect::client_at(cli, &rotated.join(","))?
+                        .with_leader_routing(!args.spread_writes),
+                );
             }
             let http = if mix.iter().any(|(k, _)| *k == OpKind::IntrospectHttp) {
                 let urls = args.http.as_deref().context(

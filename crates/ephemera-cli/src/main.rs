@@ -221,6 +221,10 @@ pub struct BenchArgs {
     /// Connections (each starting at a different node) the clients share.
     #[arg(long, default_value_t = 8)]
     pub connections: u32,
+    /// Send writes to whichever node a connection starts at (followers forward them), instead
+    /// of to the leader the nodes name: to measure what the forwarding hop costs.
+    #[arg(long)]
+    pub spread_writes: bool,
     /// What to load: `ephemera`, or `openbao` for the same workloads as OpenBao (or Vault)
     /// token operations: create with a TTL, renew, revoke, lookup.
     #[arg(long, default_value = "ephemera")]
@@ -699,6 +703,12 @@ pub enum AuditCmd {
         since: u64,
     },
 }
+
+/// glibc's malloc was about a fifth of a node's CPU under issuance (allocation and free of
+/// sled's pages, HTTP/2 frames, protobuf messages); mimalloc's thread-local free lists cost
+/// a fraction of that (the README's Performance section has the figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();

@@ -1,5 +1,11 @@
 //! Rust client for Ephemera. It holds a list of endpoints and fails over to the next one when a
 //! node is unreachable, so one dead node is not an error. Every call has a deadline.
+//!
+//! Writes (issue, renew, revoke, exchange) go to the leader when the client knows it: every
+//! node names the leader's API address in the `ephemera-leader` response header, and a write
+//! sent to a follower costs a forwarding hop (one more mTLS round trip and the follower's wait
+//! to apply it). Reads stay on the endpoint that answered last, so they spread over the nodes.
+//! A leader the client cannot reach is forgotten, and the next answer names the new one.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -106,9 +112,21 @@ pub struct Client {
     endpoints: Vec<(String, Channel)>,
     tls: Option<TlsFiles>,
     token: Option<String>,
-    /// Index of the endpoint that answered last; calls start there.
+    /// Index of the endpoint that answered a read last; reads start there.
     preferred: Mutex<usize>,
+    /// Index of the endpoint the nodes last named as the leader; writes start there.
+    leader: Mutex<Option<usize>>,
+    route_writes: bool,
     timeout: Duration,
+}
+
+/// The response header in which every node names the leader's API address (`host:port`).
+pub const LEADER_HEADER: &str = "ephemera-leader";
+
+/// `host:port` of an endpoint given as `host:port` or a URL, to match the leader header.
+fn authority(addr: &str) -> &str {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 /// Accepts `host:port` or a URL.
@@ -183,8 +201,16 @@ impl Client {
             tls: tls.cloned(),
             token,
             preferred: Mutex::new(0),
+            leader: Mutex::new(None),
+            route_writes: true,
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// Whether writes go to the leader the nodes name (the default), or start where reads do.
+    pub fn with_leader_routing(mut self, on: bool) -> Self {
+        self.route_writes = on;
+        self
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -243,32 +269,102 @@ impl Client {
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let n = self.endpoints.len();
         let start = *self.preferred.lock().expect("client lock");
+        let (idx, result) = self.each_endpoint(retry, start, f).await;
+        if result.is_ok() {
+            *self.preferred.lock().expect("client lock") = idx;
+        }
+        result
+    }
+
+    /// A write: like [`Client::call_with`], but starting at the leader when the nodes have
+    /// named it, and learning the leader from the reply (or the refusal).
+    pub async fn write_with<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let known = *self.leader.lock().expect("client lock");
+        let start = known.unwrap_or_else(|| *self.preferred.lock().expect("client lock"));
+        let (_, result) = self
+            .each_endpoint(retry, start, |ch| {
+                let call = f(ch);
+                async move {
+                    match call.await {
+                        Ok(resp) => {
+                            self.learn_leader(resp.metadata());
+                            Ok(resp.into_inner())
+                        }
+                        Err(s) => {
+                            self.learn_leader(s.metadata());
+                            Err(s)
+                        }
+                    }
+                }
+            })
+            .await;
+        result
+    }
+
+    /// Records the leader a node named, if it is one of this client's endpoints (a node
+    /// behind another name, a load balancer say, is simply not used for routing).
+    fn learn_leader(&self, headers: &tonic::metadata::MetadataMap) {
+        if !self.route_writes {
+            return;
+        }
+        let Some(named) = headers.get(LEADER_HEADER).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        if let Some(idx) = self
+            .endpoints
+            .iter()
+            .position(|(addr, _)| authority(addr) == named)
+        {
+            *self.leader.lock().expect("client lock") = Some(idx);
+        }
+    }
+
+    /// The endpoint `leader` was named and could not be reached: forget it, so that writes
+    /// do not keep starting at a dead node; the next reply names the new leader.
+    fn forget_leader(&self, idx: usize) {
+        let mut leader = self.leader.lock().expect("client lock");
+        if *leader == Some(idx) {
+            *leader = None;
+        }
+    }
+
+    /// Tries the endpoints in turn from `start`; returns the index of the last one tried.
+    async fn each_endpoint<T, F, Fut>(
+        &self,
+        retry: Retry,
+        start: usize,
+        f: F,
+    ) -> (usize, Result<T, ClientError>)
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let n = self.endpoints.len();
         let mut last = String::new();
         for i in 0..n {
             let idx = (start + i) % n;
             let (addr, ch) = &self.endpoints[idx];
             match f(ch.clone()).await {
-                Ok(v) => {
-                    *self.preferred.lock().expect("client lock") = idx;
-                    return Ok(v);
-                }
+                Ok(v) => return (idx, Ok(v)),
                 Err(s) if Self::may_fail_over(&s, retry) => {
+                    self.forget_leader(idx);
                     last = format!("{addr}: {}", s.message())
                 }
-                Err(s) => return Err(ClientError::Status(Box::new(s))),
+                Err(s) => return (idx, Err(ClientError::Status(Box::new(s)))),
             }
         }
-        Err(ClientError::AllUnreachable {
-            tried: self
-                .endpoints
-                .iter()
-                .map(|(a, _)| a.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            last,
-        })
+        let tried = self
+            .endpoints
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        (start, Err(ClientError::AllUnreachable { tried, last }))
     }
 
     pub fn issuer(ch: Channel) -> IssuerClient<Channel> {
@@ -284,9 +380,9 @@ impl Client {
         if req.request_id.is_none() {
             req.request_id = Some(new_request_id());
         }
-        self.call(|ch| {
+        self.write_with(Retry::Idempotent, |ch| {
             let r = self.request(req.clone());
-            async move { Ok(Self::issuer(ch).issue(r).await?.into_inner()) }
+            async move { Self::issuer(ch).issue(r).await }
         })
         .await
     }
@@ -294,9 +390,9 @@ impl Client {
     /// Not idempotent (a repeat extends again): fails over only when the request certainly
     /// did not execute.
     pub async fn renew(&self, req: pb::RenewRequest) -> Result<pb::Credential, ClientError> {
-        self.call_with(Retry::ConnectOnly, |ch| {
+        self.write_with(Retry::ConnectOnly, |ch| {
             let r = self.request(req.clone());
-            async move { Ok(Self::issuer(ch).renew(r).await?.into_inner()) }
+            async move { Self::issuer(ch).renew(r).await }
         })
         .await
     }
@@ -331,9 +427,9 @@ impl Client {
     }
 
     pub async fn revoke(&self, req: pb::RevokeRequest) -> Result<pb::RevokeResponse, ClientError> {
-        self.call(|ch| {
+        self.write_with(Retry::Idempotent, |ch| {
             let r = self.request(req.clone());
-            async move { Ok(Self::issuer(ch).revoke(r).await?.into_inner()) }
+            async move { Self::issuer(ch).revoke(r).await }
         })
         .await
     }
@@ -341,9 +437,9 @@ impl Client {
     /// Not idempotent (a join token is consumed), so it fails over only when the request
     /// certainly did not execute.
     pub async fn issue_svid(&self, req: pb::IssueSvidRequest) -> Result<pb::Svid, ClientError> {
-        self.call_with(Retry::ConnectOnly, |ch| {
+        self.write_with(Retry::ConnectOnly, |ch| {
             let r = self.request(req.clone());
-            async move { Ok(Self::issuer(ch).issue_svid(r).await?.into_inner()) }
+            async move { Self::issuer(ch).issue_svid(r).await }
         })
         .await
     }
@@ -376,9 +472,9 @@ impl Client {
         &self,
         req: pb::ExchangeRequest,
     ) -> Result<pb::ExchangeResponse, ClientError> {
-        self.call_with(Retry::ConnectOnly, |ch| {
+        self.write_with(Retry::ConnectOnly, |ch| {
             let r = self.request(req.clone());
-            async move { Ok(Self::issuer(ch).exchange(r).await?.into_inner()) }
+            async move { Self::issuer(ch).exchange(r).await }
         })
         .await
     }
@@ -512,4 +608,37 @@ pub fn new_request_id() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A runtime, as the client's channels connect lazily from it.
+    #[tokio::test]
+    async fn the_leader_header_names_an_endpoint_however_it_was_written() {
+        assert_eq!(authority("127.0.0.1:7401"), "127.0.0.1:7401");
+        assert_eq!(authority("https://127.0.0.1:7401"), "127.0.0.1:7401");
+        assert_eq!(
+            authority("https://node-0.ephemera:7400/"),
+            "node-0.ephemera:7400"
+        );
+        let c = Client::new("https://127.0.0.1:7401,127.0.0.1:7402", None).unwrap();
+        let named = |addr: &str| {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert(LEADER_HEADER, addr.parse().unwrap());
+            md
+        };
+        c.learn_leader(&named("127.0.0.1:7402"));
+        assert_eq!(*c.leader.lock().unwrap(), Some(1));
+        // A name that is none of the endpoints changes nothing.
+        c.learn_leader(&named("10.0.0.9:7400"));
+        assert_eq!(*c.leader.lock().unwrap(), Some(1));
+        c.forget_leader(0);
+        assert_eq!(*c.leader.lock().unwrap(), Some(1));
+        c.forget_leader(1);
+        assert_eq!(*c.leader.lock().unwrap(), None);
+        c.learn_leader(&named("127.0.0.1:7401"));
+        assert_eq!(*c.leader.lock().unwrap(), Some(0));
+    }
 }

@@ -441,7 +441,16 @@ pub enum Op {
         lease_id: String,
         renew_after_permille: u16,
     },
+    /// Commands the leader stamped one by one and wrote as one log entry (group commit; see
+    /// the node's `group_commit`). `apply` applies them in order, each exactly as it would be
+    /// applied alone (its own time, its own audit record, its own result), so a batch leaves
+    /// the state that the same commands in consecutive entries would. The batch itself writes
+    /// nothing of its own. Batches never nest.
+    Batch(Vec<Command>),
 }
+
+/// The most commands one batch entry carries.
+pub const MAX_BATCH: usize = 128;
 
 /// How long the state keeps what is of no further use, in seconds after the time it stopped
 /// being useful: a dead lease after its credential expired, an idempotency record after it was
@@ -504,6 +513,8 @@ pub enum Outcome {
     Compacted {
         count: u64,
     },
+    /// The results of a batch's commands, in its order.
+    Batch(Vec<ApplyResult>),
 }
 
 /// The state machine's answer to one command, identical on every node.
@@ -1233,6 +1244,7 @@ pub fn intent_of(op: &Op) -> Option<Intent> {
         | Op::AddAuditKey { .. }
         | Op::AuditCheckpoint { .. }
         | Op::IssueNodeCertificate(_)
-        | Op::SettleEffect { .. } => return None,
+        | Op::SettleEffect { .. }
+        | Op::Batch(_) => return None,
     })
 }

@@ -3571,3 +3571,121 @@ fn revocations_are_logged_in_commit_order_until_their_credentials_expire() {
         "{left:?}"
     );
 }
+
+/// Group commit: the leader writes commands that arrive together as one `Op::Batch` entry.
+/// The batch must leave exactly the state (audit chain included) that the same commands in
+/// consecutive entries leave, and answer each command with the result it would have had alone:
+/// a refusal among them changes nothing of the others, and a repeated request id inside one
+/// batch still names one lease.
+#[test]
+fn a_batch_applies_as_its_commands_in_consecutive_entries() {
+    let mut alone = World::new();
+    let mut batched = World::new();
+    let admin = Principal::bootstrap_admin();
+    let first = alone.issue(web(Some(30))).unwrap();
+    let mut twice = web(Some(40));
+    twice.request_id = Some("req-7".into());
+    let mut unknown_role = web(None);
+    unknown_role.role = "nope".into();
+    let mut too_long = web(Some(100_000));
+    too_long.request_id = Some("req-8".into());
+    let intents = vec![
+        Intent::Issue(twice.clone()),
+        Intent::Issue(unknown_role),
+        Intent::Revoke(RevokeTarget::Lease(first.id.clone())),
+        Intent::Issue(twice),
+        Intent::Issue(too_long),
+        Intent::Renew(RenewIntent {
+            lease_id: first.id.clone(),
+            increment_s: None,
+            context: RequestContext::default(),
+            policy: None,
+        }),
+    ];
+    // The batched world gets the first lease from the same command, alone.
+    apply_to(&mut batched.kv, alone.log.last().unwrap()).unwrap();
+    let mut commands = Vec::new();
+    let mut results = Vec::new();
+    for (n, mut intent) in intents.into_iter().enumerate() {
+        alone.now += 10 * n as u64;
+        match &mut intent {
+            Intent::Issue(i) => i.policy = Some(alone.permit(&admin)),
+            Intent::Renew(r) => r.policy = Some(alone.permit(&admin)),
+            _ => {}
+        }
+        let cmd = stamp(
+            Proposal {
+                actor: admin.clone(),
+                intent,
+            },
+            alone.now,
+            &mut alone.rng,
+            &alone.kek,
+        );
+        results.push(apply_to(&mut alone.kv, &cmd));
+        commands.push(cmd);
+    }
+    let batch = Command {
+        now_ms: alone.now,
+        actor: Principal::system(),
+        op: Op::Batch(commands.clone()),
+    };
+    let answered = match apply_to(&mut batched.kv, &batch) {
+        Ok(Outcome::Batch(answers)) => answers,
+        other => panic!("a batch is answered command by command: {other:?}"),
+    };
+    assert_eq!(answered, results);
+    let kinds: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|_| ()).map_err(|e| e.kind()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Ok(()),
+            Err("unknown_role"),
+            Ok(()),
+            Ok(()),
+            Err("ttl_above_cap"),
+            Err("lease_revoked")
+        ],
+        "{results:?}"
+    );
+    match (&results[0], &results[3]) {
+        (
+            Ok(Outcome::Lease {
+                lease: a,
+                replayed: false,
+            }),
+            Ok(Outcome::Lease {
+                lease: b,
+                replayed: true,
+            }),
+        ) => assert_eq!(a.id, b.id, "a repeated request id names the same lease"),
+        other => panic!("{other:?}"),
+    }
+    let everything = |w: &World| w.kv.range(b"", &[0xff], usize::MAX).unwrap();
+    assert_eq!(
+        everything(&batched),
+        everything(&alone),
+        "the same state, byte for byte"
+    );
+
+    // A batch that breaks the rules is refused whole and changes nothing, audit included.
+    let before = everything(&batched);
+    let nested = Command {
+        now_ms: alone.now + 1,
+        actor: Principal::system(),
+        op: Op::Batch(vec![commands[0].clone(), batch.clone()]),
+    };
+    let oversized = Command {
+        now_ms: alone.now + 1,
+        actor: Principal::system(),
+        op: Op::Batch(vec![commands[2].clone(); MAX_BATCH + 1]),
+    };
+    for bad in [nested, oversized] {
+        let refused = apply_to(&mut batched.kv, &bad).unwrap_err();
+        assert_eq!(refused.kind(), "invalid_argument");
+        assert_eq!(everything(&batched), before);
+    }
+}

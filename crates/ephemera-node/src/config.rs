@@ -262,6 +262,10 @@ pub struct RaftTuning {
     pub snapshot_logs_since_last: u64,
     /// Entries kept in the log behind the snapshot, for lagging followers.
     pub max_in_snapshot_log_to_keep: u64,
+    /// Commands the leader writes in one log entry at most (group commit: the writes that
+    /// arrive while earlier ones are in flight share an entry, its fsync and its replication
+    /// round). 1 writes each command on its own.
+    pub max_batch: usize,
 }
 
 impl Default for RaftTuning {
@@ -280,6 +284,7 @@ impl Default for RaftTuning {
             // entries are well under 1 KiB, so the log stays under ~100 MiB.
             snapshot_logs_since_last: 100_000,
             max_in_snapshot_log_to_keep: 1_000,
+            max_batch: 64,
         }
     }
 }
@@ -483,6 +488,12 @@ impl NodeConfig {
             }
         }
         let r = &self.raft;
+        if r.max_batch == 0 || r.max_batch > ephemera_core::command::MAX_BATCH {
+            return Err(ConfigError::Invalid(format!(
+                "raft.max_batch must be between 1 and {}",
+                ephemera_core::command::MAX_BATCH
+            )));
+        }
         if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
             return Err(ConfigError::Invalid(
                 "raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms".into(),
@@ -509,6 +520,7 @@ mod tests {
             cfg.raft.election_timeout_min_ms,
             RaftTuning::default().election_timeout_min_ms
         );
+        assert_eq!(cfg.raft.max_batch, RaftTuning::default().max_batch);
     }
 
     #[test]
@@ -556,6 +568,15 @@ mod tests {
         let timeouts =
             parse("insecure_plaintext = true\n[raft]\nelection_timeout_min_ms = 50\n").unwrap_err();
         assert!(timeouts.to_string().contains("election_timeout_min_ms"));
+        for batch in [0, ephemera_core::command::MAX_BATCH + 1] {
+            let e = parse(&format!(
+                "insecure_plaintext = true\n[raft]\nmax_batch = {batch}\n"
+            ));
+            assert!(
+                e.unwrap_err().to_string().contains("raft.max_batch"),
+                "{batch}"
+            );
+        }
         assert!(toml::from_str::<NodeConfig>(&format!("{base}unknown_key = 1\n")).is_err());
         let bad_net = parse(
             "insecure_plaintext = true\n[break_glass]\nallowed_sources = [\"10.0.0.0/33\"]\n",

@@ -331,7 +331,7 @@ impl Node {
             .map_err(internal)?
             .ok_or_else(|| refused("was not signed by this cluster".into()))?;
         let issuer = self.issuer()?;
-        if parsed.verify(&key.public_key).is_err() || parsed.claims.iss != issuer {
+        if !self.signature_verifies(&parsed, text, &key.public_key) || parsed.claims.iss != issuer {
             return Err(refused("does not verify".into()));
         }
         let now = self.clock.now_ms();

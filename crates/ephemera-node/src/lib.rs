@@ -27,6 +27,7 @@ pub mod config;
 pub mod conn;
 pub mod db;
 pub mod exchange;
+pub mod group_commit;
 pub mod grpc;
 pub mod guard;
 pub mod http;
@@ -38,6 +39,7 @@ pub mod node;
 pub mod oidc;
 pub mod revocation_watch;
 pub mod secret_files;
+pub mod verified;
 
 pub use config::NodeConfig;
 pub use node::Node;
@@ -86,6 +88,9 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
         // Per snapshot chunk; the last one returns only once the follower has replaced its
         // state, which takes tens of seconds for a million leases.
         install_snapshot_timeout: 120_000,
+        // An entry is at most one group-commit batch (`MAX_BATCH_BYTES`, and no single API
+        // command comes near it), so an append of this many stays within half the message limit.
+        max_payload_entries: (MAX_CLUSTER_MESSAGE_BYTES / (4 * node::MAX_BATCH_BYTES)) as u64,
         ..Default::default()
     };
     c.validate().map_err(|e| NodeError::Raft(e.to_string()))
@@ -317,7 +322,7 @@ pub async fn run(
             checkpoint_interval_ms: cfg.audit.checkpoint_interval_s.saturating_mul(1000),
         },
     ));
-    node.start_coalescing();
+    node.start_coalescing(cfg.raft.max_batch);
 
     let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
     let api_listener = bind(cfg.api_addr, "api").await?;

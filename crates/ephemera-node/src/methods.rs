@@ -496,6 +496,9 @@ fn bearer_of(headers: &axum::http::HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
+/// The response header naming the leader's API address, on every admitted gRPC call.
+pub const LEADER_HEADER: &str = "ephemera-leader";
+
 /// The tower layer that applies the table to the gRPC API.
 #[derive(Clone)]
 pub struct GrpcGateLayer {
@@ -555,7 +558,16 @@ where
             match admitted {
                 Ok(principal) => {
                     req.extensions_mut().insert(Gated { method, principal });
-                    inner.call(req).await
+                    let mut response = inner.call(req).await?;
+                    // Clients send their writes to the leader this names, saving the hop a
+                    // follower would forward them over (`ephemera_client::LEADER_HEADER`).
+                    if let Some(leader) = node
+                        .leader_api_addr()
+                        .and_then(|a| axum::http::HeaderValue::from_str(&a).ok())
+                    {
+                        response.headers_mut().insert(LEADER_HEADER, leader);
+                    }
+                    Ok(response)
                 }
                 Err(e) => {
                     node.metrics.error(e.kind());

@@ -13,6 +13,10 @@ pub struct Metrics {
     pub leases_revoked: AtomicU64,
     pub introspections: AtomicU64,
     pub forwarded: AtomicU64,
+    /// Log entries this node wrote as leader for clients' commands, and the commands in them
+    /// (their ratio is the group commit's mean batch size).
+    pub leader_entries: AtomicU64,
+    pub leader_commands: AtomicU64,
     pub auth_failures: AtomicU64,
     pub denials_unaudited: AtomicU64,
     pub policy_allowed: AtomicU64,
@@ -78,6 +82,16 @@ impl Metrics {
                 "ephemera_forwarded_total",
                 &self.forwarded,
                 "Writes forwarded to the leader",
+            ),
+            (
+                "ephemera_leader_entries_total",
+                &self.leader_entries,
+                "Log entries written as leader for commands (group commit)",
+            ),
+            (
+                "ephemera_leader_commands_total",
+                &self.leader_commands,
+                "Commands written as leader, in those entries",
             ),
             (
                 "ephemera_auth_failures_total",

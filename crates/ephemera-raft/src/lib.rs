@@ -64,6 +64,11 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("raft payloads serialise")
 }
 
+/// The length [`encode`] gives, without encoding.
+pub fn encoded_len<T: Serialize>(v: &T) -> usize {
+    bincode::serialized_size(v).map_or(usize::MAX, |n| n as usize)
+}
+
 pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
     bincode::deserialize(b)
 }

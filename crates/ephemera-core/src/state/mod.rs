@@ -305,6 +305,9 @@ pub fn apply<R: KvRead + ?Sized>(
     kv: &mut Overlay<'_, R>,
     cmd: &Command,
 ) -> Result<ApplyResult, StorageError> {
+    if let Op::Batch(cmds) = &cmd.op {
+        return apply_batch(kv, cmds);
+    }
     let last: u64 = get(kv, META_TIME)?.unwrap_or(0);
     let now = cmd.now_ms.max(last);
     kv.put(META_TIME.to_vec(), enc(&now));
@@ -355,6 +358,26 @@ pub fn apply<R: KvRead + ?Sized>(
     Ok(result)
 }
 
+/// A batch: each command in order, as if each were its own entry. Only the leader builds
+/// batches, from commands it stamped; one that breaks the rules (nested, oversized) is refused
+/// whole before anything is applied, so a bad entry changes nothing.
+fn apply_batch<R: KvRead + ?Sized>(
+    kv: &mut Overlay<'_, R>,
+    cmds: &[Command],
+) -> Result<ApplyResult, StorageError> {
+    if cmds.len() > crate::command::MAX_BATCH || cmds.iter().any(|c| matches!(c.op, Op::Batch(_))) {
+        return Ok(Err(Error::InvalidArgument(format!(
+            "a batch holds at most {} commands and no batch",
+            crate::command::MAX_BATCH
+        ))));
+    }
+    let mut results = Vec::with_capacity(cmds.len());
+    for c in cmds {
+        results.push(apply(kv, c)?);
+    }
+    Ok(Ok(Outcome::Batch(results)))
+}
+
 fn action_name(op: &Op) -> &'static str {
     match op {
         Op::Bootstrap { .. } => "cluster.init",
@@ -391,6 +414,8 @@ fn action_name(op: &Op) -> &'static str {
         Op::StageRootPassword { .. } => "db.connection.rotate_root.stage",
         Op::SettleRootPassword { .. } => "db.connection.rotate_root.settle",
         Op::SettleEffect { .. } => "effect.settle",
+        // Never recorded: its commands are, each under its own action.
+        Op::Batch(_) => "batch",
     }
 }
 
@@ -674,6 +699,10 @@ fn apply_op<R: KvRead + ?Sized>(
             (*seq, *attempt, error.as_deref(), *retry_at_ms),
             audit,
         ),
+        // `apply` takes batches apart before they get here.
+        Op::Batch(_) => Ok(Err(Error::InvalidArgument(
+            "a batch cannot be applied as one command".into(),
+        ))),
         Op::SetBreakGlass { credential_hash } => {
             // The hash is not recorded: the audit record says who rotated or disabled it.
             audit.target = Some("break-glass credential".into());

@@ -276,14 +276,9 @@ impl Node {
     ) -> Result<ephemera_pki::SpiffeId, ephemera_pki::PkiError> {
         let now_ms = self.clock.now_ms();
         let leaf = certs[0].as_ref();
-        if let Some((id, until)) = self
-            .verified_svids
-            .lock()
-            .expect("svid cache lock")
-            .get(leaf)
-        {
-            if now_ms < *until {
-                return Ok(id.clone());
+        if let Some((id, until)) = self.verified_svids.get(&leaf.to_vec()) {
+            if now_ms < until {
+                return Ok(id);
             }
         }
         let now = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_millis(now_ms));
@@ -291,11 +286,7 @@ impl Node {
             .bundles
             .verify_svid(certs, ephemera_pki::Usage::Client, now)?;
         let not_after_ms = ephemera_pki::not_after_unix_s(&certs[0])?.saturating_mul(1000);
-        let mut cache = self.verified_svids.lock().expect("svid cache lock");
-        if cache.len() >= SVID_VERIFICATION_CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(
+        self.verified_svids.insert(
             leaf.to_vec(),
             (
                 id.clone(),

@@ -18,6 +18,8 @@ mod workers;
 pub use certs::{renewal_due, RenewedCertificate};
 
 use crate::coalesce::Coalescer;
+use crate::group_commit::{self, GroupCommit};
+use crate::verified::Verified;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +44,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::ConnInfo;
 use crate::metrics::Metrics;
+
+/// Log entries the leader has in flight at once: one being written while the one before
+/// commits, so the fsync and the replication round overlap.
+const GROUP_COMMIT_IN_FLIGHT: usize = 2;
+/// The most encoded bytes of commands in one batch entry. With the entries per replication
+/// message bounded in `raft_config`, an append stays well under the cluster's message limit.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 /// The lease of an X.509-SVID this cluster issued: its serial is 0x01 followed by the lease
 /// id's 16 bytes.
@@ -199,9 +208,13 @@ pub struct Node {
     barriers: std::sync::OnceLock<Coalescer<Result<(), Error>>>,
     /// Followers' read-index requests, on the leader, share leadership confirmations.
     read_indexes: std::sync::OnceLock<Coalescer<Result<u64, Error>>>,
+    /// The leader's writes share log entries (see [`crate::group_commit`]).
+    group_commit: std::sync::OnceLock<GroupCommit<Command, LeaderAttempt>>,
     /// Client certificates whose chain has been verified: leaf DER → (SPIFFE ID, valid until,
     /// ms). Saves a chain verification per request; revocation is still checked every time.
-    verified_svids: Mutex<HashMap<Vec<u8>, (ephemera_pki::SpiffeId, u64)>>,
+    verified_svids: Verified<Vec<u8>, (ephemera_pki::SpiffeId, u64)>,
+    /// Tokens of this cluster whose signature verified: SHA-256 of the key and the token.
+    verified_tokens: Verified<[u8; 32], ()>,
     pub local: LocalAccess,
     /// The leader's housekeeping settings.
     housekeeping: Housekeeping,
@@ -221,8 +234,10 @@ pub struct Housekeeping {
 /// How long a verified client-certificate chain is trusted without verifying it again (never
 /// beyond the certificate's own expiry).
 const SVID_VERIFICATION_CACHE_MS: u64 = 60_000;
-/// Bound on the cache of verified client certificates (cleared when full).
+/// Bound on the cache of verified client certificates.
 const SVID_VERIFICATION_CACHE_ENTRIES: usize = 10_000;
+/// Bound on the cache of verified token signatures (about 100 bytes an entry).
+const TOKEN_VERIFICATION_CACHE_ENTRIES: usize = 100_000;
 
 /// Audit records of refused authentications per second and node, and the burst allowed.
 const DENIAL_AUDITS_PER_S: u32 = 20;
@@ -285,15 +300,21 @@ impl Node {
             guard,
             barriers: std::sync::OnceLock::new(),
             read_indexes: std::sync::OnceLock::new(),
-            verified_svids: Mutex::new(HashMap::new()),
+            group_commit: std::sync::OnceLock::new(),
+            verified_svids: Verified::new(SVID_VERIFICATION_CACHE_ENTRIES),
+            verified_tokens: Verified::new(TOKEN_VERIFICATION_CACHE_ENTRIES),
             local,
             housekeeping,
             effects: effects::Executor::default(),
         }
     }
 
-    /// Starts the tasks that coalesce read barriers. They hold the node weakly and stop with it.
-    pub fn start_coalescing(self: &Arc<Self>) {
+    /// Starts the tasks that coalesce read barriers and group writes (unless `max_batch` is 1).
+    /// They hold the node weakly (or only its Raft handle) and stop with it.
+    pub fn start_coalescing(self: &Arc<Self>, max_batch: usize) {
+        if max_batch > 1 {
+            self.start_group_commit(max_batch);
+        }
         let node = Arc::downgrade(self);
         let _ = self.barriers.set(Coalescer::spawn(move || {
             let node = node.clone();
@@ -314,6 +335,27 @@ impl Node {
                 }
             }
         }));
+    }
+
+    /// Group commit (see [`crate::group_commit`]). Without it (`raft.max_batch = 1`) every
+    /// write is its own entry and as many are outstanding as callers wait.
+    fn start_group_commit(self: &Arc<Self>, max_batch: usize) {
+        let raft = self.raft.clone();
+        let limits = group_commit::Limits {
+            max_batch: max_batch.min(ephemera_core::command::MAX_BATCH),
+            max_bytes: MAX_BATCH_BYTES,
+            in_flight: GROUP_COMMIT_IN_FLIGHT,
+        };
+        let node = Arc::downgrade(self);
+        let _ = self
+            .group_commit
+            .set(GroupCommit::spawn(limits, move |commands| {
+                if let Some(n) = node.upgrade() {
+                    Metrics::inc(&n.metrics.leader_entries, 1);
+                    Metrics::inc(&n.metrics.leader_commands, commands.len() as u64);
+                }
+                routing::write_entry(raft.clone(), commands)
+            }));
     }
 
     // ---- credentials ----------------------------------------------------------------------
@@ -348,7 +390,9 @@ impl Node {
         let Some(key) = state::get_key(&self.view, &parsed.header.kid).map_err(internal)? else {
             return Ok(None);
         };
-        if parsed.verify(&key.public_key).is_err() || parsed.claims.iss != self.issuer()? {
+        if !self.signature_verifies(&parsed, token_text, &key.public_key)
+            || parsed.claims.iss != self.issuer()?
+        {
             return Ok(None);
         }
         let Some(lease) = state::get_lease(&self.view, &parsed.claims.jti).map_err(internal)?
@@ -371,6 +415,32 @@ impl Node {
             && parsed.claims.exp > now_s
             && parsed.claims.nbf <= now_s;
         Ok(live.then_some((parsed.claims, lease)))
+    }
+
+    /// Whether `parsed` (whose text is `text`) carries a valid signature by `public_key`. A
+    /// signature verified once is remembered (see [`crate::verified`]); the key is part of
+    /// what is remembered, so the answer cannot outlive a change of key.
+    pub(crate) fn signature_verifies(
+        &self,
+        parsed: &token::Unverified,
+        text: &str,
+        public_key: &[u8; 32],
+    ) -> bool {
+        use sha2::{Digest, Sha256};
+        let seen: [u8; 32] = Sha256::new()
+            .chain_update(b"ephemera-token-signature-v1:")
+            .chain_update(public_key)
+            .chain_update(text.as_bytes())
+            .finalize()
+            .into();
+        if self.verified_tokens.get(&seen).is_some() {
+            return true;
+        }
+        let valid = parsed.verify(public_key).is_ok();
+        if valid {
+            self.verified_tokens.insert(seen, ());
+        }
+        valid
     }
 
     // ---- cluster --------------------------------------------------------------------------

@@ -40,6 +40,17 @@ impl Node {
         m.current_leader == Some(self.id) && m.state == ServerState::Leader
     }
 
+    /// The public API address of the leader this node knows, if any.
+    pub fn leader_api_addr(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|info| info.api_addr.clone())
+    }
+
     pub(super) fn member_info(&self, id: NodeId) -> Option<NodeInfo> {
         self.raft
             .metrics()
@@ -310,24 +321,30 @@ impl Node {
         )))
     }
 
+    /// Writes a stamped command through the group commit (see [`crate::group_commit`]): with
+    /// the others that reach the leader while earlier writes are in flight, as one entry.
     pub(super) async fn write_as_leader(&self, cmd: Command) -> LeaderAttempt {
         let wake_executor = effects::may_record_effects(&cmd.op);
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => LeaderAttempt::Done(Ok(ForwardReply::Applied {
-                result: {
-                    if wake_executor {
-                        self.effects.wake();
-                    }
-                    resp.data
-                },
-                log_index: resp.log_id.index,
-            })),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                LeaderAttempt::NotLeader
+        let written = match self.group_commit.get() {
+            Some(group) => {
+                let bytes = ephemera_raft::encoded_len(&cmd);
+                group.submit(cmd, bytes).await
             }
-            // The entry may have been appended before the failure.
-            Err(e) => LeaderAttempt::Done(Err(Error::OutcomeUnknown(format!("raft: {e}")))),
+            None => {
+                Metrics::inc(&self.metrics.leader_entries, 1);
+                Metrics::inc(&self.metrics.leader_commands, 1);
+                write_entry(self.raft.clone(), vec![cmd]).await.pop()
+            }
+        };
+        let written = written.unwrap_or_else(|| {
+            LeaderAttempt::Done(Err(Error::OutcomeUnknown(
+                "the node's writer stopped before the write was answered".into(),
+            )))
+        });
+        if wake_executor && matches!(written, LeaderAttempt::Done(Ok(_))) {
+            self.effects.wake();
         }
+        written
     }
 
     pub(super) async fn add_node(&self, id: NodeId, info: NodeInfo) -> LeaderAttempt {
@@ -533,5 +550,41 @@ impl Node {
             Ok(Err(e)) => Err(Error::Unavailable(format!("read index: {e}"))),
             Err(_) => Err(Error::Unavailable("read index timed out".into())),
         }
+    }
+}
+
+/// Writes `commands` as one log entry (a lone command as itself, several as `Op::Batch`) and
+/// answers each with its own result, in order: what [`crate::group_commit`] asks of a writer.
+pub(super) async fn write_entry(raft: Raft, mut commands: Vec<Command>) -> Vec<LeaderAttempt> {
+    let n = commands.len();
+    let entry = if n == 1 {
+        commands.pop().expect("one command")
+    } else {
+        Command {
+            now_ms: commands.iter().map(|c| c.now_ms).max().unwrap_or(0),
+            actor: Principal::system(),
+            op: Op::Batch(commands),
+        }
+    };
+    let each = |f: &dyn Fn() -> LeaderAttempt| (0..n).map(|_| f()).collect();
+    match raft.client_write(entry).await {
+        Ok(resp) => {
+            let log_index = resp.log_id.index;
+            let applied =
+                |result| LeaderAttempt::Done(Ok(ForwardReply::Applied { result, log_index }));
+            match resp.data {
+                Ok(Outcome::Batch(results)) if n > 1 && results.len() == n => {
+                    results.into_iter().map(applied).collect()
+                }
+                data if n == 1 => vec![applied(data)],
+                // A refused batch (this leader never builds one: oversized or nested).
+                _ => each(&|| applied(Err(internal("the state machine refused a batch entry")))),
+            }
+        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            each(&|| LeaderAttempt::NotLeader)
+        }
+        // The entry may have been appended before the failure.
+        Err(e) => each(&|| LeaderAttempt::Done(Err(Error::OutcomeUnknown(format!("raft: {e}"))))),
     }
 }
