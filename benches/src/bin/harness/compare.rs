@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use ephemera_client::{pb, Client};
 use serde_json::{json, Value};
 
-use crate::cluster::{find_or_install_bao, kill9, EphemeraCluster, OpenBaoCluster};
+use crate::cluster::{cpu_seconds, find_or_install_bao, kill9, EphemeraCluster, OpenBaoCluster};
 use crate::Flags;
 
 /// Ephemera's operation and its OpenBao equivalent (the `--workload` name is the same).
@@ -27,6 +27,31 @@ struct Settings {
 }
 
 impl Settings {
+    /// Issuance in an open loop at half the rate the closed loop reached (`closed`: the
+    /// issue report), for the same duration: the latency a cluster gives with headroom, with
+    /// every request timed from when it was due, so a stall is not hidden.
+    fn open_loop_args(&self, closed: &Value) -> Vec<String> {
+        let rate = (op(closed, "issue")["throughput_per_s"].as_f64().unwrap_or(0.0) / 2.0)
+            .max(1.0) as u64;
+        [
+            "--output",
+            "json",
+            "bench",
+            "--workload",
+            "issue",
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &self.duration,
+            "--warmup",
+            &self.warmup,
+            "--ttl-s",
+            "600",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// `earlier`: this target's reports so far (issue runs first). A revocation consumes a
     /// lease, so the revoke run gets a pool sized from the issue rate just measured: enough
     /// that no revocation has to issue its own lease, whose time would count as its latency.
@@ -80,14 +105,22 @@ pub async fn run(flags: &Flags) -> Result<()> {
 
     eprintln!("harness: starting a 3-node OpenBao cluster ({bao_version})");
     let mut bao = OpenBaoCluster::start(&bao_bin, &dir.join("openbao"), 3).await?;
+    let bao_pids: Vec<u32> = bao.nodes.iter().map(|n| n.pid).collect();
     let mut bao_results = Vec::new();
     for (workload, _) in WORKLOADS {
         eprintln!("harness: OpenBao {workload}");
         let mut args = settings.bench_args(workload, &bao_results);
         args.extend(["--target".to_string(), "openbao".to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        bao_results.push(run_bench(&args, &bao)?);
+        let cpu = cpu_seconds(&bao_pids);
+        let report = run_bench(&args, &bao)?;
+        bao_results.push(with_cpu(report, workload, cpu_seconds(&bao_pids) - cpu));
     }
+    eprintln!("harness: OpenBao issue, open loop");
+    let mut args = settings.open_loop_args(&bao_results[0]);
+    args.extend(["--target".to_string(), "openbao".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bao_open = run_bench(&args, &bao)?;
     let bao_failover = if flags.has("skip-failover") {
         None
     } else {
@@ -115,14 +148,22 @@ pub async fn run(flags: &Flags) -> Result<()> {
             "1h",
         ],
     )?;
+    let eph_pids = eph.pids();
     let mut eph_results = Vec::new();
     for (workload, _) in WORKLOADS {
         eprintln!("harness: Ephemera {workload}");
         let args = settings.bench_args(workload, &eph_results);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cpu = cpu_seconds(&eph_pids);
         let out = eph.cli("workload", &args)?;
-        eph_results.push(serde_json::from_str::<Value>(&out).context("bench report")?);
+        let report = serde_json::from_str::<Value>(&out).context("bench report")?;
+        eph_results.push(with_cpu(report, workload, cpu_seconds(&eph_pids) - cpu));
     }
+    eprintln!("harness: Ephemera issue, open loop");
+    let args = settings.open_loop_args(&eph_results[0]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let eph_open = serde_json::from_str::<Value>(&eph.cli("workload", &args)?)
+        .context("bench report")?;
     let eph_failover = if flags.has("skip-failover") {
         None
     } else {
@@ -134,10 +175,9 @@ pub async fn run(flags: &Flags) -> Result<()> {
     let table = render(
         &settings,
         &bao_version,
-        &bao_results,
-        &eph_results,
-        bao_failover,
-        eph_failover,
+        [&bao_results, &eph_results],
+        [&bao_open, &eph_open],
+        [bao_failover, eph_failover],
     );
     println!("{table}");
     std::fs::write(dir.join("report.md"), &table)?;
@@ -148,6 +188,7 @@ pub async fn run(flags: &Flags) -> Result<()> {
         "openbao_version": bao_version,
         "openbao": bao_results,
         "ephemera": eph_results,
+        "open_loop_issue": { "openbao": bao_open, "ephemera": eph_open },
         "failover_ms": {
             "openbao": bao_failover.map(|d| d.as_secs_f64() * 1000.0),
             "ephemera": eph_failover.map(|d| d.as_secs_f64() * 1000.0),
@@ -258,13 +299,28 @@ fn op<'a>(report: &'a Value, workload: &str) -> &'a Value {
     &report["operations"][workload]
 }
 
+/// Adds the cluster's CPU per operation to an issue report: the CPU its nodes used during the
+/// run (`cpu_s`, warm-up included) over the operations in it (the warm-up's counted at the
+/// measured rate). Only issuance: the other workloads issue their pool inside the same window.
+fn with_cpu(mut report: Value, workload: &str, cpu_s: f64) -> Value {
+    if workload == "issue" {
+        let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+        let ops = op(&report, workload)["throughput_per_s"].as_f64().unwrap_or(0.0)
+            * (f("measured_s") + f("warmup_s"));
+        if ops > 0.0 {
+            report["cpu_ms_per_op"] = json!(cpu_s * 1000.0 / ops);
+        }
+    }
+    report
+}
+
+/// The table: `[OpenBao, Ephemera]` in each pair.
 fn render(
     settings: &Settings,
     bao_version: &str,
-    bao: &[Value],
-    eph: &[Value],
-    bao_failover: Option<Duration>,
-    eph_failover: Option<Duration>,
+    [bao, eph]: [&[Value]; 2],
+    open_loop: [&Value; 2],
+    [bao_failover, eph_failover]: [Option<Duration>; 2],
 ) -> String {
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let errors = |v: &Value| {
@@ -294,13 +350,34 @@ fn render(
             errors(e),
         ));
     }
+    let [b_open, e_open] = open_loop.map(|r| op(r, "issue"));
+    out.push_str(&format!(
+        "| issue, open loop at half the closed-loop maximum ({:.0} / {:.0} per s offered) | {:.0} | {:.0} | | {:.2} / {:.2} | {:.2} / {:.2} | {:.1}× lower | {} / {} |\n",
+        open_loop[0]["rate_per_s"].as_f64().unwrap_or(0.0),
+        open_loop[1]["rate_per_s"].as_f64().unwrap_or(0.0),
+        f(b_open, "throughput_per_s"),
+        f(e_open, "throughput_per_s"),
+        f(b_open, "p50_ms"),
+        f(b_open, "p99_ms"),
+        f(e_open, "p50_ms"),
+        f(e_open, "p99_ms"),
+        f(b_open, "p99_ms") / f(e_open, "p99_ms").max(1e-9),
+        errors(b_open),
+        errors(e_open),
+    ));
+    let cpu = |r: &Value| r["cpu_ms_per_op"].as_f64().unwrap_or(f64::NAN);
+    out.push_str(&format!(
+        "\nCPU per issuance, all three nodes together (closed loop, from /proc): OpenBao {:.3} ms, Ephemera {:.3} ms.\n",
+        cpu(&bao[0]),
+        cpu(&eph[0])
+    ));
     let ms = |d: Option<Duration>| {
         d.map_or("not measured".to_string(), |d| {
             format!("{:.0} ms", d.as_secs_f64() * 1000.0)
         })
     };
     out.push_str(&format!(
-        "\nFailover (kill -9 of the leader / active node under light load, until the first successful issuance on a survivor): OpenBao {}, Ephemera {}.\n",
+        "Failover (kill -9 of the leader / active node under light load, until the first successful issuance on a survivor): OpenBao {}, Ephemera {}.\n",
         ms(bao_failover),
         ms(eph_failover)
     ));
