@@ -31,7 +31,10 @@ impl Settings {
     /// issue report), for the same duration: the latency a cluster gives with headroom, with
     /// every request timed from when it was due, so a stall is not hidden.
     fn open_loop_args(&self, closed: &Value) -> Vec<String> {
-        let rate = (op(closed, "issue")["throughput_per_s"].as_f64().unwrap_or(0.0) / 2.0)
+        let rate = (op(closed, "issue")["throughput_per_s"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 2.0)
             .max(1.0) as u64;
         [
             "--output",
@@ -162,8 +165,8 @@ pub async fn run(flags: &Flags) -> Result<()> {
     eprintln!("harness: Ephemera issue, open loop");
     let args = settings.open_loop_args(&eph_results[0]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let eph_open = serde_json::from_str::<Value>(&eph.cli("workload", &args)?)
-        .context("bench report")?;
+    let eph_open =
+        serde_json::from_str::<Value>(&eph.cli("workload", &args)?).context("bench report")?;
     let eph_failover = if flags.has("skip-failover") {
         None
     } else {
@@ -305,7 +308,9 @@ fn op<'a>(report: &'a Value, workload: &str) -> &'a Value {
 fn with_cpu(mut report: Value, workload: &str, cpu_s: f64) -> Value {
     if workload == "issue" {
         let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
-        let ops = op(&report, workload)["throughput_per_s"].as_f64().unwrap_or(0.0)
+        let ops = op(&report, workload)["throughput_per_s"]
+            .as_f64()
+            .unwrap_or(0.0)
             * (f("measured_s") + f("warmup_s"));
         if ops > 0.0 {
             report["cpu_ms_per_op"] = json!(cpu_s * 1000.0 / ops);
