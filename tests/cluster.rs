@@ -685,6 +685,58 @@ fn writes_go_to_the_leader_the_nodes_name() {
     });
 }
 
+/// Group commit puts many commands in one log entry, and openraft's snapshot policy counts
+/// entries: the node also snapshots (and so purges the log) after `--snapshot-logs` commands,
+/// or a busy cluster's log would grow without bound.
+#[test]
+fn the_log_is_compacted_by_commands_when_entries_carry_many() {
+    let cluster = DevCluster::start(3, &["--snapshot-logs", "300"]);
+    rt().block_on(async {
+        let c = Arc::new(cluster.client());
+        put_role(&c, "web", 600, 3600).await;
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let c = c.clone();
+            clients.spawn(async move {
+                for _ in 0..10 {
+                    c.issue(issue_req("web")).await.unwrap();
+                }
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.unwrap();
+        }
+        let leader = status(&c).await.leader_id;
+        let http = &cluster.http_urls()[leader as usize - 1];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = cluster
+                .https(None)
+                .get(format!("{http}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let entries = metric(&metrics, "ephemera_leader_entries_total");
+            let commands = metric(&metrics, "ephemera_leader_commands_total");
+            assert!(
+                commands >= 1000 && entries < 250,
+                "1,000 concurrent issuances share entries: {commands} commands in {entries}"
+            );
+            if metric(&metrics, "ephemera_raft_purged_index") > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than 300 entries, over 300 commands, and the log was not compacted:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))

@@ -8,9 +8,10 @@ use std::fmt::Debug;
 use std::io::{Seek, Write};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ephemera_core::command::Outcome;
+use ephemera_core::command::{Op, Outcome};
 use ephemera_core::kv::{KvPairs, KvRead, Overlay};
 use ephemera_core::state;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -116,6 +117,7 @@ fn open_trees(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Erro
             current: Mutex::new(None),
             seq: Mutex::new(0),
         }),
+        commands: Arc::default(),
     };
     Ok((log, sm))
 }
@@ -307,6 +309,9 @@ pub struct SledStateMachine {
     db: sled::Db,
     copies: Arc<Copies>,
     snapshots: Arc<SnapshotSlot>,
+    /// Commands applied since this process opened the store (a batch entry counts its
+    /// commands): what the node's snapshot trigger counts, since entries undercount them.
+    commands: Arc<AtomicU64>,
 }
 
 /// Keys written since a copy began, each with the value it had then (`None`: absent).
@@ -528,6 +533,11 @@ impl SledStateMachine {
         self.view.clone()
     }
 
+    /// The count of commands applied since the store was opened.
+    pub fn commands_applied(&self) -> Arc<AtomicU64> {
+        self.commands.clone()
+    }
+
     fn snapshot_path(&self) -> PathBuf {
         self.snapshots.path.clone()
     }
@@ -728,6 +738,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         let mut results = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
+        let mut commands = 0;
         let writes = {
             let mut overlay = Overlay::new(&self.view);
             for entry in entries {
@@ -735,6 +746,10 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                 match entry.payload {
                     EntryPayload::Blank => results.push(Ok(Outcome::Done)),
                     EntryPayload::Normal(cmd) => {
+                        commands += match &cmd.op {
+                            Op::Batch(batch) => batch.len() as u64,
+                            _ => 1,
+                        };
                         results.push(state::apply(&mut overlay, &cmd).map_err(write_sm_err)?);
                     }
                     EntryPayload::Membership(m) => {
@@ -755,6 +770,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         self.copies
             .write(&self.view.tree, writes)
             .map_err(write_sm_err)?;
+        self.commands.fetch_add(commands, Ordering::Relaxed);
         Ok(results)
     }
 

@@ -27,23 +27,17 @@ struct Settings {
 }
 
 impl Settings {
-    /// Issuance in an open loop at half the rate the closed loop reached (`closed`: the
-    /// issue report), for the same duration: the latency a cluster gives with headroom, with
-    /// every request timed from when it was due, so a stall is not hidden.
-    fn open_loop_args(&self, closed: &Value) -> Vec<String> {
-        let rate = (op(closed, "issue")["throughput_per_s"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / 2.0)
-            .max(1.0) as u64;
+    /// `ephemera bench` of `workload` under `load` (`--concurrency N` or `--rate R`), with
+    /// this run's duration and warm-up.
+    fn args(&self, workload: &str, load: [&str; 2]) -> Vec<String> {
         [
             "--output",
             "json",
             "bench",
             "--workload",
-            "issue",
-            "--rate",
-            &rate.to_string(),
+            workload,
+            load[0],
+            load[1],
             "--duration",
             &self.duration,
             "--warmup",
@@ -55,27 +49,22 @@ impl Settings {
         .to_vec()
     }
 
+    /// Issuance in an open loop at half the rate the closed loop reached (`closed`: the
+    /// issue report), for the same duration: the latency a cluster gives with headroom, with
+    /// every request timed from when it was due, so a stall is not hidden.
+    fn open_loop_args(&self, closed: &Value) -> Vec<String> {
+        let closed_per_s = op(closed, "issue")["throughput_per_s"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let rate = ((closed_per_s / 2.0).max(1.0) as u64).to_string();
+        self.args("issue", ["--rate", &rate])
+    }
+
     /// `earlier`: this target's reports so far (issue runs first). A revocation consumes a
     /// lease, so the revoke run gets a pool sized from the issue rate just measured: enough
     /// that no revocation has to issue its own lease, whose time would count as its latency.
     fn bench_args(&self, workload: &str, earlier: &[Value]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--output",
-            "json",
-            "bench",
-            "--workload",
-            workload,
-            "--concurrency",
-            &self.concurrency.to_string(),
-            "--duration",
-            &self.duration,
-            "--warmup",
-            &self.warmup,
-            "--ttl-s",
-            "600",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = self.args(workload, ["--concurrency", &self.concurrency.to_string()]);
         if let Some(issue) = earlier.first().filter(|_| workload == "revoke") {
             // The issue run had the same duration and warm-up as this one will.
             let run_s = issue["measured_s"].as_f64().unwrap_or(0.0)
