@@ -14,6 +14,7 @@
 //! entry back to the young one. So memory stays under `capacity` entries, entries in use stay,
 //! and no eviction costs more than dropping a map.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -32,7 +33,11 @@ impl<K: Hash + Eq, V: Clone> Verified<K, V> {
     }
 
     /// What was recorded for `key`, if it is still remembered.
-    pub fn get(&self, key: &K) -> Option<V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut g = self.generations.lock().expect("verification cache lock");
         if let Some(v) = g.0.get(key) {
             return Some(v.clone());

@@ -276,7 +276,7 @@ impl Node {
     ) -> Result<ephemera_pki::SpiffeId, ephemera_pki::PkiError> {
         let now_ms = self.clock.now_ms();
         let leaf = certs[0].as_ref();
-        if let Some((id, until)) = self.verified_svids.get(&leaf.to_vec()) {
+        if let Some((id, until)) = self.verified_svids.get(leaf) {
             if now_ms < until {
                 return Ok(id);
             }
