@@ -548,15 +548,7 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
         // Snapshotting and purging run in the background after the threshold; poll for them.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let metrics = cluster
-                .https(None)
-                .get(format!("{http}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = cluster.metrics_at(http).await;
             if metric(&metrics, "ephemera_raft_purged_index") > 0 {
                 break;
             }
@@ -580,15 +572,7 @@ fn node_added_after_compaction_catches_up_by_snapshot() {
             c4,
         ];
         converged(&clients, Duration::from_secs(30)).await;
-        let metrics4 = cluster
-            .https(None)
-            .get(format!("{http4}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics4 = cluster.metrics_at(&http4).await;
         assert!(
             metric(&metrics4, "ephemera_raft_snapshot_index") > 0,
             "node 4 did not install a snapshot"
@@ -645,10 +629,10 @@ fn writes_go_to_the_leader_the_nodes_name() {
             .unwrap()
             .with_timeout(Duration::from_secs(10));
         let counters = |node: u64| {
-            let url = format!("{}/metrics", cluster.http_urls()[node as usize - 1]);
-            let https = cluster.https(None);
+            let url = cluster.http_urls()[node as usize - 1].clone();
+            let cluster = &cluster;
             async move {
-                let text = https.get(url).send().await.unwrap().text().await.unwrap();
+                let text = cluster.metrics_at(&url).await;
                 [
                     "ephemera_credentials_issued_total",
                     "ephemera_forwarded_total",
@@ -710,15 +694,7 @@ fn the_log_is_compacted_by_commands_when_entries_carry_many() {
         let http = &cluster.http_urls()[leader as usize - 1];
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let metrics = cluster
-                .https(None)
-                .get(format!("{http}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = cluster.metrics_at(http).await;
             let entries = metric(&metrics, "ephemera_leader_entries_total");
             let commands = metric(&metrics, "ephemera_leader_commands_total");
             assert!(

@@ -339,15 +339,7 @@ fn an_issuance_spike_quarantines_the_identity_until_released() {
         // The leader counted it.
         let mut counted = false;
         for url in cluster.http_urls() {
-            let text = cluster
-                .https(None)
-                .get(format!("{url}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = cluster.metrics_at(&url).await;
             counted |= text.contains("ephemera_anomalies_total{kind=\"rate_spike\"} 1");
         }
         assert!(counted, "no node counted the anomaly");

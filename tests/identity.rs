@@ -216,15 +216,7 @@ fn a_node_with_another_nodes_certificate_cannot_join() {
         );
         let members = status(&admin).await.nodes;
         assert_eq!(members.len(), 3, "membership changed: {members:?}");
-        let metrics = cluster
-            .https(None)
-            .get(format!("https://{http4}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = cluster.metrics_at(&format!("https://{http4}")).await;
         for gauge in ["ephemera_raft_term 0", "ephemera_raft_last_log_index 0"] {
             assert!(
                 metrics.contains(gauge),
@@ -740,15 +732,7 @@ fn a_flood_of_refused_certificates_is_audited_up_to_a_rate_and_counted() {
             .iter()
             .filter(|r| r.action == "auth.denied")
             .count();
-        let metrics = cluster
-            .https(None)
-            .get(format!("{}/metrics", cluster.http_urls()[0]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = cluster.metrics_at(&cluster.http_urls()[0]).await;
         let unaudited: usize = metrics
             .lines()
             .find_map(|l| l.strip_prefix("ephemera_auth_denials_unaudited_total "))

@@ -183,6 +183,19 @@ impl DevCluster {
         b.build().unwrap()
     }
 
+    /// The Prometheus text a node serves at `{http_url}/metrics` (`http_url` as
+    /// [`DevCluster::http_urls`] gives it).
+    pub async fn metrics_at(&self, http_url: &str) -> String {
+        self.https(None)
+            .get(format!("{http_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn config(&self, node: u64) -> &NodeConfig {
         self.nodes.config(node)
     }
