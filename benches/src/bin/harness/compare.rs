@@ -79,12 +79,23 @@ impl Settings {
     }
 }
 
+/// One pass of every measurement against both clusters; `[OpenBao, Ephemera]` in each pair.
+struct Pass {
+    closed: [Vec<Value>; 2],
+    open_loop: [Value; 2],
+    failover: [Option<Duration>; 2],
+}
+
 pub async fn run(flags: &Flags) -> Result<()> {
     let settings = Settings {
         concurrency: flags.number("concurrency", 64)?,
         duration: flags.value("duration").unwrap_or("20s").to_string(),
         warmup: flags.value("warmup").unwrap_or("3s").to_string(),
     };
+    let runs = flags.number("runs", 1)?;
+    if !(1..=9).contains(&runs) {
+        bail!("--runs {runs}: between 1 and 9");
+    }
     let dir = PathBuf::from(flags.value("dir").unwrap_or("target/bench/compare"));
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
@@ -95,8 +106,113 @@ pub async fn run(flags: &Flags) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
 
-    eprintln!("harness: starting a 3-node OpenBao cluster ({bao_version})");
-    let mut bao = OpenBaoCluster::start(&bao_bin, &dir.join("openbao"), 3).await?;
+    let mut passes = Vec::new();
+    let mut tables = String::new();
+    for n in 1..=runs {
+        eprintln!("harness: run {n} of {runs}");
+        // Fresh clusters each run, so no run inherits another's state or warm caches.
+        let run_dir = dir.join(format!("run-{n}"));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let pass = one_pass(&settings, &bao_bin, &run_dir, flags.has("skip-failover")).await?;
+        let table = render(&settings, &bao_version, &pass);
+        if runs > 1 {
+            tables.push_str(&format!("### Run {n} of {runs}\n\n{table}\n"));
+        }
+        println!("{table}");
+        let _ = std::fs::remove_dir_all(&run_dir);
+        passes.push(pass);
+    }
+    let median = Pass {
+        closed: [0, 1].map(|t| {
+            (0..WORKLOADS.len())
+                .map(|w| median_value(&passes.iter().map(|p| &p.closed[t][w]).collect::<Vec<_>>()))
+                .collect()
+        }),
+        open_loop: [0, 1]
+            .map(|t| median_value(&passes.iter().map(|p| &p.open_loop[t]).collect::<Vec<_>>())),
+        failover: [0, 1].map(|t| {
+            let mut d: Vec<Duration> = passes.iter().filter_map(|p| p.failover[t]).collect();
+            d.sort();
+            d.get(d.len() / 2)
+                .copied()
+                .filter(|_| d.len() == passes.len())
+        }),
+    };
+    let mut table = render(&settings, &bao_version, &median);
+    if runs > 1 {
+        table = format!("## Medians of {runs} runs\n\n{table}\n{tables}");
+        println!("{table}");
+    }
+    std::fs::write(dir.join("report.md"), &table)?;
+    let to_json = |p: &Pass| {
+        json!({
+            "openbao": p.closed[0],
+            "ephemera": p.closed[1],
+            "open_loop_issue": { "openbao": p.open_loop[0], "ephemera": p.open_loop[1] },
+            "failover_ms": {
+                "openbao": p.failover[0].map(|d| d.as_secs_f64() * 1000.0),
+                "ephemera": p.failover[1].map(|d| d.as_secs_f64() * 1000.0),
+            },
+        })
+    };
+    let report = json!({
+        "concurrency": settings.concurrency,
+        "duration": settings.duration,
+        "warmup": settings.warmup,
+        "openbao_version": bao_version,
+        "runs": runs,
+        "median": to_json(&median),
+        "each_run": passes.iter().map(to_json).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    eprintln!("harness: reports in {}", dir.display());
+    Ok(())
+}
+
+/// The median of each number across `reports` that share a shape (the same bench report from
+/// several runs): objects are taken key by key, and anything not a number (or missing from a
+/// run) is taken from the first report. With an even count, the upper of the two middle values.
+fn median_value(reports: &[&Value]) -> Value {
+    match reports.first() {
+        Some(Value::Object(first)) => Value::Object(
+            first
+                .iter()
+                .map(|(k, v)| {
+                    let same: Vec<&Value> = reports.iter().filter_map(|r| r.get(k)).collect();
+                    let m = if same.len() == reports.len() {
+                        median_value(&same)
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), m)
+                })
+                .collect(),
+        ),
+        Some(Value::Number(_)) => {
+            let mut xs: Vec<f64> = reports.iter().filter_map(|v| v.as_f64()).collect();
+            if xs.len() != reports.len() {
+                return reports[0].clone();
+            }
+            xs.sort_by(f64::total_cmp);
+            json!(xs[xs.len() / 2])
+        }
+        Some(other) => (*other).clone(),
+        None => Value::Null,
+    }
+}
+
+/// Both clusters, one after the other in `dir`, through every measurement.
+async fn one_pass(
+    settings: &Settings,
+    bao_bin: &std::path::Path,
+    dir: &std::path::Path,
+    skip_failover: bool,
+) -> Result<Pass> {
+    eprintln!("harness: starting a 3-node OpenBao cluster");
+    let mut bao = OpenBaoCluster::start(bao_bin, &dir.join("openbao"), 3).await?;
     let bao_pids: Vec<u32> = bao.nodes.iter().map(|n| n.pid).collect();
     let mut bao_results = Vec::new();
     for (workload, _) in WORKLOADS {
@@ -113,7 +229,7 @@ pub async fn run(flags: &Flags) -> Result<()> {
     args.extend(["--target".to_string(), "openbao".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let bao_open = run_bench(&args, &bao)?;
-    let bao_failover = if flags.has("skip-failover") {
+    let bao_failover = if skip_failover {
         None
     } else {
         eprintln!("harness: OpenBao failover");
@@ -156,42 +272,18 @@ pub async fn run(flags: &Flags) -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let eph_open =
         serde_json::from_str::<Value>(&eph.cli("workload", &args)?).context("bench report")?;
-    let eph_failover = if flags.has("skip-failover") {
+    let eph_failover = if skip_failover {
         None
     } else {
         eprintln!("harness: Ephemera failover");
         Some(ephemera_failover(&eph).await?)
     };
     eph.stop();
-
-    let table = render(
-        &settings,
-        &bao_version,
-        [&bao_results, &eph_results],
-        [&bao_open, &eph_open],
-        [bao_failover, eph_failover],
-    );
-    println!("{table}");
-    std::fs::write(dir.join("report.md"), &table)?;
-    let report = json!({
-        "concurrency": settings.concurrency,
-        "duration": settings.duration,
-        "warmup": settings.warmup,
-        "openbao_version": bao_version,
-        "openbao": bao_results,
-        "ephemera": eph_results,
-        "open_loop_issue": { "openbao": bao_open, "ephemera": eph_open },
-        "failover_ms": {
-            "openbao": bao_failover.map(|d| d.as_secs_f64() * 1000.0),
-            "ephemera": eph_failover.map(|d| d.as_secs_f64() * 1000.0),
-        },
-    });
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    eprintln!("harness: reports in {}", dir.display());
-    Ok(())
+    Ok(Pass {
+        closed: [bao_results, eph_results],
+        open_loop: [bao_open, eph_open],
+        failover: [bao_failover, eph_failover],
+    })
 }
 
 /// `ephemera bench --target openbao` against the cluster; its JSON report.
@@ -308,14 +400,20 @@ fn with_cpu(mut report: Value, workload: &str, cpu_s: f64) -> Value {
     report
 }
 
+/// Ephemera's p99 against OpenBao's, as "N× lower" or "N× higher" (never "0.3× lower").
+fn lower_or_higher(bao_ms: f64, eph_ms: f64) -> String {
+    if eph_ms <= bao_ms {
+        format!("{:.1}× lower", bao_ms / eph_ms.max(1e-9))
+    } else {
+        format!("{:.1}× higher", eph_ms / bao_ms.max(1e-9))
+    }
+}
+
 /// The table: `[OpenBao, Ephemera]` in each pair.
-fn render(
-    settings: &Settings,
-    bao_version: &str,
-    [bao, eph]: [&[Value]; 2],
-    open_loop: [&Value; 2],
-    [bao_failover, eph_failover]: [Option<Duration>; 2],
-) -> String {
+fn render(settings: &Settings, bao_version: &str, pass: &Pass) -> String {
+    let [bao, eph] = &pass.closed;
+    let open_loop = &pass.open_loop;
+    let [bao_failover, eph_failover] = pass.failover;
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let errors = |v: &Value| {
         v["errors"]
@@ -331,9 +429,9 @@ fn render(
     for (i, (workload, equivalent)) in WORKLOADS.iter().enumerate() {
         let (b, e) = (op(&bao[i], workload), op(&eph[i], workload));
         let ratio = f(e, "throughput_per_s") / f(b, "throughput_per_s").max(1e-9);
-        let p99_ratio = f(b, "p99_ms") / f(e, "p99_ms").max(1e-9);
+        let p99_ratio = lower_or_higher(f(b, "p99_ms"), f(e, "p99_ms"));
         out.push_str(&format!(
-            "| {workload} ({equivalent}) | {:.0} | {:.0} | {ratio:.1}× | {:.2} / {:.2} | {:.2} / {:.2} | {p99_ratio:.1}× lower | {} / {} |\n",
+            "| {workload} ({equivalent}) | {:.0} | {:.0} | {ratio:.1}× | {:.2} / {:.2} | {:.2} / {:.2} | {p99_ratio} | {} / {} |\n",
             f(b, "throughput_per_s"),
             f(e, "throughput_per_s"),
             f(b, "p50_ms"),
@@ -344,9 +442,9 @@ fn render(
             errors(e),
         ));
     }
-    let [b_open, e_open] = open_loop.map(|r| op(r, "issue"));
+    let [b_open, e_open] = [0, 1].map(|t| op(&open_loop[t], "issue"));
     out.push_str(&format!(
-        "| issue, open loop at half the closed-loop maximum ({:.0} / {:.0} per s offered) | {:.0} | {:.0} | | {:.2} / {:.2} | {:.2} / {:.2} | {:.1}× lower | {} / {} |\n",
+        "| issue, open loop at half the closed-loop maximum ({:.0} / {:.0} per s offered) | {:.0} | {:.0} | | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} / {} |\n",
         open_loop[0]["rate_per_s"].as_f64().unwrap_or(0.0),
         open_loop[1]["rate_per_s"].as_f64().unwrap_or(0.0),
         f(b_open, "throughput_per_s"),
@@ -355,7 +453,7 @@ fn render(
         f(b_open, "p99_ms"),
         f(e_open, "p50_ms"),
         f(e_open, "p99_ms"),
-        f(b_open, "p99_ms") / f(e_open, "p99_ms").max(1e-9),
+        lower_or_higher(f(b_open, "p99_ms"), f(e_open, "p99_ms")),
         errors(b_open),
         errors(e_open),
     ));

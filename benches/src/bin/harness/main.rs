@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
 fn usage() -> &'static str {
-    "usage: harness compare [--concurrency N] [--duration 20s] [--warmup 3s] [--dir DIR] [--bao PATH] [--skip-failover]\n\
+    "usage: harness compare [--concurrency N] [--duration 20s] [--warmup 3s] [--dir DIR] [--bao PATH] [--skip-failover] [--runs N]\n\
      \x20      harness large-state [--leases N] [--concurrency N] [--dir DIR]"
 }
 
@@ -103,6 +103,7 @@ fn main() -> Result<()> {
                 "dir",
                 "bao",
                 "skip-failover",
+                "runs",
             ])?;
             rt.block_on(compare::run(&flags))
         }
