@@ -40,4 +40,13 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
     install_debian python3-grpcio python3-grpc-tools
   fi
 fi
+# The deployment tests check the systemd unit with systemd-analyze and the Kubernetes manifests
+# against the Kubernetes schemas (kubernetes-validate, which bundles them, and PyYAML).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  install_debian systemd
+fi
+if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+  python3 -m pip install --quiet kubernetes-validate pyyaml ||
+    python3 -m pip install --quiet --break-system-packages kubernetes-validate pyyaml
+fi
 exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -16,8 +16,18 @@ use crate::{
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Dev(args) => crate::dev::run(args).await,
-        Command::Server { config } => server(config).await,
+        Command::Server {
+            config,
+            check: true,
+        } => {
+            let cfg = ephemera_node::NodeConfig::load(config)?;
+            print!("{}", cfg.to_toml()?);
+            eprintln!("{}: valid", config.display());
+            Ok(())
+        }
+        Command::Server { config, .. } => server(config).await,
         Command::Cluster(c) => cluster(&cli, c).await,
+        Command::Pki(p) => crate::pki::run(p),
         Command::Role(r) => role(&cli, r).await,
         Command::Policy(p) => crate::policy::run(&cli, p).await,
         Command::Quarantine(q) => quarantine(&cli, q).await,

@@ -8,6 +8,7 @@ mod db;
 mod dev;
 mod exec;
 mod output;
+mod pki;
 mod policy;
 mod ssh;
 mod util;
@@ -74,10 +75,16 @@ pub enum Command {
     Server {
         #[arg(long)]
         config: PathBuf,
+        /// Only read and validate the configuration, print it, and exit (0 when valid).
+        #[arg(long)]
+        check: bool,
     },
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Certificates to start a cluster from: a CA, node and client certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
     /// Credential templates.
     #[command(subcommand)]
     Role(RoleCmd),

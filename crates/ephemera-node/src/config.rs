@@ -51,6 +51,14 @@ pub struct NodeConfig {
     /// control) or only by being added to an existing one.
     #[serde(default)]
     pub bootstrap: BootstrapConfig,
+    /// Forming and keeping the cluster from a list of its nodes, with no `cluster init` or
+    /// `cluster join` by hand.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    /// The addresses the other nodes and clients use to reach this one, when they differ from
+    /// the listen addresses (listening on 0.0.0.0 in a pod, say).
+    #[serde(default)]
+    pub advertise: AdvertiseConfig,
     /// Restrictions on the break-glass credential.
     #[serde(default)]
     pub break_glass: BreakGlassConfig,
@@ -102,6 +110,40 @@ pub struct BootstrapConfig {
     /// This node only ever joins an existing cluster (`cluster join` from a member): it refuses
     /// `cluster init` and writes no init secret.
     pub join: bool,
+}
+
+/// Automatic forming and joining. Every node lists the cluster's nodes (itself included or
+/// not); the leader adds each listed node that is up and new, and removes and re-adds one
+/// that came back with an empty data directory. With `bootstrap_expect`, the listed node with
+/// the lowest id forms the cluster once that many listed nodes are up and new.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The cluster's nodes: id and cluster address (`host:port`; a DNS name is resolved at
+    /// each connection). Empty: membership changes only by `cluster join` / `cluster remove`.
+    pub peers: Vec<PeerAddr>,
+    /// Form a new cluster once this many listed nodes, this one included, are up and have no
+    /// data. 0: never form one automatically (a listed node still joins an existing cluster).
+    pub bootstrap_expect: usize,
+    /// Where the node that forms the cluster writes the break-glass credential (mode 0600).
+    /// Read it, store it safely and delete the file. Default: `<data_dir>/admin.credential`.
+    pub admin_credential_file: Option<PathBuf>,
+    /// The cluster CA's private key (PEM) to import when forming the cluster, with
+    /// `tls.ca_file` as its certificate, as `cluster init --ca-cert --ca-key` does. It lets the
+    /// cluster renew node certificates and issue X.509-SVIDs.
+    pub ca_key_file: Option<PathBuf>,
+    /// The `iss` of the cluster's tokens. Default: `https://` and the advertised HTTP address
+    /// of the node that forms the cluster.
+    pub issuer: Option<String>,
+}
+
+/// Advertised addresses (`host:port`); each defaults to its listen address.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdvertiseConfig {
+    pub api_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub cluster_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -329,6 +371,8 @@ impl NodeConfig {
             test_clock_offset_ms: 0,
             guard: Default::default(),
             bootstrap: Default::default(),
+            cluster: Default::default(),
+            advertise: Default::default(),
             break_glass: Default::default(),
             listeners: Default::default(),
             retention: Default::default(),
@@ -383,10 +427,92 @@ impl NodeConfig {
             .unwrap_or_else(|| self.data_dir.join("init.secret"))
     }
 
+    /// Where the node that forms the cluster writes the break-glass credential.
+    pub fn admin_credential_path(&self) -> PathBuf {
+        self.cluster
+            .admin_credential_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.credential"))
+    }
+
+    /// The addresses this node is reached at: `[api, http, cluster]`.
+    pub fn advertised(&self) -> [String; 3] {
+        let a = &self.advertise;
+        [
+            (&a.api_addr, self.api_addr),
+            (&a.http_addr, self.http_addr),
+            (&a.cluster_addr, self.cluster_addr),
+        ]
+        .map(|(adv, listen)| adv.clone().unwrap_or_else(|| listen.to_string()))
+    }
+
+    /// The node that forms the cluster when `bootstrap_expect` is set: the lowest listed id.
+    /// A fixed choice, so that two partitioned halves can never both form one.
+    pub fn bootstrapper(&self) -> u64 {
+        self.cluster
+            .peers
+            .iter()
+            .map(|p| p.id)
+            .chain([self.node_id])
+            .min()
+            .unwrap_or(self.node_id)
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut ids = std::collections::BTreeSet::from([self.node_id]);
+        for p in &c.peers {
+            if p.id == 0 {
+                return invalid("cluster.peers: a node id must be non-zero".into());
+            }
+            if !is_host_port(&p.addr) {
+                return invalid(format!(
+                    "cluster.peers: {:?} for node {} is not host:port",
+                    p.addr, p.id
+                ));
+            }
+            if p.id == self.node_id {
+                continue;
+            }
+            if !ids.insert(p.id) {
+                return invalid(format!("cluster.peers: node {} is listed twice", p.id));
+            }
+        }
+        if c.bootstrap_expect > ids.len() {
+            return invalid(format!(
+                "cluster.bootstrap_expect is {} but cluster.peers lists {} nodes (this one included)",
+                c.bootstrap_expect,
+                ids.len()
+            ));
+        }
+        if c.bootstrap_expect > 0 && self.bootstrap.join && self.bootstrapper() == self.node_id {
+            return invalid(format!(
+                "node {} forms the cluster (the lowest id in cluster.peers, with \
+                 cluster.bootstrap_expect set), so bootstrap.join cannot be true",
+                self.node_id
+            ));
+        }
+        if c.ca_key_file.is_some() && self.tls.is_none() {
+            return invalid("cluster.ca_key_file needs a [tls] section".into());
+        }
+        for (name, addr) in [
+            ("advertise.api_addr", &self.advertise.api_addr),
+            ("advertise.http_addr", &self.advertise.http_addr),
+            ("advertise.cluster_addr", &self.advertise.cluster_addr),
+        ] {
+            if let Some(a) = addr.as_deref().filter(|a| !is_host_port(a)) {
+                return invalid(format!("{name}: {a:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be non-zero".into()));
         }
+        self.validate_cluster()?;
         self.break_glass.networks()?;
         self.listeners.validate().map_err(ConfigError::Invalid)?;
         let deepest = ephemera_core::state::MAX_DELEGATION_DEPTH;
@@ -468,18 +594,27 @@ impl NodeConfig {
                         )));
                     }
                 }
-                for p in &self.peer_cluster_addrs {
+                let advertised = self.advertised().map(|a| PeerAddr {
+                    id: self.node_id,
+                    addr: a,
+                });
+                for p in self
+                    .peer_cluster_addrs
+                    .iter()
+                    .chain(&self.cluster.peers)
+                    .chain(&advertised)
+                {
                     match p.addr.parse::<SocketAddr>() {
                         Ok(a) if a.ip().is_loopback() => {}
                         Ok(a) => {
                             return Err(ConfigError::Invalid(format!(
-                                "peer_cluster_addrs: {a} for node {} is not a loopback address; plaintext is refused off loopback",
+                                "{a} for node {} is not a loopback address; plaintext is refused off loopback",
                                 p.id
                             )))
                         }
                         Err(_) => {
                             return Err(ConfigError::Invalid(format!(
-                                "peer_cluster_addrs: {:?} for node {} is not host:port",
+                                "{:?} for node {} is not a loopback IP and port; plaintext is refused off loopback",
                                 p.addr, p.id
                             )))
                         }
@@ -506,6 +641,13 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// `host:port` with a non-empty host and a port number: what a dial needs.
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -648,6 +790,95 @@ mod tests {
         }
         for bad in ["", "10.0.0.0/", "10.0.0/8", "::1/129", "host"] {
             assert!(IpNet::parse(bad).is_err(), "{bad:?} parses");
+        }
+    }
+
+    #[test]
+    fn cluster_peers_and_advertised_addresses_are_checked() {
+        let base = "node_id = 2\ndata_dir = \"/tmp/x\"\napi_addr = \"0.0.0.0:1\"\nhttp_addr = \"0.0.0.0:2\"\n\
+                    cluster_addr = \"0.0.0.0:3\"\nkek_file = \"/tmp/k\"\n\
+                    [tls]\ntrust_domain = \"td\"\nca_file = \"c\"\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        let parse = |extra: &str| -> Result<NodeConfig, ConfigError> {
+            let cfg: NodeConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            cfg.validate().map(|_| cfg)
+        };
+        let three = "[cluster]\nbootstrap_expect = 3\npeers = [{ id = 1, addr = \"n1.example:7301\" }, \
+                     { id = 2, addr = \"n2.example:7301\" }, { id = 3, addr = \"10.0.0.3:7301\" }]\n";
+        let ok = parse(three).unwrap();
+        assert_eq!(ok.bootstrapper(), 1);
+        assert_eq!(
+            ok.admin_credential_path(),
+            Path::new("/tmp/x/admin.credential")
+        );
+        // Listen addresses are advertised unless [advertise] says otherwise.
+        assert_eq!(ok.advertised()[2], "0.0.0.0:3");
+        let adv = parse(&format!(
+            "{three}[advertise]\ncluster_addr = \"n2.example:7301\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            adv.advertised(),
+            ["0.0.0.0:1", "0.0.0.0:2", "n2.example:7301"].map(String::from)
+        );
+        let cases = [
+            ("[cluster]\nbootstrap_expect = 2\n", "bootstrap_expect is 2"),
+            (
+                "[cluster]\npeers = [{ id = 0, addr = \"a:1\" }]\n",
+                "non-zero",
+            ),
+            (
+                "[cluster]\npeers = [{ id = 1, addr = \"a\" }]\n",
+                "not host:port",
+            ),
+            (
+                "[cluster]\npeers = [{ id = 1, addr = \":7301\" }]\n",
+                "not host:port",
+            ),
+            (
+                "[cluster]\npeers = [{ id = 1, addr = \"a:99999\" }]\n",
+                "not host:port",
+            ),
+            (
+                "[cluster]\npeers = [{ id = 1, addr = \"a:1\" }, { id = 1, addr = \"b:1\" }]\n",
+                "listed twice",
+            ),
+            ("[advertise]\napi_addr = \"nohost\"\n", "advertise.api_addr"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        // The node that forms the cluster cannot be one that only joins.
+        let joiner = three
+            .replace("id = 1,", "id = 5,")
+            .replace("bootstrap_expect = 3", "bootstrap_expect = 2");
+        let e = parse(&format!("[bootstrap]\njoin = true\n{joiner}")).unwrap_err();
+        assert!(e.to_string().contains("bootstrap.join"), "{e}");
+        assert!(
+            parse(&format!("[bootstrap]\njoin = true\n{three}")).is_ok(),
+            "node 2 does not form"
+        );
+        // Plaintext: peers and advertised addresses must be loopback IPs.
+        let plain = base
+            .replace("0.0.0.0", "127.0.0.1")
+            .split("[tls]")
+            .next()
+            .unwrap()
+            .to_string()
+            + "insecure_plaintext = true\n";
+        let parse_plain = |extra: &str| -> Result<NodeConfig, ConfigError> {
+            let cfg: NodeConfig = toml::from_str(&format!("{plain}{extra}")).unwrap();
+            cfg.validate().map(|_| cfg)
+        };
+        assert!(
+            parse_plain("[cluster]\npeers = [{ id = 1, addr = \"127.0.0.1:7301\" }]\n").is_ok()
+        );
+        for extra in [
+            "[cluster]\npeers = [{ id = 1, addr = \"n1.example:7301\" }]\n",
+            "[advertise]\ncluster_addr = \"10.0.0.2:7301\"\n",
+        ] {
+            let e = parse_plain(extra).unwrap_err().to_string();
+            assert!(e.contains("loopback"), "{extra}: {e}");
         }
     }
 }

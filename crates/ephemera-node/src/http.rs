@@ -393,6 +393,14 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// How long the readiness check waits for its read barrier.
+const READY_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Ready: a member of an initialised cluster, clock within bound, and a read barrier completes
+/// within [`READY_DEADLINE`]: a leader confirmed its leadership with a quorum, and this node has
+/// applied everything committed before the check. So a node cut off from the leader, a leader
+/// cut off from its quorum, and a node still catching up are not ready. (Liveness is
+/// `/healthz`: the process answers.)
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let m = node.raft.metrics().borrow().clone();
     let reason = if node.issuer().is_err() {
@@ -409,7 +417,14 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     } else if let Err(e) = node.check_clock() {
         Some(e.to_string())
     } else {
-        None
+        match tokio::time::timeout(READY_DEADLINE, node.read_barrier()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("not caught up with a leader: {e}")),
+            Err(_) => Some(format!(
+                "no leader confirmed this node's state within {} s",
+                READY_DEADLINE.as_secs()
+            )),
+        }
     };
     match reason {
         None => (StatusCode::OK, "ready\n").into_response(),

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod authz;
+pub mod autojoin;
 pub mod bootstrap;
 pub mod coalesce;
 pub mod config;
@@ -275,7 +276,9 @@ pub async fn run(
             message: e.to_string(),
         })?
         .is_some();
-    let init_secret = if cfg.bootstrap.join {
+    // A node that forms its cluster itself (`cluster.bootstrap_expect`) takes no `cluster init`.
+    let refuses_init = cfg.bootstrap.join || cfg.cluster.bootstrap_expect > 0;
+    let init_secret = if refuses_init {
         None
     } else {
         bootstrap::InitSecret::prepare(&cfg.init_secret_path(), initialised)
@@ -283,8 +286,9 @@ pub async fn run(
     };
     let local = node::LocalAccess {
         init_secret: std::sync::Mutex::new(init_secret),
-        join_only: cfg.bootstrap.join,
+        join_only: refuses_init,
         break_glass_sources: cfg.break_glass.networks()?,
+        admitted: Default::default(),
     };
     let tls = cfg
         .tls
@@ -322,10 +326,11 @@ pub async fn run(
         elapsed_ms = opening.elapsed().as_millis() as u64,
         "raft started"
     );
+    let [api_addr, http_addr, cluster_addr] = cfg.advertised();
     let info = NodeInfo {
-        api_addr: cfg.api_addr.to_string(),
-        http_addr: cfg.http_addr.to_string(),
-        cluster_addr: cfg.cluster_addr.to_string(),
+        api_addr,
+        http_addr,
+        cluster_addr,
     };
     let node = Arc::new(Node::new(
         cfg.node_id,
@@ -463,6 +468,7 @@ pub async fn run(
         cfg.raft.snapshot_logs_since_last,
         stop_rx.clone(),
     );
+    let joiner = autojoin::spawn(node.clone(), cfg.clone(), stop_rx.clone());
     let renewer = tls
         .as_ref()
         .filter(|t| t.node_cert_ttl_s > 0)
@@ -490,6 +496,9 @@ pub async fn run(
     let _ = worker.await;
     let _ = executor.await;
     let _ = snapshotter.await;
+    if let Some(j) = joiner {
+        let _ = j.await;
+    }
     if let Some(r) = renewer {
         let _ = r.await;
     }

@@ -37,130 +37,140 @@ impl Api {
         &self,
         r: pb::InitClusterRequest,
     ) -> Result<pb::InitClusterResponse, Error> {
-        let pb::InitClusterRequest {
-            issuer,
-            ca_cert_pem,
-            ca_key_pem,
-            policy_text,
-            policy_approvals,
-            policy_proposal_ttl_s,
-            ssh_ca_key,
-        } = r;
-        // Checked before anything is written, so a bad key leaves the node uninitialised.
-        let import_ssh_ca = (!ssh_ca_key.is_empty())
-            .then(|| self.node.seal_ssh_ca_key(&ssh_ca_key))
-            .transpose()?;
-        let policy_text = if policy_text.is_empty() {
-            ephemera_policy::DEFAULT_POLICY.to_string()
-        } else {
-            policy_text
-        };
-        validate_policy(&policy_text)?;
-        let defaults = PolicyGovernance::default();
-        let governance = PolicyGovernance {
-            approvals_required: policy_approvals.unwrap_or(defaults.approvals_required),
-            proposal_ttl_s: policy_proposal_ttl_s.unwrap_or(defaults.proposal_ttl_s),
-        };
-        ephemera_core::command::validate_governance(&governance)?;
-        let node = &self.node;
-        let initialized = node
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        let bootstrapped = state::admin_credential_hash(&node.view)
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .is_some();
-        if bootstrapped {
-            return Err(Error::AlreadyInitialized);
-        }
-        let issuer = if issuer.is_empty() {
-            let scheme = if self.plaintext { "http" } else { "https" };
-            format!("{scheme}://{}", node.info.http_addr)
-        } else {
-            issuer
-        };
-        // An earlier init may have initialised Raft and then failed before the bootstrap entry
-        // committed: resume it. If the bootstrap did commit elsewhere, `apply` refuses this one.
-        if !initialized {
-            let members = BTreeMap::from([(node.id, node.info.clone())]);
-            node.raft.initialize(members).await.map_err(|e| match e {
-                ephemera_raft::RaftError::APIError(_) => Error::AlreadyInitialized,
-                other => Error::Unavailable(other.to_string()),
-            })?;
-        }
-        node.raft
-            .wait(Some(Duration::from_secs(10)))
-            .current_leader(node.id, "init: become leader")
-            .await
-            .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
         let admin_token = new_break_glass_credential();
-        node.route_system(Intent::Bootstrap {
-            admin_credential_hash: hash_secret(&admin_token).to_vec(),
-            issuer,
-            policy_text,
-            governance,
-        })
-        .await?;
-        if !ca_cert_pem.is_empty() || !ca_key_pem.is_empty() {
-            let trust_domain = node
-                .tls_trust_domain()
-                .ok_or_else(|| {
-                    Error::InvalidArgument("a cluster CA needs a node configured with [tls]".into())
-                })?
-                .to_string();
-            ephemera_pki::check_key_matches(&ca_cert_pem, &ca_key_pem)
-                .map_err(|e| Error::InvalidArgument(format!("cluster CA: {e}")))?;
-            let sealed_seed = node.seal_ca_key(&ca_key_pem)?;
-            node.route_system(Intent::SetClusterCa {
-                trust_domain,
-                cert_pem: ca_cert_pem,
-                sealed_seed,
-            })
-            .await?;
-        }
-        if state::active_kid(&node.view)
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .is_none()
-        {
-            node.route_system(Intent::RotateKey).await?;
-        }
-        // The SSH CA is generated here too, so that a cluster answers SSH requests as soon as
-        // init returns (the leader's tick only replaces a revoked one).
-        if state::active_ssh_ca(&node.view)
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .is_none()
-        {
-            node.route_system(import_ssh_ca.unwrap_or(Intent::RotateSshCa))
-                .await?;
-        }
-        if state::active_audit_key(&node.view)
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .is_none()
-        {
-            node.route_system(Intent::RotateAuditKey).await?;
-        }
-        node.spend_init_secret();
+        initialise(&self.node, self.plaintext, r, &admin_token).await?;
         tracing::info!(
-            node_id = node.id,
+            node_id = self.node.id,
             "cluster initialised; the admin credential was returned to the caller"
         );
         Ok(pb::InitClusterResponse {
-            admin_token,
-            node_id: node.id,
+            admin_token: admin_token.to_string(),
+            node_id: self.node.id,
         })
     }
 }
 
+/// Forms the cluster on `node` (`cluster init`, or the automatic bootstrap): Raft with this
+/// node alone, then the bootstrap entry with the hash of `admin_token`, the cluster CA, the
+/// first signing key, SSH CA and audit key. Everything is checked before anything is written,
+/// so a bad request leaves the node uninitialised. Resumable: an earlier attempt that stopped
+/// half-way is completed, and one that finished is refused (`AlreadyInitialized`).
+pub(crate) async fn initialise(
+    node: &Node,
+    plaintext: bool,
+    r: pb::InitClusterRequest,
+    admin_token: &str,
+) -> Result<(), Error> {
+    let pb::InitClusterRequest {
+        issuer,
+        ca_cert_pem,
+        ca_key_pem,
+        policy_text,
+        policy_approvals,
+        policy_proposal_ttl_s,
+        ssh_ca_key,
+    } = r;
+    let import_ssh_ca = (!ssh_ca_key.is_empty())
+        .then(|| node.seal_ssh_ca_key(&ssh_ca_key))
+        .transpose()?;
+    let policy_text = if policy_text.is_empty() {
+        ephemera_policy::DEFAULT_POLICY.to_string()
+    } else {
+        policy_text
+    };
+    validate_policy(&policy_text)?;
+    let defaults = PolicyGovernance::default();
+    let governance = PolicyGovernance {
+        approvals_required: policy_approvals.unwrap_or(defaults.approvals_required),
+        proposal_ttl_s: policy_proposal_ttl_s.unwrap_or(defaults.proposal_ttl_s),
+    };
+    ephemera_core::command::validate_governance(&governance)?;
+    let initialized = node
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    if node.is_bootstrapped()? {
+        return Err(Error::AlreadyInitialized);
+    }
+    let issuer = if issuer.is_empty() {
+        let scheme = if plaintext { "http" } else { "https" };
+        format!("{scheme}://{}", node.info.http_addr)
+    } else {
+        issuer
+    };
+    // An earlier init may have initialised Raft and then failed before the bootstrap entry
+    // committed: resume it. If the bootstrap did commit elsewhere, `apply` refuses this one.
+    if !initialized {
+        let members = BTreeMap::from([(node.id, node.info.clone())]);
+        node.raft.initialize(members).await.map_err(|e| match e {
+            ephemera_raft::RaftError::APIError(_) => Error::AlreadyInitialized,
+            other => Error::Unavailable(other.to_string()),
+        })?;
+    }
+    node.raft
+        .wait(Some(Duration::from_secs(10)))
+        .current_leader(node.id, "init: become leader")
+        .await
+        .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
+    node.route_system(Intent::Bootstrap {
+        admin_credential_hash: hash_secret(admin_token).to_vec(),
+        issuer,
+        policy_text,
+        governance,
+    })
+    .await?;
+    if !ca_cert_pem.is_empty() || !ca_key_pem.is_empty() {
+        let trust_domain = node
+            .tls_trust_domain()
+            .ok_or_else(|| {
+                Error::InvalidArgument("a cluster CA needs a node configured with [tls]".into())
+            })?
+            .to_string();
+        ephemera_pki::check_key_matches(&ca_cert_pem, &ca_key_pem)
+            .map_err(|e| Error::InvalidArgument(format!("cluster CA: {e}")))?;
+        let sealed_seed = node.seal_ca_key(&ca_key_pem)?;
+        node.route_system(Intent::SetClusterCa {
+            trust_domain,
+            cert_pem: ca_cert_pem,
+            sealed_seed,
+        })
+        .await?;
+    }
+    if state::active_kid(&node.view)
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .is_none()
+    {
+        node.route_system(Intent::RotateKey).await?;
+    }
+    // The SSH CA is generated here too, so that a cluster answers SSH requests as soon as
+    // init returns (the leader's tick only replaces a revoked one).
+    if state::active_ssh_ca(&node.view)
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .is_none()
+    {
+        node.route_system(import_ssh_ca.unwrap_or(Intent::RotateSshCa))
+            .await?;
+    }
+    if state::active_audit_key(&node.view)
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .is_none()
+    {
+        node.route_system(Intent::RotateAuditKey).await?;
+    }
+    node.spend_init_secret();
+    Ok(())
+}
+
 /// A fresh break-glass credential (256 random bits), returned once and stored hashed.
-fn new_break_glass_credential() -> String {
+pub(crate) fn new_break_glass_credential() -> zeroize::Zeroizing<String> {
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(secret.as_mut());
-    format!(
+    zeroize::Zeroizing::new(format!(
         "{}{}",
         crate::node::BREAK_GLASS_PREFIX,
         URL_SAFE_NO_PAD.encode(secret.as_ref())
-    )
+    ))
 }
 
 #[tonic::async_trait]
@@ -251,7 +261,9 @@ impl pb::admin_server::Admin for Api {
             },
         )
         .await?;
-        Ok(Response::new(pb::BreakGlassCredential { admin_token }))
+        Ok(Response::new(pb::BreakGlassCredential {
+            admin_token: admin_token.to_string(),
+        }))
     }
 
     async fn disable_break_glass(

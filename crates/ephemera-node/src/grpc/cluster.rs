@@ -37,6 +37,7 @@ impl ipb::cluster_server::Cluster for ClusterService {
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
         let sender = self.sender(&req)?;
+        self.node.accepts_raft().map_err(to_status)?;
         serve_append_entries(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
@@ -47,6 +48,7 @@ impl ipb::cluster_server::Cluster for ClusterService {
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
         let sender = self.sender(&req)?;
+        self.node.accepts_raft().map_err(to_status)?;
         serve_vote(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
@@ -57,6 +59,7 @@ impl ipb::cluster_server::Cluster for ClusterService {
         req: Request<ipb::RaftPayload>,
     ) -> Result<Response<ipb::RaftPayload>, Status> {
         let sender = self.sender(&req)?;
+        self.node.accepts_raft().map_err(to_status)?;
         serve_install_snapshot(&self.node.raft, sender, &req.into_inner().data)
             .await
             .map(Response::new)
@@ -111,6 +114,25 @@ impl ipb::cluster_server::Cluster for ClusterService {
             renewal_storm,
             renewal_rate_per_s,
             renewal_baseline_per_s,
+            has_membership: self.node.has_membership(),
+            admitted: self
+                .node
+                .local
+                .admitted
+                .load(std::sync::atomic::Ordering::Acquire),
+            api_addr: self.node.info.api_addr.clone(),
+            http_addr: self.node.info.http_addr.clone(),
+            cluster_addr: self.node.info.cluster_addr.clone(),
         }))
+    }
+
+    async fn admit(
+        &self,
+        req: Request<ipb::AdmitRequest>,
+    ) -> Result<Response<ipb::AdmitResponse>, Status> {
+        let sender = self.sender(&req)?;
+        let has_membership = self.node.admit();
+        tracing::debug!(by = ?sender, has_membership, "admission request");
+        Ok(Response::new(ipb::AdmitResponse { has_membership }))
     }
 }

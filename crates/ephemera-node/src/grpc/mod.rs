@@ -9,6 +9,7 @@ mod db;
 mod issuer;
 mod mapping;
 
+pub(crate) use admin::{initialise, new_break_glass_credential};
 pub use cluster::ClusterService;
 pub use mapping::lease_to_pb;
 use mapping::*;

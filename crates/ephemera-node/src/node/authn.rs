@@ -136,8 +136,9 @@ impl Node {
     ) -> Result<(), Error> {
         if self.local.join_only {
             return Err(Error::PermissionDenied(
-                "this node is configured to join an existing cluster (bootstrap.join = true); \
-                 it refuses init: add it from a member with `ephemera cluster join`"
+                "this node refuses init: it only joins an existing cluster (bootstrap.join = true; \
+                 add it from a member with `ephemera cluster join`) or forms one itself \
+                 (cluster.bootstrap_expect)"
                     .into(),
             ));
         }

@@ -174,6 +174,10 @@ pub struct LocalAccess {
     pub join_only: bool,
     /// `break_glass.allowed_sources` (empty: anywhere).
     pub break_glass_sources: Vec<crate::config::IpNet>,
+    /// A leader has admitted this node, which has no Raft state yet, to be added (see
+    /// [`Node::accepts_raft`]). Kept in memory only: a node that restarts before it received
+    /// any state is new again and must be admitted again.
+    pub admitted: std::sync::atomic::AtomicBool,
 }
 
 pub struct Node {

@@ -306,9 +306,74 @@ impl Node {
         Ok(p)
     }
 
+    /// Whether this node has Raft state: a membership, from `initialize` or from a leader.
+    pub fn has_membership(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let has = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some();
+        has
+    }
+
+    /// Whether the cluster's bootstrap entry has been applied here.
+    pub fn is_bootstrapped(&self) -> Result<bool, Error> {
+        Ok(state::admin_credential_hash(&self.view)
+            .map_err(internal)?
+            .is_some())
+    }
+
+    /// Raft messages (append, vote, snapshot) are refused by a node with no Raft state until a
+    /// leader admits it. Why: a node whose data directory was wiped comes back with the same
+    /// id and address, and the old membership still counts it. Were it to take Raft traffic,
+    /// it would vote with an empty log and count towards commits it no longer holds, so an
+    /// entry the cluster acknowledged could be lost. Refused, it stays out until a leader
+    /// removes it and adds it again (the automatic joiner does both; see [`crate::autojoin`]).
+    pub fn accepts_raft(&self) -> Result<(), Error> {
+        if self.has_membership()
+            || self
+                .local
+                .admitted
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        // Unavailable: to the leader, a node it cannot replicate to yet.
+        Err(Error::Unavailable(format!(
+            "node {} has no Raft state and no leader has admitted it: a node with a new data \
+             directory joins only by being added (remove it from the membership first if it \
+             was a member)",
+            self.id
+        )))
+    }
+
+    /// A leader is about to add this node. Returns whether the node already had Raft state
+    /// (admission then changes nothing).
+    pub fn admit(&self) -> bool {
+        if self.has_membership() {
+            return true;
+        }
+        if !self
+            .local
+            .admitted
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::info!(
+                node_id = self.id,
+                "admitted by a leader: accepting Raft messages"
+            );
+        }
+        false
+    }
+
     /// Whether node `peer` may talk to this node over the cluster listener: a current member
     /// (voter or learner, including a join in progress, which is a learner). A node with no
-    /// membership yet is waiting to be added and accepts the cluster that adds it.
+    /// membership yet is waiting to be added: it answers any node of its trust domain (the
+    /// leader that adds it must reach it), but takes Raft messages only once admitted
+    /// ([`Self::accepts_raft`]).
     pub fn admit_peer(&self, peer: NodeId) -> Result<(), Error> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
@@ -365,7 +430,23 @@ impl Node {
                 .await
                 .map_err(|s| s.message().to_string())
         };
+        // A voter that lost its data must not be admitted in place (see `accepts_raft`); a
+        // learner may, as it never votes.
+        let is_voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(r)) if r.get_ref().id == id && is_voter && !r.get_ref().has_membership => {
+                return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
+                    "node {id} is a voter but has no Raft state: its data directory is new. \
+                     Remove it (`cluster remove {id}`), then add it again"
+                ))))
+            }
             Ok(Ok(r)) if r.get_ref().id == id => {}
             Ok(Ok(r)) => {
                 return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
@@ -386,6 +467,27 @@ impl Node {
                     info.cluster_addr
                 ))))
             }
+        }
+        // A node with no Raft state refuses Raft messages until admitted (see
+        // `accepts_raft`). A node of an older version has no admission: it is added as before.
+        let admit = async {
+            let mut client = self
+                .peers
+                .client(id, &info.cluster_addr)
+                .map_err(|e| e.to_string())?;
+            match client
+                .admit(ephemera_proto::internal::AdmitRequest {})
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+                Err(s) => Err(s.message().to_string()),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), admit).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return fail(format!("admitting node {id}: {e}")),
+            Err(_) => return fail(format!("node {id} did not answer the admission within 5 s")),
         }
         // Catch-up (from the log or a snapshot) happens here, before it may vote.
         match tokio::time::timeout(CATCH_UP_LIMIT, self.raft.add_learner(id, info, true)).await {
@@ -416,6 +518,23 @@ impl Node {
                 LeaderAttempt::NotLeader
             }
             Err(e) => fail(format!("promoting node {id}: {e}")),
+        }
+    }
+
+    /// [`Self::add_node`] and [`Self::remove_node`] for a caller on the leader itself (the
+    /// automatic joiner), with "not the leader" as an error.
+    pub(crate) async fn change_member(
+        &self,
+        id: NodeId,
+        add: Option<NodeInfo>,
+    ) -> Result<(), Error> {
+        let attempt = match add {
+            Some(info) => self.add_node(id, info).await,
+            None => self.remove_node(id).await,
+        };
+        match attempt {
+            LeaderAttempt::Done(r) => r.map(|_| ()),
+            LeaderAttempt::NotLeader => Err(Error::Unavailable("no longer the leader".into())),
         }
     }
 
