@@ -447,3 +447,84 @@ fn the_pod_start_script_renders_a_valid_config_per_ordinal() {
         .env("EPHEMERA_BIN", BIN));
     assert!(!ok && out.contains("no StatefulSet ordinal"), "{out}");
 }
+
+/// `ephemera pki` makes what the deployment steps need: a CA, a node certificate that verifies
+/// as `spiffe://<td>/ephemera/node/<id>` for server and client use, a client identity; keys
+/// private; nothing overwritten; bad input refused.
+#[test]
+fn the_pki_commands_make_certificates_a_cluster_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    let pki = |args: &[&str]| {
+        run(Command::new(BIN)
+            .arg("pki")
+            .args(args)
+            .args(["--out", out.to_str().unwrap()]))
+    };
+    let ca = [
+        "--ca",
+        out.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+    ];
+    assert!(pki(&["ca", "--trust-domain", "example.org"]).0);
+    let (ok, text) = pki(&[
+        &["node", "--id", "2", "--dns", "node-2.example.org"],
+        &ca[..],
+    ]
+    .concat());
+    assert!(ok, "{text}");
+    let (ok, text) = pki(&[
+        &[
+            "client",
+            "--spiffe-id",
+            "spiffe://example.org/ops/admin",
+            "--name",
+            "admin",
+        ],
+        &ca[..],
+    ]
+    .concat());
+    assert!(ok, "{text}");
+
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    let mut bundles = ephemera_pki::TrustBundles::default();
+    bundles.add("example.org", &read("ca.crt")).unwrap();
+    let now = rustls::pki_types::UnixTime::now();
+    let node = ephemera_pki::parse_certs(&read("node-2.crt")).unwrap();
+    for usage in [ephemera_pki::Usage::Server, ephemera_pki::Usage::Client] {
+        let id = bundles.verify_svid(&node, usage, now).unwrap();
+        assert_eq!(id.node_id(), Some(2));
+    }
+    let admin = ephemera_pki::parse_certs(&read("admin.crt")).unwrap();
+    let id = bundles
+        .verify_svid(&admin, ephemera_pki::Usage::Client, now)
+        .unwrap();
+    assert_eq!(id.to_string(), "spiffe://example.org/ops/admin");
+    use std::os::unix::fs::PermissionsExt;
+    for key in ["ca.key", "node-2.key", "admin.key"] {
+        let mode = std::fs::metadata(out.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    ephemera_pki::Identity::from_pem(&read("node-2.crt"), &read("node-2.key")).unwrap();
+
+    let before = read("node-2.key");
+    let (ok, text) = pki(&[&["node", "--id", "2"], &ca[..]].concat());
+    assert!(!ok && text.contains("not replacing"), "{text}");
+    assert_eq!(read("node-2.key"), before);
+    let (ok, text) = pki(&[&["node", "--id", "0"], &ca[..]].concat());
+    assert!(!ok && text.contains("non-zero"), "{text}");
+    let (ok, text) = pki(&[
+        "node",
+        "--ca",
+        "/nonexistent",
+        "--trust-domain",
+        "example.org",
+        "--id",
+        "3",
+    ]);
+    assert!(!ok && text.contains("/nonexistent"), "{text}");
+}
