@@ -300,7 +300,9 @@ pub struct RaftTuning {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many entries since the last one.
+    /// Build a snapshot once this many commands, or log entries, were applied since the last
+    /// one. Nodes take turns: the first threshold after start is longer by up to 4/5 of this,
+    /// by node id, so that they do not all build at once (see `snapshot_schedule`).
     pub snapshot_logs_since_last: u64,
     /// Entries kept in the log behind the snapshot, for lagging followers.
     pub max_in_snapshot_log_to_keep: u64,

@@ -40,6 +40,7 @@ pub mod node;
 pub mod oidc;
 pub mod revocation_watch;
 pub mod secret_files;
+pub mod snapshot_schedule;
 pub mod verified;
 
 pub use config::NodeConfig;
@@ -84,7 +85,9 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
         heartbeat_interval: r.heartbeat_interval_ms,
         election_timeout_min: r.election_timeout_min_ms,
         election_timeout_max: r.election_timeout_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        // The node decides (see `snapshot_schedule`): by commands as well as entries, and
+        // staggered across nodes.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
         // Per snapshot chunk; the last one returns only once the follower has replaced its
         // state, which takes tens of seconds for a million leases.
@@ -198,37 +201,34 @@ fn spawn_certificate_renewal(
     })
 }
 
-/// openraft's snapshot policy counts log entries, and group commit puts many commands in one
-/// entry: under load a million issuances fit in about 55,000 entries, the log was never
-/// purged, and sled's recovery at the next start grew from 8 s to 22 s (`benches/large-state`).
-/// This also snapshots once `every` commands were applied since the last snapshot, so the
-/// log is purged as often as when each command was its own entry.
-fn spawn_snapshot_by_commands(
+/// Asks for a snapshot when [`snapshot_schedule::SnapshotSchedule`] says so (commands or
+/// entries since the last snapshot, staggered by node id); openraft's own policy is off.
+fn spawn_snapshot_schedule(
     raft: Raft,
+    node_id: u64,
     applied: Arc<std::sync::atomic::AtomicU64>,
     every: u64,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let count = move || applied.load(std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(async move {
-        let mut last_snapshot = raft.metrics().borrow().snapshot;
-        let mut since = count();
+        let snapshot_index = |raft: &Raft| raft.metrics().borrow().snapshot.map(|l| l.index);
+        let mut schedule = snapshot_schedule::SnapshotSchedule::new(
+            every,
+            node_id,
+            count(),
+            snapshot_index(&raft),
+        );
         loop {
             tokio::select! {
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let snapshot = raft.metrics().borrow().snapshot;
-            if snapshot != last_snapshot {
-                // A snapshot was built (by this trigger or by openraft's own policy).
-                last_snapshot = snapshot;
-                since = count();
-            } else if count().saturating_sub(since) >= every {
+            let applied_index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+            if schedule.due(count(), applied_index, snapshot_index(&raft)) {
                 if let Err(e) = raft.trigger().snapshot().await {
                     tracing::warn!(error = %e, "triggering a snapshot");
                 }
-                // Counted from the request, so a build that takes long is not asked again.
-                since = count();
             }
         }
     })
@@ -462,8 +462,9 @@ pub async fn run(
         }
     });
     let executor = node::effects::spawn(node.clone(), stop_rx.clone());
-    let snapshotter = spawn_snapshot_by_commands(
+    let snapshotter = spawn_snapshot_schedule(
         raft.clone(),
+        cfg.node_id,
         applied_commands,
         cfg.raft.snapshot_logs_since_last,
         stop_rx.clone(),
