@@ -319,6 +319,18 @@ impl Node {
         has
     }
 
+    /// The voters of the membership this node's Raft is in.
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft.metrics();
+        let voters = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters
+    }
+
     /// Whether the cluster's bootstrap entry has been applied here.
     pub fn is_bootstrapped(&self) -> Result<bool, Error> {
         Ok(state::admin_credential_hash(&self.view)
@@ -432,14 +444,7 @@ impl Node {
         };
         // A voter that lost its data must not be admitted in place (see `accepts_raft`); a
         // learner may, as it never votes.
-        let is_voter = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id);
+        let is_voter = self.voters().contains(&id);
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
             Ok(Ok(r)) if r.get_ref().id == id && is_voter && !r.get_ref().has_membership => {
                 return LeaderAttempt::Done(Err(Error::InvalidArgument(format!(
@@ -503,14 +508,7 @@ impl Node {
             Ok(Err(e)) => return fail(format!("adding node {id}: {e}")),
             Ok(Ok(_)) => {}
         }
-        let mut voters: BTreeSet<NodeId> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters = self.voters();
         voters.insert(id);
         match self.raft.change_membership(voters, false).await {
             Ok(_) => LeaderAttempt::Done(Ok(ForwardReply::MembershipChanged)),
