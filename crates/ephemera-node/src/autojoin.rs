@@ -108,17 +108,7 @@ async fn form(node: &Node, cfg: &NodeConfig) -> Result<(), Error> {
     if node.is_bootstrapped()? {
         return Ok(());
     }
-    let metrics = node.raft.metrics();
-    let members: Vec<u64> = {
-        let m = metrics.borrow();
-        let ids = m
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
-        ids
-    };
+    let members: Vec<u64> = node.membership(|m| m.nodes().map(|(id, _)| *id).collect());
     // Raft state with other members: this node was added to a cluster that someone else
     // formed. Raft state of its own alone: an earlier forming stopped half-way; finish it.
     let resuming = members == [node.id];
@@ -211,14 +201,12 @@ fn write_admin_credential(path: &std::path::Path, token: &str) -> Result<(), Err
 /// back with no Raft state (see the module doc).
 async fn reconcile(node: &Node, cfg: &NodeConfig) {
     for peer in others(cfg) {
-        let metrics = node.raft.metrics();
-        let (is_member, is_voter) = {
-            let m = metrics.borrow();
-            let membership = m.membership_config.membership();
-            let is_member = membership.get_node(&peer.id).is_some();
-            let is_voter = membership.voter_ids().any(|v| v == peer.id);
-            (is_member, is_voter)
-        };
+        let (is_member, is_voter) = node.membership(|m| {
+            (
+                m.get_node(&peer.id).is_some(),
+                m.voter_ids().any(|v| v == peer.id),
+            )
+        });
         let status = match probe(node, peer).await {
             Ok(s) => s,
             Err(e) => {

@@ -306,29 +306,24 @@ impl Node {
         Ok(p)
     }
 
+    /// `read` of the membership this node's Raft is in (the watch borrow never outlives it).
+    pub(crate) fn membership<T>(
+        &self,
+        read: impl FnOnce(&openraft::Membership<NodeId, NodeInfo>) -> T,
+    ) -> T {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        read(m.membership_config.membership())
+    }
+
     /// Whether this node has Raft state: a membership, from `initialize` or from a leader.
     pub fn has_membership(&self) -> bool {
-        let metrics = self.raft.metrics();
-        let has = metrics
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .next()
-            .is_some();
-        has
+        self.membership(|m| m.nodes().next().is_some())
     }
 
     /// The voters of the membership this node's Raft is in.
     fn voters(&self) -> BTreeSet<NodeId> {
-        let metrics = self.raft.metrics();
-        let voters = metrics
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        voters
+        self.membership(|m| m.voter_ids().collect())
     }
 
     /// Whether the cluster's bootstrap entry has been applied here.
@@ -387,10 +382,7 @@ impl Node {
     /// leader that adds it must reach it), but takes Raft messages only once admitted
     /// ([`Self::accepts_raft`]).
     pub fn admit_peer(&self, peer: NodeId) -> Result<(), Error> {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        if membership.nodes().next().is_none() || membership.get_node(&peer).is_some() {
+        if self.membership(|m| m.nodes().next().is_none() || m.get_node(&peer).is_some()) {
             return Ok(());
         }
         Err(Error::PermissionDenied(format!(
