@@ -10,5 +10,6 @@ pub mod proxy;
 pub mod runner;
 pub mod schedule;
 pub mod svg;
+pub mod workload;
 
 pub use runner::{run, ChaosError, ChaosOptions, Report};

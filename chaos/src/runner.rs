@@ -8,19 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ephemera_client::{pb, Client, ClientError};
+use ephemera_client::{pb, Client};
 use ephemera_core::audit::{AuditRecord, ChainVerifier};
 use ephemera_node::config::PeerAddr;
 use ephemera_testkit::{ClusterSpec, LocalCluster};
-use rand::{Rng, SeedableRng};
-use tonic::Code;
 
 use crate::checker::{check, CheckConfig, Violation};
-use crate::history::{
-    Event, FaultRecord, FinalLease, FinalState, NodeDigest, Op, OpResult, Outcome,
-};
+use crate::history::{FaultRecord, FinalLease, FinalState, NodeDigest, Outcome};
 use crate::proxy::{self, Link};
 use crate::schedule::{plan, Fault, Step, MAX_CLOCK_OFFSET_MS};
+use crate::workload::{client_loop, Pool, Workload, ROLE, ROLE_MAX_TTL_S, ROLE_TTL_S};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -51,10 +48,6 @@ pub struct Report {
     pub violations: Vec<Violation>,
 }
 
-/// Role the workload issues from: short TTL and cap, so renewals hit the cap within a run.
-const ROLE: &str = "chaos";
-const ROLE_TTL_S: u64 = 4;
-const ROLE_MAX_TTL_S: u64 = 10;
 const RECOVERY_BOUND_MS: u64 = 15_000;
 /// The most leases the final check reads from one node (a run's operations are bounded far
 /// below this).
@@ -141,183 +134,6 @@ impl Cluster {
     fn heal_links(&self) {
         for l in self.links.values() {
             l.set(|s| *s = proxy::LinkState::default());
-        }
-    }
-}
-
-#[derive(Default)]
-struct Pool {
-    /// Issued leases and their tokens.
-    leases: Vec<(String, String)>,
-    /// Leases whose revoke was acknowledged, most recent last.
-    revoked: Vec<(String, String)>,
-}
-
-fn classify(e: &ClientError) -> Outcome {
-    match e.code() {
-        Some(
-            Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::OutOfRange,
-        ) => Outcome::Fail {
-            error: e.to_string(),
-        },
-        _ => Outcome::Unknown {
-            error: e.to_string(),
-        },
-    }
-}
-
-/// What the workload clients share.
-struct Workload {
-    pool: Mutex<Pool>,
-    history: Mutex<Vec<Event>>,
-    next_id: AtomicU64,
-    stop: AtomicBool,
-    max_ops: u64,
-    seed: u64,
-}
-
-async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
-    let (pool, history, next_id, stop, max_ops, seed) =
-        (&w.pool, &w.history, &w.next_id, &w.stop, w.max_ops, w.seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
-    let mut counter = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
-        if id >= max_ops {
-            return;
-        }
-        let node = rng.gen_range(0..clients.len());
-        let client = &clients[node];
-        let pick = rng.gen_range(0..100);
-        let (lease, token) = {
-            let p = pool.lock().expect("pool");
-            let from_revoked = pick >= 65 && rng.gen_bool(0.5) && !p.revoked.is_empty();
-            let list = if from_revoked { &p.revoked } else { &p.leases };
-            if list.is_empty() {
-                (None, None)
-            } else {
-                // Prefer recent leases: they are the ones still alive.
-                let len = list.len();
-                let i = len - 1 - rng.gen_range(0..len.min(50));
-                (Some(list[i].0.clone()), Some(list[i].1.clone()))
-            }
-        };
-        let invoke_ms = now_ms();
-        let (op, outcome, result) = match (pick, lease) {
-            (0..=29, _) | (_, None) => {
-                counter += 1;
-                let request_id = format!("p{process}-{counter}");
-                let r = client
-                    .issue(pb::IssueRequest {
-                        role: ROLE.into(),
-                        request_id: Some(request_id.clone()),
-                        subject: Some(format!("spiffe://chaos.test/client/{process}")),
-                        ..Default::default()
-                    })
-                    .await;
-                let op = Op::Issue { request_id };
-                match r {
-                    Ok(c) => {
-                        pool.lock()
-                            .expect("pool")
-                            .leases
-                            .push((c.lease_id.clone(), c.token));
-                        (
-                            op,
-                            Outcome::Ok,
-                            OpResult {
-                                lease_id: Some(c.lease_id),
-                                expires_at_ms: Some(c.expires_at_ms),
-                                max_expires_at_ms: Some(c.max_expires_at_ms),
-                                active: None,
-                            },
-                        )
-                    }
-                    Err(e) => (op, classify(&e), OpResult::default()),
-                }
-            }
-            (30..=49, Some(lease_id)) => {
-                let r = client
-                    .renew(pb::RenewRequest {
-                        lease_id: lease_id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                let op = Op::Renew { lease_id };
-                match r {
-                    Ok(c) => (
-                        op,
-                        Outcome::Ok,
-                        OpResult {
-                            lease_id: Some(c.lease_id),
-                            expires_at_ms: Some(c.expires_at_ms),
-                            max_expires_at_ms: Some(c.max_expires_at_ms),
-                            active: None,
-                        },
-                    ),
-                    Err(e) => (op, classify(&e), OpResult::default()),
-                }
-            }
-            (50..=64, Some(lease_id)) => {
-                let r = client
-                    .revoke(pb::RevokeRequest {
-                        target: Some(pb::revoke_request::Target::LeaseId(lease_id.clone())),
-                    })
-                    .await;
-                let op = Op::Revoke {
-                    lease_id: lease_id.clone(),
-                };
-                match r {
-                    Ok(_) => {
-                        let token = token.clone().unwrap_or_default();
-                        let mut p = pool.lock().expect("pool");
-                        p.revoked.push((lease_id, token));
-                        if p.revoked.len() > 500 {
-                            p.revoked.remove(0);
-                        }
-                        (op, Outcome::Ok, OpResult::default())
-                    }
-                    Err(e) => (op, classify(&e), OpResult::default()),
-                }
-            }
-            (_, Some(lease_id)) => {
-                let r = client
-                    .introspect(token.as_deref().unwrap_or_default())
-                    .await;
-                let op = Op::Introspect { lease_id };
-                match r {
-                    Ok(i) => (
-                        op,
-                        Outcome::Ok,
-                        OpResult {
-                            active: Some(i.active),
-                            ..Default::default()
-                        },
-                    ),
-                    Err(e) => (op, classify(&e), OpResult::default()),
-                }
-            }
-        };
-        let unknown = matches!(outcome, Outcome::Unknown { .. });
-        history.lock().expect("history").push(Event {
-            id,
-            process,
-            node: node as u64 + 1,
-            op,
-            invoke_ms,
-            complete_ms: now_ms(),
-            outcome,
-            result,
-        });
-        if unknown {
-            // A dead node refuses at once; back off instead of spinning on it.
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }
@@ -491,23 +307,7 @@ async fn setup(opts: &ChaosOptions, root: &Path) -> Result<Cluster, ChaosError> 
     for id in 2..=opts.nodes {
         c.procs.join(&admin, id).await.map_err(err)?;
     }
-    admin
-        .admin_call(
-            pb::PutRoleRequest {
-                role: Some(pb::Role {
-                    name: ROLE.into(),
-                    kind: "jwt".into(),
-                    audience: "chaos.test".into(),
-                    allowed_scopes: vec!["read".into(), "write".into()],
-                    default_ttl_s: ROLE_TTL_S,
-                    max_ttl_s: ROLE_MAX_TTL_S,
-                    ..Default::default()
-                }),
-            },
-            |mut a, r| async move { a.put_role(r).await },
-        )
-        .await
-        .map_err(err)?;
+    crate::workload::create_role(&admin).await.map_err(err)?;
     Ok(c)
 }
 
@@ -648,6 +448,8 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
         stop: AtomicBool::new(false),
         max_ops: opts.max_ops,
         seed: opts.seed,
+        now_ms,
+        pause: Duration::ZERO,
     });
     let pg = match opts.postgres {
         false => None,

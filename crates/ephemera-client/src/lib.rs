@@ -193,12 +193,23 @@ impl Client {
             let ch = endpoint.connect_lazy();
             list.push((addr.to_string(), ch));
         }
+        let mut client = Self::with_channels(list, token)?;
+        client.tls = tls.cloned();
+        Ok(client)
+    }
+
+    /// A client over channels the caller connected (`(address, channel)`, the address as the
+    /// nodes name it in the leader header): for a custom transport such as the simulation's.
+    pub fn with_channels(
+        list: Vec<(String, Channel)>,
+        token: Option<String>,
+    ) -> Result<Self, ClientError> {
         if list.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         Ok(Client {
             endpoints: list,
-            tls: tls.cloned(),
+            tls: None,
             token,
             preferred: Mutex::new(0),
             leader: Mutex::new(None),

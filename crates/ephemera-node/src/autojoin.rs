@@ -148,7 +148,7 @@ async fn form(node: &Node, cfg: &NodeConfig) -> Result<(), Error> {
         }
     }
     let request = init_request(cfg)?;
-    let admin_token = crate::grpc::new_break_glass_credential();
+    let admin_token = crate::grpc::new_break_glass_credential(node);
     write_admin_credential(&cfg.admin_credential_path(), &admin_token)?;
     crate::grpc::initialise(node, cfg.insecure_plaintext, request, &admin_token).await?;
     tracing::info!(

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ephemera_raft::network::BoxedStream;
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
@@ -75,14 +77,28 @@ impl ListenerLimits {
 }
 
 enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(BoxedStream),
+    Tls(Box<tokio_rustls::server::TlsStream<BoxedStream>>),
+}
+
+/// What accepts connections: a TCP listener, or (under simulation) a simulated one.
+pub trait Listener: Send + 'static {
+    fn accept(&mut self) -> impl Future<Output = io::Result<(BoxedStream, SocketAddr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    async fn accept(&mut self) -> io::Result<(BoxedStream, SocketAddr)> {
+        let (tcp, peer) = TcpListener::accept(self).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((Box::new(tcp), peer))
+    }
 }
 
 /// An accepted connection. It holds one of its listener's connection slots until dropped, and
 /// records when it last carried traffic (for the idle deadline).
 pub struct Conn {
     io: Io,
+    remote: SocketAddr,
     _slot: OwnedSemaphorePermit,
     activity: Activity,
 }
@@ -138,20 +154,17 @@ impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        match &self.io {
-            Io::Plain(s) => ConnInfo {
-                remote: s.peer_addr().ok(),
-                peer_certs: None,
-            },
-            Io::Tls(s) => {
-                let (tcp, session) = s.get_ref();
-                ConnInfo {
-                    remote: tcp.peer_addr().ok(),
-                    peer_certs: session
-                        .peer_certificates()
-                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
-                }
-            }
+        let peer_certs = match &self.io {
+            Io::Plain(_) => None,
+            Io::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+        };
+        ConnInfo {
+            remote: Some(self.remote),
+            peer_certs,
         }
     }
 }
@@ -268,7 +281,7 @@ impl Drop for HandshakeSlot {
 /// slow or hostile client cannot stall the accept loop. A connection over the listener's cap,
 /// or a handshake over its source's cap, is closed at once.
 pub fn incoming(
-    listener: TcpListener,
+    mut listener: impl Listener,
     tls: Option<TlsAcceptor>,
     limits: &ListenerLimits,
 ) -> impl Stream<Item = io::Result<Conn>> {
@@ -282,7 +295,7 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let (tcp, peer) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -294,11 +307,11 @@ pub fn incoming(
                 tracing::debug!(%peer, "connection refused: the listener is at its connection cap");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             match &tls {
                 None => {
                     let conn = Conn {
-                        io: Io::Plain(tcp),
+                        io: Io::Plain(stream),
+                        remote: peer,
                         _slot: slot,
                         activity: Activity::new(),
                     };
@@ -314,12 +327,13 @@ pub fn incoming(
                     let (acceptor, tx) = (acceptor.clone(), tx.clone());
                     tokio::spawn(async move {
                         let accepted =
-                            tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                            tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
                         drop(handshake);
                         match accepted {
                             Ok(Ok(s)) => {
                                 let conn = Conn {
                                     io: Io::Tls(Box::new(s)),
+                                    remote: peer,
                                     _slot: slot,
                                     activity: Activity::new(),
                                 };

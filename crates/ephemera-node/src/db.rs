@@ -11,7 +11,6 @@ use ephemera_core::state::{self, DbConnection, ROTATION_IN_FLIGHT_MS};
 use ephemera_core::types::Principal;
 use ephemera_core::Error;
 use ephemera_postgres as pg;
-use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::node::effects::ATTEMPT_DEADLINE;
@@ -36,7 +35,7 @@ pub struct ConnectionInput {
 
 fn seal(node: &Node, name: &str, password: &str) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    node.fill_random(&mut nonce);
     seal_secret(
         &node.kek,
         &state::password_aad(name),
@@ -114,7 +113,7 @@ impl Node {
             conn = self.db_connection_now(name)?;
         }
         let mut seed = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(seed.as_mut());
+        self.fill_random(seed.as_mut());
         let policy = PasswordPolicy {
             length: ROOT_PASSWORD_LEN,
             classes: [CharClass::Lower, CharClass::Upper, CharClass::Digit].into(),

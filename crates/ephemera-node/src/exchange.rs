@@ -19,7 +19,6 @@ use ephemera_core::state;
 use ephemera_core::token::{self, Claims};
 use ephemera_core::types::{Lease, Principal, Role};
 use ephemera_core::Error;
-use rand::RngCore;
 
 use crate::authz::CallerContext;
 use crate::mint::Minted;
@@ -230,7 +229,7 @@ impl Node {
             .chain(before.into_iter().flat_map(|d| d.act))
             .collect();
         let mut id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut id);
+        self.fill_random(&mut id);
         let issue = IssueIntent {
             // The node's own id, so that its retries of this proposal cannot issue twice.
             request_id: Some(format!("srv-{}", hex::encode(id))),

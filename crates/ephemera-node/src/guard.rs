@@ -16,8 +16,8 @@ use ephemera_core::guard::{
 use ephemera_core::state;
 use ephemera_core::types::{Principal, Role};
 use ephemera_core::Error;
-use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use governor::clock::Clock as _;
+use governor::Quota;
 use serde::{Deserialize, Serialize};
 
 /// `[guard]` in the node configuration. Every node should carry the same values: the leader's
@@ -107,6 +107,54 @@ fn limited(limit: String, wait: std::time::Duration) -> Error {
     }
 }
 
+/// governor's clock on tokio's time: the monotonic clock in production, simulated time under
+/// the simulation, where the default clock (the CPU's) would make a limit depend on how fast
+/// the machine runs the simulation. Instants are the time since the clock was made.
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock {
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = std::time::Duration;
+
+    fn now(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+}
+
+pub type DirectLimiter = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<std::time::Duration>,
+>;
+pub type KeyedLimiter<K> = governor::RateLimiter<
+    K,
+    governor::state::keyed::DefaultKeyedStateStore<K>,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<std::time::Duration>,
+>;
+
+pub fn direct_limiter(quota: Quota, clock: TokioClock) -> DirectLimiter {
+    governor::RateLimiter::direct_with_clock(quota, clock)
+}
+
+pub fn keyed_limiter<K: std::hash::Hash + Eq + Clone>(
+    quota: Quota,
+    clock: TokioClock,
+) -> KeyedLimiter<K> {
+    governor::RateLimiter::new(quota, Default::default(), clock)
+}
+
 /// Limiters per role, each with the rate it was built for (rebuilt when a role's limit changes).
 type PerRole<L> = Mutex<HashMap<String, (u32, Arc<L>)>>;
 
@@ -127,13 +175,13 @@ const MAX_PENDING_EVENTS: usize = 1000;
 
 pub struct Guard {
     pub config: GuardConfig,
-    clock: DefaultClock,
-    ingress_ip: DefaultKeyedRateLimiter<IpAddr>,
-    ingress_identity: DefaultKeyedRateLimiter<String>,
+    clock: TokioClock,
+    ingress_ip: KeyedLimiter<IpAddr>,
+    ingress_identity: KeyedLimiter<String>,
     /// Per role, keyed by identity.
-    issue_per_identity: PerRole<DefaultKeyedRateLimiter<String>>,
-    issue_per_role: PerRole<DefaultDirectRateLimiter>,
-    issue_global: DefaultDirectRateLimiter,
+    issue_per_identity: PerRole<KeyedLimiter<String>>,
+    issue_per_role: PerRole<DirectLimiter>,
+    issue_global: DirectLimiter,
     storm: Mutex<StormDetector>,
     anomaly: Mutex<AnomalyDetector>,
     pending: Mutex<Vec<GuardEvent>>,
@@ -148,15 +196,14 @@ pub struct Guard {
 
 impl Guard {
     pub fn new(config: GuardConfig, now_ms: u64) -> Self {
+        let clock = TokioClock::default();
         Guard {
-            clock: DefaultClock::default(),
-            ingress_ip: DefaultKeyedRateLimiter::keyed(quota(config.ingress_per_ip_per_s)),
-            ingress_identity: DefaultKeyedRateLimiter::keyed(quota(
-                config.ingress_per_identity_per_s,
-            )),
+            clock,
+            ingress_ip: keyed_limiter(quota(config.ingress_per_ip_per_s), clock),
+            ingress_identity: keyed_limiter(quota(config.ingress_per_identity_per_s), clock),
             issue_per_identity: Mutex::new(HashMap::new()),
             issue_per_role: Mutex::new(HashMap::new()),
-            issue_global: DefaultDirectRateLimiter::direct(quota(config.issue_rate_global)),
+            issue_global: direct_limiter(quota(config.issue_rate_global), clock),
             storm: Mutex::new(StormDetector::new(config.storm, now_ms)),
             anomaly: Mutex::new(AnomalyDetector::new(config.anomaly)),
             pending: Mutex::new(Vec::new()),
@@ -211,12 +258,9 @@ impl Guard {
             let per_identity = role
                 .issue_rate_per_identity
                 .unwrap_or(self.config.issue_rate_per_identity);
-            let limiter = limiter_for(
-                &self.issue_per_identity,
-                &role.name,
-                per_identity,
-                DefaultKeyedRateLimiter::keyed,
-            );
+            let limiter = limiter_for(&self.issue_per_identity, &role.name, per_identity, |q| {
+                keyed_limiter(q, self.clock)
+            });
             limiter.check_key(&actor.id).map_err(|n| {
                 limited(
                     format!(
@@ -227,12 +271,9 @@ impl Guard {
                 )
             })?;
             if let Some(per_role) = role.issue_rate {
-                let limiter = limiter_for(
-                    &self.issue_per_role,
-                    &role.name,
-                    per_role,
-                    DefaultDirectRateLimiter::direct,
-                );
+                let limiter = limiter_for(&self.issue_per_role, &role.name, per_role, |q| {
+                    direct_limiter(q, self.clock)
+                });
                 limiter.check().map_err(|n| {
                     limited(
                         format!("{per_role} issuances/s of role {}", role.name),

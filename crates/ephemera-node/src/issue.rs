@@ -12,7 +12,6 @@ use ephemera_core::kind::{jwt, postgres, ssh, x509_svid, KindRequest};
 use ephemera_core::types::{AuthMethod, Lease, LeaseState, Principal, SVID_ROLE};
 use ephemera_core::Error;
 use ephemera_policy::AdminAction;
-use rand::RngCore;
 
 use crate::authz::{CallerContext, POLICY_ATTEMPTS};
 use crate::mint::Minted;
@@ -73,7 +72,7 @@ impl Node {
         // Without a caller's id, the node assigns one, so its own retries cannot double-issue.
         let request_id = input.request_id.or_else(|| {
             let mut b = [0u8; 16];
-            rand::rngs::OsRng.fill_bytes(&mut b);
+            self.fill_random(&mut b);
             Some(format!("srv-{}", hex::encode(b)))
         });
         let intent = IssueIntent {

@@ -101,7 +101,7 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, NodeError> {
 }
 
 /// TLS material loaded at start-up.
-struct LoadedTls {
+pub struct LoadedTls {
     trust_domain: String,
     identity: Identity,
     /// The cluster CA only: node-to-node trust.
@@ -295,8 +295,78 @@ pub async fn run(
         .as_ref()
         .map(|t| load_tls(cfg.node_id, t, &cfg.renewed_cert_dir()))
         .transpose()?;
+    let listeners = [
+        bind(cfg.cluster_addr, "cluster").await?,
+        bind(cfg.api_addr, "api").await?,
+        bind(cfg.http_addr, "http").await?,
+    ];
+    let clock = Arc::new(node::SystemClock {
+        offset_ms: cfg.test_clock_offset_ms,
+    });
+    let parts = Parts {
+        log_store,
+        state_machine: sm,
+        view,
+        applied_commands,
+        kek,
+        local,
+        tls,
+        clock,
+        entropy: Box::new(node::OsEntropy),
+        dial: Arc::new(ephemera_raft::network::TcpDial),
+        listeners,
+    };
+    serve(cfg, parts, shutdown).await
+}
+
+/// What a node runs on, which [`run`] takes from the configuration, the disk and the operating
+/// system, and the simulation (`crates/ephemera-sim`) from memory and a simulated network.
+pub struct Parts<LS, SM, L> {
+    pub log_store: LS,
+    pub state_machine: SM,
+    /// Reads of `state_machine`'s applied state.
+    pub view: ephemera_raft::store::StateView,
+    /// Commands `state_machine` has applied (what the snapshot schedule counts).
+    pub applied_commands: Arc<std::sync::atomic::AtomicU64>,
+    pub kek: Kek,
+    pub local: node::LocalAccess,
+    pub tls: Option<LoadedTls>,
+    pub clock: Arc<dyn ephemera_core::Clock>,
+    pub entropy: Box<dyn ephemera_core::command::Entropy + Send>,
+    /// How to connect to peers.
+    pub dial: Arc<dyn ephemera_raft::network::Dial>,
+    /// The cluster, API and HTTP listeners, bound.
+    pub listeners: [L; 3],
+}
+
+/// Runs a node on `parts` until `shutdown` resolves: Raft, the three listeners and the
+/// background tasks.
+pub async fn serve<LS, SM, L>(
+    cfg: NodeConfig,
+    parts: Parts<LS, SM, L>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError>
+where
+    LS: openraft::storage::RaftLogStorage<ephemera_raft::TypeConfig>,
+    SM: openraft::storage::RaftStateMachine<ephemera_raft::TypeConfig>,
+    L: conn::Listener,
+{
+    let Parts {
+        log_store,
+        state_machine: sm,
+        view,
+        applied_commands,
+        kek,
+        local,
+        tls,
+        clock,
+        entropy,
+        dial,
+        listeners: [cluster_listener, api_listener, http_listener],
+    } = parts;
+    let opening = tokio::time::Instant::now();
     let oidc_verifier = oidc::Verifier::new(&cfg.oidc_issuers).map_err(NodeError::Oidc)?;
-    let peers = Peers::new(
+    let peers = Peers::with_dial(
         cfg.peer_cluster_addrs
             .iter()
             .map(|p| (p.id, p.addr.clone()))
@@ -306,6 +376,7 @@ pub async fn run(
             bundles: t.cluster_bundle.clone(),
             trust_domain: t.trust_domain.clone(),
         }),
+        dial,
     );
     if cfg.test_clock_offset_ms != 0 {
         tracing::warn!(
@@ -339,10 +410,8 @@ pub async fn run(
         view,
         peers,
         kek,
-        Arc::new(node::SystemClock {
-            offset_ms: cfg.test_clock_offset_ms,
-        }),
-        Box::new(node::OsEntropy),
+        clock,
+        entropy,
         (
             Duration::from_millis(cfg.request_timeout_ms),
             cfg.max_delegation_depth,
@@ -366,9 +435,6 @@ pub async fn run(
     ));
     node.start_coalescing(cfg.raft.max_batch);
 
-    let cluster_listener = bind(cfg.cluster_addr, "cluster").await?;
-    let api_listener = bind(cfg.api_addr, "api").await?;
-    let http_listener = bind(cfg.http_addr, "http").await?;
     if cfg.insecure_plaintext {
         tracing::warn!("INSECURE: listeners run without TLS (insecure_plaintext = true); development use on loopback only");
     }

@@ -1,5 +1,5 @@
-//! Raft for Ephemera: openraft type configuration, the sled log store and state-machine store,
-//! and the tonic transport between nodes.
+//! Raft for Ephemera: openraft type configuration, the sled log store and state-machine store
+//! (and in-memory ones for simulation), and the tonic transport between nodes.
 
 // openraft's trait signatures fix the error types (StorageError, RaftError); they are large by
 // design and not ours to box.
@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod mem;
 pub mod network;
 pub mod store;
 

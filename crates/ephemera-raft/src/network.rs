@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +23,32 @@ use crate::{decode, encode, NodeId, NodeInfo, Raft, RaftError, RpcError, TypeCon
 /// Raft messages carry snapshot chunks; allow well above openraft's chunk size.
 pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The cache of channels to peers, keyed by node id and address (a member that moves gets a
-/// fresh channel).
+/// A byte stream between nodes: a TCP stream, or under simulation a simulated one.
+pub trait ByteStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
+pub type BoxedStream = Box<dyn ByteStream>;
+
+/// How a node opens a connection to an address (`host:port`): TCP, or a simulated network.
+pub trait Dial: Send + Sync + 'static {
+    fn dial(&self, addr: String) -> Pin<Box<dyn Future<Output = io::Result<BoxedStream>> + Send>>;
+}
+
+/// The operating system's TCP.
+pub struct TcpDial;
+
+impl Dial for TcpDial {
+    fn dial(&self, addr: String) -> Pin<Box<dyn Future<Output = io::Result<BoxedStream>> + Send>> {
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            Ok(Box::new(tcp) as BoxedStream)
+        })
+    }
+}
+
 /// mTLS material for node-to-node channels.
 pub struct PeerTls {
     pub identity: ephemera_pki::Identity,
@@ -31,20 +57,32 @@ pub struct PeerTls {
     pub trust_domain: String,
 }
 
-#[derive(Clone, Default)]
+/// The cache of channels to peers, keyed by node id and address (a member that moves gets a
+/// fresh channel).
+#[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     /// Addresses to dial instead of a peer's advertised one (NAT, or a fault proxy in tests).
     overrides: Arc<HashMap<NodeId, String>>,
     tls: Option<Arc<PeerTls>>,
+    dial: Arc<dyn Dial>,
 }
 
 impl Peers {
     pub fn new(overrides: HashMap<NodeId, String>, tls: Option<PeerTls>) -> Self {
+        Self::with_dial(overrides, tls, Arc::new(TcpDial))
+    }
+
+    pub fn with_dial(
+        overrides: HashMap<NodeId, String>,
+        tls: Option<PeerTls>,
+        dial: Arc<dyn Dial>,
+    ) -> Self {
         Peers {
             channels: Arc::default(),
             overrides: Arc::new(overrides),
             tls: tls.map(Arc::new),
+            dial,
         }
     }
 
@@ -65,34 +103,36 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let ch = match &self.tls {
-            None => endpoint.connect_lazy(),
-            Some(tls) => {
-                // The peer must prove it is exactly node `id` of our trust domain.
+        // The peer must prove it is exactly node `id` of our trust domain.
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| {
                 let expected = ephemera_pki::SpiffeId::node(&tls.trust_domain, id);
-                let config = Arc::new(
-                    ephemera_pki::peer_client_config(&tls.identity, tls.bundles.clone(), expected)
-                        .expect("a rustls client config from a validated identity"),
-                );
-                let addr = cluster_addr.to_string();
-                endpoint.connect_with_connector_lazy(tower::service_fn(
-                    move |_: tonic::transport::Uri| {
-                        let (config, addr) = (config.clone(), addr.clone());
-                        async move {
-                            let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                            tcp.set_nodelay(true)?;
+                ephemera_pki::peer_client_config(&tls.identity, tls.bundles.clone(), expected)
+                    .map(|c| tokio_rustls::TlsConnector::from(Arc::new(c)))
+            })
+            .transpose()
+            .expect("a rustls client config from a validated identity");
+        let (dial, addr) = (self.dial.clone(), cluster_addr.to_string());
+        let ch = endpoint.connect_with_connector_lazy(tower::service_fn(
+            move |_: tonic::transport::Uri| {
+                let (tls, connecting) = (tls.clone(), dial.dial(addr.clone()));
+                async move {
+                    let stream = connecting.await?;
+                    let stream: BoxedStream = match tls {
+                        None => stream,
+                        Some(tls) => {
                             let name =
                                 rustls::pki_types::ServerName::try_from("node.ephemera.invalid")
                                     .expect("a valid DNS name");
-                            let tls = tokio_rustls::TlsConnector::from(config)
-                                .connect(name, tcp)
-                                .await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                            Box::new(tls.connect(name, stream).await?)
                         }
-                    },
-                ))
-            }
-        };
+                    };
+                    Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            },
+        ));
         map.insert(id, (cluster_addr.to_string(), ch.clone()));
         Ok(ch)
     }

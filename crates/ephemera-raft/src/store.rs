@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ephemera_core::command::{Op, Outcome};
-use ephemera_core::kv::{KvPairs, KvRead, Overlay};
+use ephemera_core::kv::{KvPairs, KvRead, MemKv, Overlay};
 use ephemera_core::state;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{decode, encode, Entry, NodeId, NodeInfo, Response, TypeConfig};
 
-type StorageResult<T> = Result<T, StorageError<NodeId>>;
-type Meta = SnapshotMeta<NodeId, NodeInfo>;
+pub(crate) type StorageResult<T> = Result<T, StorageError<NodeId>>;
+pub(crate) type Meta = SnapshotMeta<NodeId, NodeInfo>;
 /// The last applied log id and the membership in force, as the state machine reports them.
 pub type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
 
@@ -32,35 +32,35 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// Raft bookkeeping in the state tree, outside the domain prefixes of `ephemera_core::state`.
-const KEY_LAST_APPLIED: &[u8] = b"~raft/last_applied";
-const KEY_MEMBERSHIP: &[u8] = b"~raft/membership";
+pub(crate) const KEY_LAST_APPLIED: &[u8] = b"~raft/last_applied";
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"~raft/membership";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct StoreError(String);
+pub(crate) struct StoreError(pub(crate) String);
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageError::IO {
         source: StorageIOError::read_state_machine(&e),
     }
 }
-fn write_sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(crate) fn write_sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageError::IO {
         source: StorageIOError::write_state_machine(&e),
     }
 }
-fn read_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(crate) fn read_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageError::IO {
         source: StorageIOError::read_logs(&e),
     }
 }
-fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(crate) fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageError::IO {
         source: StorageIOError::write_logs(&e),
     }
 }
-fn snapshot_err(
+pub(crate) fn snapshot_err(
     meta: Option<&SnapshotMeta<NodeId, NodeInfo>>,
     e: impl std::error::Error + 'static,
 ) -> StorageError<NodeId> {
@@ -106,10 +106,10 @@ fn open_trees(dir: &Path) -> Result<(SledLogStore, SledStateMachine), sled::Erro
         log: db.open_tree("raft_log")?,
         meta: db.open_tree("raft_meta")?,
     };
+    let tree = db.open_tree("state")?;
     let sm = SledStateMachine {
-        view: StateView {
-            tree: db.open_tree("state")?,
-        },
+        view: StateView(Backend::Sled(tree.clone())),
+        tree,
         db,
         copies: Arc::new(Copies::default()),
         snapshots: Arc::new(SnapshotSlot {
@@ -256,18 +256,32 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 // state machine
 // ------------------------------------------------------------------------------------------
 
-/// Read access to the applied state, shared with the node's query paths.
+/// Read access to the applied state, shared with the node's query paths: the sled tree, or
+/// (under simulation) the in-memory state of [`crate::mem`].
 #[derive(Clone)]
-pub struct StateView {
-    tree: sled::Tree,
+pub struct StateView(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Sled(sled::Tree),
+    Memory(Arc<std::sync::RwLock<MemKv>>),
+}
+
+impl StateView {
+    pub(crate) fn memory(state: Arc<std::sync::RwLock<MemKv>>) -> Self {
+        StateView(Backend::Memory(state))
+    }
 }
 
 impl KvRead for StateView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ephemera_core::StorageError> {
-        self.tree
-            .get(key)
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| ephemera_core::StorageError(e.to_string()))
+        match &self.0 {
+            Backend::Sled(tree) => tree
+                .get(key)
+                .map(|v| v.map(|v| v.to_vec()))
+                .map_err(|e| ephemera_core::StorageError(e.to_string())),
+            Backend::Memory(state) => state.read().expect("state lock").get(key),
+        }
     }
 
     fn range(
@@ -279,33 +293,43 @@ impl KvRead for StateView {
         if start >= end {
             return Ok(Vec::new());
         }
-        self.tree
-            .range(start..end)
-            .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|e| ephemera_core::StorageError(e.to_string()))
-            })
-            .collect()
+        match &self.0 {
+            Backend::Sled(tree) => tree
+                .range(start..end)
+                .take(limit)
+                .map(|r| {
+                    r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(|e| ephemera_core::StorageError(e.to_string()))
+                })
+                .collect(),
+            Backend::Memory(state) => state.read().expect("state lock").range(start, end, limit),
+        }
     }
 }
 
 impl StateView {
     pub fn applied_state(&self) -> StorageResult<AppliedState> {
-        let applied = match self.tree.get(KEY_LAST_APPLIED).map_err(read_err)? {
-            Some(v) => decode(&v).map_err(read_err)?,
-            None => None,
-        };
-        let membership = match self.tree.get(KEY_MEMBERSHIP).map_err(read_err)? {
-            Some(v) => decode(&v).map_err(read_err)?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
+        applied_state(self)
     }
+}
+
+/// The applied log id and membership recorded in `state`.
+pub(crate) fn applied_state(state: &(impl KvRead + ?Sized)) -> StorageResult<AppliedState> {
+    let read = |e: ephemera_core::StorageError| read_err(StoreError(e.0));
+    let applied = match state.get(KEY_LAST_APPLIED).map_err(read)? {
+        Some(v) => decode(&v).map_err(read_err)?,
+        None => None,
+    };
+    let membership = match state.get(KEY_MEMBERSHIP).map_err(read)? {
+        Some(v) => decode(&v).map_err(read_err)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
 }
 
 pub struct SledStateMachine {
     view: StateView,
+    tree: sled::Tree,
     db: sled::Db,
     copies: Arc<Copies>,
     snapshots: Arc<SnapshotSlot>,
@@ -563,7 +587,7 @@ impl SledStateMachine {
         let meta = header.meta;
         let failed =
             |e: &dyn std::fmt::Display| snapshot_err(Some(&meta), StoreError(e.to_string()));
-        let tree = &self.view.tree;
+        let tree = &self.tree;
         let mut window = self.copies.window.lock().expect("copy window");
         if window.before.is_some() {
             window.replaced = true;
@@ -642,6 +666,7 @@ struct SnapshotFile {
 pub struct SledSnapshotBuilder {
     db: sled::Db,
     view: StateView,
+    tree: sled::Tree,
     copies: Arc<Copies>,
     snapshots: Arc<SnapshotSlot>,
 }
@@ -649,6 +674,7 @@ pub struct SledSnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let view = self.view.clone();
+        let tree = self.tree.clone();
         let copies = self.copies.clone();
         let seq = self.snapshots.next_id();
         let snapshots = self.snapshots.clone();
@@ -663,8 +689,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SledSnapshotBuilder {
             let _turn = copies.one_at_a_time.lock().expect("copy turn");
             let (pairs, (applied, membership)) = loop {
                 let applied = copies.begin(&view)?;
-                let read: Result<KvPairs, _> = view
-                    .tree
+                let read: Result<KvPairs, _> = tree
                     .iter()
                     .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
                     .collect();
@@ -723,6 +748,53 @@ fn lower_this_threads_priority() {
     }
 }
 
+/// What applying entries gives: the answers, the writes (`None`: delete) and the count of
+/// commands.
+pub(crate) type Applied = (Vec<Response>, Vec<(Vec<u8>, Option<Vec<u8>>)>, u64);
+
+/// Applies `entries` over `state` without writing to it: the answers, every key written
+/// (`None`: deleted) including the applied log id and membership, and the count of commands
+/// (a batch entry counts its commands). Shared by the sled and in-memory state machines, so both
+/// apply the log the same way.
+pub(crate) fn apply_entries<I>(state: &(impl KvRead + ?Sized), entries: I) -> StorageResult<Applied>
+where
+    I: IntoIterator<Item = Entry>,
+{
+    let mut results = Vec::new();
+    let mut last_applied = None;
+    let mut membership = None;
+    let mut commands = 0;
+    let writes = {
+        let mut overlay = Overlay::new(state);
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(Ok(Outcome::Done)),
+                EntryPayload::Normal(cmd) => {
+                    commands += match &cmd.op {
+                        Op::Batch(batch) => batch.len() as u64,
+                        _ => 1,
+                    };
+                    results.push(state::apply(&mut overlay, &cmd).map_err(write_sm_err)?);
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    results.push(Ok(Outcome::Done));
+                }
+            }
+        }
+        overlay.into_writes()
+    };
+    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
+    if let Some(l) = last_applied {
+        writes.push((KEY_LAST_APPLIED.to_vec(), Some(encode(&Some(l)))));
+    }
+    if let Some(m) = membership {
+        writes.push((KEY_MEMBERSHIP.to_vec(), Some(encode(&m))));
+    }
+    Ok((results, writes, commands))
+}
+
 impl RaftStateMachine<TypeConfig> for SledStateMachine {
     type SnapshotBuilder = SledSnapshotBuilder;
 
@@ -735,40 +807,9 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut results = Vec::new();
-        let mut last_applied = None;
-        let mut membership = None;
-        let mut commands = 0;
-        let writes = {
-            let mut overlay = Overlay::new(&self.view);
-            for entry in entries {
-                last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => results.push(Ok(Outcome::Done)),
-                    EntryPayload::Normal(cmd) => {
-                        commands += match &cmd.op {
-                            Op::Batch(batch) => batch.len() as u64,
-                            _ => 1,
-                        };
-                        results.push(state::apply(&mut overlay, &cmd).map_err(write_sm_err)?);
-                    }
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                        results.push(Ok(Outcome::Done));
-                    }
-                }
-            }
-            overlay.into_writes()
-        };
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
-        if let Some(l) = last_applied {
-            writes.push((KEY_LAST_APPLIED.to_vec(), Some(encode(&Some(l)))));
-        }
-        if let Some(m) = membership {
-            writes.push((KEY_MEMBERSHIP.to_vec(), Some(encode(&m))));
-        }
+        let (results, writes, commands) = apply_entries(&self.view, entries)?;
         self.copies
-            .write(&self.view.tree, writes)
+            .write(&self.tree, writes)
             .map_err(write_sm_err)?;
         self.commands.fetch_add(commands, Ordering::Relaxed);
         Ok(results)
@@ -778,6 +819,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         SledSnapshotBuilder {
             db: self.db.clone(),
             view: self.view.clone(),
+            tree: self.tree.clone(),
             copies: self.copies.clone(),
             snapshots: self.snapshots.clone(),
         }
@@ -897,7 +939,7 @@ mod tests {
     fn a_copy_taken_while_apply_goes_on_is_the_state_at_its_start() {
         let dir = TempDir::new().unwrap();
         let (_log, sm) = open(dir.path()).unwrap();
-        let tree = &sm.view.tree;
+        let tree = &sm.tree;
         let start = pairs(&[("a", "1"), ("c", "3"), ("e", "5"), ("g", "7"), ("i", "9")]);
         sm.copies
             .write(
@@ -947,9 +989,7 @@ mod tests {
     fn an_install_during_a_copy_voids_it() {
         let dir = TempDir::new().unwrap();
         let (_log, sm) = open(dir.path()).unwrap();
-        sm.copies
-            .write(&sm.view.tree, vec![put("old", "1")])
-            .unwrap();
+        sm.copies.write(&sm.tree, vec![put("old", "1")]).unwrap();
         sm.copies.begin(&sm.view).unwrap();
         let file = SnapshotFile {
             meta: SnapshotMeta {

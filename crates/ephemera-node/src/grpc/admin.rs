@@ -37,7 +37,7 @@ impl Api {
         &self,
         r: pb::InitClusterRequest,
     ) -> Result<pb::InitClusterResponse, Error> {
-        let admin_token = new_break_glass_credential();
+        let admin_token = new_break_glass_credential(&self.node);
         initialise(&self.node, self.plaintext, r, &admin_token).await?;
         tracing::info!(
             node_id = self.node.id,
@@ -163,9 +163,9 @@ pub(crate) async fn initialise(
 }
 
 /// A fresh break-glass credential (256 random bits), returned once and stored hashed.
-pub(crate) fn new_break_glass_credential() -> zeroize::Zeroizing<String> {
+pub(crate) fn new_break_glass_credential(node: &Node) -> zeroize::Zeroizing<String> {
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
-    rand::rngs::OsRng.fill_bytes(secret.as_mut());
+    node.fill_random(secret.as_mut());
     zeroize::Zeroizing::new(format!(
         "{}{}",
         crate::node::BREAK_GLASS_PREFIX,
@@ -229,9 +229,9 @@ impl pb::admin_server::Admin for Api {
             .refuse_admin_identity(&id.to_string())
             .map_err(|e| self.fail(e))?;
         let ttl_s = if r.ttl_s == 0 { 600 } else { r.ttl_s };
-        let mut secret = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut secret);
-        let token = format!("eph_jt_{}", URL_SAFE_NO_PAD.encode(secret));
+        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+        self.node.fill_random(secret.as_mut());
+        let token = format!("eph_jt_{}", URL_SAFE_NO_PAD.encode(secret.as_ref()));
         self.propose(
             actor,
             Intent::CreateJoinToken {
@@ -253,7 +253,7 @@ impl pb::admin_server::Admin for Api {
         req: Request<pb::RotateBreakGlassRequest>,
     ) -> Result<Response<pb::BreakGlassCredential>, Status> {
         let actor = self.caller_of(&req)?;
-        let admin_token = new_break_glass_credential();
+        let admin_token = new_break_glass_credential(&self.node);
         self.propose(
             actor,
             Intent::SetBreakGlass {

@@ -36,7 +36,6 @@ use ephemera_proto::internal as ipb;
 use ephemera_proto::v1 as pb;
 use ephemera_raft::network::{serve_append_entries, serve_install_snapshot, serve_vote};
 use ephemera_raft::{decode, encode, NodeInfo};
-use rand::RngCore;
 use tonic::{Request, Response, Status};
 
 use crate::authz::CallerContext;

@@ -506,7 +506,7 @@ impl Node {
         }
         let kid = ephemera_core::crypto::kid_for(&public_key);
         let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
-        self.entropy.lock().expect("entropy lock").fill(&mut nonce);
+        self.fill_random(&mut nonce);
         Ok(Intent::ImportSshCa {
             sealed_private_key: ephemera_core::crypto::seal_private_key(
                 &self.kek, &kid, &seed, nonce,
@@ -521,7 +521,7 @@ impl Node {
         let secret = ephemera_pki::ca_key_secret(key_pem)
             .map_err(|e| Error::InvalidArgument(format!("CA key: {e}")))?;
         let mut nonce = [0u8; ephemera_core::crypto::NONCE_LEN];
-        self.entropy.lock().expect("entropy lock").fill(&mut nonce);
+        self.fill_random(&mut nonce);
         Ok(ephemera_core::crypto::seal_secret(
             &self.kek,
             ephemera_core::types::CLUSTER_CA_KEY_ID,

@@ -178,7 +178,7 @@ impl Node {
         let ttl_s = ttl_s.clamp(*crate::config::NODE_CERT_TTL_RANGE_S.start(), cap);
         let now = self.stamp_time();
         let mut serial = vec![0u8; 16];
-        self.entropy.lock().expect("entropy lock").fill(&mut serial);
+        self.fill_random(&mut serial);
         // Positive as a DER integer, and never mistaken for an SVID's 0x01 lease serial.
         serial[0] = 0x40 | (serial[0] & 0x3f);
         Ok(NodeCertificate {

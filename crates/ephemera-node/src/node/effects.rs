@@ -342,7 +342,7 @@ impl Node {
             let at = self.look_again_at(&round, held_until);
             next_whole = if whole { at } else { next_whole.min(at) };
             tokio::select! {
-                _ = tokio::time::sleep_until(next_whole.into()) => whole = true,
+                _ = tokio::time::sleep_until(next_whole) => whole = true,
                 changed = recorded.changed() => {
                     if changed.is_err() {
                         return;
@@ -474,7 +474,7 @@ impl Node {
         }
         let jitter = {
             let mut b = [0u8; 2];
-            self.entropy.lock().expect("entropy lock").fill(&mut b);
+            self.fill_random(&mut b);
             u16::from_le_bytes(b) % 1001
         };
         let cmd = fx::settle_command(&e, outcome.err(), self.stamp_time(), jitter);
@@ -656,7 +656,7 @@ impl Node {
             };
             let gave_up = waiting.attempts >= fx::FAILED_AFTER_ATTEMPTS;
             if !gave_up {
-                match tokio::time::timeout_at(deadline.into(), applied.changed()).await {
+                match tokio::time::timeout_at(deadline, applied.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return Err(Error::Unavailable("the node is stopping".into())),
                     Err(_) => {}

@@ -22,7 +22,9 @@ use crate::group_commit::{self, GroupCommit};
 use crate::verified::Verified;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, not std's: deadlines follow simulated time under the simulation.
+use tokio::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use ephemera_core::command::{
@@ -201,7 +203,7 @@ pub struct Node {
     pub(crate) oidc: crate::oidc::Verifier,
     /// Refused authentications are audited through Raft; under a flood only this many per
     /// second are, so unauthenticated traffic cannot be turned into unbounded Raft writes.
-    denial_audits: governor::DefaultDirectRateLimiter,
+    denial_audits: crate::guard::DirectLimiter,
     /// Refusals not recorded since the last recorded one (stated in that next record).
     denials_unrecorded: std::sync::atomic::AtomicU64,
     /// The compiled policy set of the latest committed version this node has used.
@@ -293,11 +295,12 @@ impl Node {
             )),
             tls,
             oidc,
-            denial_audits: governor::RateLimiter::direct(
+            denial_audits: crate::guard::direct_limiter(
                 governor::Quota::per_second(
                     std::num::NonZeroU32::new(DENIAL_AUDITS_PER_S).expect("non-zero"),
                 )
                 .allow_burst(std::num::NonZeroU32::new(DENIAL_AUDIT_BURST).expect("non-zero")),
+                crate::guard::TokioClock::default(),
             ),
             denials_unrecorded: std::sync::atomic::AtomicU64::new(0),
             policy_cache: Mutex::new(None),
@@ -360,6 +363,13 @@ impl Node {
                 }
                 routing::write_entry(raft.clone(), commands)
             }));
+    }
+
+    /// Random bytes from this node's entropy source: the operating system's CSPRNG, or under
+    /// simulation a generator seeded from the run's seed. Every random choice a node makes goes
+    /// through here or through stamping.
+    pub(crate) fn fill_random(&self, buf: &mut [u8]) {
+        self.entropy.lock().expect("entropy lock").fill(buf);
     }
 
     // ---- credentials ----------------------------------------------------------------------
