@@ -57,11 +57,16 @@ pub struct PeerTls {
     pub trust_domain: String,
 }
 
+/// A peer's address, the channel to it, and the channel's number (see [`Peers::forget`]).
+type CachedChannel = (String, Channel, u64);
+
 /// The cache of channels to peers, keyed by node id and address (a member that moves gets a
 /// fresh channel).
 #[derive(Clone)]
 pub struct Peers {
-    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    channels: Arc<Mutex<HashMap<NodeId, CachedChannel>>>,
+    /// Numbers channels.
+    made: Arc<std::sync::atomic::AtomicU64>,
     /// Addresses to dial instead of a peer's advertised one (NAT, or a fault proxy in tests).
     overrides: Arc<HashMap<NodeId, String>>,
     tls: Option<Arc<PeerTls>>,
@@ -80,6 +85,7 @@ impl Peers {
     ) -> Self {
         Peers {
             channels: Arc::default(),
+            made: Arc::default(),
             overrides: Arc::new(overrides),
             tls: tls.map(Arc::new),
             dial,
@@ -91,11 +97,32 @@ impl Peers {
         id: NodeId,
         cluster_addr: &str,
     ) -> Result<Channel, tonic::transport::Error> {
+        self.numbered_channel(id, cluster_addr).map(|(ch, _)| ch)
+    }
+
+    /// Drops the cached channel to `id` if it is still channel number `number`, so the next
+    /// call connects afresh. For a connection that swallowed a request: a peer that vanished
+    /// behind a middlebox, or a partition that dropped segments, can leave a TCP connection
+    /// that is open but delivers nothing, for as long as the kernel keeps retransmitting;
+    /// a new connection works as soon as the network does. (Another caller may already have
+    /// replaced it: the number says whether it is still the one that failed.)
+    pub fn forget(&self, id: NodeId, number: u64) {
+        let mut map = self.channels.lock().expect("peer cache lock");
+        if map.get(&id).is_some_and(|(_, _, n)| *n == number) {
+            map.remove(&id);
+        }
+    }
+
+    fn numbered_channel(
+        &self,
+        id: NodeId,
+        cluster_addr: &str,
+    ) -> Result<(Channel, u64), tonic::transport::Error> {
         let cluster_addr = self.overrides.get(&id).map_or(cluster_addr, String::as_str);
         let mut map = self.channels.lock().expect("peer cache lock");
-        if let Some((addr, ch)) = map.get(&id) {
+        if let Some((addr, ch, number)) = map.get(&id) {
             if addr == cluster_addr {
-                return Ok(ch.clone());
+                return Ok((ch.clone(), *number));
             }
         }
         let endpoint = Endpoint::from_shared(format!("http://{cluster_addr}"))?
@@ -133,8 +160,9 @@ impl Peers {
                 }
             },
         ));
-        map.insert(id, (cluster_addr.to_string(), ch.clone()));
-        Ok(ch)
+        let number = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(id, (cluster_addr.to_string(), ch.clone(), number));
+        Ok((ch, number))
     }
 
     pub fn client(
@@ -142,10 +170,14 @@ impl Peers {
         id: NodeId,
         cluster_addr: &str,
     ) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
-        Ok(ClusterClient::new(self.channel(id, cluster_addr)?)
-            .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES))
+        Ok(cluster_client(self.channel(id, cluster_addr)?))
     }
+}
+
+fn cluster_client(ch: Channel) -> ClusterClient<Channel> {
+    ClusterClient::new(ch)
+        .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
 }
 
 impl RaftNetworkFactory<TypeConfig> for Peers {
@@ -154,17 +186,20 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
         PeerConnection {
             target,
-            client: self
-                .client(target, &node.cluster_addr)
-                .map_err(|e| e.to_string()),
+            addr: node.cluster_addr.clone(),
+            peers: self.clone(),
+            current: None,
         }
     }
 }
 
 pub struct PeerConnection {
     target: NodeId,
-    /// An unparsable address is reported on every call rather than panicking in the factory.
-    client: Result<ClusterClient<Channel>, String>,
+    addr: String,
+    peers: Peers,
+    /// The client in use and its channel's number; none until the first call, and after a
+    /// call that timed out (the next call connects afresh, see [`Peers::forget`]).
+    current: Option<(ClusterClient<Channel>, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,20 +220,31 @@ impl PeerConnection {
         F: FnOnce(ClusterClient<Channel>, RaftPayload) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
-        let client = match &self.client {
-            Ok(c) => c.clone(),
-            Err(e) => {
-                return Err(RpcError::Unreachable(Unreachable::new(&TransportError(
-                    e.clone(),
-                ))))
-            }
+        let client = match &self.current {
+            Some((c, _)) => c.clone(),
+            None => match self.peers.numbered_channel(self.target, &self.addr) {
+                Ok((ch, number)) => {
+                    let c = cluster_client(ch);
+                    self.current = Some((c.clone(), number));
+                    c
+                }
+                // An unparsable address, reported on every call.
+                Err(e) => {
+                    return Err(RpcError::Unreachable(Unreachable::new(&TransportError(
+                        e.to_string(),
+                    ))))
+                }
+            },
         };
         let payload = RaftPayload { data: encode(req) };
         let resp = match tokio::time::timeout(option.hard_ttl(), rpc(client, payload)).await {
             Err(_) => {
+                if let Some((_, number)) = self.current.take() {
+                    self.peers.forget(self.target, number);
+                }
                 return Err(RpcError::Network(NetworkError::new(&TransportError(
                     format!("rpc to node {} timed out", self.target),
-                ))))
+                ))));
             }
             Ok(Err(status)) => {
                 let e = TransportError(format!("node {}: {}", self.target, status.message()));

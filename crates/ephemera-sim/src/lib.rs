@@ -20,10 +20,16 @@
 //! A run: three nodes form the cluster on their own (`[cluster] peers`, `bootstrap_expect`);
 //! a client host creates the chaos role and runs the chaos harness's workload
 //! ([`ephemera_chaos::workload`]) while the driver applies the chaos harness's fault plan for
-//! the seed ([`ephemera_chaos::schedule::plan`]) through turmoil. After healing, every node
-//! must take a write, and the driver reads each node's disk: the history and final state go
-//! through the chaos checker, and invariants are checked along the way (at most one leader per
-//! term; an entry once committed is never replaced).
+//! the seed ([`ephemera_chaos::schedule::plan`]) through turmoil, with one crash in three on a
+//! replaced, empty disk (a membership change: the leader removes the node and adds it again).
+//! After healing, every node must take a write, and the driver reads each node's disk: the
+//! history and final state go through the chaos checker, and invariants are checked along the
+//! way (at most one leader per term; an entry once committed is never replaced).
+//!
+//! One run per process: tokio numbers tasks process-wide, and the order in which a crashed
+//! host's tasks are dropped (so the order its connections close in) follows those numbers; a
+//! second run in the same process may take another path. The binary runs many seeds as child
+//! processes.
 
 #[cfg(not(tokio_unstable))]
 compile_error!(
@@ -77,6 +83,9 @@ pub struct SimOptions {
     pub clients: u32,
     /// Upper bound on workload operations.
     pub max_ops: u64,
+    /// Partitions drop messages instead of holding them: black holes, which stall a
+    /// connection for good (see [`cut`]) until a keep-alive or a deadline gives up on it.
+    pub black_holes: bool,
 }
 
 impl Default for SimOptions {
@@ -86,6 +95,7 @@ impl Default for SimOptions {
             run_ms: 20_000,
             clients: 3,
             max_ops: 1_000,
+            black_holes: false,
         }
     }
 }
@@ -240,10 +250,24 @@ http_addr = "{h}:{HTTP_PORT}"
     toml::from_str(&text).map_err(sim_err)
 }
 
+/// A node's disk, which a fault may replace with a new, empty one (a replaced volume).
+#[derive(Default)]
+struct DiskBay(Mutex<Arc<MemDisk>>);
+
+impl DiskBay {
+    fn current(&self) -> Arc<MemDisk> {
+        self.0.lock().expect("disk bay").clone()
+    }
+
+    fn replace(&self) {
+        *self.0.lock().expect("disk bay") = Arc::default();
+    }
+}
+
 /// What the driver and a node's host share.
 struct NodeSlot {
     id: u64,
-    disk: Arc<MemDisk>,
+    disk: Arc<DiskBay>,
     clock_offset_ms: Arc<AtomicI64>,
     starts: Arc<AtomicU64>,
     cfg: ephemera_node::NodeConfig,
@@ -255,7 +279,7 @@ fn start_node(
     seed: u64,
 ) -> impl Future<Output = Result<(), Box<dyn std::error::Error>>> + 'static {
     let (disk, offset, cfg) = (
-        slot.disk.clone(),
+        slot.disk.current(),
         slot.clock_offset_ms.clone(),
         slot.cfg.clone(),
     );
@@ -452,6 +476,7 @@ fn leader(slots: &[NodeSlot]) -> Option<u64> {
         .iter()
         .filter_map(|s| {
             s.disk
+                .current()
                 .vote()
                 .filter(|v| v.committed && v.leader_id.node_id == s.id)
                 .map(|v| (v.leader_id.term, s.id))
@@ -464,6 +489,7 @@ fn leader(slots: &[NodeSlot]) -> Option<u64> {
 enum Undo {
     Restart(Vec<u64>),
     Release(Vec<(String, String)>),
+    Repair(Vec<(String, String)>),
     Latency,
     Clock(u64),
     Nothing,
@@ -558,7 +584,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         if now >= last_check + CHECK_EVERY_MS {
             last_check = now;
             for s in &slots {
-                invariants.observe(s.id, &s.disk);
+                invariants.observe(s.id, &s.disk.current());
             }
         }
         if finished {
@@ -584,7 +610,11 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         while next_step < steps.len() && t >= steps[next_step].at_ms {
             let step = &steps[next_step];
             next_step += 1;
-            let (detail, nodes, undo) = inject(&mut sim, &slots, &step.fault);
+            // One crash in three replaces the node's disk (drawn whatever the fault, so the
+            // draws do not depend on the plan's kinds).
+            let wipe = rng.gen_range(0..3) == 0 && all_caught_up(&slots);
+            let (detail, nodes, undo) =
+                inject(&mut sim, &slots, &step.fault, wipe, opts.black_holes);
             faults.push(FaultRecord {
                 kind: step.fault.kind().to_string(),
                 detail,
@@ -610,7 +640,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         sim.step().map_err(sim_err)?;
     }
     for s in &slots {
-        invariants.observe(s.id, &s.disk);
+        invariants.observe(s.id, &s.disk.current());
     }
     let history = {
         let mut h = workload.history.lock().expect("history").clone();
@@ -648,12 +678,19 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
     })
 }
 
-fn inject(sim: &mut turmoil::Sim, slots: &[NodeSlot], fault: &Fault) -> (String, Vec<u64>, Undo) {
+/// Applies `fault`; `wipe`: a crashed node also loses its disk.
+fn inject(
+    sim: &mut turmoil::Sim,
+    slots: &[NodeSlot],
+    fault: &Fault,
+    wipe: bool,
+    black_holes: bool,
+) -> (String, Vec<u64>, Undo) {
     let n = slots.len() as u64;
     let crash = |sim: &mut turmoil::Sim, ids: &[u64]| {
         for id in ids {
             sim.crash(host(*id));
-            slots[*id as usize - 1].disk.crash();
+            slots[*id as usize - 1].disk.current().crash();
         }
     };
     match fault {
@@ -669,10 +706,21 @@ fn inject(sim: &mut turmoil::Sim, slots: &[NodeSlot], fault: &Fault) -> (String,
                     Undo::Restart(vec![l]),
                 )
             } else {
-                let cut = pairs(&[l], &others(n, &[l]));
-                hold(sim, &cut);
-                (format!("isolated leader {l}"), vec![l], Undo::Release(cut))
+                let pairs_cut = pairs(&[l], &others(n, &[l]));
+                let undo = cut(sim, pairs_cut, black_holes);
+                (format!("isolated leader {l}"), vec![l], undo)
             }
+        }
+        Fault::KillNode { node } if wipe => {
+            // The simulation's membership change: the node comes back on a new, empty disk
+            // (a replaced volume, the same id); the leader must remove it and add it again.
+            crash(sim, &[*node]);
+            slots[*node as usize - 1].disk.replace();
+            (
+                format!("crashed {node} and replaced its disk"),
+                vec![*node],
+                Undo::Restart(vec![*node]),
+            )
         }
         Fault::KillNode { node } => {
             crash(sim, &[*node]);
@@ -700,24 +748,14 @@ fn inject(sim: &mut turmoil::Sim, slots: &[NodeSlot], fault: &Fault) -> (String,
             )
         }
         Fault::Partition { minority } => {
-            let cut = pairs(minority, &others(n, minority));
-            hold(sim, &cut);
-            (
-                format!("partitioned {minority:?}"),
-                minority.clone(),
-                Undo::Release(cut),
-            )
+            let undo = cut(sim, pairs(minority, &others(n, minority)), black_holes);
+            (format!("partitioned {minority:?}"), minority.clone(), undo)
         }
         Fault::OneWay { from, to } | Fault::FlakyLink { from, to, .. } => {
             // Over TCP a link that loses one direction stalls both (nothing is acknowledged),
             // until the loss ends and retransmission delivers; held messages are that.
-            let cut = vec![(host(*from), host(*to))];
-            hold(sim, &cut);
-            (
-                format!("{from} cannot reach {to}"),
-                vec![*from, *to],
-                Undo::Release(cut),
-            )
+            let undo = cut(sim, vec![(host(*from), host(*to))], black_holes);
+            (format!("{from} cannot reach {to}"), vec![*from, *to], undo)
         }
         Fault::SlowLinks { delay_ms } => {
             sim.set_max_message_latency(Duration::from_millis(*delay_ms));
@@ -751,11 +789,31 @@ fn hold(sim: &turmoil::Sim, pairs: &[(String, String)]) {
     }
 }
 
+/// Cuts the links between the pairs: held messages (see [`hold`]), or with `black_hole`
+/// dropped ones, which leaves every connection that lost a segment stalled after the repair:
+/// what a middlebox that silently drops an established flow does.
+fn cut(sim: &turmoil::Sim, pairs: Vec<(String, String)>, black_hole: bool) -> Undo {
+    if black_hole {
+        for (a, b) in &pairs {
+            sim.partition(a.as_str(), b.as_str());
+        }
+        Undo::Repair(pairs)
+    } else {
+        hold(sim, &pairs);
+        Undo::Release(pairs)
+    }
+}
+
 fn heal(sim: &mut turmoil::Sim, slots: &[NodeSlot], undo: Undo) {
     match undo {
         Undo::Restart(ids) => {
             for id in ids {
                 sim.bounce(host(id));
+            }
+        }
+        Undo::Repair(pairs) => {
+            for (a, b) in pairs {
+                sim.repair(a.as_str(), b.as_str());
             }
         }
         Undo::Release(held) => {
@@ -778,12 +836,36 @@ fn applied_index(disk: &MemDisk) -> Option<u64> {
         .and_then(|(a, _)| a.map(|l| l.index))
 }
 
+/// Whether every node is a voter in every node's applied membership and within a few entries
+/// of the most advanced: the only time the simulation replaces a disk. Losing a second disk
+/// before the first replacement has caught up loses the data of a majority, which no Raft
+/// cluster recovers from on its own (it stops, and an operator restores a backup); the run
+/// would then only show that the cluster stopped.
+fn all_caught_up(slots: &[NodeSlot]) -> bool {
+    let states: Vec<_> = slots
+        .iter()
+        .map(|s| s.disk.current().view().applied_state().ok())
+        .collect();
+    let max = states
+        .iter()
+        .filter_map(|st| st.as_ref().and_then(|(a, _)| a.map(|l| l.index)))
+        .max()
+        .unwrap_or(0);
+    states.iter().all(|st| match st {
+        Some((Some(applied), membership)) => {
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            applied.index + 20 >= max && slots.iter().all(|s| voters.contains(&s.id))
+        }
+        _ => false,
+    })
+}
+
 fn converged(slots: &[NodeSlot]) -> bool {
     let states: Vec<_> = slots
         .iter()
         .map(|s| {
-            let view = s.disk.view();
-            (applied_index(&s.disk), state::state_digest(&view).ok())
+            let disk = s.disk.current();
+            (applied_index(&disk), state::state_digest(&disk.view()).ok())
         })
         .collect();
     states.windows(2).all(|w| w[0] == w[1])
@@ -797,14 +879,15 @@ fn final_state(slots: &[NodeSlot], recovery_ms: Vec<(u64, Option<u64>)>) -> Fina
         ..Default::default()
     };
     for s in slots {
-        let view = s.disk.view();
+        let disk = s.disk.current();
+        let view = disk.view();
         let digest = (|| {
             let (seq_hash, digest) = (
                 state::audit_head(&view).ok()?,
                 state::state_digest(&view).ok()?,
             );
             Some(NodeDigest {
-                applied_index: applied_index(&s.disk).unwrap_or(0),
+                applied_index: applied_index(&disk).unwrap_or(0),
                 state_digest: digest,
                 audit_head: seq_hash.1,
             })
@@ -812,7 +895,7 @@ fn final_state(slots: &[NodeSlot], recovery_ms: Vec<(u64, Option<u64>)>) -> Fina
         fin.digests.push((s.id, digest));
         fin.leases.push((s.id, leases(&view).ok()));
     }
-    fin.audit_chain = audit_chain(&slots[0].disk.view());
+    fin.audit_chain = audit_chain(&slots[0].disk.current().view());
     fin
 }
 

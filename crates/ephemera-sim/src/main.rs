@@ -34,6 +34,9 @@ struct Args {
     /// Write the history of a `--seed` run here, one JSON event per line.
     #[arg(long, requires = "seed")]
     history: Option<std::path::PathBuf>,
+    /// Partitions drop messages (black holes) instead of holding them.
+    #[arg(long)]
+    black_holes: bool,
     /// Upper bound on the workload's operations in each run.
     #[arg(long, default_value_t = SimOptions::default().max_ops)]
     max_ops: u64,
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     let opts = SimOptions {
         run_ms: args.run_ms,
         max_ops: args.max_ops,
+        black_holes: args.black_holes,
         ..Default::default()
     };
     let (from, to) = match (args.seed, &args.seeds) {
@@ -134,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                     .args(["--seed", &seed.to_string(), "--output", "json"])
                     .args(["--run-ms", &opts.run_ms.to_string()])
                     .args(["--max-ops", &opts.max_ops.to_string()])
+                    .args(opts.black_holes.then_some("--black-holes"))
                     .output();
                 let report = out
                     .as_ref()
@@ -145,9 +150,13 @@ fn main() -> anyhow::Result<()> {
                         if json {
                             println!("{r}");
                         } else if violations > 0 {
+                            let mut kinds = std::collections::BTreeMap::new();
+                            for v in r["violations"].as_array().into_iter().flatten() {
+                                *kinds.entry(v["kind"].to_string()).or_insert(0) += 1;
+                            }
                             println!(
-                                "seed {seed}: {violations} violations: {}\n  replay: {}",
-                                r["violations"], r["replay"]
+                                "seed {seed}: {violations} violations {kinds:?}; first: {}\n  replay: {}",
+                                r["violations"][0]["message"], r["replay"]
                             );
                         }
                         if violations > 0 {
