@@ -51,7 +51,7 @@ pub fn check(history: &[Event], fin: &FinalState, cfg: &CheckConfig) -> Vec<Viol
             }
             Op::Renew { lease_id } => extended.entry(lease_id).or_default().push(e),
             Op::Revoke { lease_id } => revoked_ok.entry(lease_id).or_default().push(e),
-            Op::Introspect { .. } => {}
+            Op::RevokeSubject { .. } | Op::Introspect { .. } => {}
         }
     }
     for e in history {
@@ -59,6 +59,32 @@ pub fn check(history: &[Event], fin: &FinalState, cfg: &CheckConfig) -> Vec<Viol
             (&e.op, &e.outcome)
         {
             revoke_attempted.entry(lease_id).or_default().push(e);
+        }
+    }
+    // A bulk revocation of a subject revokes every lease of the subject whose issuance was
+    // acknowledged before it began; one issued while it ran may or may not be revoked. One
+    // whose outcome is unknown may have revoked any of them.
+    for b in history {
+        let Op::RevokeSubject { subject } = &b.op else {
+            continue;
+        };
+        if matches!(b.outcome, Outcome::Fail { .. }) {
+            continue;
+        }
+        for (id, i) in &issued {
+            let Op::Issue {
+                subject: Some(of), ..
+            } = &i.op
+            else {
+                continue;
+            };
+            if of != subject || i.invoke_ms > b.complete_ms {
+                continue;
+            }
+            revoke_attempted.entry(*id).or_default().push(b);
+            if b.outcome == Outcome::Ok && i.complete_ms < b.invoke_ms {
+                revoked_ok.entry(*id).or_default().push(b);
+            }
         }
     }
 
@@ -283,6 +309,7 @@ mod tests {
             1,
             Op::Issue {
                 request_id: format!("r{id}"),
+                subject: Some("s".into()),
             },
             t,
             Outcome::Ok,
@@ -369,6 +396,53 @@ mod tests {
         ];
         let fin = healthy(vec![lease("a", "revoked", 10)]);
         assert_eq!(check(&h, &fin, &cfg()), vec![]);
+    }
+
+    /// A bulk revocation of a subject covers the leases acknowledged before it began ("a"); a
+    /// lease issued while it ran ("b") may end either way, and its revocation is no phantom.
+    #[test]
+    fn a_bulk_revocation_covers_the_subjects_earlier_leases() {
+        let bulk = ev(
+            3,
+            2,
+            Op::RevokeSubject {
+                subject: "s".into(),
+            },
+            (20, 30),
+            Outcome::Ok,
+            OpResult::default(),
+        );
+        let consistent = vec![issue(1, "a", (0, 10)), issue(2, "b", (15, 25)), bulk];
+        for b_state in ["revoked", "active"] {
+            let fin = healthy(vec![lease("a", "revoked", 10), lease("b", b_state, 25)]);
+            assert_eq!(check(&consistent, &fin, &cfg()), vec![], "b {b_state}");
+        }
+        let mut broken = consistent.clone();
+        broken.push(ev(
+            4,
+            3,
+            Op::Introspect {
+                lease_id: "a".into(),
+            },
+            (40, 45),
+            Outcome::Ok,
+            OpResult {
+                active: Some(true),
+                ..Default::default()
+            },
+        ));
+        let fin = healthy(vec![lease("a", "active", 10), lease("b", "revoked", 25)]);
+        let mut found = kinds(&check(&broken, &fin, &cfg()));
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "active_after_revoke",
+                "lost_revoke",
+                "lost_revoke",
+                "lost_revoke"
+            ]
+        );
     }
 
     #[test]
@@ -515,6 +589,7 @@ mod tests {
                 1,
                 Op::Issue {
                     request_id: "x".into(),
+                    subject: None,
                 },
                 (20, 30),
                 Outcome::Unknown {

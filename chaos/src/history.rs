@@ -6,10 +6,25 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Issue { request_id: String },
-    Renew { lease_id: String },
-    Revoke { lease_id: String },
-    Introspect { lease_id: String },
+    Issue {
+        request_id: String,
+        /// The subject the lease was issued for (absent: the caller itself).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+    },
+    Renew {
+        lease_id: String,
+    },
+    Revoke {
+        lease_id: String,
+    },
+    /// Bulk revocation of every lease of a subject.
+    RevokeSubject {
+        subject: String,
+    },
+    Introspect {
+        lease_id: String,
+    },
 }
 
 impl Op {
@@ -18,6 +33,7 @@ impl Op {
             Op::Issue { .. } => "issue",
             Op::Renew { .. } => "renew",
             Op::Revoke { .. } => "revoke",
+            Op::RevokeSubject { .. } => "revoke_subject",
             Op::Introspect { .. } => "introspect",
         }
     }

@@ -17,6 +17,11 @@ pub const ROLE: &str = "chaos";
 pub const ROLE_TTL_S: u64 = 4;
 pub const ROLE_MAX_TTL_S: u64 = 10;
 
+/// The subject a client's leases are issued for.
+fn subject(process: u32) -> String {
+    format!("spiffe://chaos.test/client/{process}")
+}
+
 /// Creates the role the workload issues from.
 pub async fn create_role(admin: &Client) -> Result<(), ClientError> {
     admin
@@ -115,11 +120,14 @@ pub async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
                     .issue(pb::IssueRequest {
                         role: ROLE.into(),
                         request_id: Some(request_id.clone()),
-                        subject: Some(format!("spiffe://chaos.test/client/{process}")),
+                        subject: Some(subject(process)),
                         ..Default::default()
                     })
                     .await;
-                let op = Op::Issue { request_id };
+                let op = Op::Issue {
+                    request_id,
+                    subject: Some(subject(process)),
+                };
                 match r {
                     Ok(c) => {
                         pool.lock()
@@ -181,6 +189,21 @@ pub async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
                         }
                         (op, Outcome::Ok, OpResult::default())
                     }
+                    Err(e) => (op, classify(&e), OpResult::default()),
+                }
+            }
+            (65..=66, Some(_)) => {
+                // Every lease this client has issued, at once.
+                let r = client
+                    .revoke(pb::RevokeRequest {
+                        target: Some(pb::revoke_request::Target::Subject(subject(process))),
+                    })
+                    .await;
+                let op = Op::RevokeSubject {
+                    subject: subject(process),
+                };
+                match r {
+                    Ok(_) => (op, Outcome::Ok, OpResult::default()),
                     Err(e) => (op, classify(&e), OpResult::default()),
                 }
             }

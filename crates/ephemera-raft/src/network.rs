@@ -172,6 +172,40 @@ impl Peers {
     ) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
         Ok(cluster_client(self.channel(id, cluster_addr)?))
     }
+
+    /// Calls `rpc` on a client to `id` within `within`. A call that gets no answer in time
+    /// drops the channel it used (see [`Peers::forget`]), so the next call connects afresh.
+    pub async fn call_within<T, F, Fut>(
+        &self,
+        id: NodeId,
+        cluster_addr: &str,
+        within: Duration,
+        rpc: F,
+    ) -> Result<Result<T, tonic::Status>, PeerCallError>
+    where
+        F: FnOnce(ClusterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let (ch, number) = self
+            .numbered_channel(id, cluster_addr)
+            .map_err(|e| PeerCallError::Address(e.to_string()))?;
+        match tokio::time::timeout(within, rpc(cluster_client(ch))).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                self.forget(id, number);
+                Err(PeerCallError::TimedOut)
+            }
+        }
+    }
+}
+
+/// Why [`Peers::call_within`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerCallError {
+    #[error("bad peer address: {0}")]
+    Address(String),
+    #[error("no answer in time")]
+    TimedOut,
 }
 
 fn cluster_client(ch: Channel) -> ClusterClient<Channel> {

@@ -490,6 +490,7 @@ enum Undo {
     Restart(Vec<u64>),
     Release(Vec<(String, String)>),
     Repair(Vec<(String, String)>),
+    RepairOneWay(String, String),
     Latency,
     Clock(u64),
     Nothing,
@@ -673,7 +674,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         violations,
         simulated_ms: sim.elapsed().as_millis() as u64,
         digests: fin.digests.clone(),
-        replay: format!("cargo run --release -p ephemera-sim -- --seed {seed}"),
+        replay: replay_command(seed, opts),
         history,
     })
 }
@@ -754,7 +755,13 @@ fn inject(
         Fault::OneWay { from, to } | Fault::FlakyLink { from, to, .. } => {
             // Over TCP a link that loses one direction stalls both (nothing is acknowledged),
             // until the loss ends and retransmission delivers; held messages are that.
-            let undo = cut(sim, vec![(host(*from), host(*to))], black_holes);
+            let (a, b) = (host(*from), host(*to));
+            let undo = if black_holes {
+                sim.partition_oneway(a.as_str(), b.as_str());
+                Undo::RepairOneWay(a, b)
+            } else {
+                cut(sim, vec![(a, b)], false)
+            };
             (format!("{from} cannot reach {to}"), vec![*from, *to], undo)
         }
         Fault::SlowLinks { delay_ms } => {
@@ -816,6 +823,7 @@ fn heal(sim: &mut turmoil::Sim, slots: &[NodeSlot], undo: Undo) {
                 sim.repair(a.as_str(), b.as_str());
             }
         }
+        Undo::RepairOneWay(a, b) => sim.repair_oneway(a.as_str(), b.as_str()),
         Undo::Release(held) => {
             for (a, b) in held {
                 sim.release(a.as_str(), b.as_str());
@@ -942,6 +950,22 @@ fn audit_chain(view: &impl KvRead) -> Result<u64, String> {
         ));
     }
     Ok(seq)
+}
+
+/// The command that replays a run of `seed` with `opts`.
+fn replay_command(seed: u64, opts: &SimOptions) -> String {
+    let mut cmd = format!("cargo run --release -p ephemera-sim -- --seed {seed}");
+    let default = SimOptions::default();
+    if opts.run_ms != default.run_ms {
+        cmd += &format!(" --run-ms {}", opts.run_ms);
+    }
+    if opts.max_ops != default.max_ops {
+        cmd += &format!(" --max-ops {}", opts.max_ops);
+    }
+    if opts.black_holes {
+        cmd += " --black-holes";
+    }
+    cmd
 }
 
 fn history_hash(history: &[Event], fin: &FinalState) -> String {

@@ -4,6 +4,7 @@
 use super::certs;
 use super::effects;
 use super::*;
+use ephemera_raft::network::PeerCallError;
 
 impl Node {
     /// Guards a read. A break-glass read is recorded in the audit chain first; that committed
@@ -147,16 +148,19 @@ impl Node {
         call: &Forwarded,
         deadline: Instant,
     ) -> Result<Option<Result<ForwardReply, Error>>, Error> {
-        let mut client = self
-            .peers
-            .client(leader, &info.cluster_addr)
-            .map_err(internal)?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let req = ForwardRequest {
             proposal: encode(call),
         };
-        match tokio::time::timeout(remaining, client.forward(req)).await {
-            Err(_) => Err(Error::OutcomeUnknown(
+        let answer = self
+            .peers
+            .call_within(leader, &info.cluster_addr, remaining, |mut c| async move {
+                c.forward(req).await
+            })
+            .await;
+        match answer {
+            Err(PeerCallError::Address(e)) => Err(internal(e)),
+            Err(PeerCallError::TimedOut) => Err(Error::OutcomeUnknown(
                 "the leader did not answer in time".into(),
             )),
             // Only a failure to connect proves the request was never sent.
@@ -604,16 +608,17 @@ impl Node {
                 }
                 Some(leader) => {
                     if let Some(info) = self.member_info(leader) {
-                        let mut client = self
+                        let answer = self
                             .peers
-                            .client(leader, &info.cluster_addr)
-                            .map_err(internal)?;
-                        match tokio::time::timeout(
-                            remaining,
-                            client.read_index(ReadIndexRequest {}),
-                        )
-                        .await
-                        {
+                            .call_within(
+                                leader,
+                                &info.cluster_addr,
+                                remaining,
+                                |mut c| async move { c.read_index(ReadIndexRequest {}).await },
+                            )
+                            .await;
+                        match answer {
+                            Err(PeerCallError::Address(e)) => return Err(internal(e)),
                             Ok(Ok(r)) => return self.wait_applied(r.into_inner().index).await,
                             Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {}
                             Ok(Err(s)) => {
@@ -622,7 +627,7 @@ impl Node {
                                     s.message()
                                 )))
                             }
-                            Err(_) => {
+                            Err(PeerCallError::TimedOut) => {
                                 return Err(Error::Unavailable("read barrier timed out".into()))
                             }
                         }
