@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ephemera_client::{pb, Client};
@@ -17,7 +17,7 @@ use crate::checker::{check, CheckConfig, Violation};
 use crate::history::{FaultRecord, FinalLease, FinalState, NodeDigest, Outcome};
 use crate::proxy::{self, Link};
 use crate::schedule::{plan, Fault, Step, MAX_CLOCK_OFFSET_MS};
-use crate::workload::{client_loop, Pool, Workload, ROLE, ROLE_MAX_TTL_S, ROLE_TTL_S};
+use crate::workload::{client_loop, Workload, ROLE, ROLE_MAX_TTL_S, ROLE_TTL_S};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -441,16 +441,12 @@ pub async fn run(opts: ChaosOptions) -> Result<Report, ChaosError> {
     let steps = plan(opts.seed, opts.nodes, opts.duration.as_millis() as u64);
     let mut cluster = setup(&opts, &root).await?;
 
-    let workload = Arc::new(Workload {
-        pool: Mutex::new(Pool::default()),
-        history: Mutex::new(Vec::new()),
-        next_id: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        max_ops: opts.max_ops,
-        seed: opts.seed,
+    let workload = Arc::new(Workload::new(
+        opts.seed,
+        opts.max_ops,
         now_ms,
-        pause: Duration::ZERO,
-    });
+        Duration::ZERO,
+    ));
     let pg = match opts.postgres {
         false => None,
         true => {

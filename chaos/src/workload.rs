@@ -84,6 +84,22 @@ pub struct Workload {
     pub pause: Duration,
 }
 
+impl Workload {
+    /// A workload of at most `max_ops` operations, its choices drawn from `seed`.
+    pub fn new(seed: u64, max_ops: u64, now_ms: fn() -> u64, pause: Duration) -> Self {
+        Workload {
+            pool: Mutex::new(Pool::default()),
+            history: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            max_ops,
+            seed,
+            now_ms,
+            pause,
+        }
+    }
+}
+
 pub async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
     let (pool, history, next_id, stop, max_ops, seed, now_ms) = (
         &w.pool, &w.history, &w.next_id, &w.stop, w.max_ops, w.seed, w.now_ms,

@@ -49,7 +49,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use ephemera_chaos::checker::{check, CheckConfig, Violation};
 use ephemera_chaos::history::{Event, FaultRecord, FinalLease, FinalState, NodeDigest};
 use ephemera_chaos::schedule::{plan, Fault, MAX_CLOCK_OFFSET_MS};
-use ephemera_chaos::workload::{self, Pool, Workload, ROLE, ROLE_MAX_TTL_S};
+use ephemera_chaos::workload::{self, Workload, ROLE, ROLE_MAX_TTL_S};
 use ephemera_client::{pb, Client};
 use ephemera_core::audit::ChainVerifier;
 use ephemera_core::kv::KvRead;
@@ -550,16 +550,12 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         };
         sim.host(host(slot.id), move || start_node(&slot, seed));
     }
-    let workload = Arc::new(Workload {
-        pool: Mutex::new(Pool::default()),
-        history: Mutex::new(Vec::new()),
-        next_id: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        max_ops: opts.max_ops,
+    let workload = Arc::new(Workload::new(
         seed,
-        now_ms: sim_now_ms,
-        pause: WORKLOAD_PAUSE,
-    });
+        opts.max_ops,
+        sim_now_ms,
+        WORKLOAD_PAUSE,
+    ));
     let progress = Arc::new(ClientProgress::default());
     sim.client(
         "client",
