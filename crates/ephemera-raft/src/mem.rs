@@ -68,7 +68,7 @@ impl MemDisk {
             self.state_synced.lock().expect("state lock").clone();
     }
 
-    /// The vote last saved (what the simulation's checks read: at most one leader per term).
+    /// The vote last saved (the simulation checks that it never goes back).
     pub fn vote(&self) -> Option<Vote<NodeId>> {
         self.log.lock().expect("log lock").vote
     }

@@ -24,7 +24,7 @@
 //! replaced, empty disk (a membership change: the leader removes the node and adds it again).
 //! After healing, every node must take a write, and the driver reads each node's disk: the
 //! history and final state go through the chaos checker, and invariants are checked along the
-//! way (at most one leader per term; an entry once committed is never replaced).
+//! way (votes never go back, committed entries are never replaced, leaders are complete).
 //!
 //! One run per process: tokio numbers tasks process-wide, and the order in which a crashed
 //! host's tasks are dropped (so the order its connections close in) follows those numbers; a
@@ -250,17 +250,23 @@ http_addr = "{h}:{HTTP_PORT}"
     toml::from_str(&text).map_err(sim_err)
 }
 
-/// A node's disk, which a fault may replace with a new, empty one (a replaced volume).
+/// A node's disk, which a fault may replace with a new, empty one (a replaced volume), and
+/// how many times it was replaced.
 #[derive(Default)]
-struct DiskBay(Mutex<Arc<MemDisk>>);
+struct DiskBay(Mutex<(Arc<MemDisk>, u64)>);
 
 impl DiskBay {
     fn current(&self) -> Arc<MemDisk> {
+        self.0.lock().expect("disk bay").0.clone()
+    }
+
+    fn current_with_generation(&self) -> (Arc<MemDisk>, u64) {
         self.0.lock().expect("disk bay").clone()
     }
 
     fn replace(&self) {
-        *self.0.lock().expect("disk bay") = Arc::default();
+        let mut bay = self.0.lock().expect("disk bay");
+        *bay = (Arc::default(), bay.1 + 1);
     }
 }
 
@@ -406,67 +412,108 @@ async fn run_client(
 }
 
 /// The invariants checked on every node's disk while the run goes on.
+///
+/// openraft (as configured) identifies a leader by `(term, node id)`, not by the term alone: two
+/// candidates may both win in one term, in turn, since the later id is the greater, and entries
+/// carry the full leader id. So "at most one leader per term" is not the property to check;
+/// what it protects is, and that is checked: a node's vote never goes back on one disk (so no
+/// leader id is granted twice by a voter that forgot), an entry once committed is never
+/// replaced, and a node that becomes leader holds every entry committed under an earlier
+/// leader id.
 #[derive(Default)]
 struct Invariants {
-    /// term → the leader a node recorded a committed vote for.
-    leaders: BTreeMap<u64, u64>,
+    /// Per node: the disk's generation and the vote last seen on it.
+    votes: BTreeMap<u64, (u64, openraft::Vote<u64>)>,
+    /// Leaders (node, leader id) whose log has been checked for completeness.
+    leaders_checked: std::collections::BTreeSet<(u64, openraft::LeaderId<u64>)>,
     /// index → the log id of the entry committed there.
     committed: BTreeMap<u64, openraft::LogId<u64>>,
-    /// Per node, the highest index already compared.
-    checked: BTreeMap<u64, u64>,
+    /// Per node: the disk's generation and the highest index already compared.
+    checked: BTreeMap<u64, (u64, u64)>,
     violations: Vec<Violation>,
 }
 
 impl Invariants {
-    fn observe(&mut self, id: u64, disk: &MemDisk) {
-        self.observe_parts(id, disk.vote(), disk.committed(), |from, to| {
+    fn observe(&mut self, id: u64, bay: &DiskBay) {
+        let (disk, generation) = bay.current_with_generation();
+        self.observe_parts(id, generation, disk.vote(), disk.committed(), |from, to| {
             disk.log_ids(from, to)
         });
     }
 
-    /// `log_ids(from, to)`: the node's entries' log ids with an index in `from..=to`.
+    fn violation(&mut self, kind: &'static str, message: String) {
+        self.violations.push(Violation {
+            kind,
+            message,
+            events: Vec::new(),
+        });
+    }
+
+    /// `generation` tells disks of one node apart; `log_ids(from, to)`: the log ids of the
+    /// node's entries with an index in `from..=to`.
     fn observe_parts(
         &mut self,
         id: u64,
+        generation: u64,
         vote: Option<openraft::Vote<u64>>,
         committed: Option<openraft::LogId<u64>>,
-        log_ids: impl FnOnce(u64, u64) -> Vec<openraft::LogId<u64>>,
+        log_ids: impl Fn(u64, u64) -> Vec<openraft::LogId<u64>>,
     ) {
-        if let Some(v) = vote.filter(|v| v.committed) {
-            let (term, leader) = (v.leader_id.term, v.leader_id.node_id);
-            match self.leaders.get(&term) {
-                Some(l) if *l != leader => self.violations.push(Violation {
-                    kind: "two_leaders_in_a_term",
-                    message: format!("term {term}: leaders {l} and {leader} (seen on node {id})"),
-                    events: Vec::new(),
-                }),
-                Some(_) => {}
-                None => {
-                    self.leaders.insert(term, leader);
+        if let Some(v) = vote {
+            if let Some((g, before)) = self.votes.get(&id) {
+                if *g == generation && v < *before {
+                    self.violation(
+                        "vote_went_back",
+                        format!("node {id}: vote {v} after {before} on the same disk"),
+                    );
+                }
+            }
+            self.votes.insert(id, (generation, v));
+            let leader = v.leader_id;
+            if v.committed && leader.node_id == id && self.leaders_checked.insert((id, leader)) {
+                let earlier: Vec<_> = self
+                    .committed
+                    .values()
+                    .filter(|l| l.leader_id < leader)
+                    .copied()
+                    .collect();
+                for l in earlier {
+                    if !log_ids(l.index, l.index).contains(&l) {
+                        self.violation(
+                            "leader_incomplete",
+                            format!("node {id} leads as {leader} without the committed {l}"),
+                        );
+                    }
                 }
             }
         }
         let Some(committed) = committed else {
             return;
         };
-        let from = self.checked.get(&id).map_or(1, |c| c + 1);
+        let from = match self.checked.get(&id) {
+            Some((g, c)) if *g == generation => c + 1,
+            _ => 1,
+        };
         for log_id in log_ids(from, committed.index) {
             match self.committed.get(&log_id.index) {
-                Some(known) if *known != log_id => self.violations.push(Violation {
-                    kind: "committed_entry_replaced",
-                    message: format!(
-                        "index {}: committed as {known}, node {id} committed {log_id}",
-                        log_id.index
-                    ),
-                    events: Vec::new(),
-                }),
+                Some(known) if *known != log_id => {
+                    let known = *known;
+                    self.violation(
+                        "committed_entry_replaced",
+                        format!(
+                            "index {}: committed as {known}, node {id} committed {log_id}",
+                            log_id.index
+                        ),
+                    );
+                }
                 Some(_) => {}
                 None => {
                     self.committed.insert(log_id.index, log_id);
                 }
             }
         }
-        self.checked.insert(id, committed.index.max(from - 1));
+        self.checked
+            .insert(id, (generation, committed.index.max(from - 1)));
     }
 }
 
@@ -581,7 +628,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         if now >= last_check + CHECK_EVERY_MS {
             last_check = now;
             for s in &slots {
-                invariants.observe(s.id, &s.disk.current());
+                invariants.observe(s.id, &s.disk);
             }
         }
         if finished {
@@ -637,7 +684,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimError> {
         sim.step().map_err(sim_err)?;
     }
     for s in &slots {
-        invariants.observe(s.id, &s.disk.current());
+        invariants.observe(s.id, &s.disk);
     }
     let history = {
         let mut h = workload.history.lock().expect("history").clone();
@@ -989,10 +1036,9 @@ mod tests {
         Some(v)
     }
 
-    /// What a broken Raft would leave on two disks: the checks must say so.
+    /// What a broken Raft would leave on the disks: the checks must say so.
     #[test]
-    fn the_invariants_catch_two_leaders_and_a_replaced_entry() {
-        let mut inv = Invariants::default();
+    fn the_invariants_catch_a_forgotten_vote_a_replaced_entry_and_an_incomplete_leader() {
         let entries = |leader| {
             move |from: u64, to: u64| {
                 (from..=to)
@@ -1000,16 +1046,43 @@ mod tests {
                     .collect::<Vec<_>>()
             }
         };
-        inv.observe_parts(1, committed_vote(3, 1), Some(log_id(3, 1, 2)), entries(1));
-        inv.observe_parts(1, committed_vote(3, 1), Some(log_id(3, 1, 2)), entries(1));
+        let mut inv = Invariants::default();
+        inv.observe_parts(
+            1,
+            0,
+            committed_vote(3, 1),
+            Some(log_id(3, 1, 2)),
+            entries(1),
+        );
+        inv.observe_parts(
+            1,
+            0,
+            committed_vote(3, 1),
+            Some(log_id(3, 1, 2)),
+            entries(1),
+        );
+        // Two leaders in one term, in turn, is openraft's design: (3, 2) follows (3, 1).
+        inv.observe_parts(2, 0, committed_vote(3, 2), None, entries(1));
         assert!(inv.violations.is_empty(), "{:?}", inv.violations);
-        // Node 2 says node 2 led term 3 too, and committed other entries at 1 and 2.
-        inv.observe_parts(2, committed_vote(3, 2), Some(log_id(3, 2, 2)), entries(2));
+        // Node 1 forgets its vote on the same disk; a new disk may start over.
+        inv.observe_parts(1, 0, committed_vote(2, 1), None, entries(1));
+        inv.observe_parts(1, 1, committed_vote(1, 1), None, entries(1));
+        // Node 3 leads as (4, 3) without the entries committed under (3, 1), and commits
+        // others at the same indexes.
+        inv.observe_parts(
+            3,
+            0,
+            committed_vote(4, 3),
+            Some(log_id(4, 3, 2)),
+            |from, to| (from..=to).map(|i| log_id(4, 3, i)).collect(),
+        );
         let kinds: Vec<_> = inv.violations.iter().map(|v| v.kind).collect();
         assert_eq!(
             kinds,
             [
-                "two_leaders_in_a_term",
+                "vote_went_back",
+                "leader_incomplete",
+                "leader_incomplete",
                 "committed_entry_replaced",
                 "committed_entry_replaced"
             ],
