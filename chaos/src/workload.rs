@@ -17,6 +17,16 @@ pub const ROLE: &str = "chaos";
 pub const ROLE_TTL_S: u64 = 4;
 pub const ROLE_MAX_TTL_S: u64 = 10;
 
+/// What an issuance or renewal answered.
+fn granted(c: &pb::Credential) -> OpResult {
+    OpResult {
+        lease_id: Some(c.lease_id.clone()),
+        expires_at_ms: Some(c.expires_at_ms),
+        max_expires_at_ms: Some(c.max_expires_at_ms),
+        active: None,
+    }
+}
+
 /// The subject a client's leases are issued for.
 fn subject(process: u32) -> String {
     format!("spiffe://chaos.test/client/{process}")
@@ -44,14 +54,14 @@ pub async fn create_role(admin: &Client) -> Result<(), ClientError> {
 }
 
 #[derive(Default)]
-pub struct Pool {
+struct Pool {
     /// Issued leases and their tokens.
     leases: Vec<(String, String)>,
     /// Leases whose revoke was acknowledged, most recent last.
     revoked: Vec<(String, String)>,
 }
 
-pub fn classify(e: &ClientError) -> Outcome {
+fn classify(e: &ClientError) -> Outcome {
     match e.code() {
         Some(
             Code::InvalidArgument
@@ -72,16 +82,19 @@ pub fn classify(e: &ClientError) -> Outcome {
 
 /// What the workload clients share.
 pub struct Workload {
-    pub pool: Mutex<Pool>,
+    pool: Mutex<Pool>,
+    /// The operations recorded so far, in completion order.
     pub history: Mutex<Vec<Event>>,
+    /// Ids handed out so far: the operations started.
     pub next_id: AtomicU64,
+    /// Set to stop the clients after their current operation.
     pub stop: AtomicBool,
-    pub max_ops: u64,
-    pub seed: u64,
+    max_ops: u64,
+    seed: u64,
     /// The clock events are stamped with (Unix ms): the harness's wall clock, or simulated time.
-    pub now_ms: fn() -> u64,
+    now_ms: fn() -> u64,
     /// Each client's pause after each operation (zero: as fast as the cluster answers).
-    pub pause: Duration,
+    pause: Duration,
 }
 
 impl Workload {
@@ -132,34 +145,26 @@ pub async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
             (0..=29, _) | (_, None) => {
                 counter += 1;
                 let request_id = format!("p{process}-{counter}");
+                let op = Op::Issue {
+                    request_id: request_id.clone(),
+                    subject: Some(subject(process)),
+                };
                 let r = client
                     .issue(pb::IssueRequest {
                         role: ROLE.into(),
-                        request_id: Some(request_id.clone()),
+                        request_id: Some(request_id),
                         subject: Some(subject(process)),
                         ..Default::default()
                     })
                     .await;
-                let op = Op::Issue {
-                    request_id,
-                    subject: Some(subject(process)),
-                };
                 match r {
                     Ok(c) => {
+                        let result = granted(&c);
                         pool.lock()
                             .expect("pool")
                             .leases
-                            .push((c.lease_id.clone(), c.token));
-                        (
-                            op,
-                            Outcome::Ok,
-                            OpResult {
-                                lease_id: Some(c.lease_id),
-                                expires_at_ms: Some(c.expires_at_ms),
-                                max_expires_at_ms: Some(c.max_expires_at_ms),
-                                active: None,
-                            },
-                        )
+                            .push((c.lease_id, c.token));
+                        (op, Outcome::Ok, result)
                     }
                     Err(e) => (op, classify(&e), OpResult::default()),
                 }
@@ -173,16 +178,7 @@ pub async fn client_loop(process: u32, clients: Vec<Client>, w: Arc<Workload>) {
                     .await;
                 let op = Op::Renew { lease_id };
                 match r {
-                    Ok(c) => (
-                        op,
-                        Outcome::Ok,
-                        OpResult {
-                            lease_id: Some(c.lease_id),
-                            expires_at_ms: Some(c.expires_at_ms),
-                            max_expires_at_ms: Some(c.max_expires_at_ms),
-                            active: None,
-                        },
-                    ),
+                    Ok(c) => (op, Outcome::Ok, granted(&c)),
                     Err(e) => (op, classify(&e), OpResult::default()),
                 }
             }
